@@ -1,0 +1,32 @@
+# Two commands for a new user: `make demo` and `make test` (both create .venv when missing).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-all gpu-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lightyard demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-all: $(STAMP)  ## slow tests too (still CPU)
+	$(BIN)/python -m pytest -m "not gpu"
+
+gpu-check: $(STAMP)  ## on a CUDA machine: GPU tests + every bench, results into gpu-results/
+	bash tests/gpu/run_all.sh gpu-results
+
+clean:
+	rm -rf outputs mlflow .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""What every Lightyard pipeline shares: config, command line, MLflow logging, callbacks."""

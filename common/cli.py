@@ -1,0 +1,196 @@
+"""The ``lightyard`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import datetime
+
+from common.config import ConfigError
+
+EPILOG = """examples:
+  lightyard list
+  lightyard train iiot_sic_aloha
+  lightyard train iiot_sic_aloha model.num_nodes=10,20 preset=quick     (a sweep: parent + child runs)
+  lightyard train <pipeline> resume=<run id>                             (continue an interrupted run)
+  lightyard runs --limit 10
+  lightyard ui
+"""
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from common.registry import all_pipelines
+    from common.tables import markdown_table
+
+    print(markdown_table([{"pipeline": p.name, "description": p.description} for p in all_pipelines()]))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from common.runner import train
+
+    results = train(args.pipeline, args.overrides)
+    _print_results(results)
+    return 0
+
+
+def _print_results(results) -> None:
+    from common.tables import markdown_table
+
+    rows = []
+    for result in results:
+        row = {"run_id": result.run_id, "status": result.status}
+        keys = list(result.config.logger.key_metrics) if result.config is not None else []
+        for key in keys or sorted(result.metrics)[:4]:
+            row[key] = result.metrics.get(key)
+        rows.append(row)
+    print(markdown_table(rows, title="Runs"))
+
+
+def _cmd_entry(args: argparse.Namespace) -> int:
+    from common.runner import entry_point
+
+    result = entry_point(args.command, args.pipeline, args.overrides)
+    print(f"logged to MLflow run {result.run_id}; see `lightyard ui`")
+    return 0
+
+
+def _store_uri(args: argparse.Namespace) -> str:
+    from common.tracking import project_tracking_uri
+
+    return project_tracking_uri()
+
+
+def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dict]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    query = f"tags.`lightyard.pipeline` = '{pipeline}'" if pipeline else ""
+    runs = client.search_runs(experiment_ids, filter_string=query, order_by=["attributes.start_time DESC"], max_results=limit)
+    rows = []
+    for run in runs:
+        info, data = run.info, run.data
+        keys = [k for k in data.tags.get("lightyard.key_metrics", "").split(",") if k]
+        keys = keys or sorted(k for k in data.metrics if not k.startswith("memory/") and k != "duration_s")[:3]
+        end = info.end_time or time.time() * 1000
+        rows.append({
+            "run_id": info.run_id[:12],
+            "pipeline": data.tags.get("lightyard.pipeline", "?"),
+            "run_name": info.run_name,
+            "status": info.status,
+            "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+            "duration_s": round((end - info.start_time) / 1000, 1),
+            "metrics": ", ".join(f"{k}={data.metrics[k]:.4g}" for k in keys if k in data.metrics),
+        })
+    return rows
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from common.tables import markdown_table
+
+    uri = _store_uri(args)
+    print(markdown_table(run_rows(uri, args.pipeline, args.limit), title=f"Recent runs ({uri})"))
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    uri = _store_uri(args)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl+C stops it", flush=True)
+    os.execv(sys.executable, command)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Every registered pipeline on its embedded default, quick preset; then the runs table."""
+    from common.registry import all_pipelines
+    from common.runner import train
+    from common.tables import markdown_table
+
+    rows = []
+    for pipeline in all_pipelines():
+        if pipeline.name.startswith("_"):
+            continue
+        print(f"\n=== {pipeline.name}: {pipeline.description}", flush=True)
+        start = time.time()
+        try:
+            result = train(pipeline.name, ["preset=quick", *args.overrides])[0]
+            status, run_id = result.status, result.run_id
+        except ConfigError as err:
+            status, run_id = f"config error: {err}", "–"
+        rows.append({"pipeline": pipeline.name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)})
+    print()
+    print(markdown_table(rows, title="Demo runs"))
+    uri = _store_uri(args)
+    print(markdown_table(run_rows(uri, limit=len(rows)), title=f"In MLflow ({uri})"))
+    print("See them in the browser: lightyard ui   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightyard", description="Run Lightyard's research pipelines and compare them in MLflow.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("list", help="registered pipelines with a one-line description").set_defaults(func=_cmd_list)
+
+    overrides_help = "config overrides key=value (OmegaConf dotlist); key=a,b,c sweeps over values"
+    p = sub.add_parser("train", help="one run, or a sweep over comma-separated values", description="Train (or simulate) one pipeline; every run is logged to MLflow.")
+    p.add_argument("pipeline")
+    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.set_defaults(func=_cmd_train)
+
+    for name, text in (("bench", "speed and memory tables measured side by side in one process"),
+                       ("reproduce", "the pipeline's experiment grid, with a table beside the paper's numbers")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("pipeline")
+        p.add_argument("overrides", nargs="*", help=overrides_help)
+        p.set_defaults(func=_cmd_entry)
+
+    p = sub.add_parser("runs", help="a table of recent runs from MLflow")
+    p.add_argument("--pipeline", help="only this pipeline's runs")
+    p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    p.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser("demo", help="every pipeline on its embedded data (quick preset), then the runs table")
+    p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from common.runner import RunInterrupted, debug_enabled
+
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"lightyard: error: {err}", file=sys.stderr)
+        return 2
+    except RunInterrupted as stop:
+        print(f"lightyard: {stop} (MLflow run marked KILLED; continue with resume=<run id>)", file=sys.stderr)
+        return 128 + int(stop.signum)
+    except KeyboardInterrupt:
+        print("lightyard: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a crash: the run is FAILED in MLflow with its traceback
+        if debug_enabled():
+            raise
+        print(f"lightyard: run failed: {type(err).__name__}: {err} (traceback.txt in the MLflow run; LIGHTYARD_DEBUG=1 prints it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

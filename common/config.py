@@ -1,0 +1,187 @@
+"""Config loading: ``conf/base.yaml`` ⊕ ``conf/<pipeline>.yaml`` ⊕ preset ⊕ command-line overrides.
+
+The merged base and pipeline files are the schema: a preset or an override may only set keys that
+exist there, with a value of the type the default has. Anything else is a :class:`ConfigError`
+whose message is one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class ConfigError(ValueError):
+    """A mistake the user can fix in the config or on the command line (printed as one line)."""
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, (dict, DictConfig)):
+        return "mapping"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "list"
+    return type(value).__name__
+
+
+def _checked_value(key: str, default: Any, value: Any) -> Any:
+    """Return ``value`` if it fits the type of ``default``; raise ConfigError otherwise."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        # an int where a float is expected is fine (lr=1 is 1.0); it keeps its type for Lightning's
+        # int-or-fraction arguments such as limit_train_batches
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif isinstance(default, str):
+        if isinstance(value, (int, float, bool)):  # precision=32 parses as an int
+            value = str(value)
+        ok = isinstance(value, str)
+    elif isinstance(default, (list, ListConfig)):
+        ok = isinstance(value, (list, ListConfig))
+    elif isinstance(default, (dict, DictConfig)):
+        ok = isinstance(value, (dict, DictConfig))
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(
+            f"config key '{key}' expects {_type_name(default)}, got {value!r} ({_type_name(value)})"
+        )
+    return value
+
+
+def _unknown_key(path: str, key: str, node: DictConfig) -> ConfigError:
+    where = f"'{path}'" if path else "the top level"
+    valid = ", ".join(sorted(str(k) for k in node.keys())) or "(none)"
+    full = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key '{full}'; valid keys at {where}: {valid}")
+
+
+def merge_checked(schema: DictConfig, update: dict | DictConfig, path: str = "") -> None:
+    """Merge ``update`` into ``schema`` in place, refusing unknown keys and wrong types."""
+    for key, value in update.items():
+        if key not in schema:
+            raise _unknown_key(path, key, schema)
+        full = f"{path}.{key}" if path else str(key)
+        node = schema._get_node(key)
+        if isinstance(node, DictConfig) and isinstance(value, (dict, DictConfig)) and value:
+            merge_checked(node, value, full)
+            continue
+        if OmegaConf.is_interpolation(schema, key):
+            default = None  # the type of an interpolated default is whatever it points at
+        else:
+            default = node if isinstance(node, (DictConfig, ListConfig)) else node._value()
+        schema[key] = _checked_value(full, default, value)
+
+
+def set_checked(cfg: DictConfig, dotted_key: str, value: Any) -> None:
+    """``cfg.a.b.c = value`` with the same checks as :func:`merge_checked`."""
+    *parents, leaf = dotted_key.split(".")
+    node, path = cfg, ""
+    for part in parents:
+        if part not in node or not isinstance(node[part], DictConfig):
+            raise _unknown_key(path, part, node)
+        node, path = node[part], f"{path}.{part}" if path else part
+    merge_checked(node, {leaf: value}, path)
+
+
+def parse_value(text: str) -> Any:
+    """Parse one override value with OmegaConf's grammar (``1e-3`` is a float, ``[1,2]`` a list)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse value {text!r}: {str(err).splitlines()[0]}") from None
+
+
+def _split_top_level_commas(text: str) -> list[str]:
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, list[Any]]]:
+    """``["a.b=1", "c=x,y"]`` → ``[("a.b", [1]), ("c", ["x", "y"])]``; a comma list is a sweep axis."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key=value (for example trainer.max_epochs=3)")
+        parsed.append((key.strip(), [parse_value(part) for part in _split_top_level_commas(raw)]))
+    return parsed
+
+
+def sweep_points(overrides: list[str]) -> list[dict[str, Any]]:
+    """The grid spanned by the overrides: one dict ``{key: value}`` per point (one point if no sweep)."""
+    axes = parse_overrides(overrides)
+    keys = [k for k, _ in axes]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(vals for _, vals in axes))]
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str | Path | None = None) -> DictConfig:
+    """Compose the resolved config of ``pipeline`` with override ``values`` (``{dotted key: value}``)."""
+    values = dict(values or {})
+    path = Path(path) if path else CONF_DIR / f"{pipeline}.yaml"
+    if not path.exists():
+        raise ConfigError(f"no config for pipeline '{pipeline}': expected {path}")
+    cfg = _load_yaml(CONF_DIR / "base.yaml")
+    pipeline_cfg = _load_yaml(path)
+    presets = pipeline_cfg.pop("presets", None) or OmegaConf.create({})
+    cfg = OmegaConf.merge(cfg, pipeline_cfg)
+    cfg.pipeline = pipeline
+
+    preset = values.pop("preset", cfg.get("preset"))
+    if preset is not None:
+        if preset not in presets:
+            raise ConfigError(
+                f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}"
+            )
+        merge_checked(cfg, presets[preset])
+        cfg.preset = preset
+    for key, value in values.items():
+        set_checked(cfg, key, value)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config does not resolve: {str(err).splitlines()[0]}") from None
+    OmegaConf.set_struct(cfg, True)  # later typos in code fail loudly too
+    return cfg
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in container.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{full}."))
+        else:
+            flat[full] = value
+    return flat

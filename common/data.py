@@ -1,0 +1,73 @@
+"""Data loading helpers shared by the pipelines' LightningDataModules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from common.config import ConfigError
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A new permutation every epoch, drawn from (seed, epoch) alone, and a resumable position.
+
+    The permutation is the one ``DistributedSampler(shuffle=True, seed=seed)`` draws, which Lightning
+    puts on training loaders under DDP: a one-process run and a DDP run see the same global batches.
+
+    Lightning calls ``set_epoch`` at each epoch start; the state (epoch, samples yielded) goes into
+    checkpoints through StatefulDataLoader, so a run resumed mid-epoch sees exactly the order an
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+        self._yielded = self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        start, self._skip = self._skip, 0
+        self._yielded = start
+        for index in order[start:]:
+            self._yielded += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip = state["epoch"], state["yielded"]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kwargs: Any) -> StatefulDataLoader:
+    """A DataLoader whose position goes into Lightning checkpoints.
+
+    With :class:`EpochShuffleSampler` that lets a run stopped mid-epoch resume on exactly the
+    batches an uninterrupted run would have seen next.
+    """
+    sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    return StatefulDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+        persistent_workers=num_workers > 0, **kwargs,
+    )
+
+
+def require_files(root: str | Path, names: list[str], layout: str) -> Path:
+    """Check a dataset folder before reading it; one line naming what is missing and the layout expected."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"dataset folder {root} does not exist; expected layout: {layout}")
+    missing = [n for n in names if not (root / n).exists()]
+    if missing:
+        raise ConfigError(f"dataset folder {root} lacks {', '.join(missing)}; expected layout: {layout}")
+    return root

@@ -1,0 +1,39 @@
+"""Freeze named parameter groups from config (for example the patch embedding of a timm ViT).
+
+A pattern is a module path (``patch_embed`` freezes ``patch_embed.*``) or an fnmatch glob over
+parameter names (``stages.0.*``). Frozen parameters get ``requires_grad=False``, so autograd gives
+them no gradient and optimizers built from :func:`trainable_parameters` keep no state for them.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterable
+
+import torch
+
+from common.config import ConfigError
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or name.startswith(pattern + ".") or fnmatchcase(name, pattern)
+
+
+def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Freeze every parameter matching one of ``patterns``; return the frozen names in order."""
+    patterns = list(patterns)
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not any(_matches(name, pattern) for name in names):
+            top = sorted({name.split(".")[0] for name in names})
+            raise ConfigError(f"freeze pattern '{pattern}' matches no parameter; top-level modules: {', '.join(top)}")
+    frozen = []
+    for name, param in model.named_parameters():
+        if any(_matches(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

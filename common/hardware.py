@@ -1,0 +1,63 @@
+"""Accelerator, precision and distributed strategy from config.
+
+Mixed precision: ``bf16-mixed`` where the GPU supports it, ``16-mixed`` (with Lightning's loss
+scaling) otherwise; a half precision asked for on CPU runs in 32 bit with a logged notice.
+Distributed: devices, nodes and strategy pass through to Lightning, which detects torchrun
+(TorchElastic variables) and SLURM (``SLURM_*`` variables) by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+from omegaconf import DictConfig
+
+from common.config import ConfigError
+
+HALF = {"16", "16-mixed", "bf16", "bf16-mixed", "16-true", "bf16-true"}
+
+
+def resolve_accelerator(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested in {"gpu", "cuda"} and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={requested} but no CUDA device is visible; use trainer.accelerator=cpu")
+    return "cuda" if requested == "gpu" else requested
+
+
+def resolve_precision(requested: str, accelerator: str) -> tuple[str, str | None]:
+    """Return (precision for Lightning, notice or None)."""
+    requested = str(requested)
+    if accelerator != "cuda":
+        if requested in HALF:
+            return "32-true", f"precision {requested} asked for on {accelerator}: running in 32-bit (half precision needs CUDA)"
+        return "32-true", None
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if requested == "auto":
+        return ("bf16-mixed" if bf16_ok else "16-mixed"), None
+    if requested.startswith("bf16") and not bf16_ok:
+        return "16-mixed", f"precision {requested} asked for but {torch.cuda.get_device_name()} has no bf16: using 16-mixed with loss scaling"
+    return requested, None
+
+
+def global_rank() -> int:
+    """This process's rank under torchrun or SLURM before Lightning sets anything up."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
+    """Lightning Trainer arguments from ``cfg.trainer``, with accelerator and precision resolved."""
+    kwargs = dict(trainer_cfg)
+    notices = []
+    accelerator = resolve_accelerator(str(kwargs["accelerator"]))
+    kwargs["accelerator"] = accelerator
+    kwargs["precision"], notice = resolve_precision(kwargs["precision"], accelerator)
+    if notice:
+        notices.append(notice)
+        warnings.warn(notice, stacklevel=2)
+    return kwargs, notices

@@ -1,0 +1,261 @@
+"""The one path every run takes: config → MLflow run → (Lightning fit/test | experiment.run) → status.
+
+``train`` expands sweeps (``key=a,b``) into a parent run with one child run per grid point,
+continues interrupted runs (``resume=<run id | checkpoint>``) and makes sure an MLflow run never
+stays RUNNING: FINISHED, KILLED (SIGINT/SIGTERM, with ``last.ckpt`` written) or FAILED (error logged).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from common import registry
+from common.config import ConfigError, load_config, set_checked, sweep_points
+from common.hardware import global_rank
+from common.tracking import Tracker, tracking_uri
+
+
+class RunInterrupted(Exception):
+    """Raised after a run was stopped by a signal and marked KILLED."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    config: DictConfig | None = None
+
+
+def compose(pipeline_name: str, values: dict[str, Any] | None = None) -> DictConfig:
+    return load_config(pipeline_name, values, registry.get(pipeline_name).config)
+
+
+# -- resume -------------------------------------------------------------------------------------
+def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[DictConfig, str, str | None]:
+    """Return (config, checkpoint path, run id to reopen or None) for ``resume=target``."""
+    path = Path(target)
+    if path.suffix == ".ckpt":
+        if not path.is_file():
+            raise ConfigError(f"resume checkpoint {path} does not exist")
+        saved = path.parent.parent / "config.yaml"
+        if saved.exists():
+            cfg = _saved_config(saved, values)
+        return cfg, str(path), None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    try:
+        run = client.get_run(target)
+    except MlflowException:
+        raise ConfigError(
+            f"resume={target} is neither a .ckpt file nor a run id in {tracking_uri(cfg)}; "
+            "`lightyard runs` lists run ids"
+        ) from None
+    run_dir = Path(run.data.tags.get("lightyard.run_dir", ""))
+    # interrupted.ckpt is the exact mid-epoch state; it is deleted once a fit completes
+    ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
+    ckpt = ckpt if ckpt.is_file() else ckpt.with_name("last.ckpt")
+    if not ckpt.is_file():
+        raise ConfigError(f"run {target} left no checkpoint to resume from (looked for {ckpt})")
+    return _saved_config(run_dir / "config.yaml", values), str(ckpt), target
+
+
+def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
+    """The config a run was started with, plus the overrides given now (except resume/preset)."""
+    cfg = OmegaConf.load(path)
+    for key, value in values.items():
+        if key not in {"resume", "preset"}:
+            set_checked(cfg, key, value)
+    return cfg
+
+
+# -- one run ------------------------------------------------------------------------------------
+def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracker | None, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from common.callbacks import GracefulShutdown, MlflowRunLogger
+    from common.hardware import trainer_kwargs
+    from common.memory import MemoryProfiler
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
+    module = pipeline.load("module")(cfg)
+
+    checkpoint_dir = run_dir / "checkpoints"
+    ckpt_cfg = cfg.callbacks.checkpoint
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir, save_last=True, monitor=ckpt_cfg.monitor, mode=ckpt_cfg.mode,
+        every_n_train_steps=ckpt_cfg.every_n_train_steps,
+    )
+    shutdown = GracefulShutdown(checkpoint_dir)
+    callbacks: list[pl.Callback] = [checkpoint, shutdown]
+    if cfg.callbacks.memory_profiler:
+        callbacks.append(MemoryProfiler())
+    callbacks += list(getattr(module, "extra_callbacks", lambda: [])())
+
+    kwargs, notices = trainer_kwargs(cfg.trainer)
+    if tracker is not None and notices:
+        tracker.set_tags({"lightyard.notice": " | ".join(notices)})
+    trainer = pl.Trainer(**kwargs, logger=MlflowRunLogger(tracker), callbacks=callbacks, default_root_dir=str(run_dir))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if shutdown.received is not None:
+        raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; checkpoint: {shutdown.checkpoint_path}")
+    (checkpoint_dir / "interrupted.ckpt").unlink(missing_ok=True)  # consumed: this fit got to its end
+
+    has_test = datamodule is not None and _overrides(datamodule, "test_dataloader", pl.LightningDataModule)
+    if cfg.test_after_fit and has_test:
+        best = "best" if ckpt_cfg.monitor and checkpoint.best_model_path else None
+        trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    if tracker is not None and cfg.logger.log_checkpoints:
+        for file in sorted(checkpoint_dir.glob("*.ckpt")):
+            tracker.log_file(file, "checkpoints")
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def _overrides(obj: Any, method: str, base: type) -> bool:
+    return getattr(type(obj), method) is not getattr(base, method)
+
+
+def _run_non_gradient(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracker) -> dict[str, float]:
+    import signal
+
+    import numpy as np
+    import torch
+
+    def stop(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signum, f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        return pipeline.load("module")(cfg).run(tracker)
+    except KeyboardInterrupt:
+        raise RunInterrupted(signal.SIGINT, "stopped by Ctrl+C") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_one(cfg: DictConfig, parent: Tracker | None = None, ckpt_path: str | None = None, reopen: str | None = None) -> RunResult:
+    """One run of one config, start to final status."""
+    from common.experiment import NonGradientExperiment
+
+    pipeline = registry.get(cfg.pipeline)
+    is_rank_zero = global_rank() == 0
+    tracker: Tracker | None = None
+    if is_rank_zero:
+        if reopen:
+            tracker = Tracker.reopen(tracking_uri(cfg), reopen)
+        else:
+            tags = {"lightyard.resumed_from": ckpt_path} if ckpt_path else {}
+            tracker = Tracker.start(cfg, cfg.run_name or f"{cfg.pipeline}-{cfg.preset}", tags=tags, parent=parent)
+        run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / tracker.run_id
+    else:  # DDP ranks > 0 under torchrun/srun: rank 0's checkpoint folder is broadcast by Lightning
+        run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    start = time.time()
+    try:
+        if tracker is not None:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics)})
+            tracker.log_config(cfg)
+        target = pipeline.load("module")
+        if isinstance(target, type) and issubclass(target, NonGradientExperiment):
+            metrics = _run_non_gradient(cfg, pipeline, tracker)
+            if tracker is not None:
+                tracker.log_metrics(metrics)
+        else:  # Lightning has logged its metrics per step/epoch already
+            metrics = _fit_lightning(cfg, pipeline, tracker, run_dir, ckpt_path)
+    except RunInterrupted as stop:
+        if tracker is not None:
+            tracker.log_metrics({"duration_s": time.time() - start})
+            tracker.end("KILLED", error=str(stop))
+        raise
+    except BaseException as err:
+        if tracker is not None:
+            tracker.log_text(traceback.format_exc(), "traceback.txt")
+            tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    if tracker is not None:
+        tracker.log_metrics({"duration_s": time.time() - start})
+        tracker.end("FINISHED")
+    return RunResult(tracker.run_id if tracker else "", "FINISHED", metrics, cfg)
+
+
+def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
+    """``lightyard train``: one run, or a sweep (parent run + one child run per grid point)."""
+    points = sweep_points(overrides)
+    configs = [compose(pipeline_name, point) for point in points]  # fail fast on any bad point
+    if len(configs) == 1:
+        cfg = configs[0]
+        if cfg.resume:
+            cfg, ckpt, reopen = _find_resume(cfg, str(cfg.resume), points[0])
+            return [run_one(cfg, ckpt_path=ckpt, reopen=reopen)]
+        return [run_one(cfg)]
+
+    if any(cfg.resume for cfg in configs):
+        raise ConfigError("resume= cannot be combined with a sweep; resume each child run by its id")
+    swept = sorted({k for p in points for k in p if len({str(q[k]) for q in points}) > 1})
+    parent_cfg = configs[0]
+    parent = Tracker.start(parent_cfg, parent_cfg.run_name or f"{pipeline_name}-sweep", tags={"lightyard.sweep": ",".join(swept)})
+    parent.log_text(OmegaConf.to_yaml(parent_cfg), "config.yaml")
+    results, status = [], "FINISHED"
+    try:
+        for i, (point, cfg) in enumerate(zip(points, configs)):
+            label = " ".join(f"{k}={point[k]}" for k in swept)
+            print(f"[sweep {i + 1}/{len(configs)}] {label}", flush=True)
+            cfg.run_name = cfg.run_name or f"{pipeline_name} {label}"
+            results.append(run_one(cfg, parent=parent))
+    except RunInterrupted:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        parent.end(status)
+    return results
+
+
+def entry_point(kind: str, pipeline_name: str, overrides: list[str]) -> RunResult:
+    """``lightyard bench`` / ``lightyard reproduce``: the pipeline's function inside one MLflow run."""
+    pipeline = registry.get(pipeline_name)
+    function = pipeline.load(kind)
+    points = sweep_points(overrides)
+    if len(points) > 1:
+        raise ConfigError(f"{kind} takes single values, not sweeps (got {overrides})")
+    cfg = compose(pipeline_name, points[0])
+    tracker = Tracker.start(cfg, cfg.run_name or f"{pipeline_name}-{kind}", tags={"lightyard.kind": kind})
+    tracker.log_config(cfg)
+    start = time.time()
+    try:
+        function(cfg, tracker)
+    except KeyboardInterrupt:
+        tracker.end("KILLED", error="stopped by Ctrl+C")
+        raise
+    except BaseException as err:
+        tracker.log_text(traceback.format_exc(), "traceback.txt")
+        tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    tracker.log_metrics({"duration_s": time.time() - start})
+    tracker.end("FINISHED")
+    return RunResult(tracker.run_id, "FINISHED", {}, cfg)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("LIGHTYARD_DEBUG", "") not in {"", "0"}

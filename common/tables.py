@@ -1,0 +1,32 @@
+"""Plain Markdown tables: readable in a terminal, in an MLflow artifact and in a README alike."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+
+def format_cell(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "–"
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4g}"
+        return f"{value:.3e}"
+    return "–" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> str:
+    """Rows (dicts with the same keys, first row's order) as a Markdown table."""
+    if not rows:
+        return (f"### {title}\n\n" if title else "") + "(no rows)\n"
+    columns = list(rows[0].keys())
+    for row in rows[1:]:
+        columns += [key for key in row if key not in columns]
+    cells = [[format_cell(row.get(col)) for col in columns] for row in rows]
+    widths = [max(len(col), *(len(line[i]) for line in cells)) for i, col in enumerate(columns)]
+    lines = [
+        "| " + " | ".join(col.ljust(w) for col, w in zip(columns, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+        *("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells),
+    ]
+    return (f"### {title}\n\n" if title else "") + "\n".join(lines) + "\n"

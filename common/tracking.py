@@ -1,0 +1,175 @@
+"""MLflow logging shared by every pipeline, trained by gradient or not.
+
+The default store is a SQLite file plus an artifact folder under ``paths.mlflow_dir`` (MLflow 3
+refuses plain file stores); ``MLFLOW_TRACKING_URI`` or ``logger.tracking_uri`` points it at a server.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from common.config import flatten
+from common.tables import markdown_table
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if cfg.logger.tracking_uri:
+        return str(cfg.logger.tracking_uri)
+    mlflow_dir = Path(cfg.paths.mlflow_dir).resolve()
+    mlflow_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+
+
+def project_tracking_uri() -> str:
+    """The store `lightyard runs` and `lightyard ui` read: the one conf/base.yaml points at."""
+    return tracking_uri(OmegaConf.load(PROJECT_DIR / "conf" / "base.yaml"))
+
+
+def local_artifact_root(cfg: DictConfig, uri: str) -> str | None:
+    """Artifact folder for a local SQLite store; a server decides its own."""
+    if not uri.startswith("sqlite:"):
+        return None
+    root = Path(cfg.paths.mlflow_dir).resolve() / "artifacts"
+    root.mkdir(parents=True, exist_ok=True)
+    return root.as_uri()
+
+
+def git_state() -> dict[str, str]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
+
+
+class Tracker:
+    """One MLflow run: params, metrics, figures, tables, files. Picklable (for DDP spawn)."""
+
+    def __init__(self, uri: str, run_id: str, artifact_root: str | None = None):
+        self.uri, self.run_id, self.artifact_root = uri, run_id, artifact_root
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @classmethod
+    def start(
+        cls,
+        cfg: DictConfig,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+        parent: "Tracker | None" = None,
+    ) -> "Tracker":
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(cfg)
+        client = MlflowClient(tracking_uri=uri)
+        name = cfg.logger.experiment
+        experiment = client.get_experiment_by_name(name)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(name, artifact_location=local_artifact_root(cfg, uri))
+        )
+        all_tags = {"lightyard.pipeline": cfg.pipeline, **git_state(), **(tags or {})}
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        tracker = cls(uri, run.info.run_id)
+        tracker._client = client
+        return tracker
+
+    @classmethod
+    def reopen(cls, uri: str, run_id: str) -> "Tracker":
+        tracker = cls(uri, run_id)
+        tracker.client.update_run(run_id, status="RUNNING")
+        return tracker
+
+    # -- what a run records ---------------------------------------------------------------
+    def log_config(self, cfg: DictConfig) -> None:
+        """The resolved config as params (flattened) and as ``config.yaml``."""
+        from mlflow.entities import Param
+
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+        existing = self.client.get_run(self.run_id).data.params
+        params = [p for p in params if p.key not in existing]  # a resumed run keeps its params
+        for start in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        self.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), stamp, step or 0)
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) or _is_scalar_tensor(value)
+        ]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        """A matplotlib figure as a PNG artifact."""
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        self.log_bytes(buffer.getvalue(), artifact_file)
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            self.log_file(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+    def log_table(self, rows: Iterable[Mapping[str, Any]], artifact_file: str, title: str | None = None) -> str:
+        """Rows as a Markdown table artifact (and returned, for printing)."""
+        table = markdown_table(list(rows), title=title)
+        self.log_text(table, artifact_file)
+        return table
+
+    def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+
+    def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        assert status in STATUSES, status
+        if error:
+            self.client.set_tag(self.run_id, "error", error[:5000])
+        self.client.set_terminated(self.run_id, status=status)
+
+    @property
+    def url_hint(self) -> str:
+        run = self.client.get_run(self.run_id)
+        return f"experiment {run.info.experiment_id}, run {self.run_id} (store: {self.uri})"
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return hasattr(value, "numel") and value.numel() == 1

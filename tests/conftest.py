@@ -1,0 +1,72 @@
+"""Shared fixtures: an isolated project home, the toy pipeline, and a real MLflow server on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# before anything imports the registry: the toy pipeline is discoverable in-process and in subprocesses
+os.environ["LIGHTYARD_PIPELINES"] = "tests.toy"
+os.environ.setdefault("LIGHTYARD_HOME", tempfile.mkdtemp(prefix="lightyard-test-"))
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh LIGHTYARD_HOME (outputs + SQLite MLflow store) for one test."""
+    monkeypatch.setenv("LIGHTYARD_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def lightyard(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess, from the project root."""
+    return subprocess.run(
+        [sys.executable, "-m", "common.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 with its own SQLite backend and artifact folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+    else:
+        process.kill()
+        raise RuntimeError("mlflow server did not become healthy in 120 s")
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()

@@ -1,0 +1,86 @@
+"""Memory ledger, freezing, precision and DDP with the toy module (CPU)."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from common.config import ConfigError
+from common.freezing import freeze
+from common.hardware import resolve_precision
+from common.memory import MemoryProfiler
+from common.runner import compose
+from tests.toy.module import ToyData, ToyModule
+
+
+def _fit(cfg, callbacks=(), **trainer_kwargs):
+    pl.seed_everything(cfg.seed, verbose=False)
+    module, data = ToyModule(cfg), ToyData(cfg)
+    kwargs = dict(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1, logger=False,
+                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, limit_val_batches=0)
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
+    trainer.fit(module, data)
+    return module, trainer
+
+
+@pytest.mark.parametrize("optimizer, momentum, expected", [("sgd", 0.0, 8), ("sgd", 0.9, 12), ("adamw", 0.0, 16)])
+@pytest.mark.parametrize("frozen", [[], ["embed"]])
+def test_memory_ledger_bytes_per_trainable_parameter(optimizer, momentum, expected, frozen):
+    cfg = compose("toy", {"model.optimizer": optimizer, "model.momentum": momentum, "freeze": frozen})
+    profiler = MemoryProfiler()
+    module, _ = _fit(cfg, [profiler], max_steps=3)
+    ledger = profiler.ledger
+    embed = sum(p.numel() for p in module.embed.parameters())
+    total = sum(p.numel() for p in module.parameters())
+    assert ledger["bytes_per_trainable_param"] == expected
+    assert ledger["trainable_params"] == total - (embed if frozen else 0)
+    assert ledger["frozen_params"] == (embed if frozen else 0)
+    assert ledger["grad_bytes"] == 4 * ledger["trainable_params"]
+    assert ledger["optimizer_state_bytes"] == (expected - 8) * ledger["trainable_params"]
+    assert ledger["param_bytes"] == 4 * total
+    assert "fit" in profiler.peaks and profiler.peaks["fit"]["peak_rss_mb"] > 10
+
+
+def test_frozen_parameters_get_no_gradient_and_no_optimizer_state():
+    cfg = compose("toy", {"model.optimizer": "adamw", "freeze": ["embed.weight"]})
+    module, trainer = _fit(cfg, max_steps=2)
+    assert module.embed.weight.grad is None and not module.embed.weight.requires_grad
+    assert module.embed.bias.requires_grad and module.embed.bias.grad is not None
+    state = trainer.optimizers[0].state
+    assert module.embed.weight not in state and module.embed.bias in state
+
+
+def test_freeze_patterns_and_errors():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+    assert freeze(model, ["1.*.weight"]) == ["1.0.weight", "1.1.weight"]
+    with pytest.raises(ConfigError, match="freeze pattern 'stem' matches no parameter; top-level modules: 0, 1"):
+        freeze(model, ["stem"])
+
+
+def test_precision_resolution(monkeypatch):
+    assert resolve_precision("bf16-mixed", "cpu") == ("32-true", resolve_precision("bf16-mixed", "cpu")[1])
+    assert "running in 32-bit" in resolve_precision("16-mixed", "cpu")[1]
+    assert resolve_precision("32", "cpu") == ("32-true", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "old GPU")
+    assert resolve_precision("auto", "cuda") == ("16-mixed", None)
+    precision, notice = resolve_precision("bf16-mixed", "cuda")
+    assert precision == "16-mixed" and "loss scaling" in notice
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "cuda") == ("bf16-mixed", None)
+
+
+def test_ddp_two_cpu_processes_match_one_process_on_the_same_global_batch():
+    # Under DDP Lightning shuffles with DistributedSampler(seed); our EpochShuffleSampler draws the same
+    # permutation, so one process with batch 8 and two with batch 4 each see the same global batches.
+    overrides = {"trainer.max_epochs": 2, "model.momentum": 0.9}
+    single_cfg = compose("toy", {**overrides, "data.batch_size": 8, "data.shuffle": True})
+    single, _ = _fit(single_cfg)
+    ddp_cfg = compose("toy", {**overrides, "data.batch_size": 4, "data.shuffle": False})
+    ddp, trainer = _fit(ddp_cfg, strategy="ddp_spawn", devices=2)
+    assert trainer.world_size == 2
+    for (name, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), name
+    pl.seed_everything(single_cfg.seed, verbose=False)
+    assert not torch.allclose(single.head.weight, ToyModule(single_cfg).head.weight)  # it did train

@@ -1,0 +1,58 @@
+import pytest
+
+from common.config import ConfigError, parse_overrides, sweep_points
+from common.runner import compose
+from tests.conftest import lightyard
+
+
+def test_base_pipeline_preset_and_override_merge():
+    cfg = compose("toy", {"model.lr": 0.5, "trainer.max_epochs": 7})
+    assert cfg.model.lr == 0.5
+    assert cfg.trainer.max_epochs == 7  # override beats the quick preset's 2
+    assert cfg.trainer.accelerator == "cpu"  # from the quick preset
+    assert cfg.seed == 0  # from base.yaml
+    assert compose("toy", {"preset": "paper"}).trainer.max_epochs == 20
+
+
+def test_unknown_key_names_the_valid_keys_at_that_level():
+    with pytest.raises(ConfigError) as err:
+        compose("toy", {"model.lrr": 0.1})
+    message = str(err.value)
+    assert "model.lrr" in message and "hidden, lr, momentum, optimizer" in message
+    assert "\n" not in message
+
+
+def test_wrong_type_names_key_value_and_expected_type():
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs' expects int, got 'three' \(str\)"):
+        compose("toy", {"trainer.max_epochs": "three"})
+    with pytest.raises(ConfigError, match="expects bool"):
+        compose("toy", {"data.shuffle": 3})
+    assert compose("toy", {"model.lr": 1}).model.lr == 1  # int is fine where a float is expected
+
+
+def test_unknown_preset_and_pipeline():
+    with pytest.raises(ConfigError, match="valid presets: quick, paper"):
+        compose("toy", {"preset": "huge"})
+    with pytest.raises(ConfigError, match="unknown pipeline 'nope'; registered: .*toy"):
+        compose("nope")
+
+
+def test_override_parsing_and_sweep_grid():
+    assert parse_overrides(["a.b=1e-3", "c=[1,2]"]) == [("a.b", [1e-3]), ("c", [[1, 2]])]
+    grid = sweep_points(["x=1,2", "y=a,b", "z=[1,2]"])
+    assert len(grid) == 4 and {"x": 2, "y": "b", "z": [1, 2]} in grid
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        parse_overrides(["oops"])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [("model.nope=1", "unknown config key 'model.nope'; valid keys at 'model':"),
+     ("trainer.max_epochs=x", "config key 'trainer.max_epochs' expects int, got 'x' (str)")],
+)
+def test_cli_bad_input_prints_one_line_and_exits_nonzero(override, expected):
+    result = lightyard("train", "toy", override)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

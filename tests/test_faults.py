@@ -1,0 +1,57 @@
+"""Kill with SIGTERM mid-epoch, resume, and compare with an uninterrupted run; crashes end FAILED."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from common.runner import train
+from common.tracking import tracking_uri
+from common.runner import compose
+from tests.conftest import lightyard
+
+
+def _last_weights(home, run_id):
+    ckpt = home / "outputs" / "toy" / run_id / "checkpoints" / "last.ckpt"
+    return torch.load(ckpt, weights_only=True)
+
+
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
+    env = {"LIGHTYARD_HOME": str(home)}
+    # 8 batches per epoch; the signal arrives after step 10, i.e. in the middle of epoch 2 of 3
+    killed = lightyard("train", "toy", "trainer.max_epochs=3", "kill_at_step=10", env=env)
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert "MLflow run marked KILLED" in killed.stderr.strip().splitlines()[-1]
+
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    (run,) = client.search_runs([client.get_experiment_by_name("lightyard").experiment_id])
+    assert run.info.status == "KILLED"
+    assert (home / "outputs" / "toy" / run.info.run_id / "checkpoints" / "interrupted.ckpt").is_file()
+
+    resumed = lightyard("train", "toy", f"resume={run.info.run_id}", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"  # the resumed training logged into the same run
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_step")]
+    assert max(steps) > 10  # metrics after the resume point landed in that run
+
+    (reference,) = train("toy", ["trainer.max_epochs=3"])
+    resumed_ckpt, reference_ckpt = _last_weights(home, run.info.run_id), _last_weights(home, reference.run_id)
+    assert resumed_ckpt["global_step"] == reference_ckpt["global_step"] == 24
+    for name, value in reference_ckpt["state_dict"].items():
+        assert torch.allclose(resumed_ckpt["state_dict"][name], value, atol=1e-7), name
+
+
+def test_crash_ends_failed_with_the_error_logged(home):
+    with pytest.raises(RuntimeError, match="toy crash"):
+        train("toy", ["crash_at_step=3"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    (run,) = client.search_runs([client.get_experiment_by_name("lightyard").experiment_id])
+    assert run.info.status == "FAILED"
+    assert "toy crash" in run.data.tags["error"]
+    assert "traceback.txt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_resume_with_unknown_run_id_is_one_clear_line(home):
+    result = lightyard("train", "toy", "resume=0123abc", env={"LIGHTYARD_HOME": str(home)})
+    assert result.returncode == 2
+    assert "neither a .ckpt file nor a run id" in result.stderr and "Traceback" not in result.stderr

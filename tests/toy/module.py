@@ -1,0 +1,62 @@
+import os
+import signal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from common.data import make_loader
+from common.freezing import freeze, trainable_parameters
+
+
+class ToyModule(pl.LightningModule):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Linear(cfg.data.dim, cfg.model.hidden)
+        self.head = nn.Linear(cfg.model.hidden, 2)
+        freeze(self, cfg.freeze)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.embed(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step == self.cfg.kill_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if self.global_step == self.cfg.crash_at_step:
+            raise RuntimeError("toy crash for the fault tests")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True)
+
+    def configure_optimizers(self):
+        m = self.cfg.model
+        if m.optimizer == "adamw":
+            return torch.optim.AdamW(trainable_parameters(self), lr=m.lr)
+        return torch.optim.SGD(trainable_parameters(self), lr=m.lr, momentum=m.momentum)
+
+
+class ToyData(pl.LightningDataModule):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(1234)
+        n, dim = cfg.data.n, cfg.data.dim
+        y = torch.arange(n) % 2
+        x = torch.randn(n, dim, generator=g) + 1.5 * y[:, None].float()
+        self.train_set = TensorDataset(x, y)
+
+    def train_dataloader(self):
+        d = self.cfg.data
+        return make_loader(self.train_set, d.batch_size, shuffle=d.shuffle, seed=self.cfg.seed)
+
+    def val_dataloader(self):
+        return make_loader(self.train_set, self.cfg.data.n)
