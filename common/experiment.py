@@ -18,6 +18,10 @@ class NonGradientExperiment(ABC):
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
 
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Raise ConfigError for bad parameters before any MLflow run starts (default: nothing to check)."""
+
     @abstractmethod
     def run(self, tracker: Tracker) -> dict[str, float]:
         """Do the work, log what it produces (metrics per step, figures, tables), return final metrics."""

@@ -201,6 +201,9 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     """``lightyard train``: one run, or a sweep (parent run + one child run per grid point)."""
     points = sweep_points(overrides)
     configs = [compose(pipeline_name, point) for point in points]  # fail fast on any bad point
+    check = getattr(registry.get(pipeline_name).load("module"), "check_config", None)
+    for cfg in configs if check else []:
+        check(cfg)
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:

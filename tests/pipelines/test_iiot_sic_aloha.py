@@ -1,0 +1,149 @@
+"""iiot_sic_aloha: closed forms, simulator vs analysis vs the per-slot reference, bad input, a full run."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from common.config import ConfigError
+from common.runner import compose, train
+from common.tracking import tracking_uri
+from pipelines.iiot_sic_aloha.analysis import (analyze, best_transmit_probability, decoding_table,
+                                               sic_tail_probability, threshold_aloha_mean_field)
+from pipelines.iiot_sic_aloha.data import Scenario, scenario_from_config
+from pipelines.iiot_sic_aloha.model import decode, simulate
+from pipelines.iiot_sic_aloha.reference import simulate_reference
+from tests.conftest import lightyard
+
+NOISELESS = 1e12  # ρ so large that e^{−γ/ρ} = 1: the classic collision channel
+
+
+def test_slotted_aloha_throughput_and_aoi_closed_forms():
+    n, p = 10, 0.1
+    scenario = Scenario(n, (1.0,) * n, transmit_prob=p, snr=NOISELESS)  # generate-at-will, attempt w.p. p
+    tau = p * (1 - p) ** (n - 1)
+    analysis = analyze(scenario, "aloha")
+    assert analysis["throughput"] == pytest.approx(n * tau, rel=1e-9)
+    assert analysis["mean_aoi"] == pytest.approx(1 / tau, rel=1e-9)
+    sim = simulate(scenario, "aloha", 40_000, 8, seed=1).summary(0.999)
+    assert abs(sim["throughput"][0] - n * tau) <= sim["throughput"][1]
+    assert abs(sim["mean_aoi"][0] - 1 / tau) <= sim["mean_aoi"][1]
+    assert abs(sim["p_age_violation"][0] - (1 - tau) ** 20) <= sim["p_age_violation"][1]
+
+
+@pytest.mark.parametrize("k, gamma", [(2, 1.0), (4, 2.0), (3, 0.5)])
+def test_rayleigh_capture_probability(k, gamma):
+    snr, draws = 10.0, 200_000
+    gains = torch.empty(draws, k, dtype=torch.float64).exponential_(generator=torch.Generator().manual_seed(k))
+    decoded = decode(snr * gains, "capture", gamma)[:, 0].double()
+    expected = math.exp(-gamma / snr) * (1 + gamma) ** (-(k - 1))
+    assert abs(decoded.mean().item() - expected) < 4 * math.sqrt(expected * (1 - expected) / draws)
+
+
+def test_sic_closed_form_spot_values_from_the_notes():
+    assert [round(sic_tail_probability(2, m, 10, 1), 3) for m in (1, 2)] == [0.905, 0.741]
+    assert [round(sic_tail_probability(4, m, 100, 1), 3) for m in (1, 2, 3, 4)] == [0.495, 0.364, 0.350, 0.323]
+
+
+@pytest.mark.parametrize("gamma, residual", [(1.0, 0.05), (2.0, 0.05), (1.0, 0.3)])
+def test_sic_imperfect_csi_closed_form_matches_monte_carlo(gamma, residual):
+    exact, is_exact = decoding_table("sic", 6, 10.0, gamma, residual)
+    assert is_exact
+    gains = torch.empty(400_000, 6, dtype=torch.float64).exponential_(generator=torch.Generator().manual_seed(3))
+    decoded = decode(10.0 * gains, "sic", gamma, residual).sum(-1).double()
+    assert abs(decoded.mean().item() - exact[6]) < 4 * decoded.std().item() / math.sqrt(len(decoded))
+
+
+def test_analysis_inside_simulation_confidence_interval_on_a_grid():
+    inside, margins = [], []
+    for i, (a, gamma, residual) in enumerate([(0.05, 1.0, 0.0), (0.2, 1.0, 0.05), (0.1, 2.0, 0.0)]):
+        scenario = Scenario(12, (a,) * 12, snr=10.0, threshold=gamma, csi_residual=residual)
+        for scheme in ("aloha", "capture", "sic"):
+            analysis = analyze(scenario, scheme)
+            for metric, (mean, half) in simulate(scenario, scheme, 30_000, 8, seed=10 + i).summary(0.99).items():
+                inside.append(abs(mean - analysis[metric]) <= half)
+                margins.append(abs(mean - analysis[metric]) / half)
+    # 99% intervals: nearly all inside, and nothing far outside (about 4σ)
+    assert sum(inside) / len(inside) >= 0.9, margins
+    assert max(margins) < 1.5, margins
+
+
+def test_heterogeneous_nodes_follow_the_poisson_binomial_analysis():
+    q = (0.02,) * 6 + (0.2,) * 4
+    scenario = Scenario(10, q, snr=10.0)
+    analysis = analyze(scenario, "sic")
+    result = simulate(scenario, "sic", 40_000, 8, seed=5)
+    for (mean, half), exact in zip(result.per_node(0.999), analysis["per_node_aoi"]):
+        assert abs(mean - exact) <= half
+    assert analysis["per_node_aoi"][0] > 3 * analysis["per_node_aoi"][-1]  # rare reporters are older
+
+
+def _welch_p(a, b):
+    return stats.ttest_ind(a, b, equal_var=False).pvalue
+
+
+@pytest.mark.parametrize("scheme", ["sic", "threshold_aloha"])
+def test_vectorized_and_reference_simulators_agree(scheme):
+    scenario = Scenario(8, (0.15,) * 8, snr=10.0, threshold=1.0, csi_residual=0.05)
+    reference = [simulate_reference(scenario, scheme, 6000, warmup=500, seed=s) for s in range(5)]
+    vectorized = simulate(scenario, scheme, 6000, 10, warmup=500, seed=7).per_replication
+    for metric in ("throughput", "mean_aoi", "p_age_violation", "p_report_violation"):
+        p = _welch_p([r[metric] for r in reference], vectorized[metric])
+        assert p > 1e-3, (metric, p)
+
+
+def test_threshold_aloha_mean_field_close_to_simulation():
+    scenario = Scenario(20, (0.1,) * 20, snr=10.0)
+    approx = threshold_aloha_mean_field(scenario)
+    sim = simulate(scenario, "threshold_aloha", 20_000, 4, seed=2).summary()
+    assert sim["mean_aoi"][0] == pytest.approx(approx["mean_aoi"], rel=0.05)
+    assert sim["throughput"][0] == pytest.approx(approx["throughput"], rel=0.05)
+
+
+def test_tuning_finds_the_classic_aloha_optimum():
+    scenario = Scenario(20, (0.5,) * 20, snr=NOISELESS)
+    p, aoi = best_transmit_probability(scenario, "aloha")
+    assert p * 0.5 == pytest.approx(1 / 20, rel=0.02)  # activity a = q p = 1/N
+    assert aoi == pytest.approx(20 * (20 / 19) ** 19, rel=1e-3)  # ≈ e·N at the optimum
+
+
+def test_sic_beats_aloha_and_threshold_aloha_at_the_default_setting():
+    scenario = scenario_from_config(compose("iiot_sic_aloha").sim)
+    sic, aloha, threshold = (analyze(scenario, s) for s in ("sic", "aloha", "threshold_aloha"))
+    for other in (aloha, threshold):
+        assert sic["mean_aoi"] < other["mean_aoi"] and sic["throughput"] > other["throughput"]
+        assert sic["p_age_violation"] < other["p_age_violation"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"sim.event_prob": 1.5}, "sim.event_prob must be a probability in [0, 1], got 1.5"),
+    ({"sim.num_nodes": 0}, "sim.num_nodes must be a whole number ≥ 1, got 0"),
+    ({"sim.deadline": -1}, "sim.deadline must be ≥ 0 slots, got -1"),
+    ({"sim.event_probs": [0.1, 0.2]}, "sim.event_probs has 2 values for 20 nodes"),
+])
+def test_bad_parameters_give_one_clear_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        scenario_from_config(compose("iiot_sic_aloha", override).sim)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_rejects_a_bad_probability_in_one_line(home):
+    result = lightyard("train", "iiot_sic_aloha", "sim.transmit_prob=-0.2", env={"LIGHTYARD_HOME": str(home)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "lightyard: error: sim.transmit_prob must be a probability in [0, 1], got -0.2"
+
+
+def test_train_logs_metrics_tables_and_figures(home):
+    (result,) = train("iiot_sic_aloha", ["sim.slots=3000", "sim.num_nodes=8", "trainer.enable_progress_bar=false"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("iiot_sic_aloha")))
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for scheme in ("aloha", "capture", "sic", "threshold_aloha"):
+        assert run.data.metrics[f"{scheme}/throughput"] > 0
+        assert f"{scheme}/mean_aoi_analysis" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "tables")} | {a.path for a in client.list_artifacts(result.run_id, "figures")}
+    assert {"tables/simulation_vs_analysis.md", "tables/tuning.md", "figures/per_node_aoi.png"} <= artifacts
+    assert run.data.metrics["sic/mean_aoi"] < run.data.metrics["aloha/mean_aoi"]
