@@ -101,24 +101,27 @@ def simulate(
         size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
         uniform = torch.rand(size, R, N, generator=generator, device=device)
         generated = uniform < q
-        # Rayleigh power gain h ~ Exp(1) by inversion (several times faster than exponential_ here)
-        gains = torch.rand(size, R, N, generator=generator, device=device).log_().neg_()
         if scheme == "threshold_aloha":
             coin = torch.rand(size, R, N, generator=generator, device=device)
+            gains = torch.rand(size, R, N, generator=generator, device=device).log_().neg_()
             ages, decoded, prev = _threshold_aloha_chunk(scenario, age, generated, coin, gains)
+            ages, decoded, prev = (x.permute(1, 2, 0) for x in (ages, decoded, prev))
         else:
             # given u < q, u/q is uniform: u < q·p is "generated, then sent with probability p"
             active = uniform < q * scenario.transmit_prob
-            decoded = decode(gains.mul_(scenario.snr).masked_fill_(~active, 0.0), scheme, scenario.threshold,
-                             scenario.csi_residual, scenario.max_sic_stages)
-            ages, prev = _age_scan(age, decoded)
-        age = ages[-1]
+            rx_snr = torch.zeros(size, R, N, device=device)
+            # Rayleigh power gains h ~ Exp(1) by inversion, drawn only for the active nodes
+            rx_snr[active] = torch.rand(int(active.sum()), generator=generator, device=device).log_().mul_(-scenario.snr)
+            decoded = decode(rx_snr, scheme, scenario.threshold, scenario.csi_residual, scenario.max_sic_stages)
+            ages, prev = _age_scan(age, decoded.permute(1, 2, 0).contiguous())
+            decoded = decoded.permute(1, 2, 0)
+        age = ages[..., -1].contiguous()
         if done >= 0:  # after warm-up: accumulate
-            acc["age_sum"] += ages.sum(0)
-            acc["over"] += (ages > scenario.deadline).sum(0)
-            acc["deliveries"] += decoded.sum(0)
-            acc["peak_sum"] += torch.where(decoded, prev, 0).sum(0)
-            acc["generated"] += generated.sum(0)
+            acc["age_sum"] += ages.sum(-1, dtype=torch.float64)
+            acc["over"] += (ages > scenario.deadline).sum(-1, dtype=torch.float64)
+            acc["deliveries"] += decoded.sum(-1, dtype=torch.float64)
+            acc["peak_sum"] += (prev * decoded).sum(-1, dtype=torch.float64)
+            acc["generated"] += generated.sum(0, dtype=torch.float64)
             if progress is not None:
                 progress(size)
         done += size
@@ -140,14 +143,15 @@ def simulate(
 def _age_scan(age: torch.Tensor, decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Δ(t) = 1 if node delivers in slot t else Δ(t−1) + 1, for a whole chunk at once.
 
-    Returns (Δ(t) for every slot of the chunk, Δ(t−1) for every slot).
+    ``decoded`` is ``[R, N, C]`` (slots last, contiguous, so the scan runs along memory). Returns
+    (Δ(t), Δ(t−1)) for every slot of the chunk, both ``[R, N, C]``.
     """
     # with L(t) the last delivery slot ≤ t, Δ(t) = t − L(t) + 1; before the chunk's first delivery
     # L sits, virtually, at slot −Δ(−1) (the age carried over from the previous chunk)
-    t = torch.arange(decoded.shape[0], device=decoded.device, dtype=age.dtype).view(-1, 1, 1)
-    last = torch.cummax(torch.where(decoded, t, -age.unsqueeze(0)), dim=0).values
+    t = torch.arange(decoded.shape[-1], device=decoded.device, dtype=age.dtype)
+    last = torch.cummax(torch.where(decoded, t, -age.unsqueeze(-1)), dim=-1).values
     ages = t - last + 1
-    prev = torch.cat([age.unsqueeze(0), ages[:-1]])
+    prev = torch.cat([age.unsqueeze(-1), ages[..., :-1]], dim=-1)
     return ages, prev
 
 
