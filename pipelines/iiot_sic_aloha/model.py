@@ -99,29 +99,13 @@ def simulate(
     done = -warmup
     while done < slots:
         size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
-        uniform = torch.rand(size, R, N, generator=generator, device=device)
-        generated = uniform < q
         if scheme == "threshold_aloha":
-            coin = torch.rand(size, R, N, generator=generator, device=device)
-            gains = torch.rand(size, R, N, generator=generator, device=device).log_().neg_()
-            ages, decoded, prev = _threshold_aloha_chunk(scenario, age, generated, coin, gains)
-            ages, decoded, prev = (x.permute(1, 2, 0) for x in (ages, decoded, prev))
+            age, stats = _threshold_aloha_chunk(scenario, age, size, generator)
         else:
-            # given u < q, u/q is uniform: u < q·p is "generated, then sent with probability p"
-            active = uniform < q * scenario.transmit_prob
-            rx_snr = torch.zeros(size, R, N, device=device)
-            # Rayleigh power gains h ~ Exp(1) by inversion, drawn only for the active nodes
-            rx_snr[active] = torch.rand(int(active.sum()), generator=generator, device=device).log_().mul_(-scenario.snr)
-            decoded = decode(rx_snr, scheme, scenario.threshold, scenario.csi_residual, scenario.max_sic_stages)
-            ages, prev = _age_scan(age, decoded.permute(1, 2, 0).contiguous())
-            decoded = decoded.permute(1, 2, 0)
-        age = ages[..., -1].contiguous()
+            age, stats = _one_shot_chunk(scenario, scheme, age, size, q, generator)
         if done >= 0:  # after warm-up: accumulate
-            acc["age_sum"] += ages.sum(-1, dtype=torch.float64)
-            acc["over"] += (ages > scenario.deadline).sum(-1, dtype=torch.float64)
-            acc["deliveries"] += decoded.sum(-1, dtype=torch.float64)
-            acc["peak_sum"] += (prev * decoded).sum(-1, dtype=torch.float64)
-            acc["generated"] += generated.sum(0, dtype=torch.float64)
+            for name, value in stats.items():
+                acc[name] += value
             if progress is not None:
                 progress(size)
         done += size
@@ -140,32 +124,115 @@ def simulate(
     return SimulationResult(per_replication, per_node_aoi, slots)
 
 
-def _age_scan(age: torch.Tensor, decoded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Δ(t) = 1 if node delivers in slot t else Δ(t−1) + 1, for a whole chunk at once.
+def _triangle(n: torch.Tensor) -> torch.Tensor:
+    return n * (n + 1) / 2
 
-    ``decoded`` is ``[R, N, C]`` (slots last, contiguous, so the scan runs along memory). Returns
-    (Δ(t), Δ(t−1)) for every slot of the chunk, both ``[R, N, C]``.
+
+def _interval_stats(left: torch.Tensor, end: torch.Tensor, deadline: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ of ages and #slots with age > D over slots [max(L, 0), e), where the age at slot t is t − L + 1."""
+    left, end = left.double(), end.double()
+    start = left.clamp(min=0)
+    age_sum = _triangle(end - left) - _triangle(start - left)
+    over = (end - torch.maximum(start, left + deadline)).clamp(min=0)
+    return age_sum, over
+
+
+def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: int, q: torch.Tensor, generator: torch.Generator):
+    """``size`` slots of the one-shot schemes, event by event.
+
+    Report slots of each (replication, node) are drawn as Geometric(q_i) gaps (a Bernoulli process,
+    memoryless across chunks), so random numbers scale with the reports, not with slots × nodes.
+    The receiver sees the slots as a dense [R, size, N] SNR table; the AoI statistics follow from
+    the delivery slots alone: between deliveries at L and e the ages are 1 … e − L.
     """
-    # with L(t) the last delivery slot ≤ t, Δ(t) = t − L(t) + 1; before the chunk's first delivery
-    # L sits, virtually, at slot −Δ(−1) (the age carried over from the previous chunk)
-    t = torch.arange(decoded.shape[-1], device=decoded.device, dtype=age.dtype)
-    last = torch.cummax(torch.where(decoded, t, -age.unsqueeze(-1)), dim=-1).values
-    ages = t - last + 1
-    prev = torch.cat([age.unsqueeze(-1), ages[..., :-1]], dim=-1)
-    return ages, prev
+    R, N = age.shape
+    device = age.device
+    q_max = float(q.max())
+    mean = size * q_max
+    width = size if q_max > 0.5 else min(size, int(mean + 6 * math.sqrt(mean + 1) + 16))
+    while True:
+        u = torch.rand(R, N, width, generator=generator, device=device).clamp_(min=1e-12)
+        log_keep = torch.log1p(-q).view(1, N, 1)
+        gaps = torch.where(q.view(1, N, 1) >= 1, 1.0, torch.floor(u.log() / log_keep) + 1)
+        gaps = torch.where(q.view(1, N, 1) <= 0, float(size + 1), gaps).clamp_(max=size + 1)
+        times = gaps.cumsum(-1).sub_(1).to(torch.int64)  # report slots, increasing along the last dim
+        if width == size or bool((times[..., -1] >= size - 1).all()):
+            break
+        width = size  # the stream ran short of the chunk (very rare): draw it at full width
+    generated = times < size
+    active = generated
+    if scenario.transmit_prob < 1:
+        active = generated & (torch.rand(R, N, width, generator=generator, device=device) < scenario.transmit_prob)
+
+    r_idx, n_idx, m_idx = active.nonzero(as_tuple=True)
+    # Rayleigh power gains h ~ Exp(1) by inversion, one per transmitted report
+    rx = torch.rand(len(r_idx), generator=generator, device=device).log_().mul_(-scenario.snr)
+    delivered = torch.zeros_like(active)
+    delivered[r_idx, n_idx, m_idx] = _decode_events(r_idx * size + times[r_idx, n_idx, m_idx], rx, scheme, scenario)
+
+    # L: the last delivery slot before each report (−Δ at the chunk start, as if delivered there)
+    start = -age.to(torch.int64).unsqueeze(-1)
+    last_incl = torch.cummax(torch.where(delivered, times, start), dim=-1).values
+    final_left = last_incl[..., -1]
+    d_r, d_n, d_m = delivered.nonzero(as_tuple=True)
+    last_before = torch.where(d_m > 0, last_incl[d_r, d_n, (d_m - 1).clamp(min=0)], start[d_r, d_n, 0])
+    delivery_slot = times[d_r, d_n, d_m]
+    age_sum, over = _interval_stats(last_before, delivery_slot, scenario.deadline)
+    tail_sum, tail_over = _interval_stats(final_left, torch.full_like(final_left, size), scenario.deadline)
+    node = d_r * N + d_n
+
+    def per_node(values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(R * N, dtype=torch.float64, device=device).index_add_(0, node, values.double()).view(R, N)
+
+    stats = {
+        "age_sum": per_node(age_sum) + tail_sum,
+        "over": per_node(over) + tail_over,
+        "deliveries": per_node(torch.ones_like(age_sum)),
+        "peak_sum": per_node(delivery_slot - last_before),  # the age just before the reset
+        "generated": generated.sum(-1, dtype=torch.float64),
+    }
+    return (size - final_left).to(torch.int32), stats
 
 
-def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, generated, coin, gains):
+def _decode_events(slot_key: torch.Tensor, rx: torch.Tensor, scheme: str, scenario: Scenario) -> torch.Tensor:
+    """Decode transmissions given as events (slot key, received SNR); returns decoded per event.
+
+    Receivers are symmetric in the order of the colliders, so each busy slot becomes one row of a
+    table as wide as the largest collision, not as wide as N: most slots hold one or two packets.
+    """
+    small = len(slot_key) == 0 or int(slot_key.max()) < 2**31  # int32 sorts faster
+    order = torch.argsort(slot_key.to(torch.int32) if small else slot_key, stable=True)
+    key = slot_key[order]
+    _, row, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
+    first = torch.cumsum(counts, 0) - counts
+    column = torch.arange(len(key), device=key.device) - first[row]
+    table = torch.zeros(len(counts), int(counts.max()) if len(counts) else 1, device=rx.device)
+    table[row, column] = rx[order]
+    decoded_table = decode(table, scheme, scenario.threshold, scenario.csi_residual, scenario.max_sic_stages)
+    decoded = torch.empty_like(rx, dtype=torch.bool)
+    decoded[order] = decoded_table[row, column]
+    return decoded
+
+
+def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, generator: torch.Generator):
     """Age-dependent access: a node with a new report transmits w.p. τ only while Δ_i(t−1) ≥ Γ.
 
     Activity depends on the state, so slots are stepped one by one (vectorized over R × N).
     """
-    ages, decoded_all, prev_all = [], [], []
-    for t in range(generated.shape[0]):
+    R, N = age.shape
+    device = age.device
+    q = torch.tensor(scenario.event_probs, device=device)
+    generated = torch.rand(size, R, N, generator=generator, device=device) < q
+    coin = torch.rand(size, R, N, generator=generator, device=device)
+    gains = torch.rand(size, R, N, generator=generator, device=device).log_().neg_()
+    stats = {name: torch.zeros(R, N, dtype=torch.float64, device=device) for name in ("age_sum", "over", "deliveries", "peak_sum")}
+    for t in range(size):
         active = generated[t] & (age >= scenario.gamma_threshold) & (coin[t] < scenario.tau)
         decoded = decode(torch.where(active, scenario.snr * gains[t], 0.0), "aloha", scenario.threshold)
-        prev_all.append(age)
+        stats["peak_sum"] += torch.where(decoded, age, 0)
         age = torch.where(decoded, 1, age + 1)
-        ages.append(age)
-        decoded_all.append(decoded)
-    return torch.stack(ages), torch.stack(decoded_all), torch.stack(prev_all)
+        stats["age_sum"] += age
+        stats["over"] += age > scenario.deadline
+        stats["deliveries"] += decoded
+    stats["generated"] = generated.sum(0, dtype=torch.float64)
+    return age, stats
