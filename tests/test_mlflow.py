@@ -7,7 +7,7 @@ from common.runner import train
 
 def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    (result,) = train("toy", ["model.lr=0.05", "run_name=readback"])
+    (result,) = train("toy", ["model.lr=0.05", "run_name=readback", "logger.log_checkpoints=true"])
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "readback"
@@ -19,6 +19,7 @@ def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeyp
     assert len(per_step) >= 2 and len({m.step for m in per_step}) == len(per_step)
     assert len(client.get_metric_history(result.run_id, "train_loss_epoch")) == 2
     assert run.data.metrics["memory/bytes_per_trainable_param"] == 8
+    assert "checkpoints/last.ckpt" in {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
     config_yaml = client.download_artifacts(result.run_id, "config.yaml", str(home))
     assert "lr: 0.05" in open(config_yaml).read()
 
