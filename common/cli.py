@@ -79,7 +79,7 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
         keys = keys or sorted(k for k in data.metrics if not k.startswith("memory/") and k != "duration_s")[:3]
         end = info.end_time or time.time() * 1000
         rows.append({
-            "run_id": info.run_id[:12],
+            "run_id": info.run_id,
             "pipeline": data.tags.get("lightyard.pipeline", "?"),
             "run_name": info.run_name,
             "status": info.status,
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightyard: error: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
-        print(f"lightyard: {stop} (MLflow run marked KILLED; continue with resume=<run id>)", file=sys.stderr)
+        again = f"lightyard train {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
+        print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)
         return 128 + int(stop.signum)
     except KeyboardInterrupt:
         print("lightyard: interrupted", file=sys.stderr)

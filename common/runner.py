@@ -2,7 +2,7 @@
 
 ``train`` expands sweeps (``key=a,b``) into a parent run with one child run per grid point,
 continues interrupted runs (``resume=<run id | checkpoint>``) and makes sure an MLflow run never
-stays RUNNING: FINISHED, KILLED (SIGINT/SIGTERM, with ``last.ckpt`` written) or FAILED (error logged).
+stays RUNNING: FINISHED, KILLED (SIGINT/SIGTERM, with ``interrupted.ckpt`` written) or FAILED (error logged).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+        self.run_id = ""
+        self.pipeline = ""
 
 
 @dataclass
@@ -182,7 +184,9 @@ def run_one(cfg: DictConfig, parent: Tracker | None = None, ckpt_path: str | Non
         else:  # Lightning has logged its metrics per step/epoch already
             metrics = _fit_lightning(cfg, pipeline, tracker, run_dir, ckpt_path)
     except RunInterrupted as stop:
+        stop.pipeline = cfg.pipeline
         if tracker is not None:
+            stop.run_id = tracker.run_id
             tracker.log_metrics({"duration_s": time.time() - start})
             tracker.end("KILLED", error=str(stop))
         raise

@@ -20,11 +20,13 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
     # 8 batches per epoch; the signal arrives after step 10, i.e. in the middle of epoch 2 of 3
     killed = lightyard("train", "toy", "trainer.max_epochs=3", "kill_at_step=10", env=env)
     assert killed.returncode == 143, killed.stderr[-2000:]
-    assert "MLflow run marked KILLED" in killed.stderr.strip().splitlines()[-1]
+    last_line = killed.stderr.strip().splitlines()[-1]
+    assert "MLflow run marked KILLED" in last_line
 
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     (run,) = client.search_runs([client.get_experiment_by_name("lightyard").experiment_id])
     assert run.info.status == "KILLED"
+    assert last_line.endswith(f"continue with: lightyard train toy resume={run.info.run_id})")
     assert (home / "outputs" / "toy" / run.info.run_id / "checkpoints" / "interrupted.ckpt").is_file()
 
     resumed = lightyard("train", "toy", f"resume={run.info.run_id}", env=env)
