@@ -107,7 +107,6 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     callbacks: list[pl.Callback] = [checkpoint, shutdown]
     if cfg.callbacks.memory_profiler:
         callbacks.append(MemoryProfiler())
-    callbacks += list(getattr(module, "extra_callbacks", lambda: [])())
 
     kwargs, notices = trainer_kwargs(cfg.trainer)
     if tracker is not None and notices:
