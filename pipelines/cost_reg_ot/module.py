@@ -1,0 +1,141 @@
+"""LightningModule: one training step = one outer iteration of the proximal scheme (manual optimization)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+
+from common.config import ConfigError
+from pipelines.cost_reg_ot.data import PairedData
+from pipelines.cost_reg_ot.model import (REGULARIZERS, barycentric_projection, cost_matrix, cross_moment, gromov_baseline,
+                                         initial_map, objective, prox_step, sinkhorn, stochastic_step)
+
+METHODS = ("prox", "stochastic", "gw", "entropic_gw", "fgw")
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+def foscttm(projected: torch.Tensor, target: torch.Tensor) -> float:
+    """Fraction of samples closer than the true match (ties count half), averaged over both directions
+    (SCOT-style), with n − 1 candidates per sample. Row i of both inputs is the same cell; lower is better."""
+    d = torch.cdist(projected, target)
+    true = d.diagonal()
+    n = len(d)
+    off = ~torch.eye(n, dtype=torch.bool, device=d.device)
+    rows = (((d < true[:, None]) + 0.5 * (d == true[:, None])) * off).sum(1) / (n - 1)
+    cols = (((d < true[None, :]) + 0.5 * (d == true[None, :])) * off).sum(0) / (n - 1)
+    return float((rows.mean() + cols.mean()) / 2)
+
+
+def label_transfer_accuracy(projected, x_labels, target, y_labels, k: int = 5) -> float:
+    """k-NN (majority of the k nearest targets) label of each projected source point vs its own label."""
+    nearest = torch.cdist(projected, target).topk(min(k, len(target)), largest=False).indices
+    votes = y_labels[nearest]
+    predicted = torch.mode(votes, dim=1).values
+    return float((predicted == x_labels).double().mean())
+
+
+def support_recovery(found: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
+    """(precision, recall) of a boolean support against the true one."""
+    hits = (found & true).sum().item()
+    return hits / max(found.sum().item(), 1), hits / max(true.sum().item(), 1)
+
+
+def evaluate(data: PairedData, P: torch.Tensor, M: torch.Tensor | None, k: int) -> dict[str, float]:
+    projected = barycentric_projection(P, data.Y)
+    metrics = {"foscttm": foscttm(projected, data.Y),
+               "label_transfer": label_transfer_accuracy(projected, data.x_labels, data.Y, data.y_labels, k)}
+    if M is not None:
+        metrics["zero_fraction"] = float((M.abs() <= 1e-12).double().mean())
+        if data.true_map is not None:
+            # entries of M estimate M*Σ_x, so the feature (column) support is the recoverable one
+            true = data.true_map.to(M).abs() > 0
+            metrics["feature_precision"], metrics["feature_recall"] = support_recovery(M.abs().sum(0) > 1e-12, true.any(0))
+            metrics["entry_precision"], metrics["entry_recall"] = support_recovery(M.abs() > 1e-12, true)
+    return metrics
+
+
+def check_solver(solver: DictConfig) -> None:
+    if solver.method not in METHODS:
+        raise ConfigError(f"unknown solver.method '{solver.method}'; valid: {', '.join(METHODS)}")
+    if solver.regularizer not in REGULARIZERS:
+        raise ConfigError(f"unknown solver.regularizer '{solver.regularizer}'; valid: {', '.join(REGULARIZERS)}")
+    if not solver.eps > 0:
+        raise ConfigError(f"solver.eps (entropic regularisation ε) must be > 0, got {solver.eps}")
+    if solver.lam < 0:
+        raise ConfigError(f"solver.lam must be ≥ 0, got {solver.lam}")
+
+
+class CostRegOTModule(pl.LightningModule):
+    """Fits M (and the coupling P) by the alternating proximal scheme; baselines solve once through POT."""
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Called by the runner before any MLflow run starts."""
+        check_solver(cfg.solver)
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        check_solver(cfg.solver)
+        self.cfg = cfg
+        self.automatic_optimization = False  # the M-update is a closed-form prox, not a gradient step
+        self.register_buffer("M", torch.zeros(0, dtype=torch.float64))
+        self.P: torch.Tensor | None = None
+        self._potentials = None
+        self._calm = 0
+        self._last_objective: float | None = None
+        self.final_metrics: dict[str, float] = {}
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        datamodule.setup(stage)
+        pair = datamodule.pair
+        if self.M.numel() == 0:  # (a resumed run loads M from the checkpoint after this)
+            self.M = initial_map(pair.X.shape[1], pair.Y.shape[1], pair.X)
+
+    def configure_optimizers(self):
+        return None
+
+    def training_step(self, batch: PairedData, batch_idx: int):
+        s = self.cfg.solver
+        self._iterations = batch_idx + 1
+        X, Y = batch.X, batch.Y
+        n, m = len(X), len(Y)
+        a = torch.full((n,), 1.0 / n, dtype=X.dtype, device=X.device)
+        b = torch.full((m,), 1.0 / m, dtype=X.dtype, device=X.device)
+        if s.method in {"gw", "entropic_gw", "fgw"}:
+            if s.method == "fgw" and X.shape[1] != Y.shape[1]:
+                raise ConfigError(f"solver.method=fgw needs features shared by both sides; X has {X.shape[1]} and Y {Y.shape[1]} columns")
+            self.P, seconds = gromov_baseline(X, Y, s.method, s.eps, shared=(X, Y) if s.method == "fgw" else None)
+            self.M = cross_moment(X, Y, self.P)  # the map GW-IP implies (A(P)), for inspection only
+            self.log("solver_seconds", seconds)
+            return self._finish(batch)
+        if s.method == "stochastic":
+            generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + batch_idx)
+            shared = (X, Y) if s.fused > 0 else (None, None)
+            self.M = stochastic_step(X, Y, self.M, s.eps, s.regularizer, s.lam, s.rank, s.fused, s.batch_size,
+                                     s.step_size, generator, *shared)
+            self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter)
+        else:
+            self.M, self.P, self._potentials = prox_step(X, Y, a, b, self.M, s.eps, s.regularizer, s.lam, s.rank,
+                                                        self._potentials, s.sinkhorn_iter)
+        value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
+        if not torch.isfinite(torch.tensor(value)):
+            raise FloatingPointError(f"objective became {value} at iteration {self.global_step}; increase solver.eps")
+        # manual optimization without a torch optimizer leaves global_step at 0: log by iteration
+        self.log("objective", value, prog_bar=True, logger=False)
+        if self.logger is not None:
+            self.logger.log_metrics({"objective": value, "zero_fraction": float((self.M.abs() <= 1e-12).double().mean())}, step=batch_idx)
+        previous, self._last_objective = self._last_objective, value
+        calm = previous is not None and abs(value - previous) <= s.tol * max(abs(previous), 1e-12)
+        self._calm = self._calm + 1 if calm else 0
+        if self._calm >= s.patience or batch_idx == s.max_iter - 1:
+            return self._finish(batch)
+        return None
+
+    def _finish(self, batch: PairedData) -> None:
+        self.final_metrics = evaluate(batch, self.P, self.M, self.cfg.evaluation.knn)
+        self.log_dict(self.final_metrics)
+        self.log("iterations", float(self._iterations))
+        self.trainer.should_stop = True
+        return None

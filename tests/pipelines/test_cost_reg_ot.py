@@ -1,0 +1,149 @@
+"""cost_reg_ot: prox operators, the GW identity, planted recovery, loaders on real-format fixtures, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from common.config import ConfigError
+from common.runner import compose, train
+from common.tracking import tracking_uri
+from pipelines.cost_reg_ot.data import build_pair, load_scot, planted_pair, preprocess
+from pipelines.cost_reg_ot.model import cross_moment, gw_inner_product_objective, prox, solve
+from pipelines.cost_reg_ot.module import evaluate, foscttm
+from tests.conftest import lightyard
+
+A = torch.tensor([[3.0, -0.5, 0.2], [-2.0, 1.5, -0.1]], dtype=torch.float64)
+
+
+def _prox_objective(M, A, regularizer, lam):
+    value = 0.5 * ((M - A) ** 2).sum()
+    if regularizer == "l1":
+        return value + lam * M.abs().sum()
+    if regularizer == "l12":
+        return value + lam * M.norm(dim=0).sum()
+    if regularizer == "nuclear":
+        return value + lam * torch.linalg.svdvals(M).sum()
+    return value + 0.5 * lam * (M**2).sum()
+
+
+def test_prox_closed_forms():
+    assert torch.allclose(prox(A, "l1", 1.0), torch.tensor([[2.0, 0.0, 0.0], [-1.0, 0.5, 0.0]], dtype=torch.float64))
+    norms = A.norm(dim=0)
+    expected = A * torch.clamp(1 - 1.0 / norms, min=0)
+    assert torch.allclose(prox(A, "l12", 1.0), expected) and prox(A, "l12", 1.0)[:, 2].abs().sum() == 0
+    assert torch.allclose(prox(A, "ridge", 1.0), A / 2)
+    U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+    assert torch.allclose(prox(A, "nuclear", 1.0), (U * (s - 1.0).clamp(min=0)) @ Vh)
+    assert torch.linalg.matrix_rank(prox(A, "lowrank", rank=1)) == 1
+    assert torch.allclose(prox(A, "lowrank", rank=1), s[0] * U[:, :1] @ Vh[:1])
+
+
+@pytest.mark.parametrize("regularizer", ["l1", "l12", "nuclear", "ridge"])
+def test_prox_is_the_minimiser(regularizer):
+    g = torch.Generator().manual_seed(0)
+    M = prox(A, regularizer, 0.7)
+    best = _prox_objective(M, A, regularizer, 0.7)
+    for _ in range(200):
+        other = M + 0.05 * torch.randn(M.shape, generator=g, dtype=torch.float64)
+        assert _prox_objective(other, A, regularizer, 0.7) >= best - 1e-12
+
+
+def test_inner_product_gw_identity():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(7, 3, generator=g, dtype=torch.float64)
+    Y = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    P = torch.rand(7, 5, generator=g, dtype=torch.float64)
+    P /= P.sum()
+    a, b = P.sum(1), P.sum(0)
+    Kx, Ky = X @ X.T, Y @ Y.T
+    const = (a[:, None] * a[None, :] * Kx**2).sum() + (b[:, None] * b[None, :] * Ky**2).sum()
+    brute = sum(((Kx[i, k] - Ky[j, l]) ** 2 * P[i, j] * P[k, l]).item()
+                for i in range(7) for k in range(7) for j in range(5) for l in range(5))
+    assert brute == pytest.approx(gw_inner_product_objective(X, Y, P), rel=1e-9)
+    assert brute == pytest.approx((const - 2 * (cross_moment(X, Y, P) ** 2).sum()).item(), rel=1e-9)
+
+
+def test_planted_sparse_map_is_recovered():
+    data = preprocess(planted_pair(seed=0), True, False, True)
+    sol = solve(data.X, data.Y, eps=0.05, regularizer="l12", lam=0.1)
+    metrics = evaluate(data, sol.P, sol.M, 5)
+    assert metrics["feature_precision"] == 1.0 and metrics["feature_recall"] == 1.0  # exactly the informative features
+    assert metrics["foscttm"] < 0.12 and metrics["label_transfer"] > 0.75
+    # alternating exact minimisation: the objective decreases (up to the Sinkhorn tolerance)
+    assert sol.converged and all(b <= a + 1e-5 * abs(a) for a, b in zip(sol.history, sol.history[1:]))
+
+
+def test_foscttm_perfect_and_degenerate():
+    Y = torch.randn(20, 3, dtype=torch.float64)
+    assert foscttm(Y, Y) == 0.0
+    assert foscttm(torch.zeros_like(Y), Y) == pytest.approx(0.5, abs=0.2)  # all projections equal: chance level
+
+
+def _write_scot(root, csv: bool, rows=(12, 12), labels=12):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(rows[0], 4)), rng.normal(size=(rows[1], 3))
+    if csv:  # scGEM: header-less CSVs
+        np.savetxt(root / "x.csv", X, delimiter=",")
+        np.savetxt(root / "y.csv", Y, delimiter=",")
+    else:  # SNARE-seq: .npy
+        np.save(root / "x.npy", X)
+        np.save(root / "y.npy", Y)
+    np.savetxt(root / "xl.txt", np.arange(labels) % 3, fmt="%d")
+    np.savetxt(root / "yl.txt", np.arange(labels) % 3, fmt="%d")
+    return ("x.csv", "y.csv") if csv else ("x.npy", "y.npy")
+
+
+@pytest.mark.parametrize("csv", [True, False])
+def test_scot_layout_loader(tmp_path, csv):
+    xf, yf = _write_scot(tmp_path / "pair", csv)
+    data = load_scot(tmp_path / "pair", xf, yf, "xl.txt", "yl.txt")
+    assert data.X.shape == (12, 4) and data.Y.shape == (12, 3) and data.x_labels.tolist()[:4] == [0, 1, 2, 0]
+
+
+def test_loader_errors_are_one_line(tmp_path):
+    xf, yf = _write_scot(tmp_path / "bad", True, rows=(12, 10))
+    with pytest.raises(ConfigError, match="x.csv has 12 cells but y.csv has 10; the rows must be paired"):
+        load_scot(tmp_path / "bad", xf, yf, None, None)
+    xf, yf = _write_scot(tmp_path / "labels", False, labels=9)
+    with pytest.raises(ConfigError, match="label files have 9 and 9 lines for 12 cells"):
+        load_scot(tmp_path / "labels", xf, yf, "xl.txt", "yl.txt")
+    with pytest.raises(ConfigError, match="lacks X.npy.*expected layout"):
+        load_scot(tmp_path / "labels", "X.npy", yf, None, None)
+
+
+def test_h5ad_loader(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    import pandas as pd
+
+    from pipelines.cost_reg_ot.data import load_h5ad
+
+    obs = pd.DataFrame({"cell_type": ["a", "b", "c", "a"]}, index=[f"c{i}" for i in range(4)])
+    anndata.AnnData(np.ones((4, 3)), obs=obs).write_h5ad(tmp_path / "x.h5ad")
+    anndata.AnnData(np.ones((4, 2)), obs=obs).write_h5ad(tmp_path / "y.h5ad")
+    data = load_h5ad(tmp_path, "x.h5ad", "y.h5ad", "cell_type")
+    assert data.X.shape == (4, 3) and data.x_labels.tolist() == [0, 1, 2, 0]
+
+
+def test_nan_input_and_bad_epsilon(tmp_path):
+    xf, yf = _write_scot(tmp_path / "nan", False)
+    X = np.load(tmp_path / "nan" / xf)
+    X[3, 1] = np.nan
+    np.save(tmp_path / "nan" / xf, X)
+    cfg = compose("cost_reg_ot", {"data.source": "scot", "data.root": str(tmp_path / "nan"), "data.x_file": xf, "data.y_file": yf})
+    with pytest.raises(ConfigError, match="X has NaN or infinite values in 1 rows"):
+        build_pair(cfg)
+    result = lightyard("train", "cost_reg_ot", "solver.eps=0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "lightyard: error: solver.eps (entropic regularisation ε) must be > 0, got 0"
+
+
+@pytest.mark.parametrize("method", ["prox", "stochastic", "entropic_gw"])
+def test_tiny_training_run(home, method):
+    overrides = ["data.n=60", f"solver.method={method}", "solver.max_iter=15", "solver.batch_size=30",
+                 "trainer.enable_progress_bar=false", "solver.regularizer=none"]
+    (result,) = train("cost_reg_ot", overrides)
+    run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert 0 <= run.data.metrics["foscttm"] <= 1 and 0 <= run.data.metrics["label_transfer"] <= 1
