@@ -97,7 +97,7 @@ def gw_inner_product_objective(X: torch.Tensor, Y: torch.Tensor, P: torch.Tensor
 class Solution:
     M: torch.Tensor
     P: torch.Tensor
-    g: torch.Tensor  # target potential (POT log-domain convention), for the out-of-sample map
+    g: torch.Tensor  # target log-scaling log v (POT's convention), for the out-of-sample map
     eps: float
     history: list[float] = field(default_factory=list)
     iterations: int = 0
@@ -132,7 +132,6 @@ def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", la
     b = torch.full((m,), 1.0 / m, dtype=X.dtype, device=X.device) if b is None else b
     M = initial_map(X.shape[1], Y.shape[1], X) if M0 is None else M0
     start, history, calm, potentials = time.perf_counter(), [], 0, None
-    solution = None
     for iteration in range(1, max_iter + 1):
         M, P, potentials = prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter)
         history.append(objective(X, Y, a, b, M, P, eps, regularizer, lam))
@@ -142,10 +141,12 @@ def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", la
             calm = 0
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"objective became {history[-1]} at iteration {iteration}; increase eps")
-        solution = Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience)
         if calm >= patience:
             break
-    return solution
+    # one more (warm-started) Sinkhorn so that P and the potentials belong to the final M: the
+    # out-of-sample map and the evaluation then use one consistent (M, P, v)
+    P, potentials = sinkhorn(a, b, cost_matrix(X, Y, M), eps, potentials, sinkhorn_iter)
+    return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience)
 
 
 def stochastic_step(X, Y, M, eps: float, regularizer: str, lam: float, rank: int, fused: float, batch_size: int,
@@ -168,11 +169,13 @@ def stochastic_step(X, Y, M, eps: float, regularizer: str, lam: float, rank: int
     return prox(M - step_size * (M - cross_moment(xb, yb, P)), regularizer, step_size * lam, rank)
 
 
-def transport_map(x: torch.Tensor, Y: torch.Tensor, M: torch.Tensor, g: torch.Tensor, eps: float, b=None) -> torch.Tensor:
-    """Out-of-sample prediction T(x) = Σ_j w_j(x) y_j, w_j ∝ b_j exp((g_j + ⟨M x, y_j⟩)/ε)."""
-    b = torch.full((len(Y),), 1.0 / len(Y), dtype=Y.dtype, device=Y.device) if b is None else b
-    logits = b.log()[None, :] + (g[None, :] + (x @ M.T) @ Y.T) / eps
-    return torch.softmax(logits, dim=1) @ Y
+def transport_map(x: torch.Tensor, Y: torch.Tensor, M: torch.Tensor, log_v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Out-of-sample prediction T(x) = Σ_j w_j(x) y_j, w_j ∝ exp(log v_j + ⟨M x, y_j⟩/ε).
+
+    ``log_v`` is POT's target log-scaling (P_ij = u_i v_j e^{−C_ij/ε}), i.e. log b_j + g_j/ε in the
+    notes' abᵀ-referenced convention; on training points T equals the barycentric projection.
+    """
+    return torch.softmax(log_v[None, :] + (x @ M.T) @ Y.T / eps, dim=1) @ Y
 
 
 def barycentric_projection(P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:

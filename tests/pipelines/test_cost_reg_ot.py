@@ -9,7 +9,8 @@ from common.config import ConfigError
 from common.runner import compose, train
 from common.tracking import tracking_uri
 from pipelines.cost_reg_ot.data import build_pair, load_scot, planted_pair, preprocess
-from pipelines.cost_reg_ot.model import cross_moment, gw_inner_product_objective, prox, solve
+from pipelines.cost_reg_ot.model import (barycentric_projection, cross_moment, gw_inner_product_objective, prox, solve,
+                                         transport_map)
 from pipelines.cost_reg_ot.module import evaluate, foscttm
 from tests.conftest import lightyard
 
@@ -72,6 +73,13 @@ def test_planted_sparse_map_is_recovered():
     assert metrics["foscttm"] < 0.12 and metrics["label_transfer"] > 0.75
     # alternating exact minimisation: the objective decreases (up to the Sinkhorn tolerance)
     assert sol.converged and all(b <= a + 1e-5 * abs(a) for a, b in zip(sol.history, sol.history[1:]))
+
+
+def test_out_of_sample_map_equals_barycentric_projection_on_training_points():
+    data = preprocess(planted_pair(n=80, seed=2), True, False, True)
+    sol = solve(data.X, data.Y, eps=0.05, regularizer="none", max_iter=20)
+    mapped = transport_map(data.X, data.Y, sol.M, sol.g, sol.eps)
+    assert torch.allclose(mapped, barycentric_projection(sol.P, data.Y), atol=1e-8)
 
 
 def test_foscttm_perfect_and_degenerate():
