@@ -13,7 +13,7 @@ from common.config import ConfigError
 EPILOG = """examples:
   lightyard list
   lightyard train iiot_sic_aloha
-  lightyard train iiot_sic_aloha model.num_nodes=10,20 preset=quick     (a sweep: parent + child runs)
+  lightyard train iiot_sic_aloha sim.num_nodes=10,20 preset=quick     (a sweep: parent + child runs)
   lightyard train <pipeline> resume=<run id>                             (continue an interrupted run)
   lightyard runs --limit 10
   lightyard ui
@@ -57,12 +57,6 @@ def _cmd_entry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_uri(args: argparse.Namespace) -> str:
-    from common.tracking import project_tracking_uri
-
-    return project_tracking_uri()
-
-
 def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
@@ -92,14 +86,17 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     from common.tables import markdown_table
+    from common.tracking import project_tracking_uri
 
-    uri = _store_uri(args)
+    uri = project_tracking_uri()
     print(markdown_table(run_rows(uri, args.pipeline, args.limit), title=f"Recent runs ({uri})"))
     return 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    uri = _store_uri(args)
+    from common.tracking import project_tracking_uri
+
+    uri = project_tracking_uri()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl+C stops it", flush=True)
     os.execv(sys.executable, command)
@@ -111,6 +108,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from common.registry import all_pipelines
     from common.runner import train
     from common.tables import markdown_table
+    from common.tracking import project_tracking_uri
 
     rows = []
     for pipeline in all_pipelines():
@@ -126,7 +124,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rows.append({"pipeline": pipeline.name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)})
     print()
     print(markdown_table(rows, title="Demo runs"))
-    uri = _store_uri(args)
+    uri = project_tracking_uri()
     print(markdown_table(run_rows(uri, limit=len(rows)), title=f"In MLflow ({uri})"))
     print("See them in the browser: lightyard ui   (then open http://127.0.0.1:5000)")
     return 0

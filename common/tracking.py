@@ -165,11 +165,6 @@ class Tracker:
             self.client.set_tag(self.run_id, "error", error[:5000])
         self.client.set_terminated(self.run_id, status=status)
 
-    @property
-    def url_hint(self) -> str:
-        run = self.client.get_run(self.run_id)
-        return f"experiment {run.info.experiment_id}, run {self.run_id} (store: {self.uri})"
-
 
 def _is_scalar_tensor(value: Any) -> bool:
     return hasattr(value, "numel") and value.numel() == 1

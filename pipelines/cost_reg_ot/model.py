@@ -112,6 +112,11 @@ def sinkhorn(a, b, C, eps: float, warmstart=None, max_iter: int = 2000, tol: flo
     return P, (log["log_u"], log["log_v"])
 
 
+def uniform_weights(points: torch.Tensor) -> torch.Tensor:
+    """1/n for each of the n rows (all experiments use uniform marginals)."""
+    return torch.full((len(points),), 1.0 / len(points), dtype=points.dtype, device=points.device)
+
+
 def initial_map(dx: int, dy: int, like: torch.Tensor) -> torch.Tensor:
     """All entries 1/max(dx, dy), as the reference code does for scGEM."""
     return torch.full((dy, dx), 1.0 / max(dx, dy), dtype=like.dtype, device=like.device)
@@ -127,9 +132,8 @@ def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", la
           max_iter: int = 100, tol: float = 1e-5, patience: int = 3, M0=None, sinkhorn_iter: int = 2000) -> Solution:
     """The alternating proximal scheme, stopped when the objective's relative change stays below
     ``tol`` for ``patience`` iterations (as the reference code does) or after ``max_iter``."""
-    n, m = len(X), len(Y)
-    a = torch.full((n,), 1.0 / n, dtype=X.dtype, device=X.device) if a is None else a
-    b = torch.full((m,), 1.0 / m, dtype=X.dtype, device=X.device) if b is None else b
+    a = uniform_weights(X) if a is None else a
+    b = uniform_weights(Y) if b is None else b
     M = initial_map(X.shape[1], Y.shape[1], X) if M0 is None else M0
     start, history, calm, potentials = time.perf_counter(), [], 0, None
     for iteration in range(1, max_iter + 1):
@@ -160,8 +164,7 @@ def stochastic_step(X, Y, M, eps: float, regularizer: str, lam: float, rank: int
     i = torch.randperm(len(X), generator=generator)[:batch_size].to(X.device)
     j = torch.randperm(len(Y), generator=generator)[:batch_size].to(X.device)
     xb, yb = X[i], Y[j]
-    ab = torch.full((len(i),), 1.0 / len(i), dtype=X.dtype, device=X.device)
-    bb = torch.full((len(j),), 1.0 / len(j), dtype=X.dtype, device=X.device)
+    ab, bb = uniform_weights(xb), uniform_weights(yb)
     C = (1 - fused) * cost_matrix(xb, yb, M)
     if fused > 0 and Xs is not None:
         C = C - fused * Xs[i] @ Ys[j].T
@@ -186,9 +189,7 @@ def barycentric_projection(P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 # -- baselines through POT -----------------------------------------------------------------------
 def gromov_baseline(X, Y, method: str, eps: float = 0.05, alpha: float = 0.5, shared=None, max_iter: int = 1000, tol: float = 1e-9):
     """(coupling, seconds) of POT's GW / entropic GW / fused GW with inner-product similarities."""
-    n, m = len(X), len(Y)
-    a = torch.full((n,), 1.0 / n, dtype=X.dtype, device=X.device)
-    b = torch.full((m,), 1.0 / m, dtype=X.dtype, device=X.device)
+    a, b = uniform_weights(X), uniform_weights(Y)
     C1, C2 = X @ X.T, Y @ Y.T
     start = time.perf_counter()
     if method == "gw":

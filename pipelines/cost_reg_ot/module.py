@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from common.config import ConfigError
 from pipelines.cost_reg_ot.data import PairedData
 from pipelines.cost_reg_ot.model import (REGULARIZERS, barycentric_projection, cost_matrix, cross_moment, gromov_baseline,
-                                         initial_map, objective, prox_step, sinkhorn, stochastic_step)
+                                         initial_map, objective, prox_step, sinkhorn, stochastic_step, uniform_weights)
 
 METHODS = ("prox", "stochastic", "gw", "entropic_gw", "fgw")
 
@@ -100,9 +100,7 @@ class CostRegOTModule(pl.LightningModule):
         s = self.cfg.solver
         self._iterations = batch_idx + 1
         X, Y = batch.X, batch.Y
-        n, m = len(X), len(Y)
-        a = torch.full((n,), 1.0 / n, dtype=X.dtype, device=X.device)
-        b = torch.full((m,), 1.0 / m, dtype=X.dtype, device=X.device)
+        a, b = uniform_weights(X), uniform_weights(Y)
         if s.method in {"gw", "entropic_gw", "fgw"}:
             if s.method == "fgw" and X.shape[1] != Y.shape[1]:
                 raise ConfigError(f"solver.method=fgw needs features shared by both sides; X has {X.shape[1]} and Y {Y.shape[1]} columns")

@@ -17,8 +17,6 @@ from scipy import stats
 
 from pipelines.iiot_sic_aloha.data import Scenario
 
-METRICS = ("throughput", "mean_aoi", "peak_aoi", "p_age_violation", "p_report_violation")
-
 
 def decode(rx_snr: torch.Tensor, scheme: str, threshold: float, residual: float = 0.0, max_stages: int | None = None) -> torch.Tensor:
     """Which packets the access point decodes in one slot.

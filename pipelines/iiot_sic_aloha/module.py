@@ -13,15 +13,15 @@ from common.hardware import resolve_accelerator
 from common.tracking import Tracker
 from pipelines.iiot_sic_aloha.analysis import analyze, best_age_threshold, best_transmit_probability
 from pipelines.iiot_sic_aloha.data import Scenario, check_schemes, scenario_from_config
-from pipelines.iiot_sic_aloha.model import METRICS, SimulationResult, simulate
+from pipelines.iiot_sic_aloha.model import SimulationResult, simulate
 
 LABELS = {"aloha": "slotted ALOHA", "capture": "capture, no SIC", "sic": "SIC", "threshold_aloha": "threshold ALOHA"}
 
 
-def run_simulation(cfg: DictConfig, scenario: Scenario, scheme: str, slots: int, replications: int, seed: int, desc: str = "") -> SimulationResult:
+def run_simulation(cfg: DictConfig, scenario: Scenario, scheme: str, slots: int, replications: int, seed: int) -> SimulationResult:
     """The vectorized simulator with a progress bar, on the configured device."""
     device = resolve_accelerator(str(cfg.trainer.accelerator))
-    with tqdm(total=slots, desc=desc or scheme, unit="slot", leave=False, disable=not cfg.trainer.enable_progress_bar) as bar:
+    with tqdm(total=slots, desc=scheme, unit="slot", leave=False, disable=not cfg.trainer.enable_progress_bar) as bar:
         return simulate(scenario, scheme, slots, replications, cfg.sim.warmup, cfg.sim.chunk_slots, seed, device, bar.update)
 
 
