@@ -1,6 +1,7 @@
 """Config loading: ``conf/base.yaml`` ⊕ ``conf/<pipeline>.yaml`` ⊕ preset ⊕ command-line overrides.
 
-The merged base and pipeline files are the schema: a preset or an override may only set keys that
+A pipeline file may also define ``presets`` (named bundles of values) and ``shortcuts`` (bare
+command-line keys standing for dotted ones). The merged base and pipeline files are the schema: a preset or an override may only set keys that
 exist there, with a value of the type the default has. Anything else is a :class:`ConfigError`
 whose message is one line saying what to fix.
 """
@@ -93,6 +94,14 @@ def set_checked(cfg: DictConfig, dotted_key: str, value: Any) -> None:
     merge_checked(node, {leaf: value}, path)
 
 
+def with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
+    """A copy of ``cfg`` with dotted keys set, checked like command-line overrides (for experiment grids)."""
+    out = cfg.copy()
+    for key, value in values.items():
+        set_checked(out, key, value)
+    return out
+
+
 def parse_value(text: str) -> Any:
     """Parse one override value with OmegaConf's grammar (``1e-3`` is a float, ``[1,2]`` a list)."""
     try:
@@ -153,6 +162,9 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     cfg = _load_yaml(CONF_DIR / "base.yaml")
     pipeline_cfg = _load_yaml(path)
     presets = pipeline_cfg.pop("presets", None) or OmegaConf.create({})
+    # bare command-line keys that stand for dotted ones (``root=...`` for ``reproduce.root=...``)
+    shortcuts = pipeline_cfg.pop("shortcuts", None) or {}
+    values = {shortcuts.get(key, key): value for key, value in values.items()}
     cfg = OmegaConf.merge(cfg, pipeline_cfg)
     cfg.pipeline = pipeline
 

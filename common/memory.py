@@ -52,7 +52,7 @@ def memory_ledger(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer
     }
 
 
-def _read_peak_rss() -> int:
+def read_peak_rss() -> int:
     """Peak resident set size of this process in bytes (VmHWM, resettable on Linux)."""
     status = Path("/proc/self/status")
     if status.exists():
@@ -63,7 +63,7 @@ def _read_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (Linux ≥ 4.0); False where it cannot be reset."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -88,7 +88,7 @@ class MemoryProfiler(pl.Callback):
             torch.cuda.synchronize(trainer.strategy.root_device)
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
         else:
-            self._rss_resettable = _reset_peak_rss()
+            self._rss_resettable = reset_peak_rss()
 
     def _stop(self, trainer: pl.Trainer, stage: str) -> None:
         device = trainer.strategy.root_device
@@ -100,7 +100,7 @@ class MemoryProfiler(pl.Callback):
             }
         else:
             key = "peak_rss_mb" if self._rss_resettable else "peak_rss_since_start_mb"
-            peaks = {key: _read_peak_rss() / MB}
+            peaks = {key: read_peak_rss() / MB}
         self.peaks[stage] = peaks
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"memory/{stage}_{k}": v for k, v in peaks.items()}, step=trainer.global_step)

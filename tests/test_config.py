@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ConfigError, parse_overrides, sweep_points
+from common.config import ConfigError, parse_overrides, sweep_points, with_values
 from common.runner import compose
 from tests.conftest import lightyard
 
@@ -56,3 +56,16 @@ def test_cli_bad_input_prints_one_line_and_exits_nonzero(override, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_shortcuts_stand_for_dotted_keys():
+    cfg = compose("toy", {"lr": 0.25})  # tests/toy/toy.yaml: shortcuts: {lr: model.lr}
+    assert cfg.model.lr == 0.25 and "lr" not in cfg and "shortcuts" not in cfg
+
+
+def test_with_values_copies_and_checks():
+    cfg = compose("toy")
+    changed = with_values(cfg, {"model.lr": 0.5, "trainer.max_epochs": 3})
+    assert (changed.model.lr, changed.trainer.max_epochs) == (0.5, 3) and cfg.model.lr != 0.5
+    with pytest.raises(ConfigError, match="unknown config key 'model.lrr'"):
+        with_values(cfg, {"model.lrr": 1.0})

@@ -1,0 +1,152 @@
+"""LightningModule for full-batch node classification, and the same steps as a lean loop for sweeps.
+
+Protocol: Adam; every epoch one training step on the whole graph, then validation and test accuracy
+in eval mode (dropout off; the reference code evaluates in training mode); the reported test accuracy
+is the one at the epoch of best validation accuracy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from torch.nn import functional as F
+from torch_geometric.data import Data
+
+from common.config import ConfigError
+from pipelines.hog_gcn.model import MODELS, HOGGCN, build_model, loss_terms
+
+
+def check_model(cfg: DictConfig) -> None:
+    if cfg.model.name not in MODELS:
+        raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid: {', '.join(MODELS)}")
+    if cfg.model.hog.lp_labels not in ("train", "pseudo"):
+        raise ConfigError(f"model.hog.lp_labels must be train or pseudo, got '{cfg.model.hog.lp_labels}'")
+    if cfg.model.hog.hops < 1:
+        raise ConfigError(f"model.hog.hops must be ≥ 1, got {cfg.model.hog.hops}")
+
+
+def make_model(cfg: DictConfig, graph: Data) -> torch.nn.Module:
+    classes = int(graph.y.max()) + 1
+    return build_model(cfg.model, graph.num_features, classes, graph.edge_index, graph.num_nodes)
+
+
+def label_input(model, graph: Data, epoch: int, cfg: DictConfig, generator: torch.Generator):
+    """(Y⁽⁰⁾, nodes scored by L_lp) for HOG-GCN's label propagation, or (None, None) for other models.
+
+    Paper variant: half of the training labels (redrawn every epoch) are propagated and the other half
+    is scored, so a node never predicts its own label through a self-loop or a 2-hop return path.
+    Code variant (``pseudo``): the MLP's argmax labels, fixed after its pre-training, for every node.
+    """
+    if not isinstance(model, HOGGCN):
+        return None, None
+    classes = model.layers[-1].neighbour.out_features
+    if model.lp_labels == "pseudo":
+        if len(model.pseudo_labels) == 0:
+            return None, None
+        return F.one_hot(model.pseudo_labels, classes).float(), graph.train_mask
+    train = torch.nonzero(graph.train_mask).flatten()
+    order = train[torch.randperm(len(train), generator=generator).to(train.device)]
+    cut = int(len(order) * cfg.model.hog.lp_input_fraction)
+    Y0 = torch.zeros(graph.num_nodes, classes, device=graph.x.device)
+    Y0[order[:cut], graph.y[order[:cut]]] = 1.0
+    target = torch.zeros_like(graph.train_mask)
+    target[order[cut:]] = True
+    return Y0, target
+
+
+def training_loss(model, graph: Data, epoch: int, cfg: DictConfig, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """L = L_gcn + λ L_mlp + γ L_lp (Eq. 12); only L_mlp while HOG-GCN's MLP is being pre-trained."""
+    h = cfg.model.hog
+    if isinstance(model, HOGGCN) and model.lp_labels == "pseudo" and epoch == h.mlp_pretrain_epochs:
+        with torch.no_grad():
+            model.pseudo_labels = model.mlp(graph.x).argmax(-1)
+    Y0, target = label_input(model, graph, epoch, cfg, generator)
+    out = model(graph.x, Y0)
+    terms = loss_terms(out, graph.y, graph.train_mask, target)
+    if isinstance(model, HOGGCN) and epoch < h.mlp_pretrain_epochs:
+        total = terms["mlp"]
+    else:
+        total = terms["gcn"] + h.lam * terms.get("mlp", 0.0) + h.gamma * terms.get("lp", 0.0)
+    return {"loss": total, **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+
+
+@torch.no_grad()
+def accuracies(model, graph: Data) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    predicted = model(graph.x)["logits"].argmax(-1)
+    model.train(was_training)
+    return {f"{split}_acc": float((predicted[graph[f"{split}_mask"]] == graph.y[graph[f"{split}_mask"]]).float().mean())
+            for split in ("train", "val", "test")}
+
+
+def optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+def fit_split(cfg: DictConfig, graph: Data, split: int) -> dict[str, float]:
+    """Train one model on one split without Lightning's per-epoch overhead (used by reproduce's hundreds of runs)."""
+    torch.manual_seed(cfg.seed + split)
+    g = graph.clone()
+    for key in ("train_mask", "val_mask", "test_mask"):
+        g[key] = graph[key][:, split]
+    model = make_model(cfg, g)
+    opt = optimizer(cfg, model)
+    generator = torch.Generator().manual_seed(cfg.seed + split)
+    best = {"val_acc": -1.0}
+    start = time.perf_counter()
+    for epoch in range(cfg.trainer.max_epochs):
+        model.train()
+        opt.zero_grad()
+        training_loss(model, g, epoch, cfg, generator)["loss"].backward()
+        opt.step()
+        acc = accuracies(model, g)
+        if acc["val_acc"] > best["val_acc"]:
+            best = {**acc, "best_epoch": epoch}
+    best["seconds"] = time.perf_counter() - start
+    return best
+
+
+class HogGCNModule(pl.LightningModule):
+    """Any of HOG-GCN and the baselines (``model.name``), trained full-batch on one split."""
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        check_model(cfg)
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        check_model(cfg)
+        self.cfg = cfg
+        self.model: torch.nn.Module | None = None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.best_val = -1.0
+
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            self.model = make_model(self.cfg, self.trainer.datamodule.graph)
+
+    def training_step(self, graph, batch_idx):
+        terms = training_loss(self.model, graph, self.current_epoch, self.cfg, self.generator)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_epoch=True, on_step=False, batch_size=1)
+        return terms["loss"]
+
+    def validation_step(self, graph, batch_idx):
+        acc = accuracies(self.model, graph)
+        if not self.trainer.sanity_checking and acc["val_acc"] > self.best_val:
+            self.best_val = acc["val_acc"]
+            self.log_dict({"best_epoch": float(self.current_epoch), "test_acc_at_best_val": acc["test_acc"]}, batch_size=1)
+        self.log_dict({"val_acc": acc["val_acc"], "test_acc": acc["test_acc"], "train_acc": acc["train_acc"],
+                       "best_val_acc": max(self.best_val, acc["val_acc"])}, prog_bar=True, batch_size=1)
+
+    def configure_optimizers(self):
+        return optimizer(self.cfg, self.model)
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        checkpoint["best_val"] = self.best_val
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        self.best_val = checkpoint.get("best_val", -1.0)

@@ -1,0 +1,387 @@
+"""Data for fine-tuning under distribution shift.
+
+Embedded default (no files): procedurally drawn 32×32 images of shapes on textured backgrounds.
+- ``source``: stage-1 pretraining, 8 shape classes, every style and background, no correlations.
+- ``waterbirds``: 2 shape classes ("bird types") on 2 backgrounds ("places"); in training the place
+  agrees with the class in 95 % of images (group mix of Waterbirds: 3498/184/56/1057), at test all
+  four groups are equally large. ID = test accuracy re-weighted to the training mix, OOD = worst group.
+- ``domain_shift``: 4 shape classes; ID images are solid shapes on plain backgrounds, OOD images the
+  same shapes with textured fill on textured backgrounds (a style the pretraining saw, fine-tuning not).
+
+Real data: Waterbirds (WILDS layout), DomainNet (SENTRY split files), ImageFolder trees (Living-17-style
+source/target class lists optional), FMoW / Camelyon17 through the ``wilds`` package, and CIFAR-10
+(ImageFolder) with a colour cue that flips at test time.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset, TensorDataset
+
+from common.config import ConfigError
+from common.data import make_loader, require_files
+
+SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
+WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
+
+
+# -- drawing ------------------------------------------------------------------------------------
+def _shape_masks(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Boolean masks [n, size, size] of the shapes ``kind`` with random centre and radius."""
+    n = len(kind)
+    coords = torch.arange(size, dtype=torch.float32)
+    cx = size / 2 + (torch.rand(n, generator=g) - 0.5) * size * 0.25
+    cy = size / 2 + (torch.rand(n, generator=g) - 0.5) * size * 0.25
+    r = size * (0.24 + 0.1 * torch.rand(n, generator=g))
+    dx = (coords[None, None, :] - cx[:, None, None]) / r[:, None, None]
+    dy = (coords[None, :, None] - cy[:, None, None]) / r[:, None, None]
+    d = (dx**2 + dy**2).sqrt()
+    shapes = torch.stack([
+        d < 1,                                                              # circle
+        (dx.abs() < 0.85) & (dy.abs() < 0.85),                              # square
+        (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.55),          # triangle
+        (d < 1) & (d > 0.55),                                               # ring
+        ((dx.abs() < 0.3) & (dy.abs() < 1)) | ((dy.abs() < 0.3) & (dx.abs() < 1)),  # cross
+        dx.abs() + dy.abs() < 1.1,                                          # diamond
+        (dy.abs() < 0.35) & (dx.abs() < 1),                                 # hbar
+        (dx.abs() < 0.35) & (dy.abs() < 1),                                 # vbar
+    ], 1)
+    return shapes[torch.arange(n), kind]
+
+
+def _texture(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Grey-level textures in [0, 1], [n, size, size]: 0 plain, 1 stripes, 2 checker, 3 blobs."""
+    n = len(kind)
+    coords = torch.arange(size, dtype=torch.float32)
+    theta = torch.rand(n, generator=g) * math.pi
+    freq = 0.5 + 0.5 * torch.rand(n, generator=g)
+    proj = coords[None, None, :] * theta.cos()[:, None, None] + coords[None, :, None] * theta.sin()[:, None, None]
+    stripes = 0.5 + 0.5 * torch.sin(freq[:, None, None] * proj)
+    cell = (4 + 4 * torch.rand(n, generator=g)).floor()
+    checker = (((coords[None, None, :] // cell[:, None, None]) + (coords[None, :, None] // cell[:, None, None])) % 2).float()
+    blobs = torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
+    out = torch.stack([torch.full((n, size, size), 0.5), stripes, checker, blobs], 1)
+    return out[torch.arange(n), kind]
+
+
+def _colours(n: int, g: torch.Generator, palette: torch.Tensor | None = None) -> torch.Tensor:
+    if palette is None:
+        return torch.rand(n, 3, generator=g)
+    return (palette[torch.randint(0, len(palette), (n,), generator=g)] + 0.15 * torch.randn(n, 3, generator=g)).clamp(0, 1)
+
+
+def draw(shape: torch.Tensor, background: torch.Tensor, fill: torch.Tensor, g: torch.Generator, size: int = 32,
+         bg_palette: torch.Tensor | None = None, noise: float = 0.08) -> torch.Tensor:
+    """Images [n, 3, size, size] in [0, 1]: shape ``shape`` (index into SHAPES), background texture
+    ``background`` and fill texture ``fill`` (0 = solid), random colours, pixel noise."""
+    n = len(shape)
+    mask = _shape_masks(shape, size, g)[:, None].float()
+    bg_tex = _texture(background, size, g)[:, None]
+    bg_a, bg_b = _colours(n, g, bg_palette), _colours(n, g, bg_palette)
+    bg = bg_tex * bg_a[:, :, None, None] + (1 - bg_tex) * bg_b[:, :, None, None]
+    fg_tex = _texture(fill, size, g)[:, None]
+    fg_a, fg_b = _colours(n, g), _colours(n, g)
+    fg = fg_tex * fg_a[:, :, None, None] + (1 - fg_tex) * fg_b[:, :, None, None]
+    image = mask * fg + (1 - mask) * bg
+    return (image + noise * torch.randn(image.shape, generator=g)).clamp(0, 1)
+
+
+@dataclass
+class Split:
+    """Images, labels and group ids (group = label × spurious attribute, or -1 where there is none)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    groups: torch.Tensor
+
+    def dataset(self) -> TensorDataset:
+        return TensorDataset(self.images, self.labels, self.groups)
+
+
+def source_domain(n: int, seed: int, size: int = 32) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    shape = torch.randint(0, len(SHAPES), (n,), generator=g)
+    images = draw(shape, torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (n,), generator=g), g, size)
+    return Split(images, shape, torch.full((n,), -1))
+
+
+# land: greens/browns, water: blues (the "places" of Waterbirds)
+PLACES = (torch.tensor([[0.25, 0.5, 0.15], [0.45, 0.35, 0.2], [0.3, 0.6, 0.3]]),
+          torch.tensor([[0.1, 0.3, 0.7], [0.2, 0.5, 0.8], [0.05, 0.2, 0.5]]))
+WATERBIRD_SHAPES = (SHAPES.index("triangle"), SHAPES.index("diamond"))  # landbird, waterbird
+SHIFT_SHAPES = tuple(SHAPES.index(s) for s in ("circle", "square", "triangle", "cross"))
+
+
+def waterbirds_like(n: int, seed: int, balanced: bool, size: int = 32) -> Split:
+    """Groups (label, place) in the training mix of Waterbirds, or balanced for the OOD test."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.ones(4) if balanced else torch.tensor(WATERBIRDS_TRAIN_MIX, dtype=torch.float)
+    group = torch.multinomial(mix / mix.sum(), n, replacement=True, generator=g)
+    label, place = group // 2, group % 2
+    shape = torch.tensor(WATERBIRD_SHAPES)[label]
+    images = torch.empty(n, 3, size, size)
+    for p in (0, 1):  # land: blobs, water: stripes, each in its palette
+        idx = torch.nonzero(place == p).flatten()
+        texture = torch.full((len(idx),), 3 if p == 0 else 1)
+        images[idx] = draw(shape[idx], texture, torch.randint(0, 4, (len(idx),), generator=g), g, size, bg_palette=PLACES[p])
+    return Split(images, label, group)
+
+
+def domain_shift(n: int, seed: int, ood: bool, size: int = 32) -> Split:
+    """ID: solid shapes on plain backgrounds; OOD: textured shapes on textured backgrounds."""
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, len(SHIFT_SHAPES), (n,), generator=g)
+    shape = torch.tensor(SHIFT_SHAPES)[label]
+    if ood:
+        background, fill = torch.randint(1, 4, (n,), generator=g), torch.randint(1, 4, (n,), generator=g)
+    else:
+        background, fill = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    return Split(draw(shape, background, fill, g, size), label, torch.full((n,), -1))
+
+
+# -- real datasets ------------------------------------------------------------------------------
+class ImageFiles(Dataset):
+    """(path, label, group) records read lazily with PIL, resized and scaled to [0, 1]."""
+
+    def __init__(self, records: list[tuple[Path, int, int]], size: int):
+        self.records, self.size = records, size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor, resize
+
+        path, label, group = self.records[index]
+        with Image.open(path) as image:
+            x = pil_to_tensor(image.convert("RGB"))
+        x = resize(x, [self.size, self.size], antialias=True).float() / 255
+        return x, label, group
+
+
+WATERBIRDS_LAYOUT = "<root>/metadata.csv (columns img_filename, y, split 0/1/2, place) and the image paths it lists"
+
+
+def load_waterbirds(root: str | Path, size: int) -> dict[str, ImageFiles]:
+    """WILDS' Waterbirds folder (waterbirds_v1.0): train / val / test with groups y×place."""
+    root = Path(root)
+    if (root / "waterbirds_v1.0").is_dir():
+        root = root / "waterbirds_v1.0"
+    require_files(root, ["metadata.csv"], WATERBIRDS_LAYOUT)
+    splits: dict[str, list] = {"train": [], "val": [], "test": []}
+    with open(root / "metadata.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"img_filename", "y", "split", "place"} - set(reader.fieldnames or [])
+        if missing:
+            raise ConfigError(f"{root / 'metadata.csv'} lacks columns {', '.join(sorted(missing))}; expected layout: {WATERBIRDS_LAYOUT}")
+        for row in reader:
+            y, place = int(row["y"]), int(row["place"])
+            splits[("train", "val", "test")[int(row["split"])]].append((root / row["img_filename"], y, 2 * y + place))
+    absent = [p for s in splits.values() for p, _, _ in s[:1] if not p.exists()]
+    if absent:
+        raise ConfigError(f"image {absent[0]} listed in metadata.csv is missing; expected layout: {WATERBIRDS_LAYOUT}")
+    return {k: ImageFiles(v, size) for k, v in splits.items()}
+
+
+DOMAINNET_LAYOUT = "<root>/SENTRY_splits/<domain>_{train,test}_mini.txt ('relative/path.jpg label' per line) and <root>/<domain>/<class>/*.jpg"
+
+
+def load_domainnet(root: str | Path, source: str, target: str, size: int) -> dict[str, ImageFiles]:
+    """DomainNet, SENTRY's 40-class split files: train and ID test on ``source``, OOD test on ``target``."""
+    root = Path(root)
+    files = [f"SENTRY_splits/{source}_train_mini.txt", f"SENTRY_splits/{source}_test_mini.txt", f"SENTRY_splits/{target}_test_mini.txt"]
+    require_files(root, files, DOMAINNET_LAYOUT)
+
+    def read(name: str) -> list:
+        records = []
+        for number, line in enumerate((root / name).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise ConfigError(f"{root / name}:{number}: expected 'relative/path.jpg label', got {line!r}")
+            records.append((root / parts[0], int(parts[1]), -1))
+        return records
+
+    train, id_test, ood_test = (read(f) for f in files)
+    return {"train": ImageFiles(train, size), "val": ImageFiles(id_test, size), "test": ImageFiles(id_test, size),
+            "ood_test": ImageFiles(ood_test, size)}
+
+
+IMAGEFOLDER_LAYOUT = "<root>/{train,val}/<class>/*.{jpg,jpeg,png} (optional <root>/ood/<class>/…)"
+
+
+def load_imagefolder(root: str | Path, size: int, classes: list[str] | None = None, ood_classes: list[str] | None = None) -> dict[str, ImageFiles]:
+    """ImageFolder splits train/ and val/ (and ood/ if present). Living-17-style: ``classes`` lists, per
+    label, '+'-joined folder names for ID (source subclasses) and ``ood_classes`` those for OOD (target)."""
+    root = Path(root)
+    require_files(root, ["train", "val"], IMAGEFOLDER_LAYOUT)
+
+    def read(split: str, groups: list[str] | None) -> list:
+        folder = root / split
+        if groups is None:
+            groups = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        records = []
+        for label, group in enumerate(groups):
+            for name in group.split("+"):
+                if not (folder / name).is_dir():
+                    raise ConfigError(f"class folder {folder / name} is missing; expected layout: {IMAGEFOLDER_LAYOUT}")
+                records += [(p, label, -1) for p in sorted((folder / name).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+        if not records:
+            raise ConfigError(f"no images under {folder}; expected layout: {IMAGEFOLDER_LAYOUT}")
+        return records
+
+    out = {"train": ImageFiles(read("train", classes), size), "val": ImageFiles(read("val", classes), size)}
+    out["test"] = out["val"]
+    if ood_classes:
+        out["ood_test"] = ImageFiles(read("val", ood_classes), size)
+    elif (root / "ood").is_dir():
+        out["ood_test"] = ImageFiles(read("ood", classes), size)
+    return out
+
+
+class _Wilds(Dataset):
+    def __init__(self, subset, size: int, group_fn=None):
+        self.subset, self.size, self.group_fn = subset, size, group_fn
+
+    def __len__(self):
+        return len(self.subset)
+
+    def __getitem__(self, index):
+        from torchvision.transforms.functional import pil_to_tensor, resize
+
+        image, y, meta = self.subset[index]
+        x = resize(pil_to_tensor(image.convert("RGB")), [self.size, self.size], antialias=True).float() / 255
+        return x, int(y), int(self.group_fn(meta)) if self.group_fn else -1
+
+
+def load_wilds(name: str, root: str | Path, size: int) -> dict[str, Dataset]:
+    """FMoW (OOD: Africa region of the OOD test, as the reference code) or Camelyon17 via the wilds package."""
+    try:
+        import wilds
+    except ImportError:
+        raise ConfigError(f"data.name={name} needs the wilds package: pip install -e '.[datasets]'") from None
+    folder = {"fmow": "fmow_v1.1", "camelyon17": "camelyon17_v1.0"}[name]
+    require_files(root, [folder], f"<root>/{folder}/ as WILDS lays it out (metadata csv + images)")
+    dataset = wilds.get_dataset(dataset=name, root_dir=str(root), download=False)
+    if name == "fmow":
+        region = dataset.metadata_fields.index("region")
+        test = dataset.get_subset("test")
+        africa = (dataset.metadata_array[test.indices, region] == 2).nonzero().flatten().tolist()
+        from torch.utils.data import Subset
+
+        return {"train": _Wilds(dataset.get_subset("train"), size), "val": _Wilds(dataset.get_subset("id_val"), size),
+                "test": _Wilds(dataset.get_subset("id_test"), size), "ood_test": _Wilds(Subset(test, africa), size)}
+    return {"train": _Wilds(dataset.get_subset("train"), size), "val": _Wilds(dataset.get_subset("id_val"), size),
+            "test": _Wilds(dataset.get_subset("id_val"), size), "ood_test": _Wilds(dataset.get_subset("test"), size)}
+
+
+def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, size: int = 32) -> dict[str, Split]:
+    """Real images: CIFAR-10 (ImageFolder) animals vs vehicles with a colour tint that agrees with the
+    label in 95 % of training images (Waterbirds' mix) and is balanced over the four groups at test."""
+    folder = require_files(root, ["train", "test"], "<root>/{train,test}/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)")
+    vehicles = {"airplane", "automobile", "ship", "truck"}
+    g = torch.Generator().manual_seed(seed)
+
+    def load(split: str, n: int, balanced: bool) -> Split:
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        paths = sorted((folder / split).glob("*/*.jpg"))
+        if not paths:
+            raise ConfigError(f"no images under {folder / split}; expected <root>/{split}/<class>/*.jpg")
+        labels_all = torch.tensor([int(p.parent.name not in vehicles) for p in paths])
+        mix = torch.ones(4) if balanced else torch.tensor(WATERBIRDS_TRAIN_MIX, dtype=torch.float)
+        group = torch.multinomial(mix / mix.sum(), n, replacement=True, generator=g)
+        images, labels = torch.empty(n, 3, size, size), group // 2
+        for i, grp in enumerate(group.tolist()):
+            pool = torch.nonzero(labels_all == grp // 2).flatten()
+            path = paths[int(pool[torch.randint(0, len(pool), (1,), generator=g)])]
+            with Image.open(path) as im:
+                x = pil_to_tensor(im.convert("RGB")).float() / 255
+            tint = torch.tensor([0.35, 0.0, -0.2]) if grp % 2 == 0 else torch.tensor([-0.2, 0.0, 0.35])
+            images[i] = (x + tint[:, None, None]).clamp(0, 1)
+        return Split(images, labels, group)
+
+    return {"train": load("train", n_train, False), "val": load("train", n_test, False),
+            "test": load("test", n_test, False), "ood_test": load("test", n_test, True)}
+
+
+def cifar_source(root: str | Path, n: int, seed: int) -> Split:
+    """Clean CIFAR-10 training images, 10 classes (stage-1 pretraining for the colour-cue setting)."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    folder = require_files(root, ["train"], "<root>/train/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)")
+    paths = sorted((folder / "train").glob("*/*.jpg"))
+    classes = sorted({p.parent.name for p in paths})
+    g = torch.Generator().manual_seed(seed)
+    chosen = [paths[i] for i in torch.randperm(len(paths), generator=g)[:n].tolist()]
+    images = torch.empty(len(chosen), 3, 32, 32)
+    for i, path in enumerate(chosen):
+        with Image.open(path) as im:
+            images[i] = pil_to_tensor(im.convert("RGB")).float() / 255
+    labels = torch.tensor([classes.index(p.parent.name) for p in chosen])
+    return Split(images, labels, torch.full((len(chosen),), -1))
+
+
+# -- datamodule ---------------------------------------------------------------------------------
+GENERATED = ("waterbirds", "domain_shift")
+REAL = ("waterbirds_real", "domainnet", "imagefolder", "fmow", "camelyon17", "cifar10_cue")
+
+
+def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
+    """{'train', 'val' (ID, model selection), 'test' (ID), 'ood_test'} datasets for ``data.name``."""
+    d, seed = cfg.data, cfg.seed
+    if d.name == "waterbirds":
+        return {"train": waterbirds_like(d.n_train, seed, False).dataset(), "val": waterbirds_like(d.n_val, seed + 1, False).dataset(),
+                "test": waterbirds_like(d.n_test, seed + 2, False).dataset(), "ood_test": waterbirds_like(d.n_test, seed + 3, True).dataset()}
+    if d.name == "domain_shift":
+        return {"train": domain_shift(d.n_train, seed, False).dataset(), "val": domain_shift(d.n_val, seed + 1, False).dataset(),
+                "test": domain_shift(d.n_test, seed + 2, False).dataset(), "ood_test": domain_shift(d.n_test, seed + 3, True).dataset()}
+    if d.name not in REAL:
+        raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(GENERATED + REAL)}")
+    if not d.root:
+        raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+    if d.name == "waterbirds_real":
+        splits = load_waterbirds(d.root, d.image_size)
+        splits["ood_test"] = splits["test"]
+        return splits
+    if d.name == "domainnet":
+        return load_domainnet(d.root, d.source_domain, d.target_domain, d.image_size)
+    if d.name == "imagefolder":
+        return load_imagefolder(d.root, d.image_size, list(d.classes_list) or None, list(d.ood_classes) or None)
+    if d.name == "cifar10_cue":
+        return {k: v.dataset() for k, v in cifar_colour_cue(d.root, d.n_train, d.n_test, seed, d.image_size).items()}
+    return load_wilds(d.name, d.root, d.image_size)
+
+
+class ShiftDataModule(pl.LightningDataModule):
+    """Fine-tuning data; validation runs ID val (model selection), ID test and OOD test every epoch."""
+
+    EVAL = ("val", "test", "ood_test")
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.splits: dict[str, Dataset] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = build_splits(self.cfg)
+
+    def train_dataloader(self):
+        d = self.cfg.data
+        return make_loader(self.splits["train"], d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers)
+
+    def val_dataloader(self):
+        d = self.cfg.data
+        return [make_loader(self.splits[k], d.eval_batch_size, num_workers=d.num_workers) for k in self.EVAL if k in self.splits]

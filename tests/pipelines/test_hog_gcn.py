@@ -1,0 +1,220 @@
+"""hog_gcn: propagation by hand on 4 nodes, sparse = dense, the generator's homophily, loaders on
+fixtures in PyG's raw formats, a tiny run of every model, clear errors."""
+
+import pickle
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from common.config import ConfigError
+from common.runner import compose, train
+from pipelines.hog_gcn.data import csbm, edge_homophily, load_real, random_splits
+from pipelines.hog_gcn.model import MODELS, HOGGCN, khop_support, pair_dot, propagate
+from pipelines.hog_gcn.module import fit_split
+from tests.conftest import lightyard
+
+PATH = torch.tensor([[0, 1, 1, 2, 2, 3], [1, 0, 2, 1, 3, 2]])  # the path 0 - 1 - 2 - 3
+
+
+def test_two_hop_support_counts_paths():
+    pattern, counts, one_hop = khop_support(PATH, 4, 2)
+    expected = torch.tensor([[2, 2, 1, 0], [2, 3, 2, 1], [1, 2, 3, 2], [0, 1, 2, 2]], dtype=torch.float)  # (A + I)²
+    assert torch.equal(pattern.dense(counts), expected)
+    assert torch.equal(pattern.dense(one_hop.float()), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1.0]]))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_propagation_by_hand_on_four_nodes(dense):
+    """One layer with W_e = W_n = I, ξ = 1, μ = 1, chosen T and MLP output, against Eq. 4, 7, 9, 10 written out."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0], [0.5, -0.5]])
+    model = HOGGCN(2, 2, PATH, 4, hidden=[], mlp_hidden=4, hops=2, alpha=1.0, beta=0.5, mu=1.0, dropout=0.0, dense=dense)
+    model.mlp = nn.Identity()  # the MLP's logits are the features themselves
+    layer = model.layers[0]
+    T = torch.tensor([[1.0, 0.5, 0.2, 0.0], [0.3, 1.0, 0.7, 0.4], [0.1, 0.6, 1.0, 0.9], [0.0, 0.2, 0.8, 1.0]])
+    with torch.no_grad():
+        layer.ego.weight.copy_(torch.eye(2))
+        layer.neighbour.weight.copy_(torch.eye(2))
+        layer.xi.fill_(1.0)
+        layer.T.copy_(T if dense else T[model.pattern.row, model.pattern.col])
+    out = model.eval()(logits)["logits"]
+
+    A2 = [[2, 2, 1, 0], [2, 3, 2, 1], [1, 2, 3, 2], [0, 1, 2, 2]]
+    B = [[float(v) for v in row] for row in logits.softmax(-1)]
+    expected = []
+    for i in range(4):
+        t_row = [A2[i][j] * float(T[i, j]) for j in range(4)]
+        t_hat = [v / sum(abs(u) for u in t_row) for v in t_row]
+        h = [A2[i][j] * (1.0 * sum(B[i][c] * B[j][c] for c in range(2)) + 0.5 * t_hat[j]) for j in range(4)]
+        p = [v / sum(abs(u) for u in h) for v in h]
+        expected.append([float(logits[i, c]) + sum(p[j] * float(logits[j, c]) for j in range(4)) for c in range(2)])
+    assert torch.allclose(out, torch.tensor(expected), atol=1e-6)
+
+
+def test_sparse_products_have_the_dense_gradients():
+    pattern, counts, _ = khop_support(PATH, 4, 2)
+    torch.manual_seed(1)
+    values = torch.randn(pattern.edges, dtype=torch.double, requires_grad=True)
+    Z = torch.randn(4, 3, dtype=torch.double, requires_grad=True)
+    B = torch.randn(4, 2, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, z: propagate(pattern, v, z), (values, Z))
+    assert torch.autograd.gradcheck(lambda b: pair_dot(b, pattern), (B,))
+    dense = torch.zeros(4, 4, dtype=torch.double)
+    dense[pattern.row, pattern.col] = values.detach()
+    assert torch.allclose(propagate(pattern, values, Z), dense @ Z)
+
+
+def test_sparse_and_dense_hog_gcn_agree_on_a_small_graph():
+    graph = csbm(60, 3, 4.0, 0.3, 8, 1.0, seed=0)
+    train_mask = graph.train_mask[:, 0]
+    models = {}
+    for dense in (False, True):
+        torch.manual_seed(0)
+        models[dense] = HOGGCN(8, 3, graph.edge_index, 60, hidden=[16], mlp_hidden=16, dense=dense, dropout=0.0)
+    sparse, dense = models[False], models[True]
+    pattern = sparse.pattern
+    with torch.no_grad():
+        for a, b in zip(sparse.layers, dense.layers):
+            b.T.copy_(pattern.dense(a.T))
+    label_input = torch.nn.functional.one_hot(graph.y, 3).float() * train_mask[:, None]
+    outs = {k: m(graph.x, label_input) for k, m in models.items()}
+    for key in ("logits", "lp"):
+        assert torch.allclose(outs[False][key], outs[True][key], atol=1e-5)
+    for k, m in models.items():
+        (outs[k]["logits"][train_mask].logsumexp(-1).sum() + outs[k]["lp"].pow(2).sum()).backward()
+    assert torch.allclose(sparse.layers[0].neighbour.weight.grad, dense.layers[0].neighbour.weight.grad, atol=1e-4)
+    assert torch.allclose(sparse.layers[0].T.grad, dense.layers[0].T.grad[pattern.row, pattern.col], atol=1e-5)
+
+
+@pytest.mark.parametrize("h", [0.05, 0.3, 0.6, 0.95])
+def test_generator_hits_the_requested_homophily(h):
+    graph = csbm(2000, 5, 10.0, h, 16, 1.0, seed=3)
+    assert abs(edge_homophily(graph.edge_index, graph.y) - h) <= 0.03
+    assert graph.is_undirected() and not graph.has_self_loops()
+
+
+def test_random_splits_are_48_32_20_per_class_and_disjoint():
+    y = torch.arange(500) % 4
+    train, val, test = random_splits(y, 10, 0)
+    assert train.shape == (500, 10)
+    assert torch.all(train.int() + val.int() + test.int() == 1)
+    for c in range(4):
+        assert train[y == c].sum(0).eq(60).all() and val[y == c].sum(0).eq(40).all()
+    assert not torch.equal(train[:, 0], train[:, 1])
+
+
+# -- loaders on fixtures in the real raw formats -----------------------------------------------------
+N, F_DIM = 12, 6
+
+
+def _splits(raw, prefix, n=N):
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        order = rng.permutation(n)
+        masks = {k: np.zeros(n, dtype=np.uint8) for k in ("train_mask", "val_mask", "test_mask")}
+        masks["train_mask"][order[:6]], masks["val_mask"][order[6:9]], masks["test_mask"][order[9:]] = 1, 1, 1
+        np.savez(raw / f"{prefix}_split_0.6_0.2_{i}.npz", **masks)
+
+
+def _edges(raw):
+    with open(raw / "out1_graph_edges.txt", "w") as f:
+        f.write("node_id\tnode_id\n")
+        for i in range(N):
+            f.write(f"{i}\t{(i + 1) % N}\n")
+
+
+def write_geom_gcn(raw, prefix, sparse_features=False):
+    """out1_node_feature_label.txt (dense comma list, or Actor's non-zero indices), edges, ten split files."""
+    raw.mkdir(parents=True)
+    with open(raw / "out1_node_feature_label.txt", "w") as f:
+        f.write("node_id\tfeature\tlabel\n")
+        for i in range(N):
+            feats = f"{i % F_DIM},{(i + 1) % F_DIM}" if sparse_features else ",".join(str(int(j == i % F_DIM)) for j in range(F_DIM))
+            f.write(f"{i}\t{feats}\t{i % 3}\n")
+    _edges(raw)
+    _splits(raw, prefix)
+
+
+PLANETOID_N = 520  # PyG's Planetoid reader always takes the 500 nodes after the labelled ones as its public val set
+
+
+def write_planetoid(raw, name, n=PLANETOID_N):
+    """ind.<name>.{x,tx,allx,y,ty,ally,graph,test.index} as Planetoid pickles them, plus the ten split files."""
+    raw.mkdir(parents=True)
+    feats = np.eye(n, F_DIM, dtype=np.float32) + 0.5
+    labels = np.eye(3, dtype=np.int64)[np.arange(n) % 3]
+    train_nodes, test_nodes = np.arange(n - 10), np.arange(n - 10, n)
+    objects = {"x": sp.csr_matrix(feats[:4]), "y": labels[:4], "allx": sp.csr_matrix(feats[train_nodes]), "ally": labels[train_nodes],
+               "tx": sp.csr_matrix(feats[test_nodes]), "ty": labels[test_nodes],
+               "graph": defaultdict(list, {i: [(i + 1) % n, (i - 1) % n] for i in range(n)})}
+    for key, value in objects.items():
+        with open(raw / f"ind.{name}.{key}", "wb") as f:
+            pickle.dump(value, f)
+    (raw / f"ind.{name}.test.index").write_text("\n".join(str(i) for i in test_nodes) + "\n")
+    _splits(raw, name, n)
+
+
+@pytest.mark.parametrize("name,folder,kind", [
+    ("texas", "texas/raw", "dense"), ("chameleon", "chameleon/geom_gcn/raw", "dense"),
+    ("actor", "actor/raw", "sparse"), ("cora", "Cora/geom-gcn/raw", "planetoid"),
+])
+def test_loader_reads_its_fixture(tmp_path, name, folder, kind):
+    raw = tmp_path / "data" / folder
+    if kind == "planetoid":
+        write_planetoid(raw, name)
+    else:
+        write_geom_gcn(raw, "film" if name == "actor" else name, sparse_features=kind == "sparse")
+    n = PLANETOID_N if kind == "planetoid" else N
+    graph = load_real(name, tmp_path / "data", tmp_path / "cache")
+    assert graph.num_nodes == n and graph.train_mask.shape == (n, 10)
+    assert torch.equal(graph.y, torch.arange(n) % 3)
+    assert graph.edge_index.shape[1] == 2 * n and graph.is_undirected()
+    assert graph.train_mask.sum(0).eq(6).all() and (graph.train_mask & graph.test_mask).sum() == 0
+    assert not (tmp_path / "data" / folder / ".." / "processed").exists()  # PyG wrote only into the cache
+    # the cached copy is reused on a second load
+    assert torch.equal(load_real(name, tmp_path / "data", tmp_path / "cache").x, graph.x)
+
+
+def test_missing_files_give_one_line_with_the_layout(tmp_path):
+    write_geom_gcn(tmp_path / "texas" / "raw", "texas")
+    (tmp_path / "texas" / "raw" / "texas_split_0.6_0.2_3.npz").unlink()
+    with pytest.raises(ConfigError, match="lacks texas_split_0.6_0.2_3.npz; expected layout: <root>/texas/raw/"):
+        load_real("texas", tmp_path, tmp_path / "cache")
+    with pytest.raises(ConfigError, match="does not exist; expected layout"):
+        load_real("cornell", tmp_path, tmp_path / "cache")
+
+
+# -- training ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+def test_tiny_run_of_every_model_learns(model):
+    cfg = compose("hog_gcn", {"model.name": model, "trainer.max_epochs": 30, "model.hidden": 16, "model.hog.hidden": [16],
+                              "model.hog.mlp_hidden": 16})
+    graph = csbm(150, 3, 6.0, 0.9, 8, 2.0, seed=0)
+    result = fit_split(cfg, graph, 0)
+    assert 0 <= result["best_epoch"] < 30
+    assert result["test_acc"] > 0.5  # 3 classes: chance is 1/3
+
+
+def test_code_variant_pseudo_labels_runs():
+    cfg = compose("hog_gcn", {"preset": "code", "trainer.max_epochs": 15, "model.hog.hidden": [8], "model.hog.mlp_hidden": 8})
+    assert fit_split(cfg, csbm(80, 3, 5.0, 0.8, 6, 2.0, seed=0), 0)["best_epoch"] >= 0
+
+
+def test_lightning_run_logs_test_accuracy_at_best_validation(home):
+    [result] = train("hog_gcn", ["data.nodes=120", "trainer.max_epochs=5", "model.hog.hidden=[8]", "model.hog.mlp_hidden=8",
+                                 "trainer.enable_progress_bar=false"])
+    assert result.status == "FINISHED"
+    assert 0 <= result.metrics["test_acc_at_best_val"] <= 1 and 0 <= result.metrics["best_epoch"] <= 4
+
+
+def test_bad_model_name_and_missing_root_are_one_line_errors(home):
+    out = lightyard("train", "hog_gcn", "model.name=gcnn")
+    assert out.returncode == 2 and "unknown model.name 'gcnn'; valid: hog_gcn, mlp, gcn, gat, gpr_gnn, h2gcn" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = lightyard("train", "hog_gcn", "data.name=texas")
+    assert out.returncode != 0 and "needs data.root=<folder>; expected layout: <root>/texas/raw/" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,210 @@
+"""sgd_freeze_embed: frozen sets per family, optimizer state bytes, the schedule, the diagnostic and its
+reparametrisation, a tiny run of each optimizer, loaders on real-format fixtures, clear errors."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from common.config import ConfigError
+from common.memory import memory_ledger
+from common.runner import compose
+from pipelines.sgd_freeze_embed.data import (ShiftDataModule, load_domainnet, load_imagefolder, load_waterbirds, waterbirds_like)
+from pipelines.sgd_freeze_embed.experiments import fine_tune
+from pipelines.sgd_freeze_embed.model import (OPTIMIZERS, build_classifier, embedding_patterns, family, gradient_diagnostic,
+                                              make_optimizer, rescale_patch_input)
+from tests.conftest import lightyard
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}
+TINY_CLIP = {**TINY_VIT, "pre_norm": True}
+
+
+def _cfg(**values):
+    """The pipeline's config for a tiny model; ``model.kwargs`` replaces the default's kwargs instead of merging."""
+    kwargs = values.pop("model.kwargs", TINY_CLIP)
+    base = {"data.n_train": 64, "data.n_val": 32, "data.n_test": 32, "data.batch_size": 16,
+            "pretrain.enabled": False, "trainer.max_epochs": 2, "trainer.enable_progress_bar": False, "diagnostic.batches": 2}
+    cfg = compose("sgd_freeze_embed", {**base, **values})
+    OmegaConf.update(cfg, "model.kwargs", kwargs, merge=False)
+    return cfg
+
+
+@pytest.mark.parametrize("name,kwargs,stage0,expected", [
+    ("vit_tiny_patch16_224", TINY_VIT, True, ["patch_embed.proj.weight", "patch_embed.proj.bias"]),
+    ("vit_base_patch16_clip_224", TINY_CLIP, True, ["patch_embed.proj.weight", "norm_pre.weight", "norm_pre.bias"]),
+    ("convnext_atto", {}, False, ["stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"]),
+])
+def test_exact_frozen_parameters_per_family(name, kwargs, stage0, expected):
+    cfg = _cfg(**{"model.name": name, "model.kwargs": kwargs, "optim.name": "sgd_freeze_embed", "model.convnext_freeze_stage0": stage0})
+    model, frozen = build_classifier(cfg, 3)
+    assert frozen == [f"backbone.{n}" for n in expected]
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == frozen
+    if "vit" in name:  # position embedding and class token stay trainable, as in the reference code
+        assert model.backbone.pos_embed.requires_grad and model.backbone.cls_token.requires_grad
+
+
+def test_convnext_reference_definition_adds_stage_0():
+    cfg = _cfg(**{"model.name": "convnext_atto", "model.kwargs": {}, "optim.name": "sgd_freeze_embed"})
+    model, frozen = build_classifier(cfg, 3)
+    stage0 = [n for n, _ in model.named_parameters() if n.startswith("backbone.stages.0.")]
+    assert frozen == [f"backbone.stem.{i}.{k}" for i in (0, 1) for k in ("weight", "bias")] + stage0 and len(stage0) > 10
+    assert family(model.backbone) == "convnext" and not any(n.startswith("backbone.stages.1.") for n in frozen)
+
+
+def test_family_is_read_from_the_structure():
+    for name, fam in (("vit_tiny_patch16_224", "vit"), ("vit_base_patch16_clip_224", "clip_vit")):
+        model, _ = build_classifier(_cfg(**{"model.name": name, "optim.name": "sgd", "model.kwargs": TINY_VIT}), 2)
+        assert family(model.backbone) == fam
+
+
+@pytest.mark.parametrize("optimizer,momentum,per_param", [("adamw", 0.9, 16), ("sgd", 0.9, 12), ("sgd", 0.0, 8), ("sgd_freeze_embed", 0.9, 12)])
+def test_optimizer_state_bytes(optimizer, momentum, per_param):
+    cfg = _cfg(**{"optim.name": optimizer, "optim.momentum": momentum})
+    model, frozen = build_classifier(cfg, 2)
+    opt, _ = make_optimizer(cfg.optim, model, 1)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    ledger = memory_ledger(model, [opt])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ledger["trainable_params"] == trainable
+    assert ledger["bytes_per_trainable_param"] == per_param
+    assert ledger["optimizer_state_bytes"] == (per_param - 8) * trainable
+    if frozen:
+        assert ledger["frozen_params"] == sum(p.numel() for n, p in model.named_parameters() if n in frozen) > 0
+
+
+def test_cosine_schedule_steps_per_epoch():
+    cfg = _cfg(**{"optim.lr": 0.1})
+    model, _ = build_classifier(cfg, 2)
+    opt, schedule = make_optimizer(cfg.optim, model, 4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        schedule.step()
+    assert np.allclose(lrs, [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
+
+
+def test_diagnostic_and_the_embedding_rescale_keep_the_function():
+    cfg = _cfg(**{"optim.name": "sgd"})
+    torch.manual_seed(0)
+    model, _ = build_classifier(cfg, 2)
+    state = model.backbone.state_dict()
+    scaled, _ = build_classifier(cfg, 2, rescale_patch_input(state, 0.1), input_scale=0.1)
+    scaled.head.load_state_dict(model.head.state_dict())
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.allclose(model.eval()(x), scaled.eval()(x), atol=1e-4)
+    batches = [(x, torch.tensor([0, 1] * 4))]
+    embedding = embedding_patterns(cfg.model, "clip_vit")
+    rows, ratio = gradient_diagnostic(model, batches, embedding, 1)
+    rows_s, ratio_s = gradient_diagnostic(scaled, batches, embedding, 1)
+    patch = [r["grad_norm"] for r in rows if r["group"] == "patch_embed"][0]
+    patch_s = [r["grad_norm"] for r in rows_s if r["group"] == "patch_embed"][0]
+    assert patch_s == pytest.approx(10 * patch, rel=1e-3)  # same function, ten times the embedding gradient
+    assert ratio_s > 2 * ratio  # the embedding also holds norm_pre, which the rescale leaves alone
+    assert [r["group"] for r in rows][:4] == ["pos_embed+cls_token", "patch_embed", "norm_pre", "blocks.0"] and rows[-1]["group"] == "head"
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_tiny_run_of_each_optimizer(optimizer, home):
+    cfg = _cfg(**{"optim.name": optimizer, "optim.lr": 1e-3 if optimizer.startswith("adamw") else 0.01,
+                  "pretrain.enabled": True, "pretrain.n_images": 64, "pretrain.epochs": 1, "pretrain.batch_size": 32})
+    datamodule = ShiftDataModule(cfg)
+    datamodule.setup()
+    module = fine_tune(cfg, datamodule)
+    best = module.best
+    assert {"val_acc", "test_acc", "ood_test_acc", "ood_test_worst_group_acc", "epoch"} <= set(best)
+    assert best["ood_test_worst_group_acc"] <= best["ood_test_acc"] + 1e-9
+    assert module.diagnostic[1] > 0
+    patch = module.model.backbone.patch_embed.proj.weight
+    from pipelines.sgd_freeze_embed.module import backbone_weights
+
+    start = backbone_weights(cfg)["patch_embed.proj.weight"]  # from the stage-1 cache, now reused
+    assert torch.equal(patch, start) == optimizer.endswith("_freeze_embed")
+
+
+def test_waterbirds_like_groups_follow_the_training_mix():
+    split = waterbirds_like(4000, 0, balanced=False)
+    share = torch.bincount(split.groups, minlength=4).float() / 4000
+    assert torch.allclose(share, torch.tensor([3498, 184, 56, 1057]) / 4795, atol=0.02)
+    assert torch.equal(split.labels, split.groups // 2)
+    balanced = torch.bincount(waterbirds_like(4000, 1, balanced=True).groups, minlength=4).float() / 4000
+    assert torch.allclose(balanced, torch.full((4,), 0.25), atol=0.03)
+
+
+# -- real-format loaders -------------------------------------------------------------------------------
+def _png(path, colour=(255, 0, 0), size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def test_waterbirds_loader_reads_wilds_layout(tmp_path):
+    root = tmp_path / "waterbirds_v1.0"
+    rows = ["img_id,img_filename,y,split,place,place_filename"]
+    for i in range(12):
+        name = f"{i:03d}.Bird/img_{i}.jpg"
+        _png(root / name)
+        rows.append(f"{i},{name},{i % 2},{i % 3},{(i // 2) % 2},x/y.jpg")
+    (root / "metadata.csv").write_text("\n".join(rows) + "\n")
+    splits = load_waterbirds(tmp_path, 32)
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [4, 4, 4]
+    x, y, group = splits["train"][0]
+    assert x.shape == (3, 32, 32) and x.max() <= 1 and group == 2 * y + 0
+
+
+def test_domainnet_loader_reads_sentry_split_files(tmp_path):
+    (tmp_path / "SENTRY_splits").mkdir()
+    for domain in ("sketch", "real"):
+        for split in ("train", "test"):
+            lines = []
+            for i in range(3):
+                rel = f"{domain}/class_{i}/{split}_{i}.jpg"
+                _png(tmp_path / rel)
+                lines.append(f"{rel} {i}")
+            (tmp_path / "SENTRY_splits" / f"{domain}_{split}_mini.txt").write_text("\n".join(lines) + "\n")
+    splits = load_domainnet(tmp_path, "sketch", "real", 24)
+    assert len(splits["train"]) == 3 and splits["ood_test"].records[2][1] == 2
+    assert splits["ood_test"][0][0].shape == (3, 24, 24)
+    (tmp_path / "SENTRY_splits" / "real_test_mini.txt").write_text("real/a.jpg not_a_label\n")
+    with pytest.raises(ConfigError, match="expected 'relative/path.jpg label'"):
+        load_domainnet(tmp_path, "sketch", "real", 24)
+
+
+def test_imagefolder_loader_living17_style(tmp_path):
+    for split in ("train", "val"):
+        for sub in ("n01", "n02", "n03", "n04"):
+            _png(tmp_path / split / sub / "a.JPEG")
+            _png(tmp_path / split / sub / "b.png")
+    splits = load_imagefolder(tmp_path, 16, classes=["n01", "n02"], ood_classes=["n03", "n04"])
+    assert len(splits["train"]) == 4 and {r[1] for r in splits["ood_test"].records} == {0, 1}
+    plain = load_imagefolder(tmp_path, 16)
+    assert len(plain["train"]) == 8 and "ood_test" not in plain
+    with pytest.raises(ConfigError, match="class folder .* is missing"):
+        load_imagefolder(tmp_path, 16, classes=["n09"])
+
+
+def test_missing_folders_name_the_expected_layout(tmp_path):
+    with pytest.raises(ConfigError, match="expected layout: <root>/metadata.csv"):
+        load_waterbirds(tmp_path / "nope", 32)
+    with pytest.raises(ConfigError, match=r"SENTRY_splits/<domain>_\{train,test\}_mini.txt"):
+        load_domainnet(tmp_path, "sketch", "real", 32)
+
+
+def test_wilds_datasets_need_the_package_or_the_folder(tmp_path):
+    pytest.importorskip("wilds")
+    from pipelines.sgd_freeze_embed.data import load_wilds
+
+    with pytest.raises(ConfigError, match="fmow_v1.1"):
+        load_wilds("fmow", tmp_path, 32)
+
+
+def test_bad_model_and_optimizer_names_are_one_line_errors(home):
+    out = lightyard("train", "sgd_freeze_embed", "optim.name=adam")
+    assert out.returncode == 2 and "unknown optim.name 'adam'; valid: sgd, adamw, sgd_freeze_embed, adamw_freeze_embed" in out.stderr
+    out = lightyard("train", "sgd_freeze_embed", "model.name=vit_tiniest")
+    assert out.returncode != 0 and "unknown timm model 'vit_tiniest'" in out.stderr and "Traceback" not in out.stderr
