@@ -72,6 +72,15 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def run_isolated(fn, *args: Any) -> Any:
+    """``fn(*args)`` in a fresh spawned process (picklable fn and args): peak-RSS measurements on CPU
+    need it, since memory freed by one measurement stays in the allocator and hides the next one's growth."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
 class MemoryProfiler(pl.Callback):
     """Peak memory per stage (CUDA allocated/reserved on GPU, process RSS on CPU) and the ledger.
 

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError, with_values
-from common.memory import read_peak_rss, reset_peak_rss
+from common.memory import read_peak_rss, reset_peak_rss, run_isolated
 from common.tables import markdown_table
 from common.tracking import Tracker
 from pipelines.hog_gcn.data import REAL, csbm, edge_homophily, load_real
@@ -139,6 +139,13 @@ def _reset_peak(device: torch.device) -> float:
 
 
 def _time_epochs(cfg: DictConfig, graph, device: torch.device, epochs: int) -> dict[str, float]:
+    """On CPU in a fresh process (see common.memory.run_isolated), so that peak RSS is this model's own."""
+    if device.type == "cpu":
+        return run_isolated(_time_epochs_here, cfg, graph, device, epochs)
+    return _time_epochs_here(cfg, graph, device, epochs)
+
+
+def _time_epochs_here(cfg: DictConfig, graph, device: torch.device, epochs: int) -> dict[str, float]:
     baseline = _reset_peak(device)
     start = time.perf_counter()
     model = make_model(cfg, graph).to(device)

@@ -10,11 +10,17 @@ that stay on the support, so memory grows with the number of support edges.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from common.config import ConfigError
+
+# torch's sparse CSR support works for everything used here; its beta notice would print on every product
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 MODELS = ("hog_gcn", "mlp", "gcn", "gat", "gpr_gnn", "h2gcn")
 

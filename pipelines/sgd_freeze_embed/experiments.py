@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import with_values
-from common.memory import memory_ledger, read_peak_rss, reset_peak_rss
+from common.memory import memory_ledger, read_peak_rss, reset_peak_rss, run_isolated
 from common.tables import markdown_table
 from common.tracking import Tracker
 from pipelines.sgd_freeze_embed.data import ShiftDataModule
@@ -151,7 +151,8 @@ def bench(cfg: DictConfig, tracker: Tracker) -> None:
     for model_name in b.models:
         results = {}
         for opt_key in b.optimizers:
-            results[opt_key] = _step_state(cfg, model_name, {}, opt_key, b.batch_size, b.image_size, device, precision)
+            args = (cfg, model_name, {}, opt_key, b.batch_size, b.image_size, device, precision)
+            results[opt_key] = run_isolated(_step_state, *args) if device.type == "cpu" else _step_state(*args)
             print(f"{model_name} {opt_key}: {results[opt_key]['peak_bytes'] / 2**20:.0f} MB peak", flush=True)
         reference = results.get("adamw")
         for opt_key, led in results.items():
