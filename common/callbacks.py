@@ -77,7 +77,7 @@ class GracefulShutdown(pl.Callback):
             # its own name: ModelCheckpoint's end-of-epoch save would overwrite last.ckpt with a
             # state that looks like a finished epoch
             self.checkpoint_path = self.checkpoint_dir / "interrupted.ckpt"
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # full state: optimizer, loops, loader position
             trainer.should_stop = True
             self.received = self.received or signal.SIGTERM
 

@@ -208,3 +208,24 @@ def test_bad_model_and_optimizer_names_are_one_line_errors(home):
     assert out.returncode == 2 and "unknown optim.name 'adam'; valid: sgd, adamw, sgd_freeze_embed, adamw_freeze_embed" in out.stderr
     out = lightyard("train", "sgd_freeze_embed", "model.name=vit_tiniest")
     assert out.returncode != 0 and "unknown timm model 'vit_tiniest'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = _cfg(**{"optim.name": "sgd"})
+    source, _ = build_classifier(cfg, 2)
+    state = {k: v.contiguous() for k, v in source.backbone.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()}}, tmp_path / "w.ckpt")
+    for name in ("w.safetensors", "w.ckpt"):
+        OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / name))
+        loaded, _ = build_classifier(cfg, 2)
+        assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in state.items())
+    torch.save({"not_a_layer.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "bad.pt"))
+    with pytest.raises(ConfigError, match="weights do not fit"):
+        build_classifier(cfg, 2)
+    OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "missing.pt"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_classifier(cfg, 2)
