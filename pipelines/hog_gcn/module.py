@@ -33,7 +33,7 @@ def make_model(cfg: DictConfig, graph: Data) -> torch.nn.Module:
     return build_model(cfg.model, graph.num_features, classes, graph.edge_index, graph.num_nodes)
 
 
-def label_input(model, graph: Data, epoch: int, cfg: DictConfig, generator: torch.Generator):
+def label_input(model, graph: Data, cfg: DictConfig, generator: torch.Generator):
     """(Y⁽⁰⁾, nodes scored by L_lp) for HOG-GCN's label propagation, or (None, None) for other models.
 
     Paper variant: half of the training labels (redrawn every epoch) are propagated and the other half
@@ -63,7 +63,7 @@ def training_loss(model, graph: Data, epoch: int, cfg: DictConfig, generator: to
     if isinstance(model, HOGGCN) and model.lp_labels == "pseudo" and epoch == h.mlp_pretrain_epochs:
         with torch.no_grad():
             model.pseudo_labels = model.mlp(graph.x).argmax(-1)
-    Y0, target = label_input(model, graph, epoch, cfg, generator)
+    Y0, target = label_input(model, graph, cfg, generator)
     out = model(graph.x, Y0)
     terms = loss_terms(out, graph.y, graph.train_mask, target)
     if isinstance(model, HOGGCN) and epoch < h.mlp_pretrain_epochs:
