@@ -229,3 +229,26 @@ def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
     OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "missing.pt"))
     with pytest.raises(ConfigError, match="does not exist"):
         build_classifier(cfg, 2)
+
+
+def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
+    from pipelines.sgd_freeze_embed.data import cifar_colour_cue, cifar_source
+
+    for split in ("train", "test"):
+        for cls, colour in (("airplane", (200, 200, 255)), ("cat", (120, 90, 60))):
+            for i in range(3):
+                _png(tmp_path / split / cls / f"{i:04d}.jpg", colour, size=(32, 32))
+    splits = cifar_colour_cue(tmp_path, n_train=40, n_test=40, seed=0)
+    train, ood = splits["train"], splits["ood_test"]
+    assert train.images.shape == (40, 3, 32, 32) and torch.equal(train.labels, train.groups // 2)
+    assert (train.groups == 0).sum() > (train.groups == 1).sum()  # the cue agrees with the label in most training images
+    # the tint is the spurious cue: red-shifted for group parity 0, blue-shifted for parity 1 (balanced OOD set)
+    red_minus_blue = ood.images[:, 0].mean((1, 2)) - ood.images[:, 2].mean((1, 2))
+    for label in (0, 1):
+        same = ood.labels == label
+        assert red_minus_blue[same & (ood.groups % 2 == 0)].mean() > red_minus_blue[same & (ood.groups % 2 == 1)].mean() + 0.3
+    assert set(ood.groups.tolist()) == {0, 1, 2, 3}
+    source = cifar_source(tmp_path, 5, 0)
+    assert source.images.shape == (5, 3, 32, 32) and set(source.labels.tolist()) <= {0, 1}
+    with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg"):
+        cifar_colour_cue(tmp_path / "nope", 4, 4, 0)
