@@ -147,11 +147,10 @@ def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
     return data
 
 
-def build_graph(cfg: DictConfig, homophily: float | None = None) -> Data:
+def build_graph(cfg: DictConfig) -> Data:
     d = cfg.data
     if d.name == "csbm":
-        h = d.homophily if homophily is None else homophily
-        return csbm(d.nodes, d.classes, d.degree, h, d.features, d.signal, cfg.seed)
+        return csbm(d.nodes, d.classes, d.degree, d.homophily, d.features, d.signal, cfg.seed)
     return load_real(d.name, d.root, cfg.paths.cache_dir)
 
 
