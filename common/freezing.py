@@ -15,6 +15,11 @@ import torch
 from common.config import ConfigError
 
 
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Does parameter ``name`` fall under one of ``patterns`` (module path or glob)?"""
+    return any(_matches(name, pattern) for pattern in patterns)
+
+
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatchcase(name, pattern)
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import ConfigError
-from common.freezing import freeze, trainable_parameters
+from common.freezing import freeze, matches, trainable_parameters
 
 OPTIMIZERS = ("sgd", "adamw", "sgd_freeze_embed", "adamw_freeze_embed")
 FAMILIES = ("vit", "clip_vit", "convnext")
@@ -151,8 +151,10 @@ def gradient_diagnostic(model: Classifier, batches, embedding: list[str], max_ba
     groups = layer_groups(model)
     sums = {name: 0.0 for name, _ in groups}
     emb_sq = rest_sq = 0.0
-    emb_n = sum(p.numel() for n, p in model.named_parameters() if any(n == e or n.startswith(e + ".") for e in embedding))
-    rest_n = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head") and not any(n == e or n.startswith(e + ".") for e in embedding))
+    in_embedding = {n: matches(n, embedding) for n, _ in model.named_parameters()}
+    in_rest = {n: not n.startswith("head") and not in_embedding[n] for n in in_embedding}
+    emb_n = sum(p.numel() for n, p in model.named_parameters() if in_embedding[n])
+    rest_n = sum(p.numel() for n, p in model.named_parameters() if in_rest[n])
     count = 0
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -167,9 +169,8 @@ def gradient_diagnostic(model: Classifier, batches, embedding: list[str], max_ba
         F.cross_entropy(model(x.to(device)), y.to(device)).backward()
         for name, params in groups:
             sums[name] += float(torch.sqrt(sum((p.grad.float() ** 2).sum() for _, p in params)))
-        e = sum(float((p.grad.float() ** 2).sum()) for n, p in model.named_parameters() if any(n == k or n.startswith(k + ".") for k in embedding))
-        r = sum(float((p.grad.float() ** 2).sum()) for n, p in model.named_parameters()
-                if not n.startswith("head") and not any(n == k or n.startswith(k + ".") for k in embedding))
+        e = sum(float((p.grad.float() ** 2).sum()) for n, p in model.named_parameters() if in_embedding[n])
+        r = sum(float((p.grad.float() ** 2).sum()) for n, p in model.named_parameters() if in_rest[n])
         emb_sq, rest_sq = emb_sq + e**0.5, rest_sq + r**0.5
         count += 1
     model.zero_grad(set_to_none=True)
@@ -183,7 +184,7 @@ def gradient_diagnostic(model: Classifier, batches, embedding: list[str], max_ba
         norm = sums[name] / count
         rows.append({"group": name, "params": n_params, "grad_norm": norm, "grad_norm_per_sqrt_param": norm / n_params**0.5,
                      "weight_norm": float(torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in params))),
-                     "embedding": any(params[0][0] == e or params[0][0].startswith(e + ".") for e in embedding)})
+                     "embedding": in_embedding[params[0][0]]})
     ratio = (emb_sq / count / max(emb_n, 1) ** 0.5) / max(rest_sq / count / max(rest_n, 1) ** 0.5, 1e-30)
     return rows, ratio
 
