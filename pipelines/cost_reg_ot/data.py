@@ -19,7 +19,8 @@ from common.config import ConfigError
 from common.data import require_files
 
 SCOT_LAYOUT = ("<root>/<x_file> and <y_file> (.npy, or .csv without header: cells × features, row i of both = cell i), "
-               "optional <x_labels>/<y_labels> text files with one integer cell type per line")
+               "optional <x_labels>/<y_labels> text files with one integer cell type per line, optional "
+               "<x_shared>/<y_shared> matrices of features both sides measure (same columns, for fused GW)")
 
 
 @dataclass
@@ -30,6 +31,12 @@ class PairedData:
     y_labels: torch.Tensor  # n
     true_map: torch.Tensor | None = None  # dy × dx, known for the planted generator
     name: str = ""
+    # features both sides measure (n × k and m × k, same columns): the fused term of fused GW
+    x_shared: torch.Tensor | None = None
+    y_shared: torch.Tensor | None = None
+
+    def shared(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.x_shared is None else (self.x_shared, self.y_shared)
 
 
 def planted_pair(n: int = 300, informative: int = 5, nuisance: int = 5, dy: int = 6, extra_nonzeros: int = 3,
@@ -59,9 +66,11 @@ def planted_pair(n: int = 300, informative: int = 5, nuisance: int = 5, dy: int 
 
 
 def multiomics_pair(n: int = 400, latent: int = 5, dx: int = 30, dy: int = 20, cell_types: int = 5, noise: float = 0.1,
-                    seed: int = 0) -> PairedData:
+                    seed: int = 0, shared: int = 0) -> PairedData:
     """A shared latent cell state z (cell-type clusters, axes of distinct spread) seen through two
-    modalities of different dimension: x = W₁z + noise, y = W₂z + noise.
+    modalities of different dimension: x = W₁z + noise, y = W₂z + noise. With ``shared`` > 0 both
+    sides also measure the same ``shared`` noisy features W₃z (a few marker genes both assays see),
+    the input of fused GW.
 
     Linear views are what a linear map between the spaces can align; with a softplus on x (tried)
     every method here, GW included, stays near chance.
@@ -75,7 +84,12 @@ def multiomics_pair(n: int = 400, latent: int = 5, dx: int = 30, dy: int = 20, c
     W2 = torch.randn(latent, dy, generator=g, dtype=torch.float64) / latent**0.5
     X = z @ W1 + noise * torch.randn(n, dx, generator=g, dtype=torch.float64)
     Y = z @ W2 + noise * torch.randn(n, dy, generator=g, dtype=torch.float64)
-    return PairedData(X, Y, labels, labels.clone(), None, "multi-omics-like")
+    data = PairedData(X, Y, labels, labels.clone(), None, "multi-omics-like")
+    if shared > 0:
+        W3 = torch.randn(latent, shared, generator=g, dtype=torch.float64) / latent**0.5
+        data.x_shared = z @ W3 + 3 * noise * torch.randn(n, shared, generator=g, dtype=torch.float64)
+        data.y_shared = z @ W3 + 3 * noise * torch.randn(n, shared, generator=g, dtype=torch.float64)
+    return data
 
 
 def _read_matrix(path: Path) -> np.ndarray:
@@ -88,9 +102,13 @@ def _read_labels(path: Path) -> np.ndarray:
     return np.loadtxt(path, ndmin=1).astype(np.int64)
 
 
-def load_scot(root: str | Path, x_file: str, y_file: str, x_labels: str | None, y_labels: str | None, name: str = "") -> PairedData:
-    """A SCOT-layout pair (scGEM: expression/methylation CSVs; SNARE-seq: ATAC/RNA .npy) with cell types."""
-    names = [x_file, y_file] + [f for f in (x_labels, y_labels) if f]
+def load_scot(root: str | Path, x_file: str, y_file: str, x_labels: str | None, y_labels: str | None, name: str = "",
+              x_shared: str | None = None, y_shared: str | None = None) -> PairedData:
+    """A SCOT-layout pair (scGEM: expression/methylation CSVs; SNARE-seq: ATAC/RNA .npy) with cell types,
+    and optionally features both sides measure (``x_shared``/``y_shared``, for fused GW)."""
+    if bool(x_shared) != bool(y_shared):
+        raise ConfigError("give both data.x_shared and data.y_shared (features both sides measure), or neither")
+    names = [x_file, y_file] + [f for f in (x_labels, y_labels, x_shared, y_shared) if f]
     root = require_files(root, names, SCOT_LAYOUT)
     X, Y = _read_matrix(root / x_file), _read_matrix(root / y_file)
     if X.ndim != 2 or Y.ndim != 2:
@@ -101,8 +119,15 @@ def load_scot(root: str | Path, x_file: str, y_file: str, x_labels: str | None, 
     yl = _read_labels(root / y_labels) if y_labels else np.zeros(len(Y), dtype=np.int64)
     if len(xl) != len(X) or len(yl) != len(Y):
         raise ConfigError(f"{root}: label files have {len(xl)} and {len(yl)} lines for {len(X)} cells; give one label per cell")
-    return PairedData(torch.from_numpy(np.asarray(X, dtype=np.float64)), torch.from_numpy(np.asarray(Y, dtype=np.float64)),
+    data = PairedData(torch.from_numpy(np.asarray(X, dtype=np.float64)), torch.from_numpy(np.asarray(Y, dtype=np.float64)),
                       torch.from_numpy(xl), torch.from_numpy(yl), None, name or root.name)
+    if x_shared:
+        xs, ys = _read_matrix(root / x_shared), _read_matrix(root / y_shared)
+        if xs.ndim != 2 or ys.ndim != 2 or len(xs) != len(X) or len(ys) != len(Y) or xs.shape[1] != ys.shape[1]:
+            raise ConfigError(f"{root}: shared features {x_shared} {xs.shape} and {y_shared} {ys.shape} must be cells × k with "
+                              f"the same k and one row per cell of {x_file} ({len(X)}) and {y_file} ({len(Y)})")
+        data.x_shared, data.y_shared = (torch.from_numpy(np.asarray(m, dtype=np.float64)) for m in (xs, ys))
+    return data
 
 
 def load_h5ad(root: str | Path, x_file: str, y_file: str, label_key: str) -> PairedData:
@@ -129,7 +154,9 @@ def load_h5ad(root: str | Path, x_file: str, y_file: str, label_key: str) -> Pai
 
 
 def check_pair(data: PairedData) -> PairedData:
-    for name, value in (("X", data.X), ("Y", data.Y)):
+    for name, value in (("X", data.X), ("Y", data.Y), ("x_shared", data.x_shared), ("y_shared", data.y_shared)):
+        if value is None:
+            continue
         if not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).any(1).sum())
             raise ConfigError(f"{data.name}: {name} has NaN or infinite values in {bad} rows; clean or impute them first")
@@ -151,7 +178,13 @@ def preprocess(data: PairedData, center: bool, normalize_rows: bool, scale: bool
         # fixed point (P = abᵀ, M = 0) only if ε < λ_max(Σ_x) λ_max(Σ_y), so ε is then on a known scale
         X = X / torch.linalg.eigvalsh(X.T @ X / len(X))[-1].sqrt()
         Y = Y / torch.linalg.eigvalsh(Y.T @ Y / len(Y))[-1].sqrt()
-    return PairedData(X, Y, data.x_labels, data.y_labels, data.true_map, data.name)
+    shared = {}
+    if data.x_shared is not None:  # centred and scaled together, so that their distances stay comparable
+        both = torch.cat([data.x_shared, data.y_shared])
+        both = both - both.mean(0) if center else both
+        both = both / both.std().clamp(min=1e-12) if scale else both
+        shared = {"x_shared": both[: len(X)], "y_shared": both[len(X):]}
+    return PairedData(X, Y, data.x_labels, data.y_labels, data.true_map, data.name, **shared)
 
 
 def build_pair(cfg: DictConfig) -> PairedData:
@@ -159,11 +192,11 @@ def build_pair(cfg: DictConfig) -> PairedData:
     if d.source == "planted":
         data = planted_pair(d.n, d.informative, d.nuisance, d.dy, d.extra_nonzeros, d.clusters, d.noise, cfg.seed)
     elif d.source == "multiomics":
-        data = multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, d.noise, cfg.seed)
+        data = multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, d.noise, cfg.seed, d.shared)
     elif d.source == "scot":
         if not d.root:
             raise ConfigError("data.source=scot needs data.root=<folder>; expected layout: " + SCOT_LAYOUT)
-        data = load_scot(d.root, d.x_file, d.y_file, d.x_labels, d.y_labels)
+        data = load_scot(d.root, d.x_file, d.y_file, d.x_labels, d.y_labels, x_shared=d.x_shared, y_shared=d.y_shared)
     elif d.source == "h5ad":
         data = load_h5ad(d.root, d.x_file, d.y_file, d.label_key)
     else:

@@ -129,16 +129,20 @@ def prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkho
 
 
 def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", lam: float = 0.0, rank: int = 2,
-          max_iter: int = 100, tol: float = 1e-5, patience: int = 3, M0=None, sinkhorn_iter: int = 2000) -> Solution:
+          max_iter: int = 100, tol: float = 1e-5, patience: int = 3, M0=None, sinkhorn_iter: int = 2000,
+          sinkhorn_tol: float = 1e-6, on_iteration=None) -> Solution:
     """The alternating proximal scheme, stopped when the objective's relative change stays below
-    ``tol`` for ``patience`` iterations (as the reference code does) or after ``max_iter``."""
+    ``tol`` for ``patience`` iterations (as the reference code does) or after ``max_iter``.
+    ``on_iteration(M, P)``, if given, sees every iterate (convergence curves)."""
     a = uniform_weights(X) if a is None else a
     b = uniform_weights(Y) if b is None else b
     M = initial_map(X.shape[1], Y.shape[1], X) if M0 is None else M0
     start, history, calm, potentials = time.perf_counter(), [], 0, None
     for iteration in range(1, max_iter + 1):
-        M, P, potentials = prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter)
+        M, P, potentials = prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter, sinkhorn_tol)
         history.append(objective(X, Y, a, b, M, P, eps, regularizer, lam))
+        if on_iteration is not None:
+            on_iteration(M, P)
         if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * max(abs(history[-2]), 1e-12):
             calm += 1
         else:
@@ -149,7 +153,7 @@ def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", la
             break
     # one more (warm-started) Sinkhorn so that P and the potentials belong to the final M: the
     # out-of-sample map and the evaluation then use one consistent (M, P, v)
-    P, potentials = sinkhorn(a, b, cost_matrix(X, Y, M), eps, potentials, sinkhorn_iter)
+    P, potentials = sinkhorn(a, b, cost_matrix(X, Y, M), eps, potentials, sinkhorn_iter, sinkhorn_tol)
     return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience)
 
 

@@ -101,18 +101,21 @@ class CostRegOTModule(pl.LightningModule):
         self._iterations = batch_idx + 1
         X, Y = batch.X, batch.Y
         a, b = uniform_weights(X), uniform_weights(Y)
+        shared = batch.shared()
+        if shared is None and X.shape[1] == Y.shape[1]:
+            shared = (X, Y)  # the same feature space on both sides
+        if (s.method == "fgw" or (s.method == "stochastic" and s.fused > 0)) and shared is None:
+            raise ConfigError(f"solver.method={s.method}{' with solver.fused > 0' if s.method == 'stochastic' else ''} needs features "
+                              f"both sides measure: give data.x_shared and data.y_shared (X has {X.shape[1]} columns, Y {Y.shape[1]})")
         if s.method in {"gw", "entropic_gw", "fgw"}:
-            if s.method == "fgw" and X.shape[1] != Y.shape[1]:
-                raise ConfigError(f"solver.method=fgw needs features shared by both sides; X has {X.shape[1]} and Y {Y.shape[1]} columns")
-            self.P, seconds = gromov_baseline(X, Y, s.method, s.eps, shared=(X, Y) if s.method == "fgw" else None)
+            self.P, seconds = gromov_baseline(X, Y, s.method, s.eps, shared=shared if s.method == "fgw" else None)
             self.M = cross_moment(X, Y, self.P)  # the map GW-IP implies (A(P)), for inspection only
             self.log("solver_seconds", seconds)
             return self._finish(batch)
         if s.method == "stochastic":
             generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + batch_idx)
-            shared = (X, Y) if s.fused > 0 else (None, None)
             self.M = stochastic_step(X, Y, self.M, s.eps, s.regularizer, s.lam, s.rank, s.fused, s.batch_size,
-                                     s.step_size, generator, *shared)
+                                     s.step_size, generator, *(shared if s.fused > 0 else (None, None)))
             self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter)
         else:
             self.M, self.P, self._potentials = prox_step(X, Y, a, b, self.M, s.eps, s.regularizer, s.lam, s.rank,

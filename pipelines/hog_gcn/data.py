@@ -144,6 +144,8 @@ def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
         raise ConfigError(f"could not read {name} from {raw} ({type(err).__name__}: {err}); expected layout: {layout(name)}") from None
     data = dataset[0]
     data.edge_index = coalesce(to_undirected(remove_self_loops(data.edge_index)[0], num_nodes=data.num_nodes))
+    for key in ("train_mask", "val_mask", "test_mask"):  # Planetoid's geom-gcn masks load as uint8
+        data[key] = data[key].bool()
     return data
 
 

@@ -155,3 +155,53 @@ def test_tiny_training_run(home, method):
     run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert 0 <= run.data.metrics["foscttm"] <= 1 and 0 <= run.data.metrics["label_transfer"] <= 1
+
+
+def test_shared_features_are_read_checked_and_fused(tmp_path, home):
+    """Fused GW reads a separate shared-feature input (SCOT layout), checks its shape, and uses it."""
+    xf, yf = _write_scot(tmp_path / "pair", False)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "pair" / "xs.npy", rng.normal(size=(12, 2)))
+    np.save(tmp_path / "pair" / "ys.npy", rng.normal(size=(12, 2)))
+    np.save(tmp_path / "pair" / "ys3.npy", rng.normal(size=(12, 3)))
+    data = load_scot(tmp_path / "pair", xf, yf, None, None, x_shared="xs.npy", y_shared="ys.npy")
+    assert data.shared()[0].shape == (12, 2) and data.X.shape == (12, 4)
+    with pytest.raises(ConfigError, match=r"shared features xs.npy \(12, 2\) and ys3.npy \(12, 3\) must be cells × k with the same k"):
+        load_scot(tmp_path / "pair", xf, yf, None, None, x_shared="xs.npy", y_shared="ys3.npy")
+    with pytest.raises(ConfigError, match="give both data.x_shared and data.y_shared"):
+        load_scot(tmp_path / "pair", xf, yf, None, None, x_shared="xs.npy")
+    # generated pair with different dimensions on each side: fused GW needs the shared input ...
+    with pytest.raises(ConfigError, match="solver.method=fgw needs features both sides measure: give data.x_shared"):
+        train("cost_reg_ot", ["data.source=multiomics", "data.n=40", "solver.method=fgw", "trainer.enable_progress_bar=false"])
+    # ... and with it, the shared features alone already pair the cells better than chance
+    (result,) = train("cost_reg_ot", ["data.source=multiomics", "data.n=40", "data.shared=4", "solver.method=fgw",
+                                      "trainer.enable_progress_bar=false"])
+    run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["foscttm"] < 0.4
+
+
+def test_reproduce_on_scot_fixtures(tmp_path, home):
+    """`reproduce` with real_root reads both SCOT folders and runs the reference-setting scGEM block."""
+    from common.runner import entry_point
+    from pipelines.cost_reg_ot.experiments import REAL
+
+    rng = np.random.default_rng(0)
+    for folder, xf, yf, xl, yl, _ in REAL.values():
+        root = tmp_path / "singlecell" / folder
+        root.mkdir(parents=True)
+        labels = np.arange(24) % 3
+        X, Y = rng.normal(size=(24, 5)) + labels[:, None], rng.normal(size=(24, 4)) + labels[:, None]
+        for name, matrix in ((xf, X), (yf, Y)):
+            np.save(root / name, np.abs(matrix)) if name.endswith(".npy") else np.savetxt(root / name, matrix, delimiter=",")
+        for name in (xl, yl):
+            np.savetxt(root / name, labels + 1, fmt="%d")
+    result = entry_point("reproduce", "cost_reg_ot", [
+        "data.n=40", "solver.max_iter=5", f"reproduce.real_root={tmp_path / 'singlecell'}",
+        "reproduce.reference_scgem.iterations=4", "reproduce.reference_scgem.penalties=[[none,0.0],[l1,1.5]]"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot")))
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "tables")} | {a.path for a in client.list_artifacts(result.run_id, "figures")}
+    assert {"tables/reproduce.md", "tables/scgem_reference_setting.md", "figures/scgem_label_transfer_per_iteration.png"} <= artifacts
+    table = open(client.download_artifacts(result.run_id, "tables/reproduce.md", str(tmp_path))).read()
+    assert "scGEM" in table and "SNARE-seq" in table
+    scgem = open(client.download_artifacts(result.run_id, "tables/scgem_reference_setting.md", str(tmp_path))).read()
+    assert "71.4" in scgem and scgem.count("\n| l1") == 1  # one ℓ1 row, beside the notebook's value

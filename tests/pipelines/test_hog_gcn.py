@@ -170,7 +170,7 @@ def test_loader_reads_its_fixture(tmp_path, name, folder, kind):
         write_geom_gcn(raw, "film" if name == "actor" else name, sparse_features=kind == "sparse")
     n = PLANETOID_N if kind == "planetoid" else N
     graph = load_real(name, tmp_path / "data", tmp_path / "cache")
-    assert graph.num_nodes == n and graph.train_mask.shape == (n, 10)
+    assert graph.num_nodes == n and graph.train_mask.shape == (n, 10) and graph.train_mask.dtype == torch.bool
     assert torch.equal(graph.y, torch.arange(n) % 3)
     assert graph.edge_index.shape[1] == 2 * n and graph.is_undirected()
     assert graph.train_mask.sum(0).eq(6).all() and (graph.train_mask & graph.test_mask).sum() == 0
