@@ -284,7 +284,7 @@ def load_wilds(name: str, root: str | Path, size: int) -> dict[str, Dataset]:
             "test": _Wilds(dataset.get_subset("id_val"), size), "ood_test": _Wilds(dataset.get_subset("test"), size)}
 
 
-def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, size: int = 32) -> dict[str, Split]:
+def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, size: int = 32, strength: float = 1.0) -> dict[str, Split]:
     """Real images: CIFAR-10 (ImageFolder) animals vs vehicles with a colour tint that agrees with the
     label in 95 % of training images (Waterbirds' mix) and is balanced over the four groups at test."""
     folder = require_files(root, ["train", "test"], "<root>/{train,test}/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)")
@@ -307,7 +307,7 @@ def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, siz
             path = paths[int(pool[torch.randint(0, len(pool), (1,), generator=g)])]
             with Image.open(path) as im:
                 x = pil_to_tensor(im.convert("RGB")).float() / 255
-            tint = torch.tensor([0.35, 0.0, -0.2]) if grp % 2 == 0 else torch.tensor([-0.2, 0.0, 0.35])
+            tint = strength * (torch.tensor([0.35, 0.0, -0.2]) if grp % 2 == 0 else torch.tensor([-0.2, 0.0, 0.35]))
             images[i] = (x + tint[:, None, None]).clamp(0, 1)
         return Split(images, labels, group)
 
@@ -360,7 +360,7 @@ def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
     if d.name == "imagefolder":
         return load_imagefolder(d.root, d.image_size, list(d.classes_list) or None, list(d.ood_classes) or None)
     if d.name == "cifar10_cue":
-        return {k: v.dataset() for k, v in cifar_colour_cue(d.root, d.n_train, d.n_test, seed, d.image_size).items()}
+        return {k: v.dataset() for k, v in cifar_colour_cue(d.root, d.n_train, d.n_test, seed, d.image_size, d.cue_strength).items()}
     return load_wilds(d.name, d.root, d.image_size)
 
 

@@ -248,6 +248,11 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
         same = ood.labels == label
         assert red_minus_blue[same & (ood.groups % 2 == 0)].mean() > red_minus_blue[same & (ood.groups % 2 == 1)].mean() + 0.3
     assert set(ood.groups.tolist()) == {0, 1, 2, 3}
+    # data.cue_strength scales the tint: at 0 the two tints of one class look the same
+    plain = cifar_colour_cue(tmp_path, n_train=8, n_test=40, seed=0, strength=0.0)["ood_test"]
+    gap = plain.images[:, 0].mean((1, 2)) - plain.images[:, 2].mean((1, 2))
+    same = plain.labels == 0
+    assert abs(gap[same & (plain.groups % 2 == 0)].mean() - gap[same & (plain.groups % 2 == 1)].mean()) < 0.02
     source = cifar_source(tmp_path, 5, 0)
     assert source.images.shape == (5, 3, 32, 32) and set(source.labels.tolist()) <= {0, 1}
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg"):
