@@ -19,6 +19,17 @@ from omegaconf import DictConfig, OmegaConf
 from common.config import flatten
 from common.tables import markdown_table
 
+
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend, for figures that ``Tracker.log_figure`` logs
+    (runs on servers without a display; imported late, matplotlib is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from common.tables import markdown_table
-from common.tracking import Tracker
+from common.tracking import Tracker, pyplot
 from pipelines.cost_reg_ot.data import PairedData, load_scot, multiomics_pair, planted_pair, preprocess
 from pipelines.cost_reg_ot.model import gromov_baseline, solve
 from pipelines.cost_reg_ot.module import evaluate
@@ -85,10 +85,7 @@ def _reference_scgem(cfg: DictConfig, tracker: Tracker) -> None:
 
 
 def _curves(curves: dict[str, list[float]]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for label, values in curves.items():
@@ -100,10 +97,7 @@ def _curves(curves: dict[str, list[float]]):
 
 
 def _heatmaps(truth, maps):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 2.8))
     for ax, (title, matrix) in zip(axes, [("planted |M*|", truth), *maps.items()]):

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from common.config import ConfigError, with_values
 from common.memory import read_peak_rss, reset_peak_rss, run_isolated
 from common.tables import markdown_table
-from common.tracking import Tracker
+from common.tracking import Tracker, pyplot
 from pipelines.hog_gcn.data import REAL, csbm, edge_homophily, load_real
 from pipelines.hog_gcn.model import dense_bytes
 from pipelines.hog_gcn.module import fit_split, make_model, optimizer, training_loss
@@ -73,10 +73,7 @@ def _reproduce_generated(cfg: DictConfig, tracker: Tracker) -> None:
 
 
 def _sweep_figure(measured, results):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, values in results.items():

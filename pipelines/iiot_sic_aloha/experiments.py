@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from common.hardware import resolve_accelerator
 from common.tables import markdown_table
-from common.tracking import Tracker
+from common.tracking import Tracker, pyplot
 from pipelines.iiot_sic_aloha.analysis import analyze
 from pipelines.iiot_sic_aloha.data import Scenario, scenario_from_config
 from pipelines.iiot_sic_aloha.model import simulate
@@ -112,10 +112,7 @@ def reproduce(cfg: DictConfig, tracker: Tracker) -> None:
 
 
 def _figure(rows: list[dict], cfg: DictConfig, base: Scenario, residual: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     axes_titles = {"num_nodes": "number of nodes N", "event_prob": "event-generation probability q", "snr_db": "mean SNR ρ (dB)"}
     fig, grid = plt.subplots(3, 3, figsize=(14, 11))

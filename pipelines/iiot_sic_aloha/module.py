@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from common.config import ConfigError
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
-from common.tracking import Tracker
+from common.tracking import Tracker, pyplot
 from pipelines.iiot_sic_aloha.analysis import analyze, best_age_threshold, best_transmit_probability
 from pipelines.iiot_sic_aloha.data import Scenario, check_schemes, scenario_from_config
 from pipelines.iiot_sic_aloha.model import SimulationResult, simulate
@@ -56,10 +56,7 @@ def tuning_rows(scenario: Scenario, schemes: list[str], tune: DictConfig) -> lis
 
 
 def per_node_figure(scenario: Scenario, results: dict[str, tuple[dict, SimulationResult]], confidence: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * scenario.num_nodes), 3.6))
     nodes = np.arange(scenario.num_nodes)

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from common.config import ConfigError
 from common.freezing import freeze, matches, trainable_parameters
+from common.tracking import pyplot
 
 OPTIMIZERS = ("sgd", "adamw", "sgd_freeze_embed", "adamw_freeze_embed")
 FAMILIES = ("vit", "clip_vit", "convnext")
@@ -190,10 +191,7 @@ def gradient_diagnostic(model: Classifier, batches, embedding: list[str], max_ba
 
 
 def diagnostic_figure(rows: list[dict], ratio: float):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(max(6, 0.45 * len(rows)) * 1.6, 3.6))
     names = [r["group"] for r in rows]
