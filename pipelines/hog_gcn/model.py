@@ -171,8 +171,9 @@ class HomophilyPropagation(nn.Module):
         ZW = self.neighbour(Z)
         return propagate(sparse_pattern, P, ZW) if sparse_pattern is not None else P @ ZW
 
-    def forward(self, Z, P, sparse_pattern):
-        return self.mu * self.ego(Z) + self.xi * self.propagate(P, Z, sparse_pattern) + self.bias
+    def forward(self, Z, P, sparse_pattern, row_scale):
+        # D̂⁻¹ applied to the product's rows rather than to every support entry (same result, one pass fewer over E)
+        return self.mu * self.ego(Z) + self.xi * row_scale * self.propagate(P, Z, sparse_pattern) + self.bias
 
 
 class HOGGCN(SparseModule):
@@ -204,6 +205,10 @@ class HOGGCN(SparseModule):
         self.layers = nn.ModuleList(HomophilyPropagation(a, b, t_init, mu) for a, b in zip(dims[:-1], dims[1:]))
         self.register_buffer("pseudo_labels", torch.zeros(0, dtype=torch.long))
 
+    def _node_sum(self, values):
+        """Row sums of a support matrix, one per node, as a column."""
+        return values.sum(1, keepdim=True) if self.dense else self.pattern.row_sum(values).unsqueeze(1)
+
     def _row_sum(self, values):
         return values.sum(1, keepdim=True) if self.dense else self.pattern.row_sum(values)[self.pattern.row]
 
@@ -228,9 +233,9 @@ class HOGGCN(SparseModule):
             H = self.alpha * S + self.beta * T_hat
             weighted = self.counts * H
             with torch.no_grad():  # the reference code's row normaliser carries no gradient
-                norm = self._row_sum(weighted.abs()) + 1e-12
+                row_scale = 1.0 / (self._node_sum(weighted.abs()) + 1e-12)
             Z = F.dropout(Z, self.dropout, self.training)
-            Z = layer(Z, weighted / norm, self.pattern)
+            Z = layer(Z, weighted, self.pattern, row_scale)
             if i < len(self.layers) - 1:
                 Z = F.relu(Z)
         return {"logits": Z, "mlp_logits": mlp_logits, "lp": lp}
