@@ -7,9 +7,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from common.config import ConfigError, with_values
 from common.tables import markdown_table
 from common.tracking import Tracker, pyplot
-from pipelines.cost_reg_ot.data import PairedData, load_scot, multiomics_pair, planted_pair, preprocess
+from pipelines.cost_reg_ot.data import PairedData, build_pair, load_scot, multiomics_pair, planted_pair, preprocess
 from pipelines.cost_reg_ot.model import gromov_baseline, solve
 from pipelines.cost_reg_ot.module import evaluate
 
@@ -112,15 +113,16 @@ def _heatmaps(truth, maps):
 def bench(cfg: DictConfig, tracker: Tracker) -> None:
     """Time to the objective tolerance, cost-regularized OT vs POT's entropic GW, same data, same run."""
     s = cfg.solver
+    if cfg.data.source not in ("planted", "multiomics"):
+        raise ConfigError(f"bench generates its pairs: data.source must be planted or multiomics, got '{cfg.data.source}'")
     rows = []
     for n in cfg.bench.sizes:
-        d = cfg.data
-        data = preprocess(multiomics_pair(int(n), d.latent, d.dx, d.dy, d.clusters, 0.1, cfg.seed), True, False, True)
+        data = build_pair(with_values(cfg, {"data.n": int(n)}))
         start = time.perf_counter()
         sol = solve(data.X, data.Y, eps=s.eps, regularizer="none", max_iter=s.max_iter, tol=cfg.bench.tol, patience=s.patience)
         ours = time.perf_counter() - start
         P, theirs = gromov_baseline(data.X, data.Y, "entropic_gw", eps=cfg.reproduce.gw_eps, tol=cfg.bench.tol)
-        rows.append({"n": int(n), "cost-reg. OT s": ours, "entropic GW s": theirs, "speed-up": theirs / ours,
+        rows.append({"data": data.name, "n": int(n), "cost-reg. OT s": ours, "entropic GW s": theirs, "speed-up": theirs / ours,
                      "FOSCTTM ours": evaluate(data, sol.P, None, 5)["foscttm"], "FOSCTTM entropic GW": evaluate(data, P, None, 5)["foscttm"]})
         tracker.log_metrics({"bench/speedup": theirs / ours}, step=int(n))
         print(markdown_table(rows[-1:]), flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import ot
@@ -106,7 +107,26 @@ class Solution:
 
 
 def sinkhorn(a, b, C, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6):
-    """Entropic OT plan and log-potentials (POT's log-domain Sinkhorn, stable for small ε)."""
+    """Entropic OT plan and log-scalings (log u, log v), P = diag(u) e^{−C/ε} diag(v).
+
+    The previous potentials (or row/column minima of C at the start) are absorbed into the cost, so
+    the kernel of the reduced cost is near the plan itself and POT's matrix-scaling Sinkhorn runs
+    without overflow at small ε — an exp-free mat-vec per iteration instead of the log-domain
+    solver's logsumexp (3.6–4.8× faster end to end, README). POT's log-domain solver takes over if
+    scaling still fails.
+    """
+    if warmstart is None:
+        f = C.min(1).values
+        g = (C - f[:, None]).min(0).values
+    else:
+        f, g = eps * warmstart[0], eps * warmstart[1]
+    reduced = C - f[:, None] - g[None, :]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a numerical failure is detected below and handled by the fallback
+        P, log = ot.sinkhorn(a, b, reduced, eps, method="sinkhorn", numItermax=max_iter, stopThr=tol, log=True, warn=False)
+    log_u, log_v = log["u"].log() + f / eps, log["v"].log() + g / eps
+    if bool(torch.isfinite(P).all()) and bool(torch.isfinite(log_u).all()) and bool(torch.isfinite(log_v).all()) and float(P.sum()) > 0.5:
+        return P, (log_u, log_v)
     P, log = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=tol,
                          warmstart=warmstart, log=True, warn=False)
     return P, (log["log_u"], log["log_v"])

@@ -9,8 +9,8 @@ from common.config import ConfigError
 from common.runner import compose, train
 from common.tracking import tracking_uri
 from pipelines.cost_reg_ot.data import build_pair, load_scot, planted_pair, preprocess
-from pipelines.cost_reg_ot.model import (barycentric_projection, cross_moment, gw_inner_product_objective, prox, solve,
-                                         transport_map)
+from pipelines.cost_reg_ot.model import (barycentric_projection, cross_moment, gw_inner_product_objective, prox, sinkhorn,
+                                         solve, transport_map)
 from pipelines.cost_reg_ot.module import evaluate, foscttm
 from tests.conftest import lightyard
 
@@ -26,6 +26,27 @@ def _prox_objective(M, A, regularizer, lam):
     if regularizer == "nuclear":
         return value + lam * torch.linalg.svdvals(M).sum()
     return value + 0.5 * lam * (M**2).sum()
+
+
+def test_absorbed_sinkhorn_matches_log_domain_at_small_eps():
+    """C/ε spans ~2500 here: plain scaling of e^{−C/ε} overflows; the absorbed form must not."""
+    import ot
+
+    g = torch.Generator().manual_seed(0)
+    C = torch.randn(40, 30, generator=g, dtype=torch.float64) * 2
+    a, b = torch.full((40,), 1 / 40, dtype=torch.float64), torch.full((30,), 1 / 30, dtype=torch.float64)
+    eps = 0.005
+    with pytest.warns(UserWarning):
+        assert not torch.isfinite(ot.sinkhorn(a, b, C, eps, method="sinkhorn", numItermax=100)).all()
+    expected = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-12, warn=False)
+    P, (log_u, log_v) = sinkhorn(a, b, C, eps, max_iter=20000, tol=1e-12)
+    assert torch.allclose(P, expected, atol=1e-5) and torch.allclose(P.sum(0), b, atol=1e-5)
+    assert torch.allclose(P, (log_u[:, None] + log_v[None, :] - C / eps).exp(), atol=1e-10)  # potentials belong to P
+    # warm start from a nearby problem's potentials reaches the same plan
+    C2 = C + 0.05 * torch.randn(40, 30, generator=g, dtype=torch.float64)
+    warm, _ = sinkhorn(a, b, C2, eps, (log_u, log_v), max_iter=20000, tol=1e-12)
+    cold = ot.sinkhorn(a, b, C2, eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-12, warn=False)
+    assert torch.allclose(warm, cold, atol=1e-5) and torch.allclose(warm.sum(0), b, atol=1e-5)
 
 
 def test_prox_closed_forms():
