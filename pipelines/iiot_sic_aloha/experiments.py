@@ -43,11 +43,10 @@ def bench(cfg: DictConfig, tracker: Tracker) -> None:
         start = time.perf_counter()
         simulate_reference(scenario, scheme, cfg.bench.reference_slots, warmup=0, seed=cfg.seed)
         reference_rate = cfg.bench.reference_slots * scenario.num_nodes / (time.perf_counter() - start)
-        slots = cfg.bench.slots if scheme == "sic" else max(cfg.bench.slots // 10, 1000)
         simulate(scenario, scheme, 1000, cfg.bench.replications, warmup=0, device=device)  # warm-up (kernels, caches)
         start = time.perf_counter()
-        simulate(scenario, scheme, slots, cfg.bench.replications, warmup=0, chunk_slots=cfg.sim.chunk_slots, seed=cfg.seed, device=device)
-        vector_rate = slots * cfg.bench.replications * scenario.num_nodes / (time.perf_counter() - start)
+        simulate(scenario, scheme, cfg.bench.slots, cfg.bench.replications, warmup=0, chunk_slots=cfg.sim.chunk_slots, seed=cfg.seed, device=device)
+        vector_rate = cfg.bench.slots * cfg.bench.replications * scenario.num_nodes / (time.perf_counter() - start)
         rows.append({"scheme": LABELS[scheme], "device": torch_device_name(cfg), "nodes": scenario.num_nodes,
                      "reference node-slots/s": reference_rate, "vectorized node-slots/s": vector_rate,
                      "speed-up": vector_rate / reference_rate})

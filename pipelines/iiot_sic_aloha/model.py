@@ -1,8 +1,8 @@
 """The system model as vectorized torch code: receivers, and a streaming Monte Carlo simulator.
 
-Shapes: ``[C, R, N]`` = slots in a chunk × independent replications × nodes. Statistics are
-accumulated per (replication, node) chunk by chunk, so memory does not grow with the number of
-slots; the same code runs on a GPU.
+Every transmission is an event (node = r·N + n, slot in the chunk), R independent replications ×
+N nodes side by side. Statistics are accumulated per (replication, node) chunk by chunk, so memory
+does not grow with the number of slots; the same code runs on a GPU.
 """
 
 from __future__ import annotations
@@ -135,102 +135,156 @@ def _interval_stats(left: torch.Tensor, end: torch.Tensor, deadline: int) -> tup
     return age_sum, over
 
 
-def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: int, q: torch.Tensor, generator: torch.Generator):
-    """``size`` slots of the one-shot schemes, event by event.
+def _report_events(q: torch.Tensor, R: int, size: int, attempt_prob: float, generator: torch.Generator):
+    """Report slots of every (replication, node) in a chunk, and which of them are transmitted.
 
-    Report slots of each (replication, node) are drawn as Geometric(q_i) gaps (a Bernoulli process,
-    memoryless across chunks), so random numbers scale with the reports, not with slots × nodes.
-    The receiver sees the slots as a dense [R, size, N] SNR table; the AoI statistics follow from
-    the delivery slots alone: between deliveries at L and e the ages are 1 … e − L.
+    The slots are drawn as Geometric(q_i) gaps (a Bernoulli process, memoryless across chunks), so
+    random numbers scale with the reports, not with slots × nodes. Returns (reports per node,
+    transmitted events as (node = r·N + n, slot), ordered by node, then slot).
     """
-    R, N = age.shape
-    device = age.device
+    N, device = len(q), q.device
     q_max = float(q.max())
     mean = size * q_max
     width = size if q_max > 0.5 else min(size, int(mean + 6 * math.sqrt(mean + 1) + 16))
+    # gap = ⌊log u / log(1 − q)⌋ + 1; the scale is 0 for q = 1 (every slot) and ∞ for q = 0 (never)
+    scale = (-1.0 / torch.log1p(-q.float())).view(1, N, 1)
     while True:
         u = torch.rand(R, N, width, generator=generator, device=device).clamp_(min=1e-12)
-        log_keep = torch.log1p(-q).view(1, N, 1)
-        gaps = torch.where(q.view(1, N, 1) >= 1, 1.0, torch.floor(u.log() / log_keep) + 1)
-        gaps = torch.where(q.view(1, N, 1) <= 0, float(size + 1), gaps).clamp_(max=size + 1)
-        times = gaps.cumsum(-1).sub_(1).to(torch.int64)  # report slots, increasing along the last dim
+        # float32 counts exactly below 2^24; past the chunk end precision no longer matters
+        times = u.log_().neg_().mul_(scale).floor_().add_(1).clamp_(max=size + 1).cumsum_(-1).sub_(1)
         if width == size or bool((times[..., -1] >= size - 1).all()):
             break
         width = size  # the stream ran short of the chunk (very rare): draw it at full width
     generated = times < size
-    active = generated
-    if scenario.transmit_prob < 1:
-        active = generated & (torch.rand(R, N, width, generator=generator, device=device) < scenario.transmit_prob)
+    sent = generated
+    if attempt_prob < 1:
+        sent = generated & (torch.rand(R, N, width, generator=generator, device=device) < attempt_prob)
+    event = sent.view(-1).nonzero().squeeze(1)  # increasing: ordered by node, then slot
+    slot = times.view(-1).index_select(0, event).to(torch.int64)
+    return generated.sum(-1, dtype=torch.float64).view(-1), event.div(width, rounding_mode="floor"), slot
 
-    r_idx, n_idx, m_idx = active.nonzero(as_tuple=True)
-    # Rayleigh power gains h ~ Exp(1) by inversion, one per transmitted report
-    rx = torch.rand(len(r_idx), generator=generator, device=device).log_().mul_(-scenario.snr)
-    delivered = torch.zeros_like(active)
-    delivered[r_idx, n_idx, m_idx] = _decode_events(r_idx * size + times[r_idx, n_idx, m_idx], rx, scheme, scenario)
 
-    # L: the last delivery slot before each report (−Δ at the chunk start, as if delivered there)
-    start = -age.to(torch.int64).unsqueeze(-1)
-    last_incl = torch.cummax(torch.where(delivered, times, start), dim=-1).values
-    final_left = last_incl[..., -1]
-    d_r, d_n, d_m = delivered.nonzero(as_tuple=True)
-    last_before = torch.where(d_m > 0, last_incl[d_r, d_n, (d_m - 1).clamp(min=0)], start[d_r, d_n, 0])
-    delivery_slot = times[d_r, d_n, d_m]
-    age_sum, over = _interval_stats(last_before, delivery_slot, scenario.deadline)
-    tail_sum, tail_over = _interval_stats(final_left, torch.full_like(final_left, size), scenario.deadline)
-    node = d_r * N + d_n
+def _received(count: int, scenario: Scenario, generator: torch.Generator, device) -> torch.Tensor:
+    """Received SNR ρh of ``count`` transmissions, Rayleigh power gains h ~ Exp(1) by inversion (float32)."""
+    return torch.rand(count, generator=generator, device=device, dtype=torch.float32).log_().mul_(-scenario.snr)
+
+
+def _chunk_stats(d_node: torch.Tensor, d_slot: torch.Tensor, age: torch.Tensor, size: int, deadline: int, generated: torch.Tensor):
+    """(age after the chunk, per-node statistics) from the deliveries, given in (node, slot) order.
+
+    Between deliveries at L and e the ages are 1 … e − L; L is the node's previous delivery
+    (−Δ at the chunk start, as if delivered there).
+    """
+    R, N = age.shape
+    start = -age.view(-1).to(torch.int64)
+    first = torch.ones_like(d_node, dtype=torch.bool)
+    first[1:] = d_node[1:] != d_node[:-1]
+    previous = torch.empty_like(d_slot)
+    previous[1:] = d_slot[:-1]
+    last_before = torch.where(first, start.index_select(0, d_node), previous)
+    final_left = start.scatter_reduce(0, d_node, d_slot, reduce="amax")
+    age_sum, over = _interval_stats(last_before, d_slot, deadline)
+    tail_sum, tail_over = _interval_stats(final_left, torch.full_like(final_left, size), deadline)
 
     def per_node(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(R * N, dtype=torch.float64, device=device).index_add_(0, node, values.double()).view(R, N)
+        return torch.zeros(R * N, dtype=torch.float64, device=age.device).index_add_(0, d_node, values.double())
 
     stats = {
         "age_sum": per_node(age_sum) + tail_sum,
         "over": per_node(over) + tail_over,
         "deliveries": per_node(torch.ones_like(age_sum)),
-        "peak_sum": per_node(delivery_slot - last_before),  # the age just before the reset
-        "generated": generated.sum(-1, dtype=torch.float64),
+        "peak_sum": per_node(d_slot - last_before),  # the age just before the reset
+        "generated": generated,
     }
-    return (size - final_left).to(torch.int32), stats
+    return (size - final_left).to(torch.int32).view(R, N), {k: v.view(R, N) for k, v in stats.items()}
 
 
-def _decode_events(slot_key: torch.Tensor, rx: torch.Tensor, scheme: str, scenario: Scenario) -> torch.Tensor:
-    """Decode transmissions given as events (slot key, received SNR); returns decoded per event.
+def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: int, q: torch.Tensor, generator: torch.Generator):
+    """``size`` slots of the one-shot schemes, event by event (a report is sent in its slot w.p. p)."""
+    R, N = age.shape
+    generated, node, slot = _report_events(q, R, size, scenario.transmit_prob, generator)
+    rx = _received(len(node), scenario, generator, age.device)
+    slot_key = node.div(N, rounding_mode="floor").mul_(size).add_(slot)
+    delivered = _decode_events(slot_key, rx, scheme, scenario, R * size).nonzero().squeeze(1)
+    return _chunk_stats(node.index_select(0, delivered), slot.index_select(0, delivered), age, size, scenario.deadline, generated)
 
-    Receivers are symmetric in the order of the colliders, so each busy slot becomes one row of a
-    table as wide as the largest collision, not as wide as N: most slots hold one or two packets.
+
+def _decode_events(slot_key: torch.Tensor, rx: torch.Tensor, scheme: str, scenario: Scenario, slots: int) -> torch.Tensor:
+    """Decode transmissions given as events (slot key < ``slots``, float32 received SNR); returns decoded per event.
+
+    ALOHA and capture need only per-slot counts and sums. SIC needs each slot's packets in decreasing
+    power: one sort on (slot, −power) makes every slot a contiguous segment, and the stage sums
+    become segment-relative cumulative sums — no table as wide as the largest collision.
     """
-    small = len(slot_key) == 0 or int(slot_key.max()) < 2**31  # int32 sorts faster
-    order = torch.argsort(slot_key.to(torch.int32) if small else slot_key, stable=True)
-    key = slot_key[order]
-    _, row, counts = torch.unique_consecutive(key, return_inverse=True, return_counts=True)
-    first = torch.cumsum(counts, 0) - counts
-    column = torch.arange(len(key), device=key.device) - first[row]
-    table = torch.zeros(len(counts), int(counts.max()) if len(counts) else 1, device=rx.device)
-    table[row, column] = rx[order]
-    decoded_table = decode(table, scheme, scenario.threshold, scenario.csi_residual, scenario.max_sic_stages)
-    decoded = torch.empty_like(rx, dtype=torch.bool)
-    decoded[order] = decoded_table[row, column]
-    return decoded
+    gamma = scenario.threshold
+    if scheme == "aloha":
+        count = torch.bincount(slot_key, minlength=slots)
+        return (count.index_select(0, slot_key) == 1) & (rx >= gamma)
+    x = rx.double()
+    total = torch.zeros(slots, dtype=torch.float64, device=rx.device).index_add_(0, slot_key, x).index_select(0, slot_key)
+    if scheme == "capture":
+        return x >= gamma * (1 + total - x)
+    if scheme != "sic":
+        raise ValueError(f"no receiver for scheme {scheme!r}")
+    # positive float32 bit patterns order like the values; equal powers may go in either order (same sums)
+    power_rank = (2**31 - 1) - rx.contiguous().view(torch.int32).to(torch.int64)
+    order = torch.argsort(slot_key * 2**31 + power_rank, stable=True)  # stable sorts int64 faster here (measured)
+    xs, total = x.index_select(0, order), total.index_select(0, order)
+    key = slot_key.index_select(0, order)
+    new_slot = torch.ones_like(key, dtype=torch.bool)
+    new_slot[1:] = key[1:] != key[:-1]
+    starts = new_slot.nonzero().squeeze(1)
+    segment = new_slot.cumsum(0).sub_(1)
+    cumulative = xs.cumsum(0)
+    stronger = cumulative - xs - (cumulative - xs).index_select(0, starts).index_select(0, segment)  # Σ_{l<m} x_(l)
+    weaker = total - stronger - xs  # Σ_{l>m} x_(l)
+    failed = xs < gamma * (1 + weaker + scenario.csi_residual * stronger)
+    failures = failed.cumsum(0)
+    before_slot = (failures - failed.long()).index_select(0, starts).index_select(0, segment)
+    decoded = failures == before_slot  # SIC stops at the first failure
+    if scenario.max_sic_stages is not None:
+        stage = torch.arange(len(key), device=key.device) - starts.index_select(0, segment)
+        decoded &= stage < scenario.max_sic_stages
+    return torch.empty_like(decoded).scatter_(0, order, decoded)
 
 
 def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, generator: torch.Generator):
     """Age-dependent access: a node with a new report transmits w.p. τ only while Δ_i(t−1) ≥ Γ.
 
-    Activity depends on the state, so slots are stepped one by one (vectorized over R × N).
+    Event by event, like the one-shot schemes: the candidate attempts (report and coin < τ) are drawn
+    first; an attempt at t is real iff t − L ≥ Γ, L the node's previous delivery, and a slot delivers
+    iff it holds exactly one real attempt whose SNR clears γ. Deliveries decide which later attempts
+    are real, so they are found as the fixed point of "deliveries → real attempts → deliveries",
+    iterated from "no delivery". Each pass settles at least the earliest slot still wrong (the
+    system is causal), so the iteration ends, at the exact slot-by-slot outcome, in a few passes.
     """
     R, N = age.shape
     device = age.device
     q = torch.tensor(scenario.event_probs, device=device)
-    generated = torch.rand(size, R, N, generator=generator, device=device) < q
-    coin = torch.rand(size, R, N, generator=generator, device=device)
-    gains = torch.rand(size, R, N, generator=generator, device=device).log_().neg_()
-    stats = {name: torch.zeros(R, N, dtype=torch.float64, device=device) for name in ("age_sum", "over", "deliveries", "peak_sum")}
-    for t in range(size):
-        active = generated[t] & (age >= scenario.gamma_threshold) & (coin[t] < scenario.tau)
-        decoded = decode(torch.where(active, scenario.snr * gains[t], 0.0), "aloha", scenario.threshold)
-        stats["peak_sum"] += torch.where(decoded, age, 0)
-        age = torch.where(decoded, 1, age + 1)
-        stats["age_sum"] += age
-        stats["over"] += age > scenario.deadline
-        stats["deliveries"] += decoded
-    stats["generated"] = generated.sum(0, dtype=torch.float64)
-    return age, stats
+    generated, node, slot = _report_events(q, R, size, scenario.tau, generator)
+    clears = _received(len(node), scenario, generator, device) >= scenario.threshold
+    slot_key = node.div(N, rounding_mode="floor").mul_(size).add_(slot)
+    start = (-age.view(-1).to(torch.int64)).index_select(0, node)
+    delivered = threshold_deliveries(node, slot, slot_key, clears, start, scenario.gamma_threshold, R * size)
+    delivered = delivered.nonzero().squeeze(1)
+    return _chunk_stats(node.index_select(0, delivered), slot.index_select(0, delivered), age, size, scenario.deadline, generated)
+
+
+def threshold_deliveries(node, slot, slot_key, clears, start, gamma_threshold: int, slots: int) -> torch.Tensor:
+    """Which candidate attempts (given in (node, slot) order) deliver under threshold ALOHA.
+
+    ``start`` is each attempt's node's −Δ at the chunk start; ``clears`` whether its SNR clears γ.
+    """
+    span = int(slot.max()) + 2 if len(slot) else 1
+    node_base = node * span  # node-major offsets turn a running max into a per-node one
+    delivered = torch.zeros_like(clears)
+    while True:
+        marked = node_base + torch.where(delivered, slot + 1, 0)
+        previous = torch.cat([marked.new_full((1,), -1), torch.cummax(marked, 0).values[:-1]]) - node_base
+        last = torch.where(previous >= 1, previous - 1, start)  # L: the node's previous delivery
+        real = slot - last >= gamma_threshold
+        count = torch.zeros(slots, dtype=torch.int32, device=slot.device).index_add_(0, slot_key, real.int())
+        now = real & clears & (count.index_select(0, slot_key) == 1)
+        if torch.equal(now, delivered):
+            return delivered
+        delivered = now

@@ -13,7 +13,7 @@ from common.tracking import tracking_uri
 from pipelines.iiot_sic_aloha.analysis import (analyze, best_transmit_probability, decoding_table,
                                                sic_tail_probability, threshold_aloha_mean_field)
 from pipelines.iiot_sic_aloha.data import Scenario, scenario_from_config
-from pipelines.iiot_sic_aloha.model import decode, simulate
+from pipelines.iiot_sic_aloha.model import _decode_events, decode, simulate, threshold_deliveries
 from pipelines.iiot_sic_aloha.reference import simulate_reference
 from tests.conftest import lightyard
 
@@ -40,6 +40,43 @@ def test_rayleigh_capture_probability(k, gamma):
     decoded = decode(snr * gains, "capture", gamma)[:, 0].double()
     expected = math.exp(-gamma / snr) * (1 + gamma) ** (-(k - 1))
     assert abs(decoded.mean().item() - expected) < 4 * math.sqrt(expected * (1 - expected) / draws)
+
+
+@pytest.mark.parametrize("scheme,gamma,residual,stages", [("aloha", 1.0, 0.0, None), ("capture", 0.5, 0.0, None),
+                                                          ("sic", 1.0, 0.0, None), ("sic", 0.3, 0.1, None), ("sic", 0.3, 0.0, 2)])
+def test_event_decoder_equals_the_per_slot_receiver(scheme, gamma, residual, stages):
+    """The simulator's event form (one sort, segment sums) against the dense per-slot receiver."""
+    g = torch.Generator().manual_seed(3)
+    slots, nodes = 4000, 12
+    active = torch.rand(slots, nodes, generator=g) < 0.3
+    rx = torch.rand(slots, nodes, generator=g).log_().mul_(-5.0) * active
+    rx[0, :3] = 2.0  # an exact tie: the decision cannot depend on the order of equal powers
+    rx[0, 3:] = 0.0
+    slot, node = (rx > 0).nonzero(as_tuple=True)
+    scenario = Scenario(nodes, (0.3,) * nodes, threshold=gamma, csi_residual=residual, max_sic_stages=stages)
+    events = _decode_events(slot, rx[slot, node], scheme, scenario, slots)
+    dense = decode(rx, scheme, gamma, residual, stages)
+    assert events.any() and torch.equal(events, dense[slot, node])
+    assert not dense[rx == 0].any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_threshold_aloha_fixed_point_equals_slot_by_slot_stepping(seed):
+    """The event form of age-dependent access against a plain loop over slots, on the same draws."""
+    g = torch.Generator().manual_seed(seed)
+    nodes, slots, gamma_threshold = 6, 400, 8
+    candidate = torch.rand(slots, nodes, generator=g) < 0.2  # a report and the coin < τ
+    clears = torch.rand(slots, nodes, generator=g) < 0.8
+    age0 = torch.randint(1, 16, (nodes,), generator=g)
+    expected, age = torch.zeros(slots, nodes, dtype=torch.bool), age0.clone()
+    for t in range(slots):
+        real = candidate[t] & (age >= gamma_threshold)
+        if real.sum() == 1 and clears[t][real].all():
+            expected[t] = real
+        age = torch.where(expected[t], 1, age + 1)
+    node, slot = candidate.t().nonzero(as_tuple=True)  # (node, slot) order
+    delivered = threshold_deliveries(node, slot, slot, clears[slot, node], -age0[node], gamma_threshold, slots)
+    assert expected.sum() > 10 and torch.equal(delivered, expected[slot, node])
 
 
 def test_sic_closed_form_spot_values_from_the_notes():
