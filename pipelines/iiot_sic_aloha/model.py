@@ -8,6 +8,7 @@ does not grow with the number of slots; the same code runs on a GPU.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -82,212 +83,325 @@ def simulate(
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
+    streams: int = 1,
 ) -> SimulationResult:
-    """Monte Carlo over ``slots`` measured slots (after ``warmup``) × ``replications`` × nodes."""
+    """Monte Carlo over ``slots`` measured slots (after ``warmup``) × ``replications`` × nodes.
+
+    The replications are split over ``streams`` independent random streams (stream s seeded with
+    seed + 1000003·s) that run side by side, one CPU thread each: the result depends on the seed and
+    the number of streams, never on the machine.
+    """
     device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    R, N = replications, scenario.num_nodes
-    q = torch.tensor(scenario.event_probs, device=device)
-    age = torch.ones(R, N, dtype=torch.int32, device=device)
-    if scheme == "threshold_aloha":
-        # spread initial ages over [1, 2.7N]: synchronised ages push threshold ALOHA into its congested state
-        age = torch.randint(1, max(2, int(2.7 * N)) + 1, (R, N), generator=generator, device=device, dtype=torch.int32)
-    acc = {name: torch.zeros(R, N, dtype=torch.float64, device=device) for name in ("age_sum", "over", "deliveries", "peak_sum", "generated")}
+    streams = max(1, min(streams, replications))
+    sizes = [len(part) for part in np.array_split(np.arange(replications), streams)]
 
-    done = -warmup
-    while done < slots:
-        size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
-        if scheme == "threshold_aloha":
-            age, stats = _threshold_aloha_chunk(scenario, age, size, generator)
-        else:
-            age, stats = _one_shot_chunk(scenario, scheme, age, size, q, generator)
-        if done >= 0:  # after warm-up: accumulate
-            for name, value in stats.items():
-                acc[name] += value
-            if progress is not None:
-                progress(size)
-        done += size
+    def run(stream: int) -> dict[str, np.ndarray]:
+        report = progress if stream == 0 else None  # the streams keep pace: one bar is enough
+        return _simulate_stream(scenario, scheme, slots, sizes[stream], warmup, chunk_slots, seed + 1000003 * stream, device, report)
 
-    acc = {k: v.cpu().numpy() for k, v in acc.items()}
+    if streams == 1 or device.type != "cpu":
+        parts = [run(s) for s in range(streams)]
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # parallel across streams, not inside their small kernels
+        try:
+            with ThreadPoolExecutor(min(streams, threads)) as pool:
+                parts = list(pool.map(run, range(streams)))
+        finally:
+            torch.set_num_threads(threads)
+    acc = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     with np.errstate(divide="ignore", invalid="ignore"):
         per_node_aoi = acc["age_sum"] / slots
         peak = np.where(acc["deliveries"] > 0, acc["peak_sum"] / np.maximum(acc["deliveries"], 1), np.nan)
         per_replication = {
             "throughput": acc["deliveries"].sum(1) / slots,
             "mean_aoi": per_node_aoi.mean(1),
-            "peak_aoi": np.nanmean(peak, 1) if np.isfinite(peak).any() else np.full(R, np.nan),
+            "peak_aoi": np.nanmean(peak, 1) if np.isfinite(peak).any() else np.full(replications, np.nan),
             "p_age_violation": (acc["over"] / slots).mean(1),
             "p_report_violation": 1 - acc["deliveries"].sum(1) / np.maximum(acc["generated"].sum(1), 1),
         }
     return SimulationResult(per_replication, per_node_aoi, slots)
 
 
-def _triangle(n: torch.Tensor) -> torch.Tensor:
-    return n * (n + 1) / 2
+def _simulate_stream(scenario: Scenario, scheme: str, slots: int, R: int, warmup: int, chunk_slots: int, seed: int,
+                     device: torch.device, progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+    """One stream: R replications chunk by chunk; per (replication, node) sums over the measured slots."""
+    stream = RandomStream(seed, device)
+    N = scenario.num_nodes
+    q = torch.tensor(scenario.event_probs, device=device)
+    age = torch.ones(R, N, dtype=torch.int32, device=device)
+    if scheme == "threshold_aloha":
+        # spread initial ages over [1, 2.7N]: synchronised ages push threshold ALOHA into its congested state
+        age = stream.integers(1, max(2, int(2.7 * N)), (R, N))
+    acc = {name: torch.zeros(R, N, dtype=torch.float64, device=device) for name in ("age_sum", "over", "deliveries", "peak_sum", "generated")}
+    done = -warmup
+    while done < slots:
+        size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
+        if scheme == "threshold_aloha":
+            age, stats = _threshold_aloha_chunk(scenario, age, size, stream)
+        else:
+            age, stats = _one_shot_chunk(scenario, scheme, age, size, q, stream)
+        if done >= 0:  # after warm-up: accumulate
+            for name, value in stats.items():
+                acc[name] += value
+            if progress is not None:
+                progress(size)
+        done += size
+    return {name: value.cpu().numpy() for name, value in acc.items()}
 
 
-def _interval_stats(left: torch.Tensor, end: torch.Tensor, deadline: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ of ages and #slots with age > D over slots [max(L, 0), e), where the age at slot t is t − L + 1."""
-    left, end = left.double(), end.double()
-    start = left.clamp(min=0)
-    age_sum = _triangle(end - left) - _triangle(start - left)
-    over = (end - torch.maximum(start, left + deadline)).clamp(min=0)
-    return age_sum, over
+class RandomStream:
+    """One seeded random stream: numpy's PCG64 on CPU (its float32 draws take half the time of
+    torch's CPU Mersenne Twister here, measured), torch's generator on other devices."""
+
+    def __init__(self, seed: int, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.numpy = np.random.default_rng(seed) if self.device.type == "cpu" else None
+        self.torch = None if self.numpy is not None else torch.Generator(device=self.device).manual_seed(seed)
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """float32 in [0, 1)."""
+        if self.numpy is not None:
+            return torch.from_numpy(self.numpy.random(shape, dtype=np.float32))
+        return torch.rand(shape, generator=self.torch, device=self.device)
+
+    def binomial(self, count: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """float64 draws of Binomial(count, prob), elementwise."""
+        if self.numpy is not None:
+            return torch.from_numpy(self.numpy.binomial(count.numpy(), prob.double().numpy()).astype(np.float64))
+        return torch.binomial(count.double(), prob.double(), generator=self.torch)
+
+    def integers(self, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """int32 uniform on low … high."""
+        if self.numpy is not None:
+            return torch.from_numpy(self.numpy.integers(low, high, shape, dtype=np.int32, endpoint=True))
+        return torch.randint(low, high + 1, shape, generator=self.torch, device=self.device, dtype=torch.int32)
 
 
-def _report_events(q: torch.Tensor, R: int, size: int, attempt_prob: float, generator: torch.Generator):
-    """Report slots of every (replication, node) in a chunk, and which of them are transmitted.
+def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of the true entries of a 1-D mask; numpy's on CPU, where torch's nonzero is ~6× slower (measured)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
 
-    The slots are drawn as Geometric(q_i) gaps (a Bernoulli process, memoryless across chunks), so
-    random numbers scale with the reports, not with slots × nodes. Returns (reports per node,
-    transmitted events as (node = r·N + n, slot), ordered by node, then slot).
+
+def _report_events(q: torch.Tensor, R: int, size: int, attempt_prob: float, stream: RandomStream):
+    """Reports of every (replication, node) in a chunk, and the transmissions among them.
+
+    A node transmits in a slot w.p. a_i = q_i p (a report, and the coin < p). Those slots are drawn
+    as Geometric(a_i) gaps, a Bernoulli process memoryless across chunks, so random numbers scale
+    with transmissions, not with slots × nodes. Reports that are not sent only count (for the
+    report-violation probability): each other slot holds one w.p. q_i(1 − p)/(1 − a_i).
+    Returns (reports per node; node = r·N + n, slot and slot key r·size + slot of every
+    transmission, ordered by node, then slot).
     """
     N, device = len(q), q.device
-    q_max = float(q.max())
-    mean = size * q_max
-    width = size if q_max > 0.5 else min(size, int(mean + 6 * math.sqrt(mean + 1) + 16))
-    # gap = ⌊log u / log(1 − q)⌋ + 1; the scale is 0 for q = 1 (every slot) and ∞ for q = 0 (never)
-    scale = (-1.0 / torch.log1p(-q.float())).view(1, N, 1)
+    sent_prob = (q * attempt_prob).repeat(R)
+    a_max = float(sent_prob.max())
+    mean = size * a_max
+    width = size if a_max > 0.5 else min(size, int(mean + 6 * math.sqrt(mean + 1) + 16))
+    # gap = ⌊log u / log(1 − a)⌋ + 1; the scale is 0 for a = 1 (every slot) and ∞ for a = 0 (never)
+    scale = (-1.0 / torch.log1p(-sent_prob.float())).view(R * N, 1)
     while True:
-        u = torch.rand(R, N, width, generator=generator, device=device).clamp_(min=1e-12)
+        u = stream.uniform(R * N, width).clamp_(min=1e-12)
         # float32 counts exactly below 2^24; past the chunk end precision no longer matters
         times = u.log_().neg_().mul_(scale).floor_().add_(1).clamp_(max=size + 1).cumsum_(-1).sub_(1)
-        if width == size or bool((times[..., -1] >= size - 1).all()):
+        if width == size or bool((times[:, -1] >= size - 1).all()):
             break
         width = size  # the stream ran short of the chunk (very rare): draw it at full width
-    generated = times < size
-    sent = generated
+    sent = times < size
+    per_node = sent.sum(-1)
+    slot = times.view(-1).index_select(0, _flatnonzero(sent.view(-1))).long()
+    # node of each event: +1 where each node after the first begins (several at once past empty nodes), summed up
+    begins = per_node.cumsum(0)[:-1]
+    node = torch.zeros(len(slot) + 1, dtype=torch.int64, device=device).index_add_(0, begins, torch.ones_like(begins)).cumsum_(0)[:-1]
+    replication_offset = torch.arange(R, device=device).repeat_interleave(N) * size
+    slot_key = slot + replication_offset.index_select(0, node)
+    generated = per_node.double()
     if attempt_prob < 1:
-        sent = generated & (torch.rand(R, N, width, generator=generator, device=device) < attempt_prob)
-    event = sent.view(-1).nonzero().squeeze(1)  # increasing: ordered by node, then slot
-    slot = times.view(-1).index_select(0, event).to(torch.int64)
-    return generated.sum(-1, dtype=torch.float64).view(-1), event.div(width, rounding_mode="floor"), slot
+        unsent = (q * (1 - attempt_prob) / (1 - q * attempt_prob)).clamp(max=1).repeat(R)
+        generated += stream.binomial(size - per_node, unsent)
+    return generated, node, slot, slot_key
 
 
-def _received(count: int, scenario: Scenario, generator: torch.Generator, device) -> torch.Tensor:
+def _received(count: int, scenario: Scenario, stream: RandomStream) -> torch.Tensor:
     """Received SNR ρh of ``count`` transmissions, Rayleigh power gains h ~ Exp(1) by inversion (float32).
 
-    h = −log(1 − u) with u ∈ [0, 1) stays finite: u = 0 has probability 2⁻²⁴ per draw, about one
-    event per 5000-slot chunk in a hundred, and an infinite power would poison the SIC running sums.
+    h = −log(1 − u) with u ∈ [0, 1) stays finite: u = 0 (probability 2⁻²⁴ per draw, once in some
+    17 million transmissions) would otherwise give an infinite power and poison the SIC sums.
     """
-    return torch.rand(count, generator=generator, device=device, dtype=torch.float32).neg_().log1p_().mul_(-scenario.snr)
+    return stream.uniform(count).neg_().log1p_().mul_(-scenario.snr)
+
+
+def _triangle(n: torch.Tensor) -> torch.Tensor:
+    return n * (n + 1) * 0.5
 
 
 def _chunk_stats(d_node: torch.Tensor, d_slot: torch.Tensor, age: torch.Tensor, size: int, deadline: int, generated: torch.Tensor):
     """(age after the chunk, per-node statistics) from the deliveries, given in (node, slot) order.
 
-    Between deliveries at L and e the ages are 1 … e − L; L is the node's previous delivery
-    (−Δ at the chunk start, as if delivered there).
+    A delivery at e closes the interval begun at the node's previous delivery L; the ages in it run
+    1 … e − L (age at slot t: t − L + 1), adding T(e − L) = (e − L)(e − L + 1)/2 to the age sum and
+    max(0, e − L − D) slots over the deadline. A node's first interval begins before the chunk
+    (L = −Δ, Δ its age at the chunk start) and counts only from slot 0; its last is open at the end.
     """
     R, N = age.shape
-    start = -age.view(-1).to(torch.int64)
+    start = -age.view(-1).double()
     first = torch.ones_like(d_node, dtype=torch.bool)
     first[1:] = d_node[1:] != d_node[:-1]
-    previous = torch.empty_like(d_slot)
-    previous[1:] = d_slot[:-1]
-    last_before = torch.where(first, start.index_select(0, d_node), previous)
-    final_left = start.scatter_reduce(0, d_node, d_slot, reduce="amax")
-    age_sum, over = _interval_stats(last_before, d_slot, deadline)
-    tail_sum, tail_over = _interval_stats(final_left, torch.full_like(final_left, size), deadline)
+    heads = _flatnonzero(first)  # each delivering node's first delivery
+    tails = torch.empty_like(heads)  # and its last
+    tails[:-1] = heads[1:] - 1
+    tails[-1:] = len(d_slot) - 1
+    owners = d_node.index_select(0, heads)
+    e = d_slot.double()
+    gap = torch.empty_like(e)
+    gap[1:] = e[1:] - e[:-1]
+    gap[heads] = e.index_select(0, heads) - start.index_select(0, owners)
+    age_sum = _segment_sums(_triangle(gap), heads, tails, owners, R * N)
+    over = _segment_sums((gap - deadline).clamp_(min=0), heads, tails, owners, R * N)
+    # the first interval counts from slot 0 only: T(Δ) of ages before it, and at most e slots over D
+    first_over = (gap.index_select(0, heads) - deadline).clamp_(min=0)
+    age_sum[owners] -= _triangle(-start.index_select(0, owners))
+    over[owners] -= first_over - first_over.minimum(e.index_select(0, heads))
+    # the open interval from each node's last delivery (or −Δ) to the chunk end
+    last = start.clone()
+    last[owners] = e.index_select(0, tails)
+    open_gap = size - last
+    age_sum += _triangle(open_gap) - _triangle((-last).clamp_(min=0))
+    over += (open_gap - deadline).clamp_(min=0).minimum(size - last.clamp(min=0))
+    deliveries = torch.zeros_like(start)
+    deliveries[owners] = (tails - heads + 1).double()
+    stats = {"age_sum": age_sum, "over": over, "deliveries": deliveries,
+             "peak_sum": last - start,  # Σ of the ages just before each reset: the gaps telescope
+             "generated": generated}
+    return (size - last).to(torch.int32).view(R, N), {k: v.view(R, N) for k, v in stats.items()}
 
-    def per_node(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(R * N, dtype=torch.float64, device=age.device).index_add_(0, d_node, values.double())
 
-    stats = {
-        "age_sum": per_node(age_sum) + tail_sum,
-        "over": per_node(over) + tail_over,
-        "deliveries": per_node(torch.ones_like(age_sum)),
-        "peak_sum": per_node(d_slot - last_before),  # the age just before the reset
-        "generated": generated,
-    }
-    return (size - final_left).to(torch.int32).view(R, N), {k: v.view(R, N) for k, v in stats.items()}
+def _segment_sums(values: torch.Tensor, heads: torch.Tensor, tails: torch.Tensor, owners: torch.Tensor, count: int) -> torch.Tensor:
+    """Per-node sums of values stored node by node (segments [head, tail]), zero for absent nodes."""
+    cumulative = values.cumsum(0)
+    sums = cumulative.index_select(0, tails) - cumulative.index_select(0, heads) + values.index_select(0, heads)
+    return torch.zeros(count, dtype=values.dtype, device=values.device).index_put_((owners,), sums)
 
 
-def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: int, q: torch.Tensor, generator: torch.Generator):
+def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: int, q: torch.Tensor, stream: RandomStream):
     """``size`` slots of the one-shot schemes, event by event (a report is sent in its slot w.p. p)."""
     R, N = age.shape
-    generated, node, slot = _report_events(q, R, size, scenario.transmit_prob, generator)
-    rx = _received(len(node), scenario, generator, age.device)
-    slot_key = node.div(N, rounding_mode="floor").mul_(size).add_(slot)
-    delivered = _decode_events(slot_key, rx, scheme, scenario, R * size).nonzero().squeeze(1)
-    return _chunk_stats(node.index_select(0, delivered), slot.index_select(0, delivered), age, size, scenario.deadline, generated)
+    generated, node, slot, slot_key = _report_events(q, R, size, scenario.transmit_prob, stream)
+    rx = _received(len(node), scenario, stream)
+    won = _flatnonzero(_decode_events(slot_key, rx, scheme, scenario, R * size))
+    return _chunk_stats(node.index_select(0, won), slot.index_select(0, won), age, size, scenario.deadline, generated)
 
 
 def _decode_events(slot_key: torch.Tensor, rx: torch.Tensor, scheme: str, scenario: Scenario, slots: int) -> torch.Tensor:
     """Decode transmissions given as events (slot key < ``slots``, float32 received SNR); returns decoded per event.
 
-    ALOHA and capture need only per-slot counts and sums. SIC needs each slot's packets in decreasing
-    power: one sort on (slot, −power) makes every slot a contiguous segment, and the stage sums
-    become segment-relative cumulative sums — no table as wide as the largest collision.
+    ALOHA and capture need only per-slot counts and sums; SIC runs in stages (``_sic_stages``).
     """
     gamma = scenario.threshold
     if scheme == "aloha":
         count = torch.bincount(slot_key, minlength=slots)
         return (count.index_select(0, slot_key) == 1) & (rx >= gamma)
     x = rx.double()
-    total = torch.zeros(slots, dtype=torch.float64, device=rx.device).index_add_(0, slot_key, x).index_select(0, slot_key)
+    total = torch.zeros(slots, dtype=torch.float64, device=rx.device).index_add_(0, slot_key, x)
     if scheme == "capture":
-        return x >= gamma * (1 + total - x)
+        return x >= gamma * (1 + total.index_select(0, slot_key) - x)
     if scheme != "sic":
         raise ValueError(f"no receiver for scheme {scheme!r}")
-    # positive float32 bit patterns order like the values; equal powers may go in either order (same sums)
-    power_rank = (2**31 - 1) - rx.contiguous().view(torch.int32).to(torch.int64)
-    order = torch.argsort(slot_key * 2**31 + power_rank, stable=True)  # stable sorts int64 faster here (measured)
-    xs, total = x.index_select(0, order), total.index_select(0, order)
-    key = slot_key.index_select(0, order)
-    new_slot = torch.ones_like(key, dtype=torch.bool)
-    new_slot[1:] = key[1:] != key[:-1]
-    starts = new_slot.nonzero().squeeze(1)
-    segment = new_slot.cumsum(0).sub_(1)
-    cumulative = xs.cumsum(0)
-    exclusive = cumulative - xs
-    stronger = exclusive - exclusive.index_select(0, starts).index_select(0, segment)  # Σ_{l<m} x_(l)
-    weaker = total - stronger - xs  # Σ_{l>m} x_(l)
-    failed = xs < gamma * (1 + weaker + scenario.csi_residual * stronger)
-    failures = failed.cumsum(0)
-    before_slot = (failures - failed.long()).index_select(0, starts).index_select(0, segment)
-    decoded = failures == before_slot  # SIC stops at the first failure
-    if scenario.max_sic_stages is not None:
-        stage = torch.arange(len(key), device=key.device) - starts.index_select(0, segment)
-        decoded &= stage < scenario.max_sic_stages
-    return torch.empty_like(decoded).scatter_(0, order, decoded)
+    return _sic_stages(slot_key, x, total, scenario, slots)
 
 
-def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, generator: torch.Generator):
+def _sic_stages(slot_key: torch.Tensor, x: torch.Tensor, total: torch.Tensor, scenario: Scenario, slots: int) -> torch.Tensor:
+    """SIC without sorting. A stage decodes, in every slot still in play, each packet whose SINR
+    against the packets not yet cancelled clears γ: x_i ≥ γ(1 + T − x_i + εC), T the slot's power
+    not yet cancelled, C the power cancelled. The SINR grows with x_i, so a stage decodes the
+    strongest packets left, and with ε ≤ 1 cancelling one never raises another's requirement:
+    decoding a stage's packets together equals decoding them one by one in power order, and a slot
+    leaves play exactly where one-by-one SIC stops. Under a stage limit K_max a stage keeps only the
+    strongest of them (equal powers: the first event), so stages count SIC stages.
+    """
+    gamma, residual, limit = scenario.threshold, scenario.csi_residual, scenario.max_sic_stages
+    decoded = torch.zeros_like(x, dtype=torch.bool)
+    cancelled = torch.zeros_like(total) if residual else None
+    in_play = None  # positions of the packets still in play; None: all
+    remaining = total.index_select(0, slot_key)  # T of each packet's slot
+    stage = 0
+    while len(x) and (limit is None or stage < limit):
+        stage += 1
+        # x ≥ γ(1 + T − x + εC)  ⟺  T + εC − x(1 + γ)/γ ≤ −1
+        slack = remaining.sub(x, alpha=(1 + gamma) / gamma)
+        if residual:
+            slack.add_(cancelled.index_select(0, slot_key), alpha=residual)
+        passed = slack <= -1
+        if limit is not None:
+            passed &= _strongest_per_slot(slot_key, x, passed, slots)
+        won = _flatnonzero(passed)
+        if not len(won):
+            break
+        won_key, won_x = slot_key.index_select(0, won), x.index_select(0, won)
+        decoded.index_fill_(0, won if in_play is None else in_play.index_select(0, won), True)
+        total.index_add_(0, won_key, won_x, alpha=-1)
+        if residual:
+            cancelled.index_add_(0, won_key, won_x)
+        touched = torch.zeros(slots, dtype=torch.bool, device=x.device).index_fill_(0, won_key, True)
+        stay = _flatnonzero(touched.index_select(0, slot_key) & ~passed)  # the rest of the slots that decoded
+        in_play = stay if in_play is None else in_play.index_select(0, stay)
+        slot_key, x = slot_key.index_select(0, stay), x.index_select(0, stay)
+        remaining = total.index_select(0, slot_key)
+    return decoded
+
+
+def _strongest_per_slot(slot_key: torch.Tensor, x: torch.Tensor, candidate: torch.Tensor, slots: int) -> torch.Tensor:
+    """Marks, per slot, the strongest candidate (equal powers: the first)."""
+    first = torch.arange(len(x), 0, -1, device=x.device)  # larger for earlier events
+    key = torch.where(candidate, (x.float().view(torch.int32).long() << 32) | first, -1)
+    best = torch.full((slots,), -1, dtype=torch.int64, device=x.device).scatter_reduce_(0, slot_key, key, "amax")
+    return candidate & (key == best.index_select(0, slot_key))
+
+
+def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, stream: RandomStream):
     """Age-dependent access: a node with a new report transmits w.p. τ only while Δ_i(t−1) ≥ Γ.
 
     Event by event, like the one-shot schemes: the candidate attempts (report and coin < τ) are drawn
     first; an attempt at t is real iff t − L ≥ Γ, L the node's previous delivery, and a slot delivers
-    iff it holds exactly one real attempt whose SNR clears γ. Deliveries decide which later attempts
-    are real, so they are found as the fixed point of "deliveries → real attempts → deliveries",
-    iterated from "no delivery". Each pass settles at least the earliest slot still wrong (the
-    system is causal), so the iteration ends, at the exact slot-by-slot outcome, in a few passes.
+    iff it holds exactly one real attempt whose SNR clears γ (``threshold_deliveries``).
     """
     R, N = age.shape
     device = age.device
     q = torch.tensor(scenario.event_probs, device=device)
-    generated, node, slot = _report_events(q, R, size, scenario.tau, generator)
-    clears = _received(len(node), scenario, generator, device) >= scenario.threshold
-    slot_key = node.div(N, rounding_mode="floor").mul_(size).add_(slot)
-    start = (-age.view(-1).to(torch.int64)).index_select(0, node)
-    delivered = threshold_deliveries(node, slot, slot_key, clears, start, scenario.gamma_threshold, R * size)
-    delivered = delivered.nonzero().squeeze(1)
-    return _chunk_stats(node.index_select(0, delivered), slot.index_select(0, delivered), age, size, scenario.deadline, generated)
+    generated, node, slot, slot_key = _report_events(q, R, size, scenario.tau, stream)
+    clears = _received(len(node), scenario, stream) >= scenario.threshold
+    start = (-age.view(-1).long()).index_select(0, node)
+    won = _flatnonzero(threshold_deliveries(node, slot, slot_key, clears, start, scenario.gamma_threshold, R * size))
+    return _chunk_stats(node.index_select(0, won), slot.index_select(0, won), age, size, scenario.deadline, generated)
 
 
 def threshold_deliveries(node, slot, slot_key, clears, start, gamma_threshold: int, slots: int) -> torch.Tensor:
     """Which candidate attempts (given in (node, slot) order) deliver under threshold ALOHA.
 
     ``start`` is each attempt's node's −Δ at the chunk start; ``clears`` whether its SNR clears γ.
+    Deliveries decide which later attempts are real, so they are found as the fixed point of
+    "deliveries → real attempts → deliveries", iterated from "no delivery". Each pass settles at
+    least the earliest slot still wrong (the system is causal), so the iteration ends, at the exact
+    slot-by-slot outcome, in a few passes.
+
+    L comes from one running max over the codes node·span + Γ + L that deliveries carry (other
+    attempts carry 0): span exceeds every slot + Γ, so the codes of earlier nodes stay below any
+    bound node·span + t − Γ + Γ. The chunk start, L = −Δ, is checked on its own.
     """
-    span = int(slot.max()) + 2 if len(slot) else 1
-    node_base = node * span  # node-major offsets turn a running max into a per-node one
+    if not len(slot):
+        return torch.zeros_like(clears)
+    span = int(slot.max()) + gamma_threshold + 1
+    dtype = torch.int32 if (int(node.max()) + 1) * span < 2**31 else torch.int64
+    as_delivery = node.to(dtype) * span + gamma_threshold + slot.to(dtype)
+    real_below = as_delivery - gamma_threshold  # real iff L ≤ t − Γ
+    real_from_start = start <= slot - gamma_threshold
+    real = real_from_start.clone()
     delivered = torch.zeros_like(clears)
     while True:
-        marked = node_base + torch.where(delivered, slot + 1, 0)
-        previous = torch.cat([marked.new_full((1,), -1), torch.cummax(marked, 0).values[:-1]]) - node_base
-        last = torch.where(previous >= 1, previous - 1, start)  # L: the node's previous delivery
-        real = slot - last >= gamma_threshold
+        running = torch.cummax(as_delivery * delivered, 0).values
+        torch.le(running[:-1], real_below[1:], out=real[1:]).logical_and_(real_from_start[1:])
         count = torch.zeros(slots, dtype=torch.int32, device=slot.device).index_add_(0, slot_key, real.int())
         now = real & clears & (count.index_select(0, slot_key) == 1)
         if torch.equal(now, delivered):

@@ -22,7 +22,8 @@ def run_simulation(cfg: DictConfig, scenario: Scenario, scheme: str, slots: int,
     """The vectorized simulator with a progress bar, on the configured device."""
     device = resolve_accelerator(str(cfg.trainer.accelerator))
     with tqdm(total=slots, desc=scheme, unit="slot", leave=False, disable=not cfg.trainer.enable_progress_bar) as bar:
-        return simulate(scenario, scheme, slots, replications, cfg.sim.warmup, cfg.sim.chunk_slots, seed, device, bar.update)
+        return simulate(scenario, scheme, slots, replications, cfg.sim.warmup, cfg.sim.chunk_slots, seed, device, bar.update,
+                        cfg.sim.streams)
 
 
 def comparison_rows(scheme: str, analysis: dict, result: SimulationResult, confidence: float) -> list[dict]:
@@ -77,6 +78,9 @@ class SicAlohaExperiment(NonGradientExperiment):
         check_schemes(cfg.sim.schemes)
         if cfg.sim.slots < 1 or cfg.sim.replications < 2:
             raise ConfigError("sim.slots must be ≥ 1 and sim.replications ≥ 2 (confidence intervals need two)")
+        for key in ("chunk_slots", "streams"):
+            if not isinstance(cfg.sim[key], int) or cfg.sim[key] < 1:
+                raise ConfigError(f"sim.{key} must be a whole number ≥ 1, got {cfg.sim[key]}")
 
     def run(self, tracker: Tracker) -> dict[str, float]:
         cfg = self.cfg

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -13,7 +14,9 @@ from common.tracking import tracking_uri
 from pipelines.iiot_sic_aloha.analysis import (analyze, best_transmit_probability, decoding_table,
                                                sic_tail_probability, threshold_aloha_mean_field)
 from pipelines.iiot_sic_aloha.data import Scenario, scenario_from_config
-from pipelines.iiot_sic_aloha.model import _decode_events, decode, simulate, threshold_deliveries
+from pipelines.iiot_sic_aloha.model import (RandomStream, _chunk_stats, _decode_events, _report_events, decode, simulate,
+                                            threshold_deliveries)
+from pipelines.iiot_sic_aloha.module import SicAlohaExperiment
 from pipelines.iiot_sic_aloha.reference import simulate_reference
 from tests.conftest import lightyard
 
@@ -77,6 +80,51 @@ def test_threshold_aloha_fixed_point_equals_slot_by_slot_stepping(seed):
     node, slot = candidate.t().nonzero(as_tuple=True)  # (node, slot) order
     delivered = threshold_deliveries(node, slot, slot, clears[slot, node], -age0[node], gamma_threshold, slots)
     assert expected.sum() > 10 and torch.equal(delivered, expected[slot, node])
+
+
+def test_report_events_come_in_node_slot_order_with_their_keys():
+    q = torch.tensor([0.3, 0.0, 1.0, 0.05])  # a silent node, a node reporting every slot
+    generated, node, slot, slot_key = _report_events(q, 2, 50, 1.0, RandomStream(0))
+    per_node = torch.bincount(node, minlength=8)
+    assert torch.equal(per_node.double(), generated) and per_node[[1, 5]].sum() == 0 and (per_node[[2, 6]] == 50).all()
+    position = node * 50 + slot
+    assert (position[1:] > position[:-1]).all() and torch.equal(slot_key, slot + node // 4 * 50)
+    generated, node, _, _ = _report_events(q, 2, 50, 0.5, RandomStream(0))
+    assert (generated >= torch.bincount(node, minlength=8)).all() and generated[[2, 6]].tolist() == [50, 50]
+
+
+def test_chunk_statistics_equal_slot_by_slot_bookkeeping():
+    """Interval sums (triangle numbers, telescoping peaks) against ages stepped slot by slot."""
+    g = torch.Generator().manual_seed(0)
+    R, N, size, deadline = 2, 4, 80, 6
+    delivered = torch.rand(R * N, size, generator=g) < 0.1
+    delivered[0] = False  # a node that never delivers
+    delivered[1, 0] = True  # a delivery in the first slot
+    age0 = torch.randint(1, 15, (R, N), generator=g, dtype=torch.int32)  # some already over D
+    node, slot = delivered.nonzero(as_tuple=True)  # (node, slot) order
+    generated = torch.rand(R * N, generator=g, dtype=torch.float64)
+    age, got = _chunk_stats(node, slot, age0, size, deadline, generated)
+    expected = {name: torch.zeros(R * N, dtype=torch.float64) for name in ("age_sum", "over", "peak_sum")}
+    a = age0.view(-1).double()
+    for t in range(size):
+        expected["peak_sum"] += torch.where(delivered[:, t], a, 0.0)  # the age just before the reset
+        a = torch.where(delivered[:, t], 1.0, a + 1)
+        expected["age_sum"] += a
+        expected["over"] += (a > deadline).double()
+    expected["deliveries"], expected["generated"] = delivered.sum(1).double(), generated
+    assert torch.equal(age.view(-1), a.int())
+    for name, value in expected.items():
+        assert torch.equal(got[name].view(-1), value), name
+
+
+def test_streams_split_the_replications_deterministically():
+    scenario = Scenario(6, (0.2,) * 6, csi_residual=0.1)
+    both = simulate(scenario, "sic", 3000, 5, warmup=100, chunk_slots=700, seed=3, streams=2)
+    first = simulate(scenario, "sic", 3000, 3, warmup=100, chunk_slots=700, seed=3)
+    second = simulate(scenario, "sic", 3000, 2, warmup=100, chunk_slots=700, seed=3 + 1000003)
+    assert np.array_equal(both.per_node_aoi, np.concatenate([first.per_node_aoi, second.per_node_aoi]))
+    for metric, values in both.per_replication.items():
+        assert np.array_equal(values, np.concatenate([first.per_replication[metric], second.per_replication[metric]]))
 
 
 def test_sic_closed_form_spot_values_from_the_notes():
@@ -164,6 +212,12 @@ def test_bad_parameters_give_one_clear_line(override, message):
     with pytest.raises(ConfigError) as err:
         scenario_from_config(compose("iiot_sic_aloha", override).sim)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["streams", "chunk_slots"])
+def test_run_settings_must_be_whole_numbers(key):
+    with pytest.raises(ConfigError, match=f"sim.{key} must be a whole number ≥ 1, got 0"):
+        SicAlohaExperiment.check_config(compose("iiot_sic_aloha", {f"sim.{key}": 0}))
 
 
 def test_cli_rejects_a_bad_probability_in_one_line(home):
