@@ -237,8 +237,9 @@ def _triangle(n: torch.Tensor) -> torch.Tensor:
     return n * (n + 1) * 0.5
 
 
-def _chunk_stats(d_node: torch.Tensor, d_slot: torch.Tensor, age: torch.Tensor, size: int, deadline: int, generated: torch.Tensor):
-    """(age after the chunk, per-node statistics) from the deliveries, given in (node, slot) order.
+def _chunk_stats(node: torch.Tensor, slot: torch.Tensor, delivered: torch.Tensor, age: torch.Tensor, size: int, deadline: int,
+                 generated: torch.Tensor):
+    """(age after the chunk, per-node statistics) from the transmissions, in (node, slot) order, that delivered.
 
     A delivery at e closes the interval begun at the node's previous delivery L; the ages in it run
     1 … e − L (age at slot t: t − L + 1), adding T(e − L) = (e − L)(e − L + 1)/2 to the age sum and
@@ -246,6 +247,8 @@ def _chunk_stats(d_node: torch.Tensor, d_slot: torch.Tensor, age: torch.Tensor, 
     (L = −Δ, Δ its age at the chunk start) and counts only from slot 0; its last is open at the end.
     """
     R, N = age.shape
+    won = _flatnonzero(delivered)
+    d_node, d_slot = node.index_select(0, won), slot.index_select(0, won)
     start = -age.view(-1).double()
     first = torch.ones_like(d_node, dtype=torch.bool)
     first[1:] = d_node[1:] != d_node[:-1]
@@ -290,8 +293,8 @@ def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: in
     R, N = age.shape
     generated, node, slot, slot_key = _report_events(q, R, size, scenario.transmit_prob, stream)
     rx = _received(len(node), scenario, stream)
-    won = _flatnonzero(_decode_events(slot_key, rx, scheme, scenario, R * size))
-    return _chunk_stats(node.index_select(0, won), slot.index_select(0, won), age, size, scenario.deadline, generated)
+    delivered = _decode_events(slot_key, rx, scheme, scenario, R * size)
+    return _chunk_stats(node, slot, delivered, age, size, scenario.deadline, generated)
 
 
 def _decode_events(slot_key: torch.Tensor, rx: torch.Tensor, scheme: str, scenario: Scenario, slots: int) -> torch.Tensor:
@@ -373,8 +376,8 @@ def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, str
     generated, node, slot, slot_key = _report_events(q, R, size, scenario.tau, stream)
     clears = _received(len(node), scenario, stream) >= scenario.threshold
     start = (-age.view(-1).long()).index_select(0, node)
-    won = _flatnonzero(threshold_deliveries(node, slot, slot_key, clears, start, scenario.gamma_threshold, R * size))
-    return _chunk_stats(node.index_select(0, won), slot.index_select(0, won), age, size, scenario.deadline, generated)
+    delivered = threshold_deliveries(node, slot, slot_key, clears, start, scenario.gamma_threshold, R * size)
+    return _chunk_stats(node, slot, delivered, age, size, scenario.deadline, generated)
 
 
 def threshold_deliveries(node, slot, slot_key, clears, start, gamma_threshold: int, slots: int) -> torch.Tensor:

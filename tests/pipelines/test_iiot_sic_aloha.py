@@ -97,13 +97,14 @@ def test_chunk_statistics_equal_slot_by_slot_bookkeeping():
     """Interval sums (triangle numbers, telescoping peaks) against ages stepped slot by slot."""
     g = torch.Generator().manual_seed(0)
     R, N, size, deadline = 2, 4, 80, 6
-    delivered = torch.rand(R * N, size, generator=g) < 0.1
+    sent = torch.rand(R * N, size, generator=g) < 0.2
+    delivered = sent & (torch.rand(R * N, size, generator=g) < 0.5)
     delivered[0] = False  # a node that never delivers
-    delivered[1, 0] = True  # a delivery in the first slot
+    sent[1, 0] = delivered[1, 0] = True  # a delivery in the first slot
     age0 = torch.randint(1, 15, (R, N), generator=g, dtype=torch.int32)  # some already over D
-    node, slot = delivered.nonzero(as_tuple=True)  # (node, slot) order
+    node, slot = sent.nonzero(as_tuple=True)  # (node, slot) order
     generated = torch.rand(R * N, generator=g, dtype=torch.float64)
-    age, got = _chunk_stats(node, slot, age0, size, deadline, generated)
+    age, got = _chunk_stats(node, slot, delivered[node, slot], age0, size, deadline, generated)
     expected = {name: torch.zeros(R * N, dtype=torch.float64) for name in ("age_sum", "over", "peak_sum")}
     a = age0.view(-1).double()
     for t in range(size):
