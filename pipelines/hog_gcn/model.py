@@ -210,7 +210,9 @@ class HOGGCN(SparseModule):
         return values.sum(1, keepdim=True) if self.dense else self.pattern.row_sum(values).unsqueeze(1)
 
     def _row_sum(self, values):
-        return values.sum(1, keepdim=True) if self.dense else self.pattern.row_sum(values)[self.pattern.row]
+        """The same sums, beside every support entry (sparse) or as a broadcastable column (dense)."""
+        sums = self._node_sum(values)
+        return sums if self.dense else sums[self.pattern.row, 0]
 
     def topology(self, layer: HomophilyPropagation) -> torch.Tensor:
         """T̂ = D_k⁻¹ (A_k ⊙ T): the label-propagation matrix (Eq. 7), row-normalised."""

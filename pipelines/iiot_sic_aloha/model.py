@@ -138,7 +138,7 @@ def _simulate_stream(scenario: Scenario, scheme: str, slots: int, R: int, warmup
     while done < slots:
         size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
         if scheme == "threshold_aloha":
-            age, stats = _threshold_aloha_chunk(scenario, age, size, stream)
+            age, stats = _threshold_aloha_chunk(scenario, age, size, q, stream)
         else:
             age, stats = _one_shot_chunk(scenario, scheme, age, size, q, stream)
         if done >= 0:  # after warm-up: accumulate
@@ -363,7 +363,7 @@ def _strongest_per_slot(slot_key: torch.Tensor, x: torch.Tensor, candidate: torc
     return candidate & (key == best.index_select(0, slot_key))
 
 
-def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, stream: RandomStream):
+def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, q: torch.Tensor, stream: RandomStream):
     """Age-dependent access: a node with a new report transmits w.p. τ only while Δ_i(t−1) ≥ Γ.
 
     Event by event, like the one-shot schemes: the candidate attempts (report and coin < τ) are drawn
@@ -371,8 +371,6 @@ def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, str
     iff it holds exactly one real attempt whose SNR clears γ (``threshold_deliveries``).
     """
     R, N = age.shape
-    device = age.device
-    q = torch.tensor(scenario.event_probs, device=device)
     generated, node, slot, slot_key = _report_events(q, R, size, scenario.tau, stream)
     clears = _received(len(node), scenario, stream) >= scenario.threshold
     start = (-age.view(-1).long()).index_select(0, node)
