@@ -15,7 +15,11 @@ EPILOG = """examples:
   lightyard train iiot_sic_aloha
   lightyard train iiot_sic_aloha sim.num_nodes=10,20 preset=quick     (a sweep: parent + child runs)
   lightyard train <pipeline> resume=<run id>                             (continue an interrupted run)
+  lightyard reproduce <pipeline> [experiment=<name>] [launcher.workers=2]  (a grid: parent + child runs, then tables)
+  lightyard reproduce <pipeline> resume=<parent run id>                   (run only the unfinished children)
+  lightyard report <parent run id>                                       (rebuild the tables from MLflow)
   lightyard runs --limit 10
+  lightyard runs --stale                                                 (mark runs of dead processes KILLED)
   lightyard ui
 """
 
@@ -31,9 +35,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from common.runner import train
 
-    results = train(args.pipeline, args.overrides)
+    results = train(args.pipeline, _with_yes(args))
     _print_results(results)
     return 0
+
+
+def _with_yes(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, "launcher.allow_large=true"] if args.yes else list(args.overrides)
 
 
 def _print_results(results) -> None:
@@ -50,10 +58,23 @@ def _print_results(results) -> None:
 
 
 def _cmd_entry(args: argparse.Namespace) -> int:
-    from common.runner import entry_point
+    from common.grid import run_experiment
 
-    result = entry_point(args.command, args.pipeline, args.overrides)
-    print(f"logged to MLflow run {result.run_id}; see `lightyard ui`")
+    result = run_experiment(args.command, args.pipeline, _with_yes(args))
+    print(result.report)
+    print(f"parent run {result.run_id}: {result.finished} of {result.total} child runs finished; "
+          f"`lightyard report {result.run_id}` rebuilds these tables", flush=True)
+    if result.failed:
+        print(f"lightyard: {result.failed} of {result.total} child runs failed (each FAILED in MLflow with its error); "
+              f"rerun them with: lightyard {args.command} {args.pipeline} resume={result.run_id}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from common.grid import report_command
+
+    print(report_command(args.run_id))
     return 0
 
 
@@ -88,7 +109,12 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     from common.tables import markdown_table
     from common.tracking import project_tracking_uri
 
-    uri = project_tracking_uri()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or project_tracking_uri()
+    if args.stale:
+        from common.grid import stale_command
+
+        print(markdown_table(stale_command(uri), title=f"Stale runs marked KILLED ({uri})"))
+        return 0
     print(markdown_table(run_rows(uri, args.pipeline, args.limit), title=f"Recent runs ({uri})"))
     return 0
 
@@ -143,19 +169,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="one run, or a sweep over comma-separated values", description="Train (or simulate) one pipeline; every run is logged to MLflow.")
     p.add_argument("pipeline")
     p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("--yes", action="store_true", help="run a sweep larger than launcher.max_points")
     p.set_defaults(func=_cmd_train)
 
-    for name, text in (("bench", "speed and memory tables measured side by side in one process"),
-                       ("reproduce", "the pipeline's experiment grid, with a table beside the paper's numbers")):
+    for name, text in (("bench", "the pipeline's bench grid: speed/memory, one child run per point, same-run ratios"),
+                       ("reproduce", "the pipeline's experiment grid: one child run per point, tables beside the paper's numbers")):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("pipeline")
         p.add_argument("overrides", nargs="*", help=overrides_help)
+        p.add_argument("--yes", action="store_true", help="run a grid larger than launcher.max_points")
         p.set_defaults(func=_cmd_entry)
 
     p = sub.add_parser("runs", help="a table of recent runs from MLflow")
     p.add_argument("--pipeline", help="only this pipeline's runs")
     p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
+    p.add_argument("--stale", action="store_true", help="find runs left RUNNING by a killed process or a lost machine and mark them KILLED")
     p.set_defaults(func=_cmd_runs)
+
+    p = sub.add_parser("report", help="rebuild a reproduce/bench parent run's tables and figures from MLflow (no rerun)")
+    p.add_argument("run_id", help="the parent run id that reproduce/bench printed")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -178,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightyard: error: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
-        again = f"lightyard train {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
+        again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
         print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)
         return 128 + int(stop.signum)
     except KeyboardInterrupt:

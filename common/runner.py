@@ -7,19 +7,23 @@ stays RUNNING: FINISHED, KILLED (SIGINT/SIGTERM, with ``interrupted.ckpt`` writt
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
 from common import registry
 from common.config import ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
-from common.tracking import Tracker, tracking_uri
+from common.tracking import Heartbeat, Tracker, liveness_tags, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -30,6 +34,7 @@ class RunInterrupted(Exception):
         self.signum = signum
         self.run_id = ""
         self.pipeline = ""
+        self.command = "train"
 
 
 @dataclass
@@ -38,6 +43,15 @@ class RunResult:
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
     config: DictConfig | None = None
+
+
+def load_target(path: str) -> Any:
+    """``"package.module:attr"`` → the object (experiment points name their function this way in config)."""
+    module_name, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot load '{path}' named in the config: {err}") from None
 
 
 def compose(pipeline_name: str, values: dict[str, Any] | None = None) -> DictConfig:
@@ -131,28 +145,50 @@ def _overrides(obj: Any, method: str, base: type) -> bool:
     return getattr(type(obj), method) is not getattr(base, method)
 
 
-def _run_non_gradient(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracker) -> dict[str, float]:
-    import signal
-
-    import numpy as np
-    import torch
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and Ctrl+C raise :class:`RunInterrupted` inside this block (main thread only), so
+    whatever runs there (data setup, stage-1 pretraining, a grid) ends KILLED instead of dying RUNNING.
+    Lightning's fit replaces the SIGTERM handler for its loop with the graceful one (finish the batch)."""
 
     def stop(signum: int, frame: Any) -> None:
         raise RunInterrupted(signum, f"stopped by signal {signum}")
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        np.random.seed(cfg.seed % 2**32)
-        torch.manual_seed(cfg.seed)
-        return pipeline.load("module")(cfg).run(tracker)
+        yield
     except KeyboardInterrupt:
         raise RunInterrupted(signal.SIGINT, "stopped by Ctrl+C") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_one(cfg: DictConfig, parent: Tracker | None = None, ckpt_path: str | None = None, reopen: str | None = None) -> RunResult:
-    """One run of one config, start to final status."""
+def _run_non_gradient(cfg: DictConfig, run: Callable[[DictConfig, Tracker | None], dict], tracker: Tracker | None) -> dict[str, float]:
+    import numpy as np
+    import torch
+
+    np.random.seed(cfg.seed % 2**32)
+    torch.manual_seed(cfg.seed)
+    return run(cfg, tracker)
+
+
+def run_one(
+    cfg: DictConfig,
+    parent: Tracker | None = None,
+    ckpt_path: str | None = None,
+    reopen: str | None = None,
+    tags: dict[str, str] | None = None,
+    target: str | None = None,
+) -> RunResult:
+    """One run of one config, start to final status.
+
+    ``target`` (``"package.module:function"``, ``function(cfg, tracker) -> metrics``) runs one grid point
+    of an experiment instead of the pipeline's module; everything around it (tags, seeds, signals,
+    status) is the same as for ``train``.
+    """
     from common.experiment import NonGradientExperiment
 
     pipeline = registry.get(cfg.pipeline)
@@ -162,7 +198,7 @@ def run_one(cfg: DictConfig, parent: Tracker | None = None, ckpt_path: str | Non
         if reopen:
             tracker = Tracker.reopen(tracking_uri(cfg), reopen)
         else:
-            tags = {"lightyard.resumed_from": ckpt_path} if ckpt_path else {}
+            tags = {**({"lightyard.resumed_from": ckpt_path} if ckpt_path else {}), **(tags or {})}
             tracker = Tracker.start(cfg, cfg.run_name or f"{cfg.pipeline}-{cfg.preset}", tags=tags, parent=parent)
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / tracker.run_id
     else:  # DDP ranks > 0 under torchrun/srun: rank 0's checkpoint folder is broadcast by Lightning
@@ -170,18 +206,22 @@ def run_one(cfg: DictConfig, parent: Tracker | None = None, ckpt_path: str | Non
     run_dir.mkdir(parents=True, exist_ok=True)
 
     start = time.time()
+    heartbeat = Heartbeat(tracker) if tracker is not None else None
     try:
-        if tracker is not None:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-            tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics)})
-            tracker.log_config(cfg)
-        target = pipeline.load("module")
-        if isinstance(target, type) and issubclass(target, NonGradientExperiment):
-            metrics = _run_non_gradient(cfg, pipeline, tracker)
+        with stop_on_signals():
             if tracker is not None:
-                tracker.log_metrics(metrics)
-        else:  # Lightning has logged its metrics per step/epoch already
-            metrics = _fit_lightning(cfg, pipeline, tracker, run_dir, ckpt_path)
+                (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+                tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics),
+                                  **liveness_tags()})
+                tracker.log_config(cfg)
+            module = load_target(target) if target else pipeline.load("module")
+            if target or (isinstance(module, type) and issubclass(module, NonGradientExperiment)):
+                run = module if target else (lambda c, t: module(c).run(t))
+                metrics = _run_non_gradient(cfg, run, tracker)
+                if tracker is not None:
+                    tracker.log_metrics(metrics)
+            else:  # Lightning has logged its metrics per step/epoch already
+                metrics = _fit_lightning(cfg, pipeline, tracker, run_dir, ckpt_path)
     except RunInterrupted as stop:
         stop.pipeline = cfg.pipeline
         if tracker is not None:
@@ -189,21 +229,44 @@ def run_one(cfg: DictConfig, parent: Tracker | None = None, ckpt_path: str | Non
             tracker.log_metrics({"duration_s": time.time() - start})
             tracker.end("KILLED", error=str(stop))
         raise
-    except BaseException as err:
+    except SystemExit as err:
+        if not isinstance(err.__context__, KeyboardInterrupt):
+            _fail(tracker, err)
+            raise
+        # Lightning turns a Ctrl+C during fit into exit(1) after ignoring further SIGINTs
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop = RunInterrupted(signal.SIGINT, "stopped by Ctrl+C")
+        stop.pipeline = cfg.pipeline
         if tracker is not None:
-            tracker.log_text(traceback.format_exc(), "traceback.txt")
-            tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
+            stop.run_id = tracker.run_id
+            tracker.end("KILLED", error=str(stop))
+        raise stop from None
+    except BaseException as err:
+        _fail(tracker, err)
         raise
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     if tracker is not None:
         tracker.log_metrics({"duration_s": time.time() - start})
         tracker.end("FINISHED")
     return RunResult(tracker.run_id if tracker else "", "FINISHED", metrics, cfg)
 
 
+def _fail(tracker: Tracker | None, err: BaseException) -> None:
+    if tracker is not None:
+        tracker.log_text(traceback.format_exc(), "traceback.txt")
+        tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
+
+
 def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     """``lightyard train``: one run, or a sweep (parent run + one child run per grid point)."""
     points = sweep_points(overrides)
-    configs = [compose(pipeline_name, point) for point in points]  # fail fast on any bad point
+    first = compose(pipeline_name, points[0])
+    if len(points) > first.launcher.max_points and not first.launcher.allow_large:
+        raise ConfigError(f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it")
+    print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
+    configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
     check = getattr(registry.get(pipeline_name).load("module"), "check_config", None)
     for cfg in configs if check else []:
         check(cfg)
@@ -236,31 +299,6 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     finally:
         parent.end(status)
     return results
-
-
-def entry_point(kind: str, pipeline_name: str, overrides: list[str]) -> RunResult:
-    """``lightyard bench`` / ``lightyard reproduce``: the pipeline's function inside one MLflow run."""
-    pipeline = registry.get(pipeline_name)
-    function = pipeline.load(kind)
-    points = sweep_points(overrides)
-    if len(points) > 1:
-        raise ConfigError(f"{kind} takes single values, not sweeps (got {overrides})")
-    cfg = compose(pipeline_name, points[0])
-    tracker = Tracker.start(cfg, cfg.run_name or f"{pipeline_name}-{kind}", tags={"lightyard.kind": kind})
-    tracker.log_config(cfg)
-    start = time.time()
-    try:
-        function(cfg, tracker)
-    except KeyboardInterrupt:
-        tracker.end("KILLED", error="stopped by Ctrl+C")
-        raise
-    except BaseException as err:
-        tracker.log_text(traceback.format_exc(), "traceback.txt")
-        tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
-        raise
-    tracker.log_metrics({"duration_s": time.time() - start})
-    tracker.end("FINISHED")
-    return RunResult(tracker.run_id, "FINISHED", {}, cfg)
 
 
 def debug_enabled() -> bool:

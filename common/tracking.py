@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -174,8 +176,78 @@ class Tracker:
         assert status in STATUSES, status
         if error:
             self.client.set_tag(self.run_id, "error", error[:5000])
+        elif status == "FINISHED" and "error" in self.client.get_run(self.run_id).data.tags:
+            self.client.delete_tag(self.run_id, "error")  # a resume finished what an earlier attempt did not
         self.client.set_terminated(self.run_id, status=status)
 
 
 def _is_scalar_tensor(value: Any) -> bool:
     return hasattr(value, "numel") and value.numel() == 1
+
+
+# -- liveness: finding runs left RUNNING by SIGKILL or a lost machine -------------------------------
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0  # a RUNNING run on another machine whose heartbeat is this old is stale
+
+
+def _process_start(pid: int) -> str:
+    """The kernel's start time of ``pid`` (field 22 of /proc/pid/stat): tells a reused pid apart."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def liveness_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {"lightyard.host": socket.gethostname(), "lightyard.pid": str(pid), "lightyard.pid_start": _process_start(pid),
+            "lightyard.heartbeat": str(int(time.time()))}
+
+
+class Heartbeat:
+    """Refreshes the run's ``lightyard.heartbeat`` tag every ``HEARTBEAT_S`` from a daemon thread."""
+
+    def __init__(self, tracker: Tracker, every: float = HEARTBEAT_S):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(Tracker(tracker.uri, tracker.run_id), every), daemon=True)
+        self._thread.start()
+
+    def _beat(self, tracker: Tracker, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                tracker.set_tags({"lightyard.heartbeat": int(time.time())})
+            except Exception:  # a lost store must not kill the run; the next beat tries again
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def stale_reason(run: Any, now: float | None = None) -> str | None:
+    """Why a RUNNING run is known dead (its process is gone, or its heartbeat stopped), or None."""
+    if run.info.status != "RUNNING":
+        return None
+    tags = run.data.tags
+    now = time.time() if now is None else now
+    pid = tags.get("lightyard.pid", "")
+    if tags.get("lightyard.host") == socket.gethostname() and pid.isdigit():
+        if _process_start(int(pid)) != tags.get("lightyard.pid_start", ""):
+            return f"process {pid} on {tags['lightyard.host']} is gone"
+        return None
+    beat = tags.get("lightyard.heartbeat", "")
+    last = float(beat) if beat.isdigit() else run.info.start_time / 1000
+    if now - last > STALE_AFTER_S:
+        return f"no heartbeat for {(now - last) / 60:.0f} min"
+    return None
+
+
+def mark_stale(client: Any, runs: Iterable[Any]) -> list[tuple[Any, str]]:
+    """Mark each stale RUNNING run KILLED with the reason as its error; return (run, reason) pairs."""
+    marked = []
+    for run in runs:
+        reason = stale_reason(run)
+        if reason:
+            client.set_tag(run.info.run_id, "error", f"stale: {reason}; marked KILLED")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            marked.append((run, reason))
+    return marked

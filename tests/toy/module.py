@@ -60,3 +60,10 @@ class ToyData(pl.LightningDataModule):
 
     def val_dataloader(self):
         return make_loader(self.train_set, self.cfg.data.n)
+
+
+def score_point(cfg, tracker):
+    """A grid point that is a plain function: a deterministic score (and the process that computed it)."""
+    if cfg.crash_at_step >= 0:
+        raise RuntimeError("toy point crash")
+    return {"score": cfg.data.n * cfg.model.lr + cfg.seed, "pid": float(os.getpid())}

@@ -1,0 +1,180 @@
+"""The experiment path: grids of child runs, failures, resume, stale runs, launchers, the report builder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from common.config import ConfigError
+from common.grid import expand, plan, run_experiment
+from common.report import build_table
+from common.runner import compose
+from common.tracking import tracking_uri
+from tests.conftest import ROOT, lightyard
+
+
+def _client():
+    return MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+
+
+def _children(client, parent_id):
+    parent = client.get_run(parent_id)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_grid_expands_product_union_when_and_set():
+    cfg = compose("toy")
+    spec = cfg.experiments.faults.copy()
+    assert expand(spec) == [{"seed": s} for s in (0, 1, 2, 3)]
+    # a list of grids is their union, in order, with repeats dropped
+    spec.grid = [{"model": {"lr": [0.1, 0.2]}, "seed": [0, 1]}, {"model": {"lr": [0.2, 0.3]}, "seed": [1]}]
+    points = expand(spec)
+    assert points == [{"model.lr": 0.1, "seed": 0}, {"model.lr": 0.1, "seed": 1}, {"model.lr": 0.2, "seed": 0},
+                      {"model.lr": 0.2, "seed": 1}, {"model.lr": 0.3, "seed": 1}]
+    _, name, children = plan("reproduce", "toy", {"experiment": "faults", "model.hidden": 4})
+    assert name == "faults" and len(children) == 4
+    by_seed = {c.point["seed"]: c.values for c in children}
+    assert by_seed[1]["crash_at_step"] == 1 and "crash_at_step" not in by_seed[0]
+    assert by_seed[2]["kill_at_step"] == 3
+    assert all(v["trainer.max_epochs"] == 1 and v["model.hidden"] == 4 for v in by_seed.values())
+
+
+def test_bad_grid_values_fail_before_any_run(home):
+    with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
+        run_experiment("reproduce", "toy", ["experiment=nope"])
+    with pytest.raises(ConfigError, match="runs with `lightyard bench`"):
+        run_experiment("reproduce", "toy", ["experiment=score"])
+    with pytest.raises(ConfigError, match="expects float"):
+        run_experiment("reproduce", "toy", ["experiments.lr.grid.model.lr=[0.1,oops]"])
+    with pytest.raises(ConfigError, match="add --yes"):
+        run_experiment("reproduce", "toy", ["launcher.max_points=3"])
+    assert not (home / "mlflow").exists() or not _client().search_experiments() or not _client().search_runs(
+        [e.experiment_id for e in _client().search_experiments()])
+
+
+def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinished(home):
+    env = {"LIGHTYARD_HOME": str(home)}
+    first = lightyard("reproduce", "toy", "experiment=faults", env=env)
+    # the third point sends itself SIGTERM mid-epoch: that child and the parent end KILLED
+    assert first.returncode == 143, first.stderr[-2000:]
+    assert "lightyard reproduce toy resume=" in first.stderr.strip().splitlines()[-1]
+    client = _client()
+    (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                 if r.data.tags.get("lightyard.kind") == "reproduce"]
+    assert parent.info.status == "KILLED"
+    statuses = {json.loads(c.data.tags["lightyard.point"])["seed"]: c.info.status for c in _children(client, parent.info.run_id)}
+    assert statuses == {0: "FINISHED", 1: "FAILED", 2: "KILLED"}  # the crash did not stop the grid; seed 3 never started
+
+    resumed = lightyard("reproduce", "toy", f"resume={parent.info.run_id}", env=env)
+    assert resumed.returncode == 1, resumed.stderr[-2000:]  # seed 1 crashes again, by construction
+    assert "1 of 4 child runs failed" in resumed.stderr
+    children = _children(client, parent.info.run_id)
+    by_seed = {}
+    for c in children:
+        by_seed.setdefault(json.loads(c.data.tags["lightyard.point"])["seed"], []).append(c)
+    # seed 0 was not rerun; seed 2 continued in its own run from the checkpoint; seed 1 got a new run; seed 3 ran once
+    assert [len(by_seed[s]) for s in (0, 1, 2, 3)] == [1, 2, 1, 1]
+    assert by_seed[2][0].info.status == "FINISHED" and "error" not in by_seed[2][0].data.tags
+    assert sorted(c.info.status for c in by_seed[1]) == ["FAILED", "FAILED"]
+    assert sum(1 for c in by_seed[1] if c.data.tags.get("lightyard.superseded")) == 1
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("1 of 4 child runs failed")
+    report = lightyard("report", parent.info.run_id, env=env)
+    assert report.returncode == 0 and "| 3    |" in report.stdout and "| 1    |" not in report.stdout
+
+
+def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
+    env = {**os.environ, "LIGHTYARD_HOME": str(home)}
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=200"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client, deadline = None, time.time() + 120
+    while time.time() < deadline:  # wait until the first child is training
+        time.sleep(0.5)
+        try:
+            client = _client()
+            ids = [e.experiment_id for e in client.search_experiments()]
+            if ids and client.search_runs(ids, filter_string="tags.`mlflow.parentRunId` != ''"):
+                break
+        except Exception:
+            continue
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.info.status for r in runs} == {"RUNNING"} and len(runs) == 2  # the parent and one child, left as ghosts
+    stale = lightyard("runs", "--stale", env={"LIGHTYARD_HOME": str(home)})
+    assert stale.returncode == 0 and stale.stdout.count("| KILLED") == 2, stale.stdout
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert client.get_run(parent.info.run_id).info.status == "KILLED"
+    assert "stale: process" in client.get_run(parent.info.run_id).data.tags["error"]
+    resumed = lightyard("reproduce", "toy", f"resume={parent.info.run_id}", "launcher.workers=1", env={"LIGHTYARD_HOME": str(home)})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "4 of 4 child runs to run" in resumed.stdout  # the killed child had no checkpoint yet: it reruns
+
+
+def test_sigterm_during_a_grid_ends_parent_and_running_child_killed(home):
+    env = {**os.environ, "LIGHTYARD_HOME": str(home)}
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=500"],
+                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            ids = [e.experiment_id for e in _client().search_experiments()]
+            if ids and _client().search_runs(ids, filter_string="tags.`mlflow.parentRunId` != ''"):
+                break
+        except Exception:
+            continue
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    runs = _client().search_runs([e.experiment_id for e in _client().search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+
+
+def test_workers_run_children_in_separate_processes(home):
+    result = run_experiment("bench", "toy", ["launcher.workers=2"])
+    assert (result.finished, result.total, result.status) == (4, 4, "FINISHED")
+    client = _client()
+    pids = {c.data.metrics["pid"] for c in _children(client, result.run_id)}
+    assert os.getpid() not in pids and len(pids) >= 1
+
+
+def test_submitit_local_launcher_runs_a_two_point_grid(home):
+    pytest.importorskip("submitit")
+    result = run_experiment("bench", "toy", ["launcher.name=submitit_local", "experiments.score.grid.seed=[0]"])
+    assert (result.finished, result.total) == (2, 2), result.report
+    client = _client()
+    children = _children(client, result.run_id)
+    assert sorted(c.data.metrics["score"] for c in children) == [32 * 0.1, 64 * 0.1]
+    assert all(c.data.metrics["pid"] != os.getpid() for c in children)  # each ran as its own job
+    assert (home / "outputs" / "submitit" / result.run_id).is_dir()
+
+
+def test_report_builder_matches_hand_computed_mean_and_std():
+    children = [
+        {"model.name": "gcn", "data.name": "texas", "seed": 0, "acc": 0.5, "_index": 0},
+        {"model.name": "gcn", "data.name": "texas", "seed": 1, "acc": 0.7, "_index": 1},
+        {"model.name": "gcn", "data.name": "cornell", "seed": 0, "acc": 0.4, "_index": 2},
+        {"model.name": "hog", "data.name": "texas", "seed": 0, "acc": 0.8, "_index": 3},
+        {"model.name": "hog", "data.name": "texas", "seed": 1, "acc": 0.9, "_index": 4},
+        {"model.name": "hog", "data.name": "cornell", "seed": 0, "acc": 0.6, "_index": 5},
+    ]
+    rows = build_table(children, {"rows": "model.name", "columns": "data.name", "metric": "acc", "scale": 100, "digits": 2,
+                                  "best": "max", "labels": {"hog": "HOG-GCN"}, "paper": {"HOG-GCN": {"texas": "85.17"}}})
+    # mean ± sample std: (50, 70) → 60 ± 14.14; (80, 90) → 85 ± 7.07
+    assert rows == [
+        {"name": "gcn", "texas": "60.00 ± 14.14", "cornell": "40.00"},
+        {"name": "HOG-GCN", "texas": "**85.00 ± 7.07**", "cornell": "**60.00**"},
+        {"name": "paper HOG-GCN", "texas": "85.17"},
+    ]
+    # model selection: per row, the lr with the best mean validation accuracy, then its test accuracy
+    sel = [{"m": "a", "lr": lr, "seed": s, "val": v, "test": t, "_index": i} for i, (lr, s, v, t) in enumerate(
+        [(0.1, 0, 0.5, 0.1), (0.1, 1, 0.7, 0.2), (0.3, 0, 0.9, 0.8), (0.3, 1, 0.6, 0.6)])]
+    (row,) = build_table(sel, {"rows": "m", "metrics": ["test"], "digits": 1, "select": {"axis": "lr", "by": "val"}})
+    assert row == {"m": "a", "test": "0.7 ± 0.1", "chosen lr": "0.3"}
