@@ -147,10 +147,12 @@ def sweep_points(overrides: list[str]) -> list[dict[str, Any]]:
 
 
 def _load_yaml(path: Path) -> DictConfig:
+    import yaml
+
     try:
         return OmegaConf.load(path)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {' '.join(str(err).split())}") from None
 
 
 def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str | Path | None = None) -> DictConfig:

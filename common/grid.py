@@ -56,7 +56,13 @@ class Child:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k.split('.')[-1]}={v}" for k, v in self.point.items())
+        return point_label(self.point)
+
+
+def point_label(point: dict[str, Any]) -> str:
+    """``data.name=texas model.name=gcn`` → ``data.name=texas model.name=gcn``; unambiguous last parts alone (``split=3``)."""
+    last = [k.split(".")[-1] for k in point]
+    return " ".join(f"{short if last.count(short) == 1 else key}={value}" for key, short, value in zip(point, last, point.values()))
 
 
 @dataclass
@@ -155,7 +161,7 @@ def run_child(pipeline: str, values: dict[str, Any], uri: str, parent_id: str, p
     os.environ.setdefault("MLFLOW_TRACKING_URI", uri)  # a submitit job on another node logs to the same store
     cfg = compose(pipeline, values)
     spec = cfg.experiments[cfg.experiment]
-    cfg.run_name = cfg.run_name or f"{pipeline} " + " ".join(f"{k.split('.')[-1]}={v}" for k, v in point.items())
+    cfg.run_name = cfg.run_name or f"{pipeline} {point_label(point)}"
     tags = {POINT_TAG: point_key(point), INDEX_TAG: str(index), "lightyard.experiment": str(cfg.experiment)}
     try:
         run_one(cfg, parent=Tracker(uri, parent_id), ckpt_path=ckpt, reopen=reopen, tags=tags, target=spec.get("point"))

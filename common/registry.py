@@ -24,8 +24,6 @@ class Pipeline:
     description: str
     module: str  # LightningModule subclass, or a NonGradientExperiment subclass
     datamodule: str | None = None  # LightningDataModule subclass (gradient pipelines)
-    bench: str | None = None  # callable(cfg, tracker) -> None, prints tables
-    reproduce: str | None = None  # callable(cfg, tracker) -> None, writes the results table
     config: str | None = None  # config file; default conf/<name>.yaml
 
     def load(self, attr: str) -> Any:

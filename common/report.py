@@ -18,6 +18,7 @@ build is the experiment's ``report`` section in config (saved with the parent ru
           select: {axis: optim.lr, by: val_acc, mode: max}   # per cell, keep the children of the axis value
                                        # with the best mean of `by` (model selection on validation)
           where: {data.name: texas}    # only these children
+          headers: {model.name: method}   # column headers of the row axes (default: the key's last part)
           labels: {hog_gcn: HOG-GCN}   # display names of axis values
           paper: {HOG-GCN: {texas: "85.17 ± 4.40"}}   # a "paper" row under each row that has numbers
           count: true                  # an "n" column: children per cell
@@ -148,10 +149,13 @@ def build_table(children: list[dict], spec: Mapping) -> list[dict]:
     col_display = {v: _label(next(c.get(col_axis) for c in children if str(c.get(col_axis)) == v), labels) for v in col_values}
 
     rows: list[dict] = []
+    row_labels: list[str] = []
     means: list[dict[str, float]] = []
     for key, first in row_keys.items():
         members = [c for c in children if key_of(c, row_axes) == key]
-        row = {a.split(".")[-1] if not spec.get("headers") else spec["headers"].get(a, a): _label(first.get(a), labels) for a in row_axes}
+        headers = spec.get("headers") or {}
+        row = {headers.get(a, a.split(".")[-1]): _label(first.get(a), labels) for a in row_axes}
+        row_labels.append(" / ".join(_label(first.get(a), labels) for a in row_axes))
         mean_row: dict[str, float] = {}
         cells = ([(col_display[v], [c for c in members if str(c.get(col_axis)) == v], metrics[0]) for v in col_values] if col_axis
                  else [(m["label"], members, m) for m in metrics])
@@ -182,9 +186,8 @@ def build_table(children: list[dict], spec: Mapping) -> list[dict]:
     paper = spec.get("paper") or {}
     if paper:
         out = []
-        for row in rows:
+        for row, label in zip(rows, row_labels):
             out.append(row)
-            label = " / ".join(str(row[a.split(".")[-1]]) for a in row_axes) if row_axes else ""
             if label in paper:
                 first_header = next(iter(row))
                 out.append({first_header: f"paper {label}", **{h: paper[label].get(h) for h in row if h != first_header and h in paper[label]}})

@@ -5,6 +5,4 @@ register(
     description="Cost-regularized OT across spaces: sparse / group / low-rank linear maps by a proximal scheme (POT)",
     module="pipelines.cost_reg_ot.module:CostRegOTModule",
     datamodule="pipelines.cost_reg_ot.data:PairedSpacesDataModule",
-    bench="pipelines.cost_reg_ot.experiments:bench",
-    reproduce="pipelines.cost_reg_ot.experiments:reproduce",
 )

@@ -5,6 +5,4 @@ register(
     description="HOG-GCN: homophily-guided adaptive propagation (sparse k-hop support) vs MLP/GCN/GAT/GPR-GNN/H2GCN (PyG)",
     module="pipelines.hog_gcn.module:HogGCNModule",
     datamodule="pipelines.hog_gcn.data:GraphDataModule",
-    bench="pipelines.hog_gcn.experiments:bench",
-    reproduce="pipelines.hog_gcn.experiments:reproduce",
 )

@@ -4,6 +4,4 @@ register(
     "iiot_sic_aloha",
     description="SIC-assisted slotted ALOHA for IIoT: AoI, throughput, deadline violation (simulation + exact analysis)",
     module="pipelines.iiot_sic_aloha.module:SicAlohaExperiment",
-    bench="pipelines.iiot_sic_aloha.experiments:bench",
-    reproduce="pipelines.iiot_sic_aloha.experiments:reproduce",
 )

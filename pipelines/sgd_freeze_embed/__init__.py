@@ -5,6 +5,4 @@ register(
     description="Fine-tuning timm ViT / CLIP-style ViT / ConvNeXt with SGD, AdamW and SGD with the embedding frozen; ID/OOD/worst-group",
     module="pipelines.sgd_freeze_embed.module:FineTuneModule",
     datamodule="pipelines.sgd_freeze_embed.data:ShiftDataModule",
-    bench="pipelines.sgd_freeze_embed.experiments:bench",
-    reproduce="pipelines.sgd_freeze_embed.experiments:reproduce",
 )

@@ -218,3 +218,17 @@ def test_bad_model_name_and_missing_root_are_one_line_errors(home):
     out = lightyard("train", "hog_gcn", "data.name=texas")
     assert out.returncode != 0 and "needs data.root=<folder>; expected layout: <root>/texas/raw/" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("model", ["hog_gcn", "gcn"])
+def test_lean_loop_and_lightning_module_train_the_same_model(home, model):
+    """reproduce's lean loop (fit_split) and `train`'s LightningModule take the same steps in the same random order."""
+    from pipelines.hog_gcn.data import build_graph
+
+    values = ["preset=smoke", f"model.name={model}", "data.split=1", "trainer.max_epochs=8", "seed=3"]
+    (result,) = train("hog_gcn", values)
+    cfg = compose("hog_gcn", dict(v.split("=") for v in values) | {"trainer.max_epochs": 8, "seed": 3, "data.split": 1})
+    lean = fit_split(cfg, build_graph(cfg), 1)
+    assert result.metrics["best_epoch"] == lean["best_epoch"]
+    assert result.metrics["test_acc_at_best_val"] == pytest.approx(lean["test_acc"], abs=1e-9)
+    assert result.metrics["best_val_acc"] == pytest.approx(lean["val_acc"], abs=1e-9)
