@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -73,15 +75,109 @@ class GracefulShutdown(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         received = trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
-        if received:
-            # its own name: ModelCheckpoint's end-of-epoch save would overwrite last.ckpt with a
-            # state that looks like a finished epoch
-            self.checkpoint_path = self.checkpoint_dir / "interrupted.ckpt"
-            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # full state: optimizer, loops, loader position
+        if received and not trainer.should_stop:
             trainer.should_stop = True
             self.received = self.received or signal.SIGTERM
+            if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                # the epoch's last batch: a checkpoint saved here restores as "batch not completed" and the resumed
+                # run would take one step fewer (every full-batch epoch is such a batch); save at the epoch's end
+                self._save_at_epoch_end = True
+                return
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if getattr(self, "_save_at_epoch_end", False):
+            self._save_at_epoch_end = False
+            self._save(trainer)
+
+    def _save(self, trainer) -> None:
+        # its own name: ModelCheckpoint's end-of-epoch save would overwrite last.ckpt with a
+        # state that looks like a finished epoch
+        self.checkpoint_path = self.checkpoint_dir / "interrupted.ckpt"
+        trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # full state: optimizer, loops, loader position
 
     def on_train_end(self, trainer, pl_module) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class FitProgressBar(ProgressBar):
+    """One bar for the whole fit (optimizer steps, with the latest metrics), instead of Lightning's bar per epoch
+    plus one per validation pass: full-batch pipelines take one step per epoch and would print hundreds of bars."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar = None
+        self._enabled = True
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        from tqdm.auto import tqdm
+
+        total = trainer.estimated_stepping_batches
+        self._bar = tqdm(total=None if total == float("inf") else int(total), initial=trainer.global_step, desc=f"fit {pl_module.__class__.__name__}",
+                         unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0, leave=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is not None:
+            self._bar.n = trainer.global_step
+            metrics = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+            self._bar.set_postfix(epoch=trainer.current_epoch, **dict(list(metrics.items())[:4]), refresh=False)
+            self._bar.refresh() if self._bar.n == self._bar.total else self._bar.update(0)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class RngState(pl.Callback):
+    """Random generator states (torch CPU and CUDA, numpy, random) in every checkpoint, restored on resume:
+    dropout, augmentation and sampling continue on the draws an uninterrupted run would have made."""
+
+    def state_dict(self) -> dict[str, Any]:
+        import random
+
+        import numpy as np
+        import torch
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+                 "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        torch.set_rng_state(state["torch"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class KillAtStep(pl.Callback):
+    """Fault injection for resume tests (``kill_at_step=N``): SIGTERM to this process after optimizer step N."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.is_global_zero:
+            import os
+
+            os.kill(os.getpid(), signal.SIGTERM)

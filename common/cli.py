@@ -8,7 +8,9 @@ import sys
 import time
 from datetime import datetime
 
-from common.config import ConfigError
+from pathlib import Path
+
+from common.config import CONF_DIR, ConfigError
 
 EPILOG = """examples:
   lightyard list
@@ -120,9 +122,20 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
+    import socket
+
     from common.tracking import project_tracking_uri
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     uri = project_tracking_uri()
+    if not uri.startswith("sqlite:"):
+        raise ConfigError(f"runs are logged to {uri}: open that server in a browser (lightyard ui serves the local store only)")
+    with socket.socket() as probe:
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            raise ConfigError(f"cannot serve on {args.host}:{args.port} ({err.strerror}); pick another with --port") from None
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl+C stops it", flush=True)
     os.execv(sys.executable, command)
@@ -136,24 +149,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from common.tables import markdown_table
     from common.tracking import project_tracking_uri
 
-    rows = []
+    from common.runner import RunInterrupted
+
+    rows, run_ids = [], []
     for pipeline in all_pipelines():
-        if pipeline.name.startswith("_"):
+        if pipeline.name.startswith("_") or (args.pipelines and pipeline.name not in args.pipelines):
             continue
         print(f"\n=== {pipeline.name}: {pipeline.description}", flush=True)
         start = time.time()
         try:
-            result = train(pipeline.name, ["preset=quick", *args.overrides])[0]
+            result = train(pipeline.name, ["preset=demo" if _has_preset(pipeline.name, "demo") else "preset=quick", *args.overrides])[0]
             status, run_id = result.status, result.run_id
-        except ConfigError as err:
-            status, run_id = f"config error: {err}", "–"
+        except (ConfigError, RunInterrupted):
+            raise
+        except Exception as err:  # one pipeline failing does not hide the others; the exit code says so
+            status, run_id = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}", getattr(err, "lightyard_run_id", "–")
+        run_ids.append(run_id)
         rows.append({"pipeline": pipeline.name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)})
     print()
-    print(markdown_table(rows, title="Demo runs"))
+    print(markdown_table(rows, title="Demo runs (each a short run; `lightyard train <pipeline>` runs the quick preset, preset=paper the paper's settings)"))
     uri = project_tracking_uri()
-    print(markdown_table(run_rows(uri, limit=len(rows)), title=f"In MLflow ({uri})"))
+    own = [row for row in run_rows(uri, limit=max(50, 5 * len(rows))) if row["run_id"] in run_ids]
+    print(markdown_table(own, title=f"In MLflow ({uri})"))
     print("See them in the browser: lightyard ui   (then open http://127.0.0.1:5000)")
-    return 0
+    return 0 if all(row["status"] == "FINISHED" for row in rows) else 1
+
+
+def _has_preset(pipeline: str, preset: str) -> bool:
+    from common.config import _load_yaml
+    from common.registry import get
+
+    path = get(pipeline).config
+    cfg = _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
+    return preset in (cfg.get("presets") or {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lightyard", description="Run Lightyard's research pipelines and compare them in MLflow.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library output too (Lightning, MLflow, warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("list", help="registered pipelines with a one-line description").set_defaults(func=_cmd_list)
@@ -195,15 +224,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_ui)
 
-    p = sub.add_parser("demo", help="every pipeline on its embedded data (quick preset), then the runs table")
+    p = sub.add_parser("demo", help="every pipeline on its embedded data (demo-sized runs), then the runs table")
     p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")
+    p.add_argument("--pipelines", nargs="+", help="only these pipelines")
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def quiet_console(verbose: bool) -> None:
+    """By default the console shows our lines, progress bars and tables; library chatter (Lightning's tips and
+    device lines, model summaries, deprecation warnings, MLflow's store messages) only with -v."""
+    import logging
+    import warnings
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if verbose:
+        os.environ["LIGHTYARD_VERBOSE"] = "1"
+        return
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # children (spawned workers, submitit jobs) stay quiet too
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "torch_geometric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_console(args.verbose or os.environ.get("LIGHTYARD_VERBOSE", "") not in {"", "0"})
     from common.runner import RunInterrupted, debug_enabled
 
     try:
@@ -212,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightyard: error: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
-        again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
-        print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)
+        if not stop.resumable:
+            print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; this pipeline keeps no checkpoint: rerun it)", file=sys.stderr)
+        else:
+            again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
+            print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)
         return 128 + int(stop.signum)
     except KeyboardInterrupt:
         print("lightyard: interrupted", file=sys.stderr)
@@ -221,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a crash: the run is FAILED in MLflow with its traceback
         if debug_enabled():
             raise
-        print(f"lightyard: run failed: {type(err).__name__}: {err} (traceback.txt in the MLflow run; LIGHTYARD_DEBUG=1 prints it)", file=sys.stderr)
+        message = " ".join(str(err).split())[:500]
+        run_id = getattr(err, "lightyard_run_id", None)
+        where = f"traceback.txt in MLflow run {run_id}; " if run_id else ""
+        print(f"lightyard: failed: {type(err).__name__}: {message} ({where}LIGHTYARD_DEBUG=1 prints the traceback)", file=sys.stderr)
         return 1
 
 

@@ -9,6 +9,8 @@ whose message is one line saying what to fix.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def lightyard_home() -> str:
+    """Where stores, outputs and caches live: ``$LIGHTYARD_HOME``, else ``~/.lightyard`` (never the current folder,
+    so runs started from different places share one store and one cache)."""
+    return os.environ.get("LIGHTYARD_HOME") or str(Path.home() / ".lightyard")
+
+
+OmegaConf.register_resolver("lightyard_home", lightyard_home, replace=True)
 
 
 class ConfigError(ValueError):
@@ -32,8 +43,10 @@ def _type_name(value: Any) -> str:
 
 def _checked_value(key: str, default: Any, value: Any) -> Any:
     """Return ``value`` if it fits the type of ``default``; raise ConfigError otherwise."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None or value == "":  # `key=` on the command line: an empty value is never a default
+        raise ConfigError(f"config key '{key}' needs a value ({_type_name(default)}, default {default!r}); got an empty one")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -146,6 +159,38 @@ def sweep_points(overrides: list[str]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(vals for _, vals in axes))]
 
 
+_RANGE = re.compile(r"^\s*([\[(])\s*(-?inf|[-+0-9.eE]+)\s*,\s*(-?inf|[-+0-9.eE]+)\s*([\])])\s*$")
+_BOUND = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+def _rule_holds(rule: str, value: Any) -> bool:
+    """``> 0``, ``>= 1``, ``[0, 1)``, ``(0, inf)``, ``one of a|b|c`` against one value."""
+    if rule.startswith("one of "):
+        return str(value) in [v.strip() for v in rule[len("one of "):].split("|")]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if match := _BOUND.match(rule):
+        op, bound = match.group(1), float(match.group(2))
+        return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
+    if match := _RANGE.match(rule):
+        lo, hi = float(match.group(2)), float(match.group(3))
+        return (value >= lo if match.group(1) == "[" else value > lo) and (value <= hi if match.group(4) == "]" else value < hi)
+    raise ConfigError(f"bad rule {rule!r} in the config's checks: use '> 0', '>= 1', '[0, 1)' or 'one of a|b'")
+
+
+def check_ranges(cfg: DictConfig, checks: dict[str, str]) -> None:
+    """Every ``checks`` rule (dotted key → rule) against the composed config; a list is checked element by element;
+    a null value (an optional key left unset) passes."""
+    for key, rule in checks.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        values = list(value) if isinstance(value, (list, ListConfig)) else [value]
+        for item in values:
+            if item is not None and not _rule_holds(str(rule), item):
+                shown = f"{item!r} (in {list(value)})" if isinstance(value, (list, ListConfig)) else repr(item)
+                wording = f"in {rule}" if str(rule).lstrip()[:1] in "[(" else str(rule)
+                raise ConfigError(f"config key '{key}' must be {wording}, got {shown}")
+
+
 def _load_yaml(path: Path) -> DictConfig:
     import yaml
 
@@ -163,6 +208,7 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
         raise ConfigError(f"no config for pipeline '{pipeline}': expected {path}")
     cfg = _load_yaml(CONF_DIR / "base.yaml")
     pipeline_cfg = _load_yaml(path)
+    checks = {**(cfg.pop("checks", None) or {}), **(pipeline_cfg.pop("checks", None) or {})}
     presets = pipeline_cfg.pop("presets", None) or OmegaConf.create({})
     # bare command-line keys that stand for dotted ones (``root=...`` for ``reproduce.root=...``)
     shortcuts = pipeline_cfg.pop("shortcuts", None) or {}
@@ -184,6 +230,7 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"config does not resolve: {str(err).splitlines()[0]}") from None
+    check_ranges(cfg, checks)
     OmegaConf.set_struct(cfg, True)  # later typos in code fail loudly too
     return cfg
 

@@ -271,7 +271,7 @@ def _run_grid(kind: str, cfg: DictConfig, name: str, children: list[Child], todo
             line = f"{total - len(failed)} of {total} child runs finished" + (f", {len(failed)} failed" if failed else "")
             report = build_report(parent, cfg, name, status_line=line + ".")
     except RunInterrupted as stop:
-        stop.pipeline, stop.run_id, stop.command = cfg.pipeline, parent.run_id, kind
+        stop.pipeline, stop.run_id, stop.command, stop.resumable = cfg.pipeline, parent.run_id, kind, True
         heartbeat.stop()
         parent.end("KILLED", error=str(stop))
         raise

@@ -8,6 +8,7 @@ exactly the textbook one: fp32 SGD 8, SGD with momentum 12, AdamW 16 bytes per t
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -132,7 +133,7 @@ class MemoryProfiler(pl.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._stop(trainer, "fit")
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and os.environ.get("LIGHTYARD_VERBOSE"):
             print(self.report())
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from common import registry
 from common.config import ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
-from common.tracking import Heartbeat, Tracker, liveness_tags, tracking_uri
+from common.tracking import Heartbeat, Tracker, liveness_tags, stale_reason, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -35,6 +35,7 @@ class RunInterrupted(Exception):
         self.run_id = ""
         self.pipeline = ""
         self.command = "train"
+        self.resumable = True
 
 
 @dataclass
@@ -80,6 +81,23 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
             f"resume={target} is neither a .ckpt file nor a run id in {tracking_uri(cfg)}; "
             "`lightyard runs` lists run ids"
         ) from None
+    owner = run.data.tags.get("lightyard.pipeline")
+    if owner != cfg.pipeline:
+        raise ConfigError(f"run {target} is a run of {owner or 'another tool'}, not of {cfg.pipeline}; "
+                          f"resume it with: lightyard train {owner} resume={target}" if owner else f"run {target} is not a lightyard run")
+    if run.data.tags.get("lightyard.kind") in ("reproduce", "bench"):
+        raise ConfigError(f"run {target} is the parent of a {run.data.tags['lightyard.kind']}; resume it with: "
+                          f"lightyard {run.data.tags['lightyard.kind']} {cfg.pipeline} resume={target}")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {target} is FINISHED; nothing to resume (start a new run, or resume=<path/to.ckpt> to train on from its weights)")
+    if run.info.status == "RUNNING" and not stale_reason(run):
+        raise ConfigError(f"run {target} is still RUNNING (pid {run.data.tags.get('lightyard.pid')} on {run.data.tags.get('lightyard.host')}); "
+                          "stop it first")
+    module = registry.get(cfg.pipeline).load("module")
+    from common.experiment import NonGradientExperiment
+
+    if isinstance(module, type) and issubclass(module, NonGradientExperiment):
+        raise ConfigError(f"{cfg.pipeline} is not trained by gradient and keeps no checkpoint: rerun it (same config, same seed, same result)")
     run_dir = Path(run.data.tags.get("lightyard.run_dir", ""))
     # interrupted.ckpt is the exact mid-epoch state; it is deleted once a fit completes
     ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
@@ -103,7 +121,7 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from common.callbacks import GracefulShutdown, MlflowRunLogger
+    from common.callbacks import FitProgressBar, GracefulShutdown, KillAtStep, MlflowRunLogger, RngState
     from common.hardware import trainer_kwargs
     from common.memory import MemoryProfiler
 
@@ -118,7 +136,13 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
         every_n_train_steps=ckpt_cfg.every_n_train_steps,
     )
     shutdown = GracefulShutdown(checkpoint_dir)
-    callbacks: list[pl.Callback] = [checkpoint, shutdown]
+    callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState()] + ([FitProgressBar()] if cfg.trainer.enable_progress_bar else [])
+    if cfg.kill_at_step >= 0:
+        callbacks.append(KillAtStep(cfg.kill_at_step))
+    if not os.environ.get("LIGHTYARD_VERBOSE"):
+        import logging
+
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # set at Lightning's import; our console stays ours
     if cfg.callbacks.memory_profiler:
         callbacks.append(MemoryProfiler())
 
@@ -217,7 +241,11 @@ def run_one(
             module = load_target(target) if target else pipeline.load("module")
             if target or (isinstance(module, type) and issubclass(module, NonGradientExperiment)):
                 run = module if target else (lambda c, t: module(c).run(t))
-                metrics = _run_non_gradient(cfg, run, tracker)
+                try:
+                    metrics = _run_non_gradient(cfg, run, tracker)
+                except RunInterrupted as stop:
+                    stop.resumable = False
+                    raise
                 if tracker is not None:
                     tracker.log_metrics(metrics)
             else:  # Lightning has logged its metrics per step/epoch already
@@ -257,6 +285,8 @@ def _fail(tracker: Tracker | None, err: BaseException) -> None:
     if tracker is not None:
         tracker.log_text(traceback.format_exc(), "traceback.txt")
         tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
+        if not hasattr(err, "lightyard_run_id"):
+            err.lightyard_run_id = tracker.run_id  # the command line names the run that holds the traceback
 
 
 def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:

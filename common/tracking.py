@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import flatten
+from common.config import ConfigError, flatten
 from common.tables import markdown_table
 
 
@@ -36,19 +36,56 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
+_READY: set[str] = set()  # stores this process has checked (reachable server, migrated SQLite schema)
+
+
 def tracking_uri(cfg: DictConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if cfg.logger.tracking_uri:
-        return str(cfg.logger.tracking_uri)
-    mlflow_dir = Path(cfg.paths.mlflow_dir).resolve()
-    mlflow_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+    elif cfg.logger.tracking_uri:
+        uri = str(cfg.logger.tracking_uri)
+    else:
+        mlflow_dir = Path(cfg.paths.mlflow_dir).resolve()
+        mlflow_dir.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{mlflow_dir / 'mlflow.db'}"
+    return ready(uri)
+
+
+def ready(uri: str) -> str:
+    """Check a store once per process, before any run uses it: a server must answer within seconds (not
+    after MLflow's minutes of retries); a new SQLite store is created under a file lock, since two
+    commands migrating the same new database at once fail."""
+    if uri in _READY:
+        return uri
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5)
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or unset MLFLOW_TRACKING_URI "
+                              "to log to the local store") from None
+    elif uri.startswith("sqlite:///"):
+        import fcntl
+
+        from mlflow.tracking import MlflowClient
+
+        db = Path(uri[len("sqlite:///"):])
+        with open(db.parent / ".mlflow.db.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the schema migration of a new store runs once, here
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    _READY.add(uri)
+    return uri
 
 
 def project_tracking_uri() -> str:
-    """The store `lightyard runs` and `lightyard ui` read: the one conf/base.yaml points at."""
-    return tracking_uri(OmegaConf.load(PROJECT_DIR / "conf" / "base.yaml"))
+    """The store `lightyard runs`, `report` and `ui` read: ``MLFLOW_TRACKING_URI``, else the one conf/base.yaml points at."""
+    cfg = OmegaConf.load(PROJECT_DIR / "conf" / "base.yaml")
+    return tracking_uri(cfg)
 
 
 def local_artifact_root(cfg: DictConfig, uri: str) -> str | None:

@@ -57,3 +57,21 @@ def test_resume_with_unknown_run_id_is_one_clear_line(home):
     result = lightyard("train", "toy", "resume=0123abc", env={"LIGHTYARD_HOME": str(home)})
     assert result.returncode == 2
     assert "neither a .ckpt file nor a run id" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("batch_size", [64, 32])  # one batch per epoch; two (the kill lands on an epoch's last batch)
+def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, batch_size):
+    from tests.resume_check import assert_exact_resume
+
+    assert_exact_resume(home, "toy", ["trainer.max_epochs=6", f"data.batch_size={batch_size}"], kill_at_step=3,
+                        total_steps=6 * (64 // batch_size))
+
+
+def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
+    env = {"LIGHTYARD_HOME": str(home)}
+    (done,) = train("toy", ["trainer.max_epochs=1"])
+    out = lightyard("train", "toy", f"resume={done.run_id}", env=env)
+    assert out.returncode == 2 and f"run {done.run_id} is FINISHED; nothing to resume" in out.stderr
+    out = lightyard("train", "hog_gcn", f"resume={done.run_id}", env=env)
+    assert out.returncode == 2 and "is a run of toy, not of hog_gcn" in out.stderr
+    assert "Traceback" not in out.stderr

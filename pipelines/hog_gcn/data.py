@@ -175,9 +175,7 @@ class GraphDataModule(pl.LightningDataModule):
             self.graph = graph
 
     def _loader(self):
-        # its own generator: a loader's iterator would otherwise draw its base seed from the global RNG
-        # every epoch, and dropout would differ from fit_split's loop on the same seed
-        return make_loader([self.graph], 1, collate_fn=lambda items: items[0], generator=torch.Generator())
+        return make_loader([self.graph], 1, collate_fn=lambda items: items[0])
 
     def train_dataloader(self):
         return self._loader()

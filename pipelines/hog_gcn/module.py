@@ -156,6 +156,9 @@ class HogGCNModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint) -> None:
         checkpoint["best_val"] = self.best_val
+        checkpoint["lp_generator"] = self.generator.get_state()  # L_lp's label draws continue exactly on resume
 
     def on_load_checkpoint(self, checkpoint) -> None:
         self.best_val = checkpoint.get("best_val", -1.0)
+        if "lp_generator" in checkpoint:
+            self.generator.set_state(checkpoint["lp_generator"])

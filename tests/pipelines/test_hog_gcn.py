@@ -232,3 +232,11 @@ def test_lean_loop_and_lightning_module_train_the_same_model(home, model):
     assert result.metrics["best_epoch"] == lean["best_epoch"]
     assert result.metrics["test_acc_at_best_val"] == pytest.approx(lean["test_acc"], abs=1e-9)
     assert result.metrics["best_val_acc"] == pytest.approx(lean["val_acc"], abs=1e-9)
+
+
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
+    """Full-batch: every epoch is one batch, so the interrupt lands on an epoch's last batch; dropout, the L_lp draws
+    and the optimizer continue exactly."""
+    from tests.resume_check import assert_exact_resume
+
+    assert_exact_resume(home, "hog_gcn", ["preset=smoke", "trainer.max_epochs=6"], kill_at_step=3, total_steps=6)

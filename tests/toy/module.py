@@ -28,8 +28,6 @@ class ToyModule(pl.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.global_step == self.cfg.kill_at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
         if self.global_step == self.cfg.crash_at_step:
             raise RuntimeError("toy crash for the fault tests")
 
