@@ -242,6 +242,7 @@ def quiet_console(verbose: bool) -> None:
         os.environ["LIGHTYARD_VERBOSE"] = "1"
         return
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # children (spawned workers, submitit jobs) stay quiet too
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow resets its logger level when imported
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "torch_geometric"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -44,6 +44,7 @@ from common.runner import RunInterrupted, _fail, compose, run_one, stop_on_signa
 from common.tracking import Heartbeat, Tracker, liveness_tags, mark_stale, tracking_uri
 
 KINDS = ("reproduce", "bench")
+STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
 
 
 @dataclass
@@ -140,8 +141,7 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
         # the experiment's settings, then the command line (it wins over them), then the point itself
         child_values = {**fixed, **_when(spec, point), **user, **point, "experiment": name}
         children.append(Child(i, point, child_values))
-    target = spec.get("point")
-    check = getattr(registry.get(pipeline).load("module"), "check_config", None) if not target else None
+    check = getattr(registry.get(pipeline).load("module"), "check_config", None)
     limit = int(cfg.launcher.max_points)
     if len(children) > limit and not cfg.launcher.allow_large:
         raise ConfigError(f"experiment '{name}' has {len(children)} grid points (over launcher.max_points={limit}); "
@@ -182,6 +182,10 @@ def _launch_local(pipeline: str, children: list[Child], uri: str, parent_id: str
             statuses.append(run_child(*a))
             if statuses[-1] != "FINISHED":
                 print(f"  child failed: {statuses[-1]}", file=sys.stderr, flush=True)
+                if len(statuses) == STOP_AFTER and all(s == statuses[0] for s in statuses):
+                    print(f"  the first {STOP_AFTER} children failed alike; the rest are not started (fix it, then resume)",
+                          file=sys.stderr, flush=True)
+                    return statuses + ["FAILED: not started"] * (len(children) - len(statuses))
         return statuses
     import multiprocessing
 

@@ -7,8 +7,13 @@ splits, one column each, as PyG stores the Geom-GCN splits.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pickle
 import shutil
 from pathlib import Path
+
+import numpy as np
 
 import lightning.pytorch as pl
 import torch
@@ -109,28 +114,154 @@ def raw_files(name: str) -> list[str]:
     return base + [prefix + s for s in SPLITS]
 
 
-def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
-    """One Geom-GCN benchmark from PyG's raw layout under ``root``, with its ten splits.
+def _fail(path: Path, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: {problem}")
 
-    The raw folder is copied into ``cache_dir`` first: PyG writes processed files next to raw/,
-    and the data folder may be read-only.
-    """
-    name = name.lower()
+
+def _table(path: Path, columns: int) -> list[list[str]]:
+    """Rows of a tab-separated Geom-GCN file after its header line, each checked to have ``columns`` fields."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise _fail(path, "is not a text file") from None
+    rows = [line.split("\t") for line in lines[1:] if line.strip()]
+    for number, row in enumerate(rows, start=2):
+        if len(row) != columns:
+            raise _fail(path, f"line {number} has {len(row)} tab-separated fields, expected {columns}")
+    return rows
+
+
+def _ints(path: Path, values: list[str], what: str) -> np.ndarray:
+    try:
+        return np.array([int(v) for v in values], dtype=np.int64)
+    except ValueError as err:
+        raise _fail(path, f"{what} must be whole numbers ({err})") from None
+
+
+def validate_geom_gcn(raw: Path, name: str) -> None:
+    """Check the tab-separated features/labels, edges and split files before PyG reads them: PyG indexes with them
+    unchecked, and an edge id past the node count crashes the process (segfault) instead of raising."""
+    cls, _, prefix = REAL[name]
+    nodes = _table(raw / "out1_node_feature_label.txt", 3)
+    if not nodes:
+        raise _fail(raw / "out1_node_feature_label.txt", "holds no nodes")
+    ids = _ints(raw / "out1_node_feature_label.txt", [r[0] for r in nodes], "node ids")
+    n = len(ids)
+    if sorted(ids.tolist()) != list(range(n)):
+        raise _fail(raw / "out1_node_feature_label.txt", f"node ids must be 0..{n - 1}, each once")
+    labels = _ints(raw / "out1_node_feature_label.txt", [r[2] for r in nodes], "labels")
+    if labels.min() < 0:
+        raise _fail(raw / "out1_node_feature_label.txt", f"labels must be ≥ 0, found {labels.min()}")
+    lengths = set()
+    for number, row in enumerate(nodes, start=2):
+        try:
+            values = [float(v) for v in row[1].split(",")]
+        except ValueError:
+            raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: features must be comma-separated numbers") from None
+        if not np.all(np.isfinite(values)):
+            raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: features hold NaN or infinite values")
+        if cls == "Actor":  # sparse: the indices of the node's non-zero features
+            if any(v < 0 or v != int(v) for v in values):
+                raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: feature indices must be whole numbers ≥ 0")
+        else:
+            lengths.add(len(values))
+    if len(lengths) > 1:
+        raise _fail(raw / "out1_node_feature_label.txt", f"nodes have feature vectors of different lengths {sorted(lengths)}")
+    edges = _table(raw / "out1_graph_edges.txt", 2)
+    ends = _ints(raw / "out1_graph_edges.txt", [v for r in edges for v in r], "node ids")
+    if len(ends) and (ends.min() < 0 or ends.max() >= n):
+        bad = int(ends[(ends < 0) | (ends >= n)][0])
+        raise _fail(raw / "out1_graph_edges.txt", f"edge endpoint {bad} is not a node id (the features file has nodes 0..{n - 1})")
+    for split in SPLITS:
+        path = raw / (prefix + split)
+        try:
+            with np.load(path, allow_pickle=False) as masks:
+                arrays = {k: masks[k] for k in ("train_mask", "val_mask", "test_mask")}
+        except KeyError as err:
+            raise _fail(path, f"lacks the array {err}; a split file holds train_mask, val_mask, test_mask") from None
+        except Exception as err:  # not a zip, truncated, pickled objects …
+            raise _fail(path, f"is not a readable .npz split file ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+        for key, mask in arrays.items():
+            if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
+                raise _fail(path, f"{key} must be {n} zeros/ones (one per node), got shape {mask.shape}")
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles numpy arrays, scipy sparse matrices and plain containers only: Planetoid's files are pickles, and a
+    pickle from a user's folder could otherwise run code when PyG loads it."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("collections", "defaultdict"), ("builtins", "list"), ("builtins", "set"), ("builtins", "dict"),
+               ("scipy.sparse.csr", "csr_matrix"), ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csr", "csr_array")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def validate_planetoid(raw: Path, prefix: str) -> None:
+    sizes = {}
+    for part in ("x", "tx", "allx", "y", "ty", "ally", "graph"):
+        path = raw / f"ind.{prefix}.{part}"
+        try:
+            with open(path, "rb") as f:
+                value = _ArraysOnly(f, encoding="latin1").load()
+        except Exception as err:
+            raise _fail(path, f"is not a Planetoid array file ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+        sizes[part] = len(value) if part == "graph" else value.shape[0]
+    if sizes["x"] != sizes["y"] or sizes["tx"] != sizes["ty"] or sizes["allx"] != sizes["ally"]:
+        raise _fail(raw, f"feature and label files disagree on their row counts ({sizes})")
+    test = _ints(raw / f"ind.{prefix}.test.index", (raw / f"ind.{prefix}.test.index").read_text().split(), "test indices")
+    if len(test) != sizes["tx"]:
+        raise _fail(raw / f"ind.{prefix}.test.index", f"has {len(test)} indices for {sizes['tx']} test rows")
+
+
+def raw_folder(name: str, root: str | Path | None) -> Path:
+    """The folder holding ``name``'s raw files under ``root`` (or under root/heterophily, root/planetoid, as in
+    ../shared/data/graphs), with every file present; one line naming the layout otherwise."""
     if name not in REAL:
         raise ConfigError(f"unknown dataset '{name}'; valid: csbm, {', '.join(REAL)}")
     if not root:
         raise ConfigError(f"data.name={name} needs data.root=<folder>; expected layout: {layout(name)}")
-    cls, folder, prefix = REAL[name]
-    # root may also be the parent of heterophily/ and planetoid/ (as in ../shared/data/graphs)
+    folder = REAL[name][1]
     candidates = [Path(root) / sub / folder / "raw" for sub in ("", "heterophily", "planetoid")]
     found = next((c for c in candidates if c.is_dir()), candidates[0])
-    raw = require_files(found, raw_files(name), layout(name))
-    cache = Path(cache_dir) / "graphs" / folder
+    return require_files(found, raw_files(name), layout(name))
+
+
+def _digest(folder: Path, names: list[str]) -> str:
+    digest = hashlib.sha1()
+    for name in sorted(names):
+        digest.update(name.encode())
+        digest.update((folder / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
+    """One Geom-GCN benchmark from PyG's raw layout under ``root``, with its ten splits.
+
+    The raw files are checked, then copied into a cache folder named by a hash of their contents (PyG writes
+    processed files next to raw/ and reuses them; the data folder may be read-only): changed or corrected files
+    get a new cache, never a stale one.
+    """
+    name = name.lower()
+    raw = raw_folder(name, root)
+    cls, folder, prefix = REAL[name]
+    validate_planetoid(raw, prefix) if cls == "Planetoid" else validate_geom_gcn(raw, name)
+    cache_root = Path(cache_dir) / "graphs" / f"{name}-{_digest(raw, raw_files(name))}"
+    cache = cache_root / folder
     if not all((cache / "raw" / f).exists() for f in raw_files(name)):
-        shutil.copytree(raw, cache / "raw", dirs_exist_ok=True)
+        tmp = cache.parent / f".{cache.name}.{os.getpid()}"  # copy, then rename: a half-copied cache is never used
+        shutil.copytree(raw, tmp / "raw", dirs_exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(tmp, cache)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
     import torch_geometric.datasets as pyg
 
-    cache_root = Path(cache_dir) / "graphs"
     try:
         if cls == "WebKB":
             dataset = pyg.WebKB(str(cache_root), folder)

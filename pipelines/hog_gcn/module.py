@@ -16,6 +16,7 @@ from torch.nn import functional as F
 from torch_geometric.data import Data
 
 from common.config import ConfigError
+from pipelines.hog_gcn.data import raw_folder
 from pipelines.hog_gcn.model import MODELS, HOGGCN, build_model, loss_terms
 
 
@@ -24,8 +25,8 @@ def check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid: {', '.join(MODELS)}")
     if cfg.model.hog.lp_labels not in ("train", "pseudo"):
         raise ConfigError(f"model.hog.lp_labels must be train or pseudo, got '{cfg.model.hog.lp_labels}'")
-    if cfg.model.hog.hops < 1:
-        raise ConfigError(f"model.hog.hops must be ≥ 1, got {cfg.model.hog.hops}")
+    if cfg.data.name != "csbm":
+        raw_folder(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, before anything runs
 
 
 def make_model(cfg: DictConfig, graph: Data) -> torch.nn.Module:

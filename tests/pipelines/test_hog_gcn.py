@@ -2,6 +2,7 @@
 fixtures in PyG's raw formats, a tiny run of every model, clear errors."""
 
 import pickle
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -177,6 +178,56 @@ def test_loader_reads_its_fixture(tmp_path, name, folder, kind):
     assert not (tmp_path / "data" / folder / ".." / "processed").exists()  # PyG wrote only into the cache
     # the cached copy is reused on a second load
     assert torch.equal(load_real(name, tmp_path / "data", tmp_path / "cache").x, graph.x)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this pickle runs code",))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: open(raw / "out1_graph_edges.txt", "a").write("1000000\t3\n"),
+     "out1_graph_edges.txt: edge endpoint 1000000 is not a node id (the features file has nodes 0..11)"),
+    (lambda raw: (raw / "out1_node_feature_label.txt").write_text("\n".join(
+        (raw / "out1_node_feature_label.txt").read_text().splitlines()[:6]) + "\n"),
+     "out1_graph_edges.txt: edge endpoint 5 is not a node id (the features file has nodes 0..4)"),
+    (lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+        (raw / "out1_node_feature_label.txt").read_text().replace("0,0,0,0,0,1", "0,0,nan,0,0,1")), "features hold NaN or infinite"),
+    (lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+        (raw / "out1_node_feature_label.txt").read_text().replace("\t0\n", "\t0.5\n", 1)), "labels must be whole numbers"),
+    (lambda raw: (raw / "texas_split_0.6_0.2_3.npz").write_bytes(np.random.default_rng(0).bytes(300)),
+     "texas_split_0.6_0.2_3.npz: is not a readable .npz split file"),
+    (lambda raw: np.savez(raw / "texas_split_0.6_0.2_0.npz", train_mask=np.ones(5), val_mask=np.ones(5), test_mask=np.ones(5)),
+     "train_mask must be 12 zeros/ones (one per node), got shape (5,)"),
+])
+def test_broken_raw_files_are_one_line_naming_the_file(tmp_path, damage, message):
+    raw = tmp_path / "data" / "texas" / "raw"
+    write_geom_gcn(raw, "texas")
+    damage(raw)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_real("texas", tmp_path / "data", tmp_path / "cache")
+
+
+def test_planetoid_pickles_that_would_run_code_are_refused(tmp_path):
+    raw = tmp_path / "data" / "Cora" / "geom-gcn" / "raw"
+    write_planetoid(raw, "cora")
+    with open(raw / "ind.cora.graph", "wb") as f:
+        pickle.dump(_RunsCode(), f)
+    with pytest.raises(ConfigError, match="ind.cora.graph: is not a Planetoid array file .*refusing to load builtins.print"):
+        load_real("cora", tmp_path / "data", tmp_path / "cache")
+
+
+def test_cache_follows_the_files_contents(tmp_path):
+    """Corrected raw files are read again (a new cache), not the stale processed copy of the old ones."""
+    raw = tmp_path / "data" / "texas" / "raw"
+    write_geom_gcn(raw, "texas")
+    before = load_real("texas", tmp_path / "data", tmp_path / "cache")
+    text = (raw / "out1_node_feature_label.txt").read_text().splitlines()
+    text[1] = text[1].rsplit("\t", 1)[0] + "\t2"  # node 0: label 0 → 2
+    (raw / "out1_node_feature_label.txt").write_text("\n".join(text) + "\n")
+    after = load_real("texas", tmp_path / "data", tmp_path / "cache")
+    assert int(before.y[0]) == 0 and int(after.y[0]) == 2
+    assert len(list((tmp_path / "cache" / "graphs").iterdir())) == 2
 
 
 def test_missing_files_give_one_line_with_the_layout(tmp_path):
