@@ -31,7 +31,9 @@ def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         if not any(_matches(name, pattern) for name in names):
             top = sorted({name.split(".")[0] for name in names})
-            raise ConfigError(f"freeze pattern '{pattern}' matches no parameter; top-level modules: {', '.join(top)}")
+            second = sorted({".".join(name.split(".")[:2]) for name in names if name.count(".") >= 2})
+            more = f" (inside: {', '.join(second[:12])}{', …' if len(second) > 12 else ''})" if second else ""
+            raise ConfigError(f"freeze pattern '{pattern}' matches no parameter; top-level modules: {', '.join(top)}{more}")
     frozen = []
     for name, param in model.named_parameters():
         if any(_matches(name, pattern) for pattern in patterns):
@@ -42,3 +44,22 @@ def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def freeze_when_built(module, patterns: Iterable[str]) -> None:
+    """Apply ``freeze=[…]`` to a LightningModule once its layers exist and before the strategy wraps it.
+
+    Some modules build their network in ``setup`` (its sizes come from the data), which Lightning calls after the
+    callbacks' ``setup``; ``configure_model`` runs after both and before DDP wraps the model, so frozen parameters
+    are never registered for gradient reduction. The module's own ``configure_model`` still runs first.
+    """
+    patterns = list(patterns)
+    if not patterns:
+        return
+    build = module.configure_model
+
+    def configure_model() -> None:
+        build()
+        freeze(module, patterns)
+
+    module.configure_model = configure_model

@@ -122,12 +122,14 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from common.callbacks import FitProgressBar, GracefulShutdown, KillAtStep, MlflowRunLogger, RngState
+    from common.freezing import freeze_when_built
     from common.hardware import trainer_kwargs
     from common.memory import MemoryProfiler
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
     module = pipeline.load("module")(cfg)
+    freeze_when_built(module, cfg.freeze)
 
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_cfg = cfg.callbacks.checkpoint

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.config import ConfigError
-from common.freezing import freeze
+from common.freezing import freeze, freeze_when_built
 from common.hardware import resolve_precision
 from common.memory import MemoryProfiler
 from common.runner import compose
@@ -15,6 +15,7 @@ from tests.toy.module import ToyData, ToyModule
 def _fit(cfg, callbacks=(), **trainer_kwargs):
     pl.seed_everything(cfg.seed, verbose=False)
     module, data = ToyModule(cfg), ToyData(cfg)
+    freeze_when_built(module, cfg.freeze)  # as the runner does
     kwargs = dict(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1, logger=False,
                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                   num_sanity_val_steps=0, limit_val_batches=0)

@@ -291,3 +291,22 @@ def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     from tests.resume_check import assert_exact_resume
 
     assert_exact_resume(home, "hog_gcn", ["preset=smoke", "trainer.max_epochs=6"], kill_at_step=3, total_steps=6)
+
+
+def test_freeze_from_config_gives_frozen_parameters_no_gradient_and_no_optimizer_state(home):
+    """freeze=[model.mlp] through the runner: the memory ledger of the run counts the MLP as frozen, and Adam holds
+    state (two moments, 8 bytes) and gradients (4 bytes) for the trainable parameters only."""
+    from mlflow.tracking import MlflowClient
+
+    from common.tracking import tracking_uri
+
+    (plain,) = train("hog_gcn", ["preset=smoke"])
+    (frozen,) = train("hog_gcn", ["preset=smoke", "freeze=[model.mlp]"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+    a, b = (client.get_run(r.run_id).data.metrics for r in (plain, frozen))
+    classes = compose("hog_gcn", {"preset": "smoke"}).data.classes
+    mlp = 8 * (8 + 1) + classes * (8 + 1)  # 8 features → hidden 8 → classes, weights and biases
+    assert a["memory/frozen_params"] == 0 and b["memory/frozen_params"] == mlp
+    assert b["memory/trainable_params"] == a["memory/trainable_params"] - mlp
+    assert b["memory/grad_bytes"] == 4 * b["memory/trainable_params"]
+    assert b["memory/optimizer_state_bytes"] == 8 * b["memory/trainable_params"]

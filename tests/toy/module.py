@@ -1,5 +1,4 @@
 import os
-import signal
 
 import lightning.pytorch as pl
 import torch
@@ -7,7 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.data import make_loader
-from common.freezing import freeze, trainable_parameters
+from common.freezing import trainable_parameters
 
 
 class ToyModule(pl.LightningModule):
@@ -16,7 +15,6 @@ class ToyModule(pl.LightningModule):
         self.cfg = cfg
         self.embed = nn.Linear(cfg.data.dim, cfg.model.hidden)
         self.head = nn.Linear(cfg.model.hidden, 2)
-        freeze(self, cfg.freeze)
 
     def forward(self, x):
         return self.head(torch.relu(self.embed(x)))
