@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all gpu-check clean
+.PHONY: install demo test lint test-all gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/lightyard demo
 
-test: $(STAMP)
+test: lint  ## lint, then the suite (CPU, under 10 minutes on 2 cores)
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 test-all: $(STAMP)  ## slow tests too (still CPU)
 	$(BIN)/python -m pytest -m "not gpu"

@@ -37,8 +37,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from common.runner import train
 
+    from common.hardware import global_rank
+
     results = train(args.pipeline, _with_yes(args))
-    _print_results(results)
+    if global_rank() == 0:  # under torchrun / srun / fabric run, rank 0 speaks
+        _print_results(results)
     return 0
 
 

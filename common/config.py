@@ -200,6 +200,19 @@ def _load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{path}: {' '.join(str(err).split())}") from None
 
 
+# `fabric run` (Lightning's launcher) starts one process per device under torchrun and passes its options as LT_*
+# variables: they set the trainer over the preset, and the command line's own overrides still win
+FABRIC_RUN = {"LT_ACCELERATOR": "trainer.accelerator", "LT_STRATEGY": "trainer.strategy", "LT_DEVICES": "trainer.devices",
+              "LT_NUM_NODES": "trainer.num_nodes", "LT_PRECISION": "trainer.precision"}
+
+
+def fabric_run_values() -> dict[str, Any]:
+    if not os.environ.get("LT_CLI_USED"):
+        return {}
+    values = {key: os.environ[var] for var, key in FABRIC_RUN.items() if os.environ.get(var)}
+    return {k: int(v) if k == "trainer.num_nodes" else v for k, v in values.items()}
+
+
 def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str | Path | None = None) -> DictConfig:
     """Compose the resolved config of ``pipeline`` with override ``values`` (``{dotted key: value}``)."""
     values = dict(values or {})
@@ -224,7 +237,7 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
             )
         merge_checked(cfg, presets[preset])
         cfg.preset = preset
-    for key, value in values.items():
+    for key, value in {**fabric_run_values(), **values}.items():
         set_checked(cfg, key, value)
     try:
         OmegaConf.resolve(cfg)

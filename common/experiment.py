@@ -18,7 +18,7 @@ class NonGradientExperiment(ABC):
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
 
-    @classmethod
+    @classmethod  # noqa: B027  (an optional hook: nothing to check by default)
     def check_config(cls, cfg: DictConfig) -> None:
         """Raise ConfigError for bad parameters before any MLflow run starts (default: nothing to check)."""
 

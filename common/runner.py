@@ -152,6 +152,8 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     if tracker is not None and notices:
         tracker.set_tags({"lightyard.notice": " | ".join(notices)})
     trainer = pl.Trainer(**kwargs, logger=MlflowRunLogger(tracker), callbacks=callbacks, default_root_dir=str(run_dir))
+    if tracker is not None:
+        tracker.set_tags({"lightyard.world_size": trainer.world_size, "lightyard.strategy": type(trainer.strategy).__name__})
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if shutdown.received is not None:
         raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; checkpoint: {shutdown.checkpoint_path}")

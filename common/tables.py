@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 
 def format_cell(value: Any) -> str:
     if isinstance(value, float):
-        if value != value:  # NaN
+        if math.isnan(value):
             return "–"
         if value == 0 or 1e-3 <= abs(value) < 1e5:
             return f"{value:.4g}"

@@ -19,3 +19,27 @@ def test_list_shows_pipelines_with_descriptions():
 def test_runs_on_an_empty_store(home):
     result = lightyard("runs", env={"LIGHTYARD_HOME": str(home)})
     assert result.returncode == 0 and "(no rows)" in result.stdout
+
+
+def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
+    """`fabric run --devices=2 common/cli.py train toy`: two processes, one DDP group of world size 2, one MLflow run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from common.runner import compose
+    from common.tracking import tracking_uri
+    from tests.conftest import ROOT
+
+    fabric = Path(sys.executable).with_name("fabric")
+    result = subprocess.run([str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy",
+                             "trainer.max_epochs=1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["lightyard.world_size"] == "2" and run.data.tags["lightyard.strategy"] == "DDPStrategy"
+    assert result.stdout.count("### Runs") == 1  # rank 1 prints nothing

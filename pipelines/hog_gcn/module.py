@@ -141,16 +141,16 @@ class HogGCNModule(pl.LightningModule):
 
     def training_step(self, graph, batch_idx):
         terms = training_loss(self.model, graph, self.current_epoch, self.cfg, self.generator)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_epoch=True, on_step=False, batch_size=1)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_epoch=True, on_step=False, batch_size=1, sync_dist=True)
         return terms["loss"]
 
     def validation_step(self, graph, batch_idx):
         acc = accuracies(self.model, graph)
         if not self.trainer.sanity_checking and acc["val_acc"] > self.best_val:
             self.best_val = acc["val_acc"]
-            self.log_dict({"best_epoch": float(self.current_epoch), "test_acc_at_best_val": acc["test_acc"]}, batch_size=1)
+            self.log_dict({"best_epoch": float(self.current_epoch), "test_acc_at_best_val": acc["test_acc"]}, batch_size=1, sync_dist=True)
         self.log_dict({"val_acc": acc["val_acc"], "test_acc": acc["test_acc"], "train_acc": acc["train_acc"],
-                       "best_val_acc": max(self.best_val, acc["val_acc"])}, prog_bar=True, batch_size=1)
+                       "best_val_acc": max(self.best_val, acc["val_acc"])}, prog_bar=True, batch_size=1, sync_dist=True)
 
     def configure_optimizers(self):
         return optimizer(self.cfg, self.model)

@@ -85,7 +85,7 @@ def test_sparse_and_dense_hog_gcn_agree_on_a_small_graph():
     outs = {k: m(graph.x, label_input) for k, m in models.items()}
     for key in ("logits", "lp"):
         assert torch.allclose(outs[False][key], outs[True][key], atol=1e-5)
-    for k, m in models.items():
+    for k in models:
         (outs[k]["logits"][train_mask].logsumexp(-1).sum() + outs[k]["lp"].pow(2).sum()).backward()
     assert torch.allclose(sparse.layers[0].neighbour.weight.grad, dense.layers[0].neighbour.weight.grad, atol=1e-4)
     assert torch.allclose(sparse.layers[0].T.grad, dense.layers[0].T.grad[pattern.row, pattern.col], atol=1e-5)

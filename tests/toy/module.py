@@ -22,7 +22,7 @@ class ToyModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_loss", loss, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
@@ -31,7 +31,7 @@ class ToyModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True)
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean(), on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         m = self.cfg.model
