@@ -60,7 +60,8 @@ def test_freeze_patterns_and_errors():
 
 
 def test_precision_resolution(monkeypatch):
-    assert resolve_precision("bf16-mixed", "cpu") == ("32-true", resolve_precision("bf16-mixed", "cpu")[1])
+    precision, notice = resolve_precision("bf16-mixed", "cpu")
+    assert precision == "32-true" and notice.startswith("precision bf16-mixed asked for on cpu: running in 32-bit")
     assert "running in 32-bit" in resolve_precision("16-mixed", "cpu")[1]
     assert resolve_precision("32", "cpu") == ("32-true", None)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
