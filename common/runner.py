@@ -233,6 +233,10 @@ def run_one(
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     start = time.time()
     heartbeat = Heartbeat(tracker) if tracker is not None else None
     try:

@@ -128,3 +128,31 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
             out["support_edges"] = float(result["edges used"])
         print(f"n={n} {name}: {result['epoch s']:.3g} s/epoch, peak {result['peak above start MB']:.0f} MB", flush=True)
     return out
+
+
+def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
+    """Steps/s of the Lightning loop (HogGCNModule under a Trainer: logging, callbacks, the loops) against the hand
+    loop of the same steps (``fit_split``), interleaved in this process; the fastest of ``bench.repeats`` each."""
+    import lightning.pytorch as pl
+
+    from common.hardware import trainer_kwargs
+    from pipelines.hog_gcn.data import GraphDataModule
+    from pipelines.hog_gcn.module import HogGCNModule
+
+    epochs = int(cfg.trainer.max_epochs)
+    graph = build_graph(cfg)
+    kwargs, _ = trainer_kwargs(cfg.trainer)
+    kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    hand = lightning = float("inf")
+    for _ in range(int(cfg.bench.repeats) + 1):  # the first round warms up (allocator, kernels, imports)
+        start = time.perf_counter()
+        fit_split(cfg, graph, cfg.data.split)
+        hand_s = time.perf_counter() - start
+        trainer = pl.Trainer(**kwargs)
+        start = time.perf_counter()
+        trainer.fit(HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
+        lightning_s = time.perf_counter() - start
+        if _ > 0:
+            hand, lightning = min(hand, hand_s), min(lightning, lightning_s)
+    return {"hand_steps_per_s": epochs / hand, "lightning_steps_per_s": epochs / lightning, "lightning_over_hand": hand / lightning,
+            "threads": float(torch.get_num_threads())}

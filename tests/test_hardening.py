@@ -1,0 +1,120 @@
+"""Bad input and faults from a new user's point of view: one line, the right exit code, no run left RUNNING."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from common.config import ConfigError
+from common.runner import compose
+from common.tracking import tracking_uri
+from tests.conftest import ROOT, lightyard
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-0.01", "config key 'optim.lr' must be > 0, got -0.01"),
+    ("model.dropout=1.5", "config key 'model.dropout' must be in [0, 1), got 1.5"),
+    ("data.classes=0", "config key 'data.classes' must be >= 2, got 0"),
+    ("data.homophily=1.5", "config key 'data.homophily' must be in [0, 1], got 1.5"),
+    ("data.split=10", "config key 'data.split' must be in [0, 9], got 10"),
+    ("trainer.max_epochs=", "config key 'trainer.max_epochs' needs a value (int, default 100); got an empty one"),
+    ("seed=", "config key 'seed' needs a value (int, default 0); got an empty one"),
+    ("reproduce.homophily=[0.5,2.0]", "config key 'reproduce.homophily' must be in [0, 1], got 2.0 (in [0.5, 2.0])"),
+])
+def test_bad_values_are_one_line_before_any_run(override, message):
+    from common.config import sweep_points
+
+    with pytest.raises(ConfigError) as err:
+        compose("hog_gcn", sweep_points([override])[0])  # parsed as the command line parses it
+    assert str(err.value) == message
+
+
+def test_bad_value_on_the_command_line_leaves_no_run(home):
+    out = lightyard("train", "hog_gcn", "data.homophily=1.5", env={"LIGHTYARD_HOME": str(home)})
+    assert out.returncode == 2 and out.stderr.strip() == "lightyard: error: config key 'data.homophily' must be in [0, 1], got 1.5"
+    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_bad_yaml_in_a_config_file_is_one_line(tmp_path, monkeypatch):
+    import common.config as config
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data:\n  n: 3\ndata:\n  n: 4\n")
+    with pytest.raises(ConfigError, match="broken.yaml: while constructing a mapping .* found duplicate key data"):
+        config.load_config("broken", path=broken)
+
+
+def test_unreachable_tracking_server_fails_in_seconds_with_one_line(home):
+    start = time.time()
+    out = lightyard("train", "toy", env={"LIGHTYARD_HOME": str(home), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert time.time() - start < 15
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("lightyard: error: MLflow tracking server http://127.0.0.1:9 does not answer")
+
+
+def test_two_commands_on_a_new_store_both_succeed(home):
+    env = {**__import__("os").environ, "LIGHTYARD_HOME": str(home)}
+    command = [sys.executable, "-m", "common.cli", "train", "toy", "trainer.max_epochs=1"]
+    procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [r[1][-1500:] for r in results]
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+
+
+def test_ui_refuses_a_bad_or_busy_port_with_one_line(home):
+    import socket
+
+    out = lightyard("ui", "--port", "99999", env={"LIGHTYARD_HOME": str(home)})
+    assert out.returncode == 2 and out.stderr.strip() == "lightyard: error: --port must be in 1..65535, got 99999"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = lightyard("ui", "--port", str(port), env={"LIGHTYARD_HOME": str(home)})
+    assert out.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_exits_non_zero_when_a_pipeline_fails_and_lists_only_its_runs(home):
+    env = {"LIGHTYARD_HOME": str(home)}
+    lightyard("train", "toy", "trainer.max_epochs=1", "run_name=earlier", env=env)  # not the demo's
+    out = lightyard("demo", "crash_at_step=1", "--pipelines", "toy", env=env)
+    assert out.returncode == 1
+    assert "| toy      | FAILED: RuntimeError: toy crash" in out.stdout
+    assert "earlier" not in out.stdout
+
+
+def test_a_huge_sweep_says_its_size_and_asks_for_yes(home):
+    out = lightyard("train", "toy", "model.hidden=" + ",".join(map(str, range(1, 201))), "data.n=" + ",".join(map(str, range(10, 60))),
+                    env={"LIGHTYARD_HOME": str(home)})
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("lightyard: error: this sweep has 10000 points (over launcher.max_points=1000); add --yes to run it")
+
+
+def test_sigterm_during_data_setup_ends_killed_not_running(home):
+    """SIGTERM before Lightning's loop starts (here: while the store and data are being set up) still ends KILLED."""
+    import os
+    import signal
+
+    env = {**os.environ, "LIGHTYARD_HOME": str(home)}
+    process = subprocess.Popen([sys.executable, "-m", "common.cli", "train", "hog_gcn", "data.nodes=60000", "trainer.max_epochs=1"],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.3)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+            if client.search_runs([e.experiment_id for e in client.search_experiments()]):
+                break
+        except Exception:
+            continue
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED"
