@@ -31,5 +31,5 @@ test-all: $(STAMP)  ## slow tests too (still CPU)
 gpu-check: $(STAMP)  ## on a CUDA machine: GPU tests + every bench, results into gpu-results/
 	bash tests/gpu/run_all.sh gpu-results
 
-clean:
-	rm -rf outputs mlflow .cache .pytest_cache
+clean:  ## the project's own leftovers; runs, stores and caches live in $$LIGHTYARD_HOME (default ~/.lightyard)
+	rm -rf .pytest_cache build *.egg-info
