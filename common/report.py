@@ -61,7 +61,7 @@ def children_rows(client: Any, parent_id: str, experiment_id: str) -> list[dict]
         tags = run.data.tags
         if run.info.status != "FINISHED" or tags.get(SUPERSEDED_TAG) or POINT_TAG not in tags:
             continue
-        rows.append({**json.loads(tags[POINT_TAG]), **run.data.metrics, "_run_id": run.info.run_id,
+        rows.append({**run.data.metrics, **json.loads(tags[POINT_TAG]), "_run_id": run.info.run_id,
                      "_index": int(tags.get(INDEX_TAG, 0))})
     return sorted(rows, key=lambda r: r["_index"])
 

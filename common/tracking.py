@@ -136,13 +136,20 @@ class Tracker:
 
         uri = tracking_uri(cfg)
         client = MlflowClient(tracking_uri=uri)
-        name = cfg.logger.experiment
+        name = cfg.logger.experiment or f"lightyard/{cfg.pipeline}"
         experiment = client.get_experiment_by_name(name)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(name, artifact_location=local_artifact_root(cfg, uri))
-        )
+        if experiment:
+            experiment_id = experiment.experiment_id
+        else:
+            try:
+                # a training experiment: MLflow 3's UI then opens on the runs table, not on the GenAI overview
+                experiment_id = client.create_experiment(name, artifact_location=local_artifact_root(cfg, uri),
+                                                         tags={"mlflow.experimentKind": "custom_model_development"})
+            except Exception:  # another process created it a moment ago
+                experiment = client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+                experiment_id = experiment.experiment_id
         all_tags = {"lightyard.pipeline": cfg.pipeline, **git_state(), **(tags or {})}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id

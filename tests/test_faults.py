@@ -24,7 +24,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
     assert "MLflow run marked KILLED" in last_line
 
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
-    (run,) = client.search_runs([client.get_experiment_by_name("lightyard").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("lightyard/toy").experiment_id])
     assert run.info.status == "KILLED"
     assert last_line.endswith(f"continue with: lightyard train toy resume={run.info.run_id})")
     assert (home / "outputs" / "toy" / run.info.run_id / "checkpoints" / "interrupted.ckpt").is_file()
@@ -47,7 +47,7 @@ def test_crash_ends_failed_with_the_error_logged(home):
     with pytest.raises(RuntimeError, match="toy crash"):
         train("toy", ["crash_at_step=3"])
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
-    (run,) = client.search_runs([client.get_experiment_by_name("lightyard").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("lightyard/toy").experiment_id])
     assert run.info.status == "FAILED"
     assert "toy crash" in run.data.tags["error"]
     assert "traceback.txt" in [a.path for a in client.list_artifacts(run.info.run_id)]

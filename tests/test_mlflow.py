@@ -39,3 +39,12 @@ def test_sweep_2x2_gives_one_parent_and_four_children(mlflow_server, home, monke
     points = {(c.data.params["model.lr"], c.data.params["model.hidden"]) for c in children}
     assert points == {("0.01", "4"), ("0.01", "8"), ("0.1", "4"), ("0.1", "8")}
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_one_training_experiment_per_pipeline(mlflow_server, home, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    (result,) = train("toy", ["trainer.max_epochs=1"])
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment(client.get_run(result.run_id).info.experiment_id)
+    assert experiment.name == "lightyard/toy"
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -309,7 +309,4 @@ class GraphDataModule(pl.LightningDataModule):
         return make_loader([self.graph], 1, collate_fn=lambda items: items[0])
 
     def train_dataloader(self):
-        return self._loader()
-
-    def val_dataloader(self):
-        return self._loader()
+        return self._loader()  # evaluation runs after each step, on the same graph (HogGCNModule.on_train_batch_end)

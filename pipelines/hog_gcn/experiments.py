@@ -155,4 +155,4 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
         if _ > 0:
             hand, lightning = min(hand, hand_s), min(lightning, lightning_s)
     return {"hand_steps_per_s": epochs / hand, "lightning_steps_per_s": epochs / lightning, "lightning_over_hand": hand / lightning,
-            "threads": float(torch.get_num_threads())}
+            "torch_threads": float(torch.get_num_threads())}
