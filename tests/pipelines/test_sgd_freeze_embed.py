@@ -176,7 +176,7 @@ def test_reproduce_smoke_children_are_train_runs_and_the_report_selects_lr_on_va
     (row,) = [r for r in rows if r[:2] == ["waterbirds", "sgd"]]
     assert format_cell(float(chosen[0]["optim.lr"])) in row  # the "chosen lr" column
     assert f"{100 * statistics.mean(c['best/ood_test_acc'] for c in chosen):.1f} ± " in " | ".join(row)
-    assert ["paper: CLIP ViT-L/14", "93.7 / 83.0", "89.7 / 66.8", "93.7 / 83.0"] in rows  # adamw, sgd, freeze-embed
+    assert ["paper: CLIP ViT-L/14", "93.7 / 82.2", "89.7 / 66.8", "93.7 / 83.0"] in rows  # adamw, sgd, freeze-embed
 
 
 def test_bench_smoke_measures_every_optimizer_against_adamw_in_one_run(home):
@@ -185,8 +185,9 @@ def test_bench_smoke_measures_every_optimizer_against_adamw_in_one_run(home):
     (child,) = _children(result)
     assert (child["adamw/bytes_per_param"], child["sgd/bytes_per_param"], child["sgd_freeze_embed/bytes_per_param"]) == (16, 8, 12)
     assert child["sgd/state_x_adamw"] == pytest.approx(0.5)  # params + grads (8 B) over params + grads + two moments (16 B)
-    assert 0.74 < child["sgd_freeze_embed/state_x_adamw"] < 0.75  # 12 B per trainable parameter, the frozen ones hold 4 B
-    assert child["sgd_freeze_embed/trainable_m"] < child["adamw/trainable_m"]
+    total, trainable = child["adamw/trainable_m"], child["sgd_freeze_embed/trainable_m"]
+    assert trainable < total  # the frozen embedding holds its 4 B of weights, nothing else
+    assert child["sgd_freeze_embed/state_x_adamw"] == pytest.approx((4 * total + 8 * trainable) / (16 * total))
     assert all(child[f"{o}/peak_mb"] > 0 for o in ("adamw", "sgd", "sgd_freeze_embed"))
     assert any(row[0] == "vit_tiny_patch16_224" and "16" in row for row in _table_rows(result.report))
 
