@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
@@ -116,7 +115,3 @@ class SicAlohaExperiment(NonGradientExperiment):
             metrics["agreement/fraction_inside_ci"] = sum(inside) / len(inside)
         return metrics
 
-
-def torch_device_name(cfg: DictConfig) -> str:
-    device = resolve_accelerator(str(cfg.trainer.accelerator))
-    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
