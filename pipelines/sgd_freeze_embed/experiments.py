@@ -13,7 +13,7 @@ import time
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from common.config import with_values
+from common.config import ConfigError, with_values
 from common.freezing import freeze
 from common.hardware import resolve_accelerator
 from common.memory import MB, memory_ledger, read_peak_rss, reset_peak_rss, run_isolated
@@ -73,6 +73,9 @@ def memory_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """Every optimizer of ``bench.optimizers`` on ``bench.model``: bytes per trainable parameter, training-state MB,
     peak memory of the step, and both as ratios to the first optimizer (AdamW), all measured in this run."""
     b = cfg.bench
+    unknown = [name for name in b.optimizers if name not in BENCH_OPTIMIZERS]
+    if unknown:
+        raise ConfigError(f"unknown bench.optimizers {', '.join(unknown)}; valid: {', '.join(BENCH_OPTIMIZERS)}")
     device = torch.device(resolve_accelerator(str(cfg.trainer.accelerator)))
     precision = b.precision if b.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32")
     out: dict[str, float] = {}
