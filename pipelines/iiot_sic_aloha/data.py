@@ -6,8 +6,8 @@ There is no dataset: the simulator generates traffic, fading and decoding from t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 from omegaconf import DictConfig
 
@@ -71,7 +71,7 @@ class Scenario:
     def tau(self) -> float:
         return self.threshold_tx_prob if self.threshold_tx_prob is not None else min(1.0, 4.69 / self.num_nodes)
 
-    def with_(self, **changes) -> "Scenario":
+    def with_(self, **changes) -> Scenario:
         if "num_nodes" in changes and "event_probs" not in changes and self.homogeneous:
             changes["event_probs"] = (self.event_probs[0],) * changes["num_nodes"]
         if "event_prob" in changes:

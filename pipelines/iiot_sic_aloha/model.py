@@ -8,9 +8,9 @@ does not grow with the number of slots; the same code runs on a GPU.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -290,7 +290,7 @@ def _segment_sums(values: torch.Tensor, heads: torch.Tensor, tails: torch.Tensor
 
 def _one_shot_chunk(scenario: Scenario, scheme: str, age: torch.Tensor, size: int, q: torch.Tensor, stream: RandomStream):
     """``size`` slots of the one-shot schemes, event by event (a report is sent in its slot w.p. p)."""
-    R, N = age.shape
+    R = age.shape[0]
     generated, node, slot, slot_key = _report_events(q, R, size, scenario.transmit_prob, stream)
     rx = _received(len(node), scenario, stream)
     delivered = _decode_events(slot_key, rx, scheme, scenario, R * size)
@@ -370,7 +370,7 @@ def _threshold_aloha_chunk(scenario: Scenario, age: torch.Tensor, size: int, q: 
     first; an attempt at t is real iff t − L ≥ Γ, L the node's previous delivery, and a slot delivers
     iff it holds exactly one real attempt whose SNR clears γ (``threshold_deliveries``).
     """
-    R, N = age.shape
+    R = age.shape[0]
     generated, node, slot, slot_key = _report_events(q, R, size, scenario.tau, stream)
     clears = _received(len(node), scenario, stream) >= scenario.threshold
     start = (-age.view(-1).long()).index_select(0, node)

@@ -339,19 +339,25 @@ GENERATED = ("waterbirds", "domain_shift")
 REAL = ("waterbirds_real", "domainnet", "imagefolder", "fmow", "camelyon17", "cifar10_cue")
 
 
+def check_data(d: DictConfig) -> None:
+    """The dataset name, and a folder for the real ones (before any run starts, and where the data is built)."""
+    if d.name not in GENERATED + REAL:
+        raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(GENERATED + REAL)}")
+    if d.name in REAL and not d.root:
+        raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+
+
 def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
     """{'train', 'val' (ID, model selection), 'test' (ID), 'ood_test'} datasets for ``data.name``."""
-    d, seed = cfg.data, cfg.seed
+    d = cfg.data
+    check_data(d)
+    seed = cfg.seed if d.seed is None else d.seed
     if d.name == "waterbirds":
         return {"train": waterbirds_like(d.n_train, seed, False).dataset(), "val": waterbirds_like(d.n_val, seed + 1, False).dataset(),
                 "test": waterbirds_like(d.n_test, seed + 2, False).dataset(), "ood_test": waterbirds_like(d.n_test, seed + 3, True).dataset()}
     if d.name == "domain_shift":
         return {"train": domain_shift(d.n_train, seed, False).dataset(), "val": domain_shift(d.n_val, seed + 1, False).dataset(),
                 "test": domain_shift(d.n_test, seed + 2, False).dataset(), "ood_test": domain_shift(d.n_test, seed + 3, True).dataset()}
-    if d.name not in REAL:
-        raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(GENERATED + REAL)}")
-    if not d.root:
-        raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
     if d.name == "waterbirds_real":
         splits = load_waterbirds(d.root, d.image_size)
         splits["ood_test"] = splits["test"]

@@ -229,8 +229,19 @@ def pretrained_backbone(cfg: DictConfig, source_name: str, make_source) -> dict[
     path = Path(cfg.paths.cache_dir) / "sgd_freeze_embed" / f"pretrained-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
     if path.is_file():
         return rescale_patch_input(torch.load(path, map_location="cpu", weights_only=True), p.embed_scale)
+    with torch.random.fork_rng(devices=[]):  # a run's own random draws must not depend on whether the cache existed
+        state = _pretrain(cfg, source_name, make_source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    print(f"stage 1 cached at {path}", flush=True)
+    return rescale_patch_input(state, p.embed_scale)
+
+
+def _pretrain(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch.Tensor]:
+    """Stage 1: supervised AdamW on ``make_source``, one-cycle schedule; returns the backbone's weights."""
     from tqdm import tqdm
 
+    p = cfg.pretrain
     torch.manual_seed(p.seed)
     source = make_source(p.n_images, p.seed)
     backbone = create_backbone(cfg.model)
@@ -257,8 +268,5 @@ def pretrained_backbone(cfg: DictConfig, source_name: str, make_source) -> dict[
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    print(f"stage 1 done: last-epoch training accuracy {correct / max(seen, 1):.3f}; cached at {path}", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = model.backbone.state_dict()
-    torch.save(state, path)
-    return rescale_patch_input(state, p.embed_scale)
+    print(f"stage 1 done: last-epoch training accuracy {correct / max(seen, 1):.3f}", flush=True)
+    return model.backbone.state_dict()

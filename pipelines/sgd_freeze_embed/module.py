@@ -10,9 +10,24 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 from common.config import ConfigError
-from pipelines.sgd_freeze_embed.data import GENERATED, WATERBIRDS_TRAIN_MIX, ShiftDataModule, cifar_source, source_domain
-from pipelines.sgd_freeze_embed.model import (build_classifier, check_optimizer, diagnostic_figure, embedding_patterns, family,
-                                              gradient_diagnostic, make_optimizer, pretrained_backbone)
+from pipelines.sgd_freeze_embed.data import (
+    GENERATED,
+    WATERBIRDS_TRAIN_MIX,
+    ShiftDataModule,
+    check_data,
+    cifar_source,
+    source_domain,
+)
+from pipelines.sgd_freeze_embed.model import (
+    build_classifier,
+    check_optimizer,
+    diagnostic_figure,
+    embedding_patterns,
+    family,
+    gradient_diagnostic,
+    make_optimizer,
+    pretrained_backbone,
+)
 
 
 def num_classes(dataset) -> int:
@@ -42,6 +57,7 @@ class FineTuneModule(pl.LightningModule):
         import timm
 
         check_optimizer(cfg.optim)
+        check_data(cfg.data)
         if not timm.is_model(cfg.model.name):
             raise ConfigError(f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"")
 
@@ -75,8 +91,9 @@ class FineTuneModule(pl.LightningModule):
         rows, ratio = gradient_diagnostic(self.model, self.trainer.train_dataloader, embedding, self.cfg.diagnostic.batches)
         self.diagnostic = (rows, ratio)
         tracker = self.logger.experiment if self.logger is not None else None
-        if tracker is not None:
-            tracker.log_metrics({"grad/embed_over_rest": ratio}, step=0)
+        if tracker is not None:  # the group norms as metrics too, so that experiment reports can tabulate them
+            norms = {f"grad/norm/{row['group'].replace('+', '_')}": row["grad_norm"] for row in rows}
+            tracker.log_metrics({"grad/embed_over_rest": ratio, **norms}, step=0)
             tracker.log_table(rows, "diagnostic/gradient_norms.md", title=f"Gradient norms at lr 0 ({fam}; embedding = {', '.join(embedding)})")
             tracker.log_figure(diagnostic_figure(rows, ratio), "diagnostic/gradient_norms.png")
         print(f"gradient diagnostic: embedding/rest (size-normalised) = {ratio:.2f}", flush=True)

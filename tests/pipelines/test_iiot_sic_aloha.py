@@ -9,13 +9,27 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from common.config import ConfigError
+from common.grid import run_experiment
+from common.report import children_rows
 from common.runner import compose, train
 from common.tracking import tracking_uri
-from pipelines.iiot_sic_aloha.analysis import (analyze, best_transmit_probability, decoding_table,
-                                               sic_tail_probability, threshold_aloha_mean_field)
+from pipelines.iiot_sic_aloha.analysis import (
+    analyze,
+    best_transmit_probability,
+    decoding_table,
+    sic_tail_probability,
+    threshold_aloha_mean_field,
+)
 from pipelines.iiot_sic_aloha.data import Scenario, scenario_from_config
-from pipelines.iiot_sic_aloha.model import (RandomStream, _chunk_stats, _decode_events, _report_events, decode, simulate,
-                                            threshold_deliveries)
+from pipelines.iiot_sic_aloha.model import (
+    RandomStream,
+    _chunk_stats,
+    _decode_events,
+    _report_events,
+    decode,
+    simulate,
+    threshold_deliveries,
+)
 from pipelines.iiot_sic_aloha.module import SicAlohaExperiment
 from pipelines.iiot_sic_aloha.reference import simulate_reference
 from tests.conftest import lightyard
@@ -238,3 +252,47 @@ def test_train_logs_metrics_tables_and_figures(home):
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "tables")} | {a.path for a in client.list_artifacts(result.run_id, "figures")}
     assert {"tables/simulation_vs_analysis.md", "tables/tuning.md", "figures/per_node_aoi.png"} <= artifacts
     assert run.data.metrics["sic/mean_aoi"] < run.data.metrics["aloha/mean_aoi"]
+
+
+def _children(result):
+    client = MlflowClient(tracking_uri=tracking_uri(compose("iiot_sic_aloha")))
+    return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
+
+
+def _table_rows(report: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in report.splitlines() if line.startswith("|")]
+
+
+def test_reproduce_smoke_children_are_simulator_runs_and_the_report_counts_them(home):
+    result = run_experiment("reproduce", "iiot_sic_aloha", ["preset=smoke"])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 8, 8), result.report
+    children = _children(result)
+    # N ∈ {5, 10}, q = 0.2, ρ = 10 dB, each with perfect and imperfect CSI; the imperfect child simulates SIC alone
+    assert sorted(str(sorted(c[k] for k in c if k.startswith("sim."))) for c in children) == sorted(
+        str(sorted([v, eps])) for v in (5, 10, 0.2, 10.0) for eps in (0.0, 0.05))
+    for child in children:
+        schemes = {k.split("/")[0] for k in child if k.endswith("/mean_aoi")}
+        assert schemes == ({"sic"} if child["sim.csi_residual"] == 0.05 else {"aloha", "capture", "sic", "threshold_aloha"})
+    # ε costs SIC throughput in the exact analysis, at every point
+    for axis, value in (("sim.num_nodes", 5), ("sim.num_nodes", 10), ("sim.event_prob", 0.2), ("sim.snr_db", 10.0)):
+        perfect, imperfect = (next(c for c in children if c.get(axis) == value and c["sim.csi_residual"] == eps) for eps in (0.0, 0.05))
+        assert imperfect["sic/throughput_analysis"] < perfect["sic/throughput_analysis"]
+    # the agreement table counts exactly the comparisons whose analysis lies inside the simulation's CI
+    exact = [abs(c[f"{s}/{m}"] - c[f"{s}/{m}_analysis"]) <= c[f"{s}/{m}_ci"] for c in children for s in ("aloha", "capture", "sic")
+             if f"{s}/mean_aoi" in c for m in ("mean_aoi", "throughput", "p_age_violation", "p_report_violation")]
+    rows = _table_rows(result.report)
+    assert ["exact", str(len(exact)), str(sum(exact))] == next(r for r in rows if r[0] == "exact")[:3] and len(exact) == 64
+    claim = next(r for r in rows if r[:2] == ["SIC, perfect CSI", "slotted ALOHA"])
+    wins = sum(c["sic/mean_aoi"] < c["aloha/mean_aoi"] for c in children if "aloha/mean_aoi" in c)
+    assert claim[2] == f"{wins}/4"
+    client = MlflowClient(tracking_uri=tracking_uri(compose("iiot_sic_aloha")))
+    assert "figures/aoi_throughput_violation.png" in {a.path for a in client.list_artifacts(result.run_id, "figures")}
+
+
+def test_bench_smoke_times_both_simulators_in_one_run(home):
+    result = run_experiment("bench", "iiot_sic_aloha", ["preset=smoke"])
+    assert (result.status, result.total) == ("FINISHED", 1), result.report
+    (child,) = _children(result)
+    assert child["bench.scheme"] == "sic" and child["reference_node_slots_per_s"] > 0
+    assert child["speedup"] == pytest.approx(child["vectorized_node_slots_per_s"] / child["reference_node_slots_per_s"])
+    assert next(r for r in _table_rows(result.report) if r[0] == "SIC")[1] == "20"  # nodes

@@ -2,20 +2,38 @@
 reparametrisation, a tiny run of each optimizer, loaders on real-format fixtures, clear errors."""
 
 import math
+import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
 from common.config import ConfigError
+from common.grid import run_experiment
 from common.memory import memory_ledger
-from common.runner import compose
-from pipelines.sgd_freeze_embed.data import (ShiftDataModule, load_domainnet, load_imagefolder, load_waterbirds, waterbirds_like)
-from pipelines.sgd_freeze_embed.experiments import fine_tune
-from pipelines.sgd_freeze_embed.model import (OPTIMIZERS, build_classifier, embedding_patterns, family, gradient_diagnostic,
-                                              make_optimizer, rescale_patch_input)
+from common.report import children_rows
+from common.runner import compose, train
+from common.tables import format_cell
+from common.tracking import tracking_uri
+from pipelines.sgd_freeze_embed.data import (
+    load_domainnet,
+    load_imagefolder,
+    load_waterbirds,
+    waterbirds_like,
+)
+from pipelines.sgd_freeze_embed.model import (
+    OPTIMIZERS,
+    build_classifier,
+    embedding_patterns,
+    family,
+    gradient_diagnostic,
+    make_optimizer,
+    rescale_patch_input,
+)
 from tests.conftest import lightyard
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}
@@ -103,8 +121,8 @@ def test_diagnostic_and_the_embedding_rescale_keep_the_function():
     embedding = embedding_patterns(cfg.model, "clip_vit")
     rows, ratio = gradient_diagnostic(model, batches, embedding, 1)
     rows_s, ratio_s = gradient_diagnostic(scaled, batches, embedding, 1)
-    patch = [r["grad_norm"] for r in rows if r["group"] == "patch_embed"][0]
-    patch_s = [r["grad_norm"] for r in rows_s if r["group"] == "patch_embed"][0]
+    patch = next(r["grad_norm"] for r in rows if r["group"] == "patch_embed")
+    patch_s = next(r["grad_norm"] for r in rows_s if r["group"] == "patch_embed")
     assert patch_s == pytest.approx(10 * patch, rel=1e-3)  # same function, ten times the embedding gradient
     assert ratio_s > 2 * ratio  # the embedding also holds norm_pre, which the rescale leaves alone
     assert [r["group"] for r in rows][:4] == ["pos_embed+cls_token", "patch_embed", "norm_pre", "blocks.0"] and rows[-1]["group"] == "head"
@@ -112,20 +130,66 @@ def test_diagnostic_and_the_embedding_rescale_keep_the_function():
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_tiny_run_of_each_optimizer(optimizer, home):
-    cfg = _cfg(**{"optim.name": optimizer, "optim.lr": 1e-3 if optimizer.startswith("adamw") else 0.01,
-                  "pretrain.enabled": True, "pretrain.n_images": 64, "pretrain.epochs": 1, "pretrain.batch_size": 32})
-    datamodule = ShiftDataModule(cfg)
-    datamodule.setup()
-    module = fine_tune(cfg, datamodule)
-    best = module.best
-    assert {"val_acc", "test_acc", "ood_test_acc", "ood_test_worst_group_acc", "epoch"} <= set(best)
-    assert best["ood_test_worst_group_acc"] <= best["ood_test_acc"] + 1e-9
-    assert module.diagnostic[1] > 0
-    patch = module.model.backbone.patch_embed.proj.weight
+    """`lightyard train` at the smoke size: metrics of the best-validation epoch, the diagnostic, and the
+    embedding left exactly at its stage-1 weights by the freeze-embed optimizers only."""
     from pipelines.sgd_freeze_embed.module import backbone_weights
 
-    start = backbone_weights(cfg)["patch_embed.proj.weight"]  # from the stage-1 cache, now reused
-    assert torch.equal(patch, start) == optimizer.endswith("_freeze_embed")
+    values = {"preset": "smoke", "optim.name": optimizer, "optim.lr": 1e-3 if optimizer.startswith("adamw") else 0.01}
+    (result,) = train("sgd_freeze_embed", [f"{k}={v}" for k, v in values.items()])
+    metrics = result.metrics
+    assert {"best/val_acc", "best/test_acc", "best/ood_test_acc", "best/ood_test_worst_group_acc", "best/epoch"} <= set(metrics)
+    assert metrics["grad/embed_over_rest"] > 0
+    run = MlflowClient(tracking_uri=tracking_uri(result.config)).get_run(result.run_id)
+    state = torch.load(Path(run.data.tags["lightyard.run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    start = backbone_weights(compose("sgd_freeze_embed", values))["patch_embed.proj.weight"]  # from the stage-1 cache, now reused
+    assert torch.equal(state["model.backbone.patch_embed.proj.weight"], start) == optimizer.endswith("_freeze_embed")
+
+
+def _table_rows(report: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in report.splitlines() if line.startswith("|")]
+
+
+def _children(result):
+    client = MlflowClient(tracking_uri=tracking_uri(compose("sgd_freeze_embed")))
+    return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
+
+
+def test_reproduce_smoke_children_are_train_runs_and_the_report_selects_lr_on_validation(home):
+    result = run_experiment("reproduce", "sgd_freeze_embed", ["preset=smoke"])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 8, 8), result.report
+    children = _children(result)
+    expected = [("adamw", 0.001), ("sgd", 0.0001), ("sgd", 0.01), ("sgd_freeze_embed", 0.01)]
+    assert sorted((c["optim.name"], c["optim.lr"], c["seed"]) for c in children) == sorted((o, lr, s) for o, lr in expected for s in (0, 1))
+    for child in children:  # the runner's memory ledger and the module's metrics, as in any `train` run
+        assert child["memory/bytes_per_trainable_param"] == {"adamw": 16, "sgd": 12, "sgd_freeze_embed": 12}[child["optim.name"]]
+        assert (child["memory/frozen_params"] > 0) == (child["optim.name"] == "sgd_freeze_embed")
+        assert child["grad/embed_over_rest"] > 0 and child["grad/norm/patch_embed"] > 0
+    # one draw of the task for every child: the diagnostic (lr 0, before any step) depends on the seed alone
+    by_seed = {}
+    for child in children:
+        by_seed.setdefault(child["seed"], set()).add(round(child["grad/norm/patch_embed"], 6))
+    assert all(len(norms) == 1 for norms in by_seed.values())
+    sgd = [c for c in children if c["optim.name"] == "sgd"]
+    val = {lr: statistics.mean(c["best/val_acc"] for c in sgd if c["optim.lr"] == lr) for lr in (0.0001, 0.01)}
+    chosen = [c for c in sgd if c["optim.lr"] == max(val, key=val.get)]
+    rows = _table_rows(result.report)
+    (row,) = [r for r in rows if r[:2] == ["waterbirds", "sgd"]]
+    assert format_cell(float(chosen[0]["optim.lr"])) in row  # the "chosen lr" column
+    assert f"{100 * statistics.mean(c['best/ood_test_acc'] for c in chosen):.1f} ± " in " | ".join(row)
+    assert ["paper: CLIP ViT-L/14", "93.7 / 82.2", "89.7 / 66.8", "93.7 / 83.0"] in rows  # adamw, sgd, freeze-embed
+
+
+def test_bench_smoke_measures_every_optimizer_against_adamw_in_one_run(home):
+    result = run_experiment("bench", "sgd_freeze_embed", ["preset=smoke"])
+    assert (result.status, result.total) == ("FINISHED", 1), result.report
+    (child,) = _children(result)
+    assert (child["adamw/bytes_per_param"], child["sgd/bytes_per_param"], child["sgd_freeze_embed/bytes_per_param"]) == (16, 8, 12)
+    assert child["sgd/state_x_adamw"] == pytest.approx(0.5)  # params + grads (8 B) over params + grads + two moments (16 B)
+    total, trainable = child["adamw/trainable_m"], child["sgd_freeze_embed/trainable_m"]
+    assert trainable < total  # the frozen embedding holds its 4 B of weights, nothing else
+    assert child["sgd_freeze_embed/state_x_adamw"] == pytest.approx((4 * total + 8 * trainable) / (16 * total))
+    assert all(child[f"{o}/peak_mb"] > 0 for o in ("adamw", "sgd", "sgd_freeze_embed"))
+    assert any(row[0] == "vit_tiny_patch16_224" and "16" in row for row in _table_rows(result.report))
 
 
 def test_waterbirds_like_groups_follow_the_training_mix():
