@@ -247,8 +247,9 @@ def quiet_console(verbose: bool) -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # children (spawned workers, submitit jobs) stay quiet too
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow resets its logger level when imported
     warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mlflow", "alembic", "torch_geometric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # every library's INFO lines (Lightning's device summary, tips and "configured so 100 %", MLflow's store
+    # messages) stop here, whatever handlers the libraries attach when imported; warnings and errors pass
+    logging.disable(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

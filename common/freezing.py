@@ -1,6 +1,6 @@
 """Freeze named parameter groups from config (for example the patch embedding of a timm ViT).
 
-A pattern is a module path (``patch_embed`` freezes ``patch_embed.*``) or an fnmatch glob over
+A pattern is a module path at any depth (``patch_embed`` freezes ``backbone.patch_embed.*``) or an fnmatch glob over
 parameter names (``stages.0.*``). Frozen parameters get ``requires_grad=False``, so autograd gives
 them no gradient and optimizers built from :func:`trainable_parameters` keep no state for them.
 """
@@ -21,7 +21,8 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".") or fnmatchcase(name, pattern)
+    """A module path at any depth (``patch_embed`` matches ``backbone.patch_embed.proj.weight``), or a glob."""
+    return f".{pattern}." in f".{name}." or fnmatchcase(name, pattern)
 
 
 def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:

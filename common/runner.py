@@ -141,10 +141,6 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState()] + ([FitProgressBar()] if cfg.trainer.enable_progress_bar else [])
     if cfg.kill_at_step >= 0:
         callbacks.append(KillAtStep(cfg.kill_at_step))
-    if not os.environ.get("LIGHTYARD_VERBOSE"):
-        import logging
-
-        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # set at Lightning's import; our console stays ours
     if cfg.callbacks.memory_profiler:
         callbacks.append(MemoryProfiler())
 

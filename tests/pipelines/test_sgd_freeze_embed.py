@@ -321,3 +321,27 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
     assert source.images.shape == (5, 3, 32, 32) and set(source.labels.tolist()) <= {0, 1}
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg"):
         cifar_colour_cue(tmp_path / "nope", 4, 4, 0)
+
+
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
+    """4 batches per epoch; the interrupt after step 3 lands on the first epoch's last batch."""
+    from tests.resume_check import assert_exact_resume
+
+    assert_exact_resume(home, "sgd_freeze_embed", ["preset=smoke", "optim.name=adamw"], kill_at_step=3, total_steps=8)
+
+
+def test_freeze_from_config_reaches_the_backbone(home):
+    """freeze=[patch_embed] (a module at any depth) through the runner: frozen in the run's memory ledger, no gradient
+    and no AdamW state for it."""
+    from mlflow.tracking import MlflowClient
+
+    from common.runner import compose, train
+    from common.tracking import tracking_uri
+
+    (run,) = train("sgd_freeze_embed", ["preset=smoke", "optim.name=adamw", "freeze=[patch_embed]"])
+    metrics = MlflowClient(tracking_uri=tracking_uri(compose("sgd_freeze_embed"))).get_run(run.run_id).data.metrics
+    kw = compose("sgd_freeze_embed", {"preset": "smoke"}).model.kwargs
+    patch_embed = 3 * kw.patch_size**2 * kw.embed_dim + kw.embed_dim  # conv weight and bias
+    assert metrics["memory/frozen_params"] == patch_embed
+    assert metrics["memory/grad_bytes"] == 4 * metrics["memory/trainable_params"]
+    assert metrics["memory/optimizer_state_bytes"] == 8 * metrics["memory/trainable_params"]
