@@ -245,10 +245,12 @@ class BaselineResult:
 
 
 def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-6, patience: int = 3,
-                sinkhorn_iter: int = 2000, sinkhorn_tol: float = 1e-6) -> tuple[torch.Tensor, int, float, bool]:
+                sinkhorn_iter: int = 2000, sinkhorn_tol: float = 1e-6, T0=None) -> tuple[torch.Tensor, int, float, bool]:
     """POT's entropic GW (projected gradient, Peyré et al. 2016) with its log-domain Sinkhorn inside.
 
-    T ← sinkhorn_log(p, q, ∇GW(T) = 2·tens(T), ε), warm-started from the previous potentials, from T = pqᵀ.
+    T ← sinkhorn_log(p, q, ∇GW(T) = 2·tens(T), ε), warm-started from the previous potentials, from T0 (POT's
+    default pqᵀ). On centred data pqᵀ is a fixed point: hC1 pqᵀ hC2ᵀ ∝ XXᵀ1 1ᵀYYᵀ = 0, so the gradient is
+    constC = f ⊕ g and Sinkhorn returns pqᵀ again (README: the baseline's FOSCTTM near chance).
     ``ot.gromov.entropic_gromov_wasserstein`` hard-codes the scaling Sinkhorn (it fails at the ε of our
     tables: "numerical errors at iteration 0", issue #22) and stops on ‖T − T_prev‖ checked every 10
     iterations; here the loop is POT's, with POT's pieces (init_matrix, gwggrad, gwloss), the stable
@@ -256,7 +258,8 @@ def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-
     Returns (T, iterations, objective, converged).
     """
     constC, hC1, hC2 = ot.gromov.init_matrix(C1, C2, a, b, "square_loss")
-    T, potentials, previous, calm, value = a[:, None] * b[None, :], None, None, 0, math.nan
+    T = a[:, None] * b[None, :] if T0 is None else T0
+    potentials, previous, calm, value = None, None, 0, math.nan
     for iteration in range(1, max_iter + 1):
         gradient = ot.gromov.gwggrad(constC, hC1, hC2, T)
         T, log = ot.sinkhorn(a, b, gradient, eps, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=sinkhorn_tol,
@@ -272,41 +275,41 @@ def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-
     return T, iteration, value, False
 
 
-def _gw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter):
-    P, log = ot.gromov.gromov_wasserstein(C1, C2, a, b, "square_loss", log=True, max_iter=max_iter, tol_rel=tol, tol_abs=0.0)
+def _gw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
+    P, log = ot.gromov.gromov_wasserstein(C1, C2, a, b, "square_loss", log=True, G0=T0, max_iter=max_iter, tol_rel=tol, tol_abs=0.0)
     return P, len(log["loss"]), float(log["gw_dist"]), len(log["loss"]) < max_iter
 
 
-def _fgw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter):
+def _fgw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
     if shared is None:
         raise ValueError("fused GW needs features shared by both sides")
     P, log = ot.gromov.fused_gromov_wasserstein(torch.cdist(shared[0], shared[1]) ** 2, C1, C2, a, b, "square_loss", alpha=0.5,
-                                                log=True, max_iter=max_iter, tol_rel=tol, tol_abs=0.0)
+                                                G0=T0, log=True, max_iter=max_iter, tol_rel=tol, tol_abs=0.0)
     return P, len(log["loss"]), float(log["fgw_dist"]), len(log["loss"]) < max_iter
 
 
-def _egw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter):
-    return entropic_gw(C1, C2, a, b, eps, max_iter, tol, patience, sinkhorn_iter)
+def _egw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
+    return entropic_gw(C1, C2, a, b, eps, max_iter, tol, patience, sinkhorn_iter, T0=T0)
 
 
 BASELINES = {"gw": _gw, "entropic_gw": _egw, "fgw": _fgw}
 
 
 def gromov_baseline(X, Y, method: str, eps: float = 0.005, shared=None, max_iter: int = 1000, tol: float = 1e-6,
-                    patience: int = 3, sinkhorn_iter: int = 2000) -> BaselineResult:
+                    patience: int = 3, sinkhorn_iter: int = 2000, T0=None) -> BaselineResult:
     """POT's GW / entropic GW (one ε, as given: untuned) / fused GW (α = 0.5) with inner-product similarities.
 
     Every warning POT raises inside (Sinkhorn numerical errors or no convergence, "Solver failed to
     produce a transport plan") is caught and marks the run failed, as does a plan that is not finite or
     does not carry unit mass; GW and fused GW (conditional gradient) converge when they stop before
-    ``max_iter`` on the relative tolerance.
+    ``max_iter`` on the relative tolerance. ``T0``: the starting coupling (None: POT's pqᵀ).
     """
     a, b = uniform_weights(X), uniform_weights(Y)
     C1, C2 = X @ X.T, Y @ Y.T
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        P, iterations, value, converged = BASELINES[method](C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter)
+        P, iterations, value, converged = BASELINES[method](C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0)
     seconds = time.perf_counter() - start
     failed = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     if not failed and not (bool(torch.isfinite(P).all()) and abs(float(P.sum()) - 1) < 1e-5):
