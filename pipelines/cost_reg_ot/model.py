@@ -105,6 +105,7 @@ class Solution:
     seconds: float = 0.0
     converged: bool = False
     sinkhorn_seconds: float = 0.0  # of `seconds`, the part spent in Sinkhorn (the profile of the bench)
+    f: torch.Tensor | None = None  # source log-scaling log u (with g, the plan of a factored solve, see factored_plan)
 
 
 def sinkhorn(a, b, C, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6):
@@ -167,6 +168,61 @@ def prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkho
     return Step(M, P, potentials, objective(X, Y, a, b, M, P, eps, regularizer, lam), seconds)
 
 
+# -- the factored low-rank path: C = −F Gᵀ never formed -----------------------------------------------
+def cost_factors(X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F (n × r), G (m × r) with C_M = −F Gᵀ for M of rank ≤ r: M = U S Vᵀ gives −X Mᵀ Yᵀ = −(X V S)(Y U)ᵀ."""
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    return X @ (Vh[:rank].T * s[:rank]), Y @ U[:, :rank]
+
+
+def _lse(F: torch.Tensor, G: torch.Tensor, w: torch.Tensor, eps: float, chunk: int) -> torch.Tensor:
+    """log Σ_j exp(w_j + ⟨F_i, G_j⟩/ε) for every row i, ``chunk`` rows at a time (memory chunk × m, never n × m)."""
+    return torch.cat([torch.logsumexp(w[None, :] + F[i:i + chunk] @ G.T / eps, dim=1) for i in range(0, len(F), chunk)])
+
+
+def factored_sinkhorn(a, b, F, G, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6, chunk: int = 1024):
+    """Log-domain Sinkhorn for the rank-r cost C = −F Gᵀ: log u = log a − LSE_j(log v_j + ⟨F_i,G_j⟩/ε), log v likewise,
+    stopped when the row marginal's ℓ1 error is ≤ tol (checked every 10 iterations, like POT). Returns (log u, log v)."""
+    log_a, log_b = a.log(), b.log()
+    log_u, log_v = warmstart if warmstart is not None else (torch.zeros_like(a), torch.zeros_like(b))
+    for iteration in range(max_iter):
+        log_u = log_a - _lse(F, G, log_v, eps, chunk)
+        log_v = log_b - _lse(G, F, log_u, eps, chunk)
+        if iteration % 10 == 0 and float((log_u + _lse(F, G, log_v, eps, chunk)).exp().sub(a).abs().sum()) <= tol:
+            break
+    return log_u, log_v
+
+
+def _plan_chunks(F, G, log_u, log_v, eps: float, chunk: int):
+    for i in range(0, len(F), chunk):
+        yield i, (log_u[i:i + chunk, None] + log_v[None, :] + F[i:i + chunk] @ G.T / eps).exp()
+
+
+def factored_plan(F, G, log_u, log_v, eps: float) -> torch.Tensor:
+    """The dense plan P_ij = u_i v_j e^{⟨F_i,G_j⟩/ε} (small problems and tests only)."""
+    return (log_u[:, None] + log_v[None, :] + F @ G.T / eps).exp()
+
+
+def factored_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkhorn_iter=2000, sinkhorn_tol=1e-6,
+                  chunk: int = 1024) -> Step:
+    """:func:`prox_step` for the rank constraint with the factored cost: Sinkhorn, A(P) = Σ_chunks Yᵀ P_Iᵀ X_I and the
+    objective in chunks of rows, so memory is O((n + m)·r + chunk·m). With log P_ij = log u_i + log v_j + ⟨M x_i, y_j⟩/ε
+    (M the map P was solved for) and r, c the marginals of P: ε KL(P‖abᵀ) = ε(⟨r, log u − log a⟩ + ⟨c, log v − log b⟩
+    − ΣP + 1) + ⟨M, A⟩, and ⟨C_{M'}, P⟩ = −⟨M', A⟩ for the new M'."""
+    F, G = cost_factors(X, Y, M, rank)
+    start = time.perf_counter()
+    log_u, log_v = factored_sinkhorn(a, b, F, G, eps, warmstart, sinkhorn_iter, sinkhorn_tol, chunk)
+    seconds = time.perf_counter() - start
+    A, rows, cols = torch.zeros_like(M), torch.zeros_like(a), torch.zeros_like(b)
+    for i, P in _plan_chunks(F, G, log_u, log_v, eps, chunk):
+        A += Y.T @ (P.T @ X[i:i + chunk])
+        rows[i:i + chunk], cols = P.sum(1), cols + P.sum(0)
+    new = prox(A, regularizer, lam, rank)
+    kl = eps * (float(rows @ (log_u - a.log())) + float(cols @ (log_v - b.log())) - float(rows.sum()) + 1) + float((M * A).sum())
+    value = -float((new * A).sum()) + kl + 0.5 * float((new**2).sum()) + penalty(new, regularizer, lam)
+    return Step(new, None, (log_u, log_v), value, seconds)
+
+
 def final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter=2000, sinkhorn_tol=1e-6):
     """One more (warm-started) Sinkhorn so that P and the potentials belong to the final M: the
     out-of-sample map and the evaluation then use one consistent (M, P, v)."""
@@ -175,16 +231,20 @@ def final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter=2000, sinkhorn_tol=
 
 def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", lam: float = 0.0, rank: int = 2,
           max_iter: int = 100, tol: float = 1e-5, patience: int = 3, M0=None, sinkhorn_iter: int = 2000,
-          sinkhorn_tol: float = 1e-6, on_iteration=None) -> Solution:
+          sinkhorn_tol: float = 1e-6, on_iteration=None, factored: bool = False) -> Solution:
     """The alternating proximal scheme, stopped when the objective's relative change stays below
     ``tol`` for ``patience`` iterations (as the reference code does) or after ``max_iter``.
-    ``on_iteration(M, P)``, if given, sees every iterate (convergence curves)."""
+    ``on_iteration(M, P)``, if given, sees every iterate (convergence curves). ``factored`` (rank constraint
+    only): the cost is kept as its rank-r factors, P is never formed (``Solution.P`` is None; see factored_plan)."""
+    if factored and regularizer != "lowrank":
+        raise ValueError(f"the factored cost needs the rank constraint (regularizer='lowrank'), got {regularizer!r}")
+    step_of = factored_step if factored else prox_step
     a = uniform_weights(X) if a is None else a
     b = uniform_weights(Y) if b is None else b
     M = initial_map(X.shape[1], Y.shape[1], X) if M0 is None else M0
     start, history, calm, potentials, sinkhorn_seconds = time.perf_counter(), [], 0, None, 0.0
     for iteration in range(1, max_iter + 1):
-        step = prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter, sinkhorn_tol)
+        step = step_of(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter, sinkhorn_tol)
         M, potentials, sinkhorn_seconds = step.M, step.potentials, sinkhorn_seconds + step.sinkhorn_seconds
         calm = calm + 1 if relatively_unchanged(history[-1] if history else None, step.objective, tol) else 0
         history.append(step.objective)
@@ -194,8 +254,12 @@ def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", la
             raise FloatingPointError(f"objective became {history[-1]} at iteration {iteration}; increase eps")
         if calm >= patience:
             break
-    P, potentials = final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter, sinkhorn_tol)
-    return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience, sinkhorn_seconds)
+    if factored:
+        P, potentials = None, factored_sinkhorn(a, b, *cost_factors(X, Y, M, rank), eps, potentials, sinkhorn_iter, sinkhorn_tol)
+    else:
+        P, potentials = final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter, sinkhorn_tol)
+    return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience, sinkhorn_seconds,
+                    potentials[0])
 
 
 def stochastic_step(X, Y, M, eps: float, regularizer: str, lam: float, rank: int, fused: float, batch_size: int,

@@ -311,3 +311,20 @@ def test_rows_are_normalised_before_centring():
     out = preprocess(data, center=True, normalize_rows=True, scale=False)
     unit = data.X / data.X.norm(dim=1, keepdim=True)
     torch.testing.assert_close(out.X, unit - unit.mean(0))
+
+
+def test_factored_low_rank_cost_gives_the_dense_coupling():
+    """Issue #22: the rank-r factored cost (P never formed, chunks of rows) reaches the dense path's coupling."""
+    from pipelines.cost_reg_ot.model import cost_factors, cost_matrix, factored_plan
+
+    data = preprocess(planted_pair(n=70, seed=3), True, False, True)
+    common = {"eps": 0.05, "regularizer": "lowrank", "rank": 2, "max_iter": 8, "tol": 0.0, "patience": 8, "sinkhorn_iter": 20000,
+              "sinkhorn_tol": 1e-13}
+    dense = solve(data.X, data.Y, **common)
+    factored = solve(data.X, data.Y, **common, factored=True)
+    assert factored.P is None and factored.iterations == dense.iterations == 8
+    F, G = cost_factors(data.X, data.Y, factored.M, 2)
+    assert torch.allclose(-F @ G.T, cost_matrix(data.X, data.Y, factored.M), atol=1e-12)
+    torch.testing.assert_close(factored_plan(F, G, factored.f, factored.g, 0.05), dense.P, rtol=0, atol=1e-6)
+    torch.testing.assert_close(factored.M, dense.M, rtol=0, atol=1e-6)
+    assert factored.history == pytest.approx(dense.history, rel=1e-6)  # the chunked objective is the dense one
