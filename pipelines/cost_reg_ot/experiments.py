@@ -17,8 +17,23 @@ from common.config import ConfigError, with_values
 from common.report import mean_std
 from common.tables import markdown_table
 from common.tracking import Tracker, pyplot
-from pipelines.cost_reg_ot.data import PairedData, build_pair, load_scot, multiomics_pair, planted_pair, preprocess
-from pipelines.cost_reg_ot.model import BASELINES, cost_matrix, gromov_baseline, initial_map, sinkhorn, solve, uniform_weights
+from pipelines.cost_reg_ot.data import (
+    PairedData,
+    build_pair,
+    load_scot,
+    multiomics_pair,
+    planted_pair,
+    preprocess,
+)
+from pipelines.cost_reg_ot.model import (
+    BASELINES,
+    cost_matrix,
+    gromov_baseline,
+    initial_map,
+    sinkhorn,
+    solve,
+    uniform_weights,
+)
 from pipelines.cost_reg_ot.module import evaluate
 
 # the real pairs of ../shared/data/singlecell in SCOT's layout: (folder, X, Y, X labels, Y labels, normalise rows)

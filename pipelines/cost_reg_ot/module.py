@@ -8,9 +8,21 @@ from omegaconf import DictConfig
 
 from common.config import ConfigError
 from pipelines.cost_reg_ot.data import PairedData
-from pipelines.cost_reg_ot.model import (REGULARIZERS, barycentric_projection, cost_matrix, cross_moment, final_plan, gromov_baseline,
-                                         initial_map, objective, prox_step, relatively_unchanged, sinkhorn, stochastic_step,
-                                         uniform_weights)
+from pipelines.cost_reg_ot.model import (
+    REGULARIZERS,
+    barycentric_projection,
+    cost_matrix,
+    cross_moment,
+    final_plan,
+    gromov_baseline,
+    initial_map,
+    objective,
+    prox_step,
+    relatively_unchanged,
+    sinkhorn,
+    stochastic_step,
+    uniform_weights,
+)
 
 METHODS = ("prox", "stochastic", "gw", "entropic_gw", "fgw")
 
@@ -147,4 +159,3 @@ class CostRegOTModule(pl.LightningModule):
         self.log_dict(self.final_metrics)
         self.log("iterations", float(self._iterations))
         self.trainer.should_stop = True
-        return None

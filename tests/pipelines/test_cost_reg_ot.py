@@ -9,8 +9,15 @@ from common.config import ConfigError
 from common.runner import compose, train
 from common.tracking import tracking_uri
 from pipelines.cost_reg_ot.data import build_pair, load_scot, planted_pair, preprocess
-from pipelines.cost_reg_ot.model import (barycentric_projection, cross_moment, gw_inner_product_objective, prox, sinkhorn,
-                                         solve, transport_map)
+from pipelines.cost_reg_ot.model import (
+    barycentric_projection,
+    cross_moment,
+    gw_inner_product_objective,
+    prox,
+    sinkhorn,
+    solve,
+    transport_map,
+)
 from pipelines.cost_reg_ot.module import evaluate, foscttm
 from tests.conftest import lightyard
 
