@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError, with_values
+from common.memory import read_peak_rss, reset_peak_rss, run_isolated
 from common.report import mean_std
 from common.tables import markdown_table
 from common.tracking import Tracker, pyplot
@@ -161,6 +162,38 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     if "ours_s" in out and "gw_s" in out:
         out["speedup"] = out["gw_s"] / out["ours_s"]
     print(f"  n={b.n}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()), flush=True)
+    return out
+
+
+def _lowrank_run(X, Y, eps: float, rank: int, iterations: int, factored: bool) -> dict[str, float]:
+    """In a fresh process (common.memory.run_isolated): seconds per outer iteration and peak RSS above the start."""
+    reset_peak_rss()
+    start_rss = read_peak_rss()
+    sol = solve(X, Y, eps=eps, regularizer="lowrank", rank=rank, max_iter=iterations, tol=0.0, patience=iterations + 1, factored=factored)
+    return {"s_per_iteration": sol.seconds / sol.iterations, "peak_mb": (read_peak_rss() - start_rss) / 2**20, "M": sol.M,
+            "objective": sol.history[-1]}
+
+
+def lowrank_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
+    """Rank-r cost-regularized OT at ``bench.n``: the factored cost (P never formed) against the dense path, a fixed
+    ``bench.lowrank_iterations`` outer iterations each, each in its own process; the dense path is skipped where its
+    n × n matrices would pass ``bench.dense_budget_gb``."""
+    b = cfg.bench
+    data = build_pair(with_values(cfg, {"data.n": int(b.n), "data.source": "planted"}))
+    n = len(data.X)
+    out = {"n": float(n)}
+    for path in ("factored", "dense"):
+        if path == "dense" and 4 * n * n * 8 > b.dense_budget_gb * 2**30:  # cost, reduced cost, kernel, plan
+            print(f"  n={n}: dense path skipped (needs ≥ {4 * n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})", flush=True)
+            continue
+        result = run_isolated(_lowrank_run, data.X, data.Y, cfg.solver.eps, cfg.reproduce.rank, b.lowrank_iterations, path == "factored")
+        out.update({f"{path}_s_per_iteration": result["s_per_iteration"], f"{path}_peak_mb": result["peak_mb"],
+                    f"{path}_objective": result["objective"]})
+        out[f"_{path}_M"] = result["M"]
+    if "_dense_M" in out:
+        out["max_abs_M_difference"] = float((out["_dense_M"] - out["_factored_M"]).abs().max())
+    out = {k: v for k, v in out.items() if not k.startswith("_")}
+    print(f"  n={n}: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()), flush=True)
     return out
 
 

@@ -236,6 +236,10 @@ def test_reproduce_and_bench_run_at_smoke_through_the_grid(home):
     assert point["ours_foscttm"] < point["gw_foscttm"] and 0 < point["ours_sinkhorn_share"] <= 1
     assert "Target (faster at every n" in bench.report
 
+    lowrank = run_experiment("bench", "cost_reg_ot", ["experiment=lowrank", "preset=smoke"])
+    _, (point,) = _children(lowrank)
+    assert point["max_abs_M_difference"] < 1e-5 and point["factored_s_per_iteration"] > 0 and "dense_peak_mb" in point
+
 
 def test_failed_baseline_is_reported_failed_never_timed(home):
     """A tiny ε: POT's log-domain Sinkhorn cannot converge; its warning becomes the failed flag, nothing is printed."""
