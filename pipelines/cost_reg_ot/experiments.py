@@ -96,7 +96,7 @@ def fit_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """``reproduce.method`` on ``reproduce.dataset``: a regulariser of ours (λ from ``reproduce.lams``) or a POT baseline."""
     data, s, method = _pair(cfg), cfg.solver, cfg.reproduce.method
     if method in BASELINES:
-        result = gromov_baseline(data.X, data.Y, method, eps=cfg.reproduce.gw_eps, max_iter=cfg.reproduce.gw_max_iter, tol=s.tol,
+        result = gromov_baseline(data.X, data.Y, method, eps=cfg.reproduce.gw_eps, max_iter=cfg.reproduce.gw_max_iter, tol=cfg.reproduce.gw_tol,
                                  patience=s.patience, sinkhorn_iter=s.sinkhorn_iter, T0=_gw_start(data, cfg))
         return _baseline_metrics(result, data, cfg.evaluation.knn)
     lam = float(cfg.reproduce.lams.get(method, 0.0))

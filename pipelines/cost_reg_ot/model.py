@@ -340,7 +340,7 @@ def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-
 
 
 def _gw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
-    P, log = ot.gromov.gromov_wasserstein(C1, C2, a, b, "square_loss", log=True, G0=T0, max_iter=max_iter, tol_rel=tol, tol_abs=0.0)
+    P, log = ot.gromov.gromov_wasserstein(C1, C2, a, b, "square_loss", log=True, G0=T0, max_iter=max_iter, tol_rel=tol, tol_abs=tol)
     return P, len(log["loss"]), float(log["gw_dist"]), len(log["loss"]) < max_iter
 
 
@@ -348,7 +348,7 @@ def _fgw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
     if shared is None:
         raise ValueError("fused GW needs features shared by both sides")
     P, log = ot.gromov.fused_gromov_wasserstein(torch.cdist(shared[0], shared[1]) ** 2, C1, C2, a, b, "square_loss", alpha=0.5,
-                                                G0=T0, log=True, max_iter=max_iter, tol_rel=tol, tol_abs=0.0)
+                                                G0=T0, log=True, max_iter=max_iter, tol_rel=tol, tol_abs=tol)
     return P, len(log["loss"]), float(log["fgw_dist"]), len(log["loss"]) < max_iter
 
 
