@@ -104,6 +104,8 @@ class Solution:
     iterations: int = 0
     seconds: float = 0.0
     converged: bool = False
+    sinkhorn_seconds: float = 0.0  # of `seconds`, the part spent in Sinkhorn (the profile of the bench)
+    f: torch.Tensor | None = None  # source log-scaling log u (with g, the plan of a factored solve, see factored_plan)
 
 
 def sinkhorn(a, b, C, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6):
@@ -142,39 +144,122 @@ def initial_map(dx: int, dy: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((dy, dx), 1.0 / max(dx, dy), dtype=like.dtype, device=like.device)
 
 
-def prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkhorn_iter=2000, sinkhorn_tol=1e-6):
-    """One outer iteration: P = Sinkhorn(C_M), then M = prox_{λΩ}(A(P)). Returns (M, P, potentials)."""
+def relatively_unchanged(previous: float | None, value: float, tol: float) -> bool:
+    """The stopping rule of every solver here (ours and the entropic GW baseline): |Δ objective| ≤ tol·|previous|."""
+    return previous is not None and abs(value - previous) <= tol * max(abs(previous), 1e-12)
+
+
+@dataclass
+class Step:
+    M: torch.Tensor
+    P: torch.Tensor
+    potentials: tuple[torch.Tensor, torch.Tensor]
+    objective: float
+    sinkhorn_seconds: float
+
+
+def prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkhorn_iter=2000, sinkhorn_tol=1e-6) -> Step:
+    """One outer iteration, the one both :func:`solve` and the LightningModule take: P = Sinkhorn(C_M),
+    then M = prox_{λΩ}(A(P)), and the objective at (M, P)."""
+    start = time.perf_counter()
     P, potentials = sinkhorn(a, b, cost_matrix(X, Y, M), eps, warmstart, sinkhorn_iter, sinkhorn_tol)
-    return prox(cross_moment(X, Y, P), regularizer, lam, rank), P, potentials
+    seconds = time.perf_counter() - start
+    M = prox(cross_moment(X, Y, P), regularizer, lam, rank)
+    return Step(M, P, potentials, objective(X, Y, a, b, M, P, eps, regularizer, lam), seconds)
+
+
+# -- the factored low-rank path: C = −F Gᵀ never formed -----------------------------------------------
+def cost_factors(X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F (n × r), G (m × r) with C_M = −F Gᵀ for M of rank ≤ r: M = U S Vᵀ gives −X Mᵀ Yᵀ = −(X V S)(Y U)ᵀ."""
+    U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+    return X @ (Vh[:rank].T * s[:rank]), Y @ U[:, :rank]
+
+
+def _lse(F: torch.Tensor, G: torch.Tensor, w: torch.Tensor, eps: float, chunk: int) -> torch.Tensor:
+    """log Σ_j exp(w_j + ⟨F_i, G_j⟩/ε) for every row i, ``chunk`` rows at a time (memory chunk × m, never n × m)."""
+    return torch.cat([torch.logsumexp(w[None, :] + F[i:i + chunk] @ G.T / eps, dim=1) for i in range(0, len(F), chunk)])
+
+
+def factored_sinkhorn(a, b, F, G, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6, chunk: int = 1024):
+    """Log-domain Sinkhorn for the rank-r cost C = −F Gᵀ: log u = log a − LSE_j(log v_j + ⟨F_i,G_j⟩/ε), log v likewise,
+    stopped when the row marginal's ℓ1 error is ≤ tol (checked every 10 iterations, like POT). Returns (log u, log v)."""
+    log_a, log_b = a.log(), b.log()
+    log_u, log_v = warmstart if warmstart is not None else (torch.zeros_like(a), torch.zeros_like(b))
+    for iteration in range(max_iter):
+        log_u = log_a - _lse(F, G, log_v, eps, chunk)
+        log_v = log_b - _lse(G, F, log_u, eps, chunk)
+        if iteration % 10 == 0 and float((log_u + _lse(F, G, log_v, eps, chunk)).exp().sub(a).abs().sum()) <= tol:
+            break
+    return log_u, log_v
+
+
+def _plan_chunks(F, G, log_u, log_v, eps: float, chunk: int):
+    for i in range(0, len(F), chunk):
+        yield i, (log_u[i:i + chunk, None] + log_v[None, :] + F[i:i + chunk] @ G.T / eps).exp()
+
+
+def factored_plan(F, G, log_u, log_v, eps: float) -> torch.Tensor:
+    """The dense plan P_ij = u_i v_j e^{⟨F_i,G_j⟩/ε} (small problems and tests only)."""
+    return (log_u[:, None] + log_v[None, :] + F @ G.T / eps).exp()
+
+
+def factored_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkhorn_iter=2000, sinkhorn_tol=1e-6,
+                  chunk: int = 1024) -> Step:
+    """:func:`prox_step` for the rank constraint with the factored cost: Sinkhorn, A(P) = Σ_chunks Yᵀ P_Iᵀ X_I and the
+    objective in chunks of rows, so memory is O((n + m)·r + chunk·m). With log P_ij = log u_i + log v_j + ⟨M x_i, y_j⟩/ε
+    (M the map P was solved for) and r, c the marginals of P: ε KL(P‖abᵀ) = ε(⟨r, log u − log a⟩ + ⟨c, log v − log b⟩
+    − ΣP + 1) + ⟨M, A⟩, and ⟨C_{M'}, P⟩ = −⟨M', A⟩ for the new M'."""
+    F, G = cost_factors(X, Y, M, rank)
+    start = time.perf_counter()
+    log_u, log_v = factored_sinkhorn(a, b, F, G, eps, warmstart, sinkhorn_iter, sinkhorn_tol, chunk)
+    seconds = time.perf_counter() - start
+    A, rows, cols = torch.zeros_like(M), torch.zeros_like(a), torch.zeros_like(b)
+    for i, P in _plan_chunks(F, G, log_u, log_v, eps, chunk):
+        A += Y.T @ (P.T @ X[i:i + chunk])
+        rows[i:i + chunk], cols = P.sum(1), cols + P.sum(0)
+    new = prox(A, regularizer, lam, rank)
+    kl = eps * (float(rows @ (log_u - a.log())) + float(cols @ (log_v - b.log())) - float(rows.sum()) + 1) + float((M * A).sum())
+    value = -float((new * A).sum()) + kl + 0.5 * float((new**2).sum()) + penalty(new, regularizer, lam)
+    return Step(new, None, (log_u, log_v), value, seconds)
+
+
+def final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter=2000, sinkhorn_tol=1e-6):
+    """One more (warm-started) Sinkhorn so that P and the potentials belong to the final M: the
+    out-of-sample map and the evaluation then use one consistent (M, P, v)."""
+    return sinkhorn(a, b, cost_matrix(X, Y, M), eps, potentials, sinkhorn_iter, sinkhorn_tol)
 
 
 def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", lam: float = 0.0, rank: int = 2,
           max_iter: int = 100, tol: float = 1e-5, patience: int = 3, M0=None, sinkhorn_iter: int = 2000,
-          sinkhorn_tol: float = 1e-6, on_iteration=None) -> Solution:
+          sinkhorn_tol: float = 1e-6, on_iteration=None, factored: bool = False) -> Solution:
     """The alternating proximal scheme, stopped when the objective's relative change stays below
     ``tol`` for ``patience`` iterations (as the reference code does) or after ``max_iter``.
-    ``on_iteration(M, P)``, if given, sees every iterate (convergence curves)."""
+    ``on_iteration(M, P)``, if given, sees every iterate (convergence curves). ``factored`` (rank constraint
+    only): the cost is kept as its rank-r factors, P is never formed (``Solution.P`` is None; see factored_plan)."""
+    if factored and regularizer != "lowrank":
+        raise ValueError(f"the factored cost needs the rank constraint (regularizer='lowrank'), got {regularizer!r}")
+    step_of = factored_step if factored else prox_step
     a = uniform_weights(X) if a is None else a
     b = uniform_weights(Y) if b is None else b
     M = initial_map(X.shape[1], Y.shape[1], X) if M0 is None else M0
-    start, history, calm, potentials = time.perf_counter(), [], 0, None
+    start, history, calm, potentials, sinkhorn_seconds = time.perf_counter(), [], 0, None, 0.0
     for iteration in range(1, max_iter + 1):
-        M, P, potentials = prox_step(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter, sinkhorn_tol)
-        history.append(objective(X, Y, a, b, M, P, eps, regularizer, lam))
+        step = step_of(X, Y, a, b, M, eps, regularizer, lam, rank, potentials, sinkhorn_iter, sinkhorn_tol)
+        M, potentials, sinkhorn_seconds = step.M, step.potentials, sinkhorn_seconds + step.sinkhorn_seconds
+        calm = calm + 1 if relatively_unchanged(history[-1] if history else None, step.objective, tol) else 0
+        history.append(step.objective)
         if on_iteration is not None:
-            on_iteration(M, P)
-        if len(history) > 1 and abs(history[-1] - history[-2]) <= tol * max(abs(history[-2]), 1e-12):
-            calm += 1
-        else:
-            calm = 0
+            on_iteration(M, step.P)
         if not math.isfinite(history[-1]):
             raise FloatingPointError(f"objective became {history[-1]} at iteration {iteration}; increase eps")
         if calm >= patience:
             break
-    # one more (warm-started) Sinkhorn so that P and the potentials belong to the final M: the
-    # out-of-sample map and the evaluation then use one consistent (M, P, v)
-    P, potentials = sinkhorn(a, b, cost_matrix(X, Y, M), eps, potentials, sinkhorn_iter, sinkhorn_tol)
-    return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience)
+    if factored:
+        P, potentials = None, factored_sinkhorn(a, b, *cost_factors(X, Y, M, rank), eps, potentials, sinkhorn_iter, sinkhorn_tol)
+    else:
+        P, potentials = final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter, sinkhorn_tol)
+    return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience, sinkhorn_seconds,
+                    potentials[0])
 
 
 def stochastic_step(X, Y, M, eps: float, regularizer: str, lam: float, rank: int, fused: float, batch_size: int,
@@ -211,20 +296,86 @@ def barycentric_projection(P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 # -- baselines through POT -----------------------------------------------------------------------
-def gromov_baseline(X, Y, method: str, eps: float = 0.05, alpha: float = 0.5, shared=None, max_iter: int = 1000, tol: float = 1e-9):
-    """(coupling, seconds) of POT's GW / entropic GW / fused GW with inner-product similarities."""
+@dataclass
+class BaselineResult:
+    """A POT baseline's coupling and how it ended. ``failed`` holds the reason (a POT warning, a
+    non-finite or non-transport plan); a failed run has no time to tolerance."""
+    P: torch.Tensor
+    seconds: float
+    iterations: int
+    objective: float
+    converged: bool
+    failed: str = ""
+
+
+def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-6, patience: int = 3,
+                sinkhorn_iter: int = 2000, sinkhorn_tol: float = 1e-6, T0=None) -> tuple[torch.Tensor, int, float, bool]:
+    """POT's entropic GW (projected gradient, Peyré et al. 2016) with its log-domain Sinkhorn inside.
+
+    T ← sinkhorn_log(p, q, ∇GW(T) = 2·tens(T), ε), warm-started from the previous potentials, from T0 (POT's
+    default pqᵀ). On centred data pqᵀ is a fixed point: hC1 pqᵀ hC2ᵀ ∝ XXᵀ1 1ᵀYYᵀ = 0, so the gradient is
+    constC = f ⊕ g and Sinkhorn returns pqᵀ again (README: the baseline's FOSCTTM near chance).
+    ``ot.gromov.entropic_gromov_wasserstein`` hard-codes the scaling Sinkhorn (it fails at the ε of our
+    tables: "numerical errors at iteration 0", issue #22) and stops on ‖T − T_prev‖ checked every 10
+    iterations; here the loop is POT's, with POT's pieces (init_matrix, gwggrad, gwloss), the stable
+    Sinkhorn, and our stopping rule on the objective GW(T) + ε KL(T‖pqᵀ), so both solvers stop alike.
+    Returns (T, iterations, objective, converged).
+    """
+    constC, hC1, hC2 = ot.gromov.init_matrix(C1, C2, a, b, "square_loss")
+    T = a[:, None] * b[None, :] if T0 is None else T0
+    potentials, previous, calm, value = None, None, 0, math.nan
+    for iteration in range(1, max_iter + 1):
+        gradient = ot.gromov.gwggrad(constC, hC1, hC2, T)
+        T, log = ot.sinkhorn(a, b, gradient, eps, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=sinkhorn_tol,
+                             warmstart=potentials, log=True)
+        potentials = (log["log_u"], log["log_v"])
+        value = float(ot.gromov.gwloss(constC, hC1, hC2, T)) + eps * kl_to_product(T, a, b)
+        if not math.isfinite(value):
+            break
+        calm = calm + 1 if relatively_unchanged(previous, value, tol) else 0
+        previous = value
+        if calm >= patience:
+            return T, iteration, value, True
+    return T, iteration, value, False
+
+
+def _gw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
+    P, log = ot.gromov.gromov_wasserstein(C1, C2, a, b, "square_loss", log=True, G0=T0, max_iter=max_iter, tol_rel=tol, tol_abs=tol)
+    return P, len(log["loss"]), float(log["gw_dist"]), len(log["loss"]) < max_iter
+
+
+def _fgw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
+    if shared is None:
+        raise ValueError("fused GW needs features shared by both sides")
+    P, log = ot.gromov.fused_gromov_wasserstein(torch.cdist(shared[0], shared[1]) ** 2, C1, C2, a, b, "square_loss", alpha=0.5,
+                                                G0=T0, log=True, max_iter=max_iter, tol_rel=tol, tol_abs=tol)
+    return P, len(log["loss"]), float(log["fgw_dist"]), len(log["loss"]) < max_iter
+
+
+def _egw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
+    return entropic_gw(C1, C2, a, b, eps, max_iter, tol, patience, sinkhorn_iter, T0=T0)
+
+
+BASELINES = {"gw": _gw, "entropic_gw": _egw, "fgw": _fgw}
+
+
+def gromov_baseline(X, Y, method: str, eps: float = 0.005, shared=None, max_iter: int = 1000, tol: float = 1e-6,
+                    patience: int = 3, sinkhorn_iter: int = 2000, T0=None) -> BaselineResult:
+    """POT's GW / entropic GW (one ε, as given: untuned) / fused GW (α = 0.5) with inner-product similarities.
+
+    Every warning POT raises inside (Sinkhorn numerical errors or no convergence, "Solver failed to
+    produce a transport plan") is caught and marks the run failed, as does a plan that is not finite or
+    does not carry unit mass; GW and fused GW (conditional gradient) converge when they stop before
+    ``max_iter`` on the relative tolerance. ``T0``: the starting coupling (None: POT's pqᵀ).
+    """
     a, b = uniform_weights(X), uniform_weights(Y)
     C1, C2 = X @ X.T, Y @ Y.T
     start = time.perf_counter()
-    if method == "gw":
-        P = ot.gromov.gromov_wasserstein(C1, C2, a, b, "square_loss", max_iter=max_iter, tol_rel=tol, tol_abs=tol)
-    elif method == "entropic_gw":
-        P = ot.gromov.entropic_gromov_wasserstein(C1, C2, a, b, "square_loss", epsilon=eps, max_iter=max_iter, tol=tol)
-    elif method == "fgw":
-        if shared is None:
-            raise ValueError("fused GW needs features shared by both sides")
-        P = ot.gromov.fused_gromov_wasserstein(torch.cdist(shared[0], shared[1]) ** 2, C1, C2, a, b, "square_loss",
-                                               alpha=alpha, max_iter=max_iter, tol_rel=tol, tol_abs=tol)
-    else:
-        raise ValueError(f"unknown baseline {method!r}")
-    return P, time.perf_counter() - start
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        P, iterations, value, converged = BASELINES[method](C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0)
+    seconds = time.perf_counter() - start
+    failed = "; ".join(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+    if not failed and not (bool(torch.isfinite(P).all()) and abs(float(P.sum()) - 1) < 1e-5):
+        failed = f"the plan is not finite or has mass {float(P.sum()):.3g}"
+    return BaselineResult(P, seconds, iterations, value, converged and not failed, failed)

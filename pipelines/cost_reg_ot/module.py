@@ -8,8 +8,21 @@ from omegaconf import DictConfig
 
 from common.config import ConfigError
 from pipelines.cost_reg_ot.data import PairedData
-from pipelines.cost_reg_ot.model import (REGULARIZERS, barycentric_projection, cost_matrix, cross_moment, gromov_baseline,
-                                         initial_map, objective, prox_step, sinkhorn, stochastic_step, uniform_weights)
+from pipelines.cost_reg_ot.model import (
+    REGULARIZERS,
+    barycentric_projection,
+    cost_matrix,
+    cross_moment,
+    final_plan,
+    gromov_baseline,
+    initial_map,
+    objective,
+    prox_step,
+    relatively_unchanged,
+    sinkhorn,
+    stochastic_step,
+    uniform_weights,
+)
 
 METHODS = ("prox", "stochastic", "gw", "entropic_gw", "fgw")
 
@@ -108,19 +121,24 @@ class CostRegOTModule(pl.LightningModule):
             raise ConfigError(f"solver.method={s.method}{' with solver.fused > 0' if s.method == 'stochastic' else ''} needs features "
                               f"both sides measure: give data.x_shared and data.y_shared (X has {X.shape[1]} columns, Y {Y.shape[1]})")
         if s.method in {"gw", "entropic_gw", "fgw"}:
-            self.P, seconds = gromov_baseline(X, Y, s.method, s.eps, shared=shared if s.method == "fgw" else None)
+            result = gromov_baseline(X, Y, s.method, s.eps, shared=shared if s.method == "fgw" else None, max_iter=s.max_iter,
+                                     tol=s.tol, patience=s.patience, sinkhorn_iter=s.sinkhorn_iter)
+            if result.failed:
+                raise FloatingPointError(f"{s.method} failed: {result.failed}")
+            self.P = result.P
             self.M = cross_moment(X, Y, self.P)  # the map GW-IP implies (A(P)), for inspection only
-            self.log("solver_seconds", seconds)
+            self._iterations = result.iterations
+            self.log_dict({"solver_seconds": result.seconds, "converged": float(result.converged)})
             return self._finish(batch)
         if s.method == "stochastic":
             generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + batch_idx)
             self.M = stochastic_step(X, Y, self.M, s.eps, s.regularizer, s.lam, s.rank, s.fused, s.batch_size,
                                      s.step_size, generator, *(shared if s.fused > 0 else (None, None)))
             self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter)
-        else:
-            self.M, self.P, self._potentials = prox_step(X, Y, a, b, self.M, s.eps, s.regularizer, s.lam, s.rank,
-                                                        self._potentials, s.sinkhorn_iter)
-        value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
+            value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
+        else:  # the step model.solve takes, so both give the same (M, P) (tested)
+            step = prox_step(X, Y, a, b, self.M, s.eps, s.regularizer, s.lam, s.rank, self._potentials, s.sinkhorn_iter)
+            self.M, self.P, self._potentials, value = step.M, step.P, step.potentials, step.objective
         if not torch.isfinite(torch.tensor(value)):
             raise FloatingPointError(f"objective became {value} at iteration {self.global_step}; increase solver.eps")
         # manual optimization without a torch optimizer leaves global_step at 0: log by iteration
@@ -128,9 +146,11 @@ class CostRegOTModule(pl.LightningModule):
         if self.logger is not None:
             self.logger.log_metrics({"objective": value, "zero_fraction": float((self.M.abs() <= 1e-12).double().mean())}, step=batch_idx)
         previous, self._last_objective = self._last_objective, value
-        calm = previous is not None and abs(value - previous) <= s.tol * max(abs(previous), 1e-12)
-        self._calm = self._calm + 1 if calm else 0
+        self._calm = self._calm + 1 if relatively_unchanged(previous, value, s.tol) else 0
         if self._calm >= s.patience or batch_idx == s.max_iter - 1:
+            if s.method == "prox":  # as model.solve: the final plan belongs to the final M
+                self.P, self._potentials = final_plan(X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter)
+            self.log("converged", float(self._calm >= s.patience))
             return self._finish(batch)
         return None
 
@@ -139,4 +159,3 @@ class CostRegOTModule(pl.LightningModule):
         self.log_dict(self.final_metrics)
         self.log("iterations", float(self._iterations))
         self.trainer.should_stop = True
-        return None

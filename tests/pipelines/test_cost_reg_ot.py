@@ -9,8 +9,15 @@ from common.config import ConfigError
 from common.runner import compose, train
 from common.tracking import tracking_uri
 from pipelines.cost_reg_ot.data import build_pair, load_scot, planted_pair, preprocess
-from pipelines.cost_reg_ot.model import (barycentric_projection, cross_moment, gw_inner_product_objective, prox, sinkhorn,
-                                         solve, transport_map)
+from pipelines.cost_reg_ot.model import (
+    barycentric_projection,
+    cross_moment,
+    gw_inner_product_objective,
+    prox,
+    sinkhorn,
+    solve,
+    transport_map,
+)
 from pipelines.cost_reg_ot.module import evaluate, foscttm
 from tests.conftest import lightyard
 
@@ -201,9 +208,80 @@ def test_shared_features_are_read_checked_and_fused(tmp_path, home):
     assert run.info.status == "FINISHED" and run.data.metrics["foscttm"] < 0.4
 
 
+def _children(result):
+    from common.report import children_rows
+
+    client = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot")))
+    return client, children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
+
+
+def test_reproduce_and_bench_run_at_smoke_through_the_grid(home):
+    from common.grid import run_experiment
+
+    result = run_experiment("reproduce", "cost_reg_ot", ["preset=smoke"])
+    client, children = _children(result)
+    assert result.status == "FINISHED" and len(children) == 6  # 2 generated pairs × (none, ℓ1,2, entropic GW) × 1 seed
+    by = {(c["reproduce.dataset"], c["reproduce.method"]): c for c in children}
+    planted_none, planted_l12, egw = by["planted", "none"], by["planted", "l12"], by["planted", "entropic_gw"]
+    assert planted_none["foscttm"] < 0.15 and planted_none["converged"] == 1 and planted_none["zero_fraction"] == 0
+    assert planted_l12["zero_fraction"] > 0.3 and planted_l12["feature_precision"] == 1.0  # ℓ1,2 drops nuisance columns only
+    assert egw["failed"] == 0 and egw["converged"] == 1 and egw["foscttm"] > planted_none["foscttm"]
+    assert "| ours, none" in result.report and "figures/recovered_maps.png" in {a.path for a in client.list_artifacts(result.run_id, "figures")}
+
+    bench = run_experiment("bench", "cost_reg_ot", ["preset=smoke"])
+    _, (point,) = _children(bench)
+    assert bench.status == "FINISHED" and point["bench.n"] == 60 and point["threads"] >= 1
+    assert point["ours_converged"] == 1 and point["gw_converged"] == 1 and point["gw_failed"] == 0
+    assert point["speedup"] == pytest.approx(point["gw_s"] / point["ours_s"])
+    assert point["ours_foscttm"] < point["gw_foscttm"] and 0 < point["ours_sinkhorn_share"] <= 1
+    assert "Target (faster at every n" in bench.report
+
+    lowrank = run_experiment("bench", "cost_reg_ot", ["experiment=lowrank", "preset=smoke"])
+    _, (point,) = _children(lowrank)
+    assert point["max_abs_M_difference"] < 1e-5 and point["factored_s_per_iteration"] > 0 and "dense_peak_mb" in point
+
+
+def test_failed_baseline_is_reported_failed_never_timed(home):
+    """A tiny ε: POT's log-domain Sinkhorn cannot converge; its warning becomes the failed flag, nothing is printed."""
+    import warnings
+
+    from pipelines.cost_reg_ot.experiments import bench_point
+    from pipelines.cost_reg_ot.model import gromov_baseline
+
+    data = preprocess(planted_pair(n=30, seed=0), True, False, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any POT warning escaping the baseline fails this test
+        result = gromov_baseline(data.X, data.Y, "entropic_gw", eps=1e-6, max_iter=20, sinkhorn_iter=50)
+        assert result.failed and not result.converged and "converge" in result.failed
+        metrics = bench_point(compose("cost_reg_ot", {"preset": "smoke", "bench.n": 30, "reproduce.gw_eps": 1e-6}), None)
+    assert metrics["gw_failed"] == 1 and metrics["gw_converged"] == 0
+    assert "gw_s" not in metrics and "speedup" not in metrics and "gw_foscttm" not in metrics
+    assert metrics["ours_converged"] == 1 and "ours_s" in metrics
+
+
+def test_solve_and_the_lightning_module_take_the_same_steps(home):
+    """Issue #13 item 5: the lean loop and the LightningModule give the same (M, P) on the same pair."""
+    import lightning.pytorch as pl
+
+    from pipelines.cost_reg_ot.data import PairedSpacesDataModule
+    from pipelines.cost_reg_ot.module import CostRegOTModule
+
+    cfg = compose("cost_reg_ot", {"preset": "smoke", "data.n": 60, "solver.regularizer": "l12", "solver.lam": 0.1, "solver.max_iter": 40})
+    datamodule, module = PairedSpacesDataModule(cfg), CostRegOTModule(cfg)
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+               accelerator="cpu").fit(module, datamodule=datamodule)
+    data, s = datamodule.pair, cfg.solver
+    sol = solve(data.X, data.Y, eps=s.eps, regularizer="l12", lam=0.1, max_iter=40, tol=s.tol, patience=s.patience, sinkhorn_iter=s.sinkhorn_iter)
+    assert module._iterations == sol.iterations < 40 and sol.converged
+    torch.testing.assert_close(module.M, sol.M, rtol=0, atol=1e-12)
+    torch.testing.assert_close(module.P, sol.P, rtol=0, atol=1e-12)
+    assert module.final_metrics == evaluate(data, sol.P, sol.M, cfg.evaluation.knn)
+
+
 def test_reproduce_on_scot_fixtures(tmp_path, home):
-    """`reproduce` with real_root reads both SCOT folders and runs the reference-setting scGEM block."""
-    from common.runner import entry_point
+    """The `real` experiment reads both SCOT folders; `reference_scgem` logs the table (notebook rows beside
+    ours), the per-iteration curve, and the zeros that constant features force."""
+    from common.grid import run_experiment
     from pipelines.cost_reg_ot.experiments import REAL
 
     rng = np.random.default_rng(0)
@@ -212,20 +290,29 @@ def test_reproduce_on_scot_fixtures(tmp_path, home):
         root.mkdir(parents=True)
         labels = np.arange(24) % 3
         X, Y = rng.normal(size=(24, 5)) + labels[:, None], rng.normal(size=(24, 4)) + labels[:, None]
+        X[:, 2] = 1.5  # a constant feature, as two of scGEM's expression features are
         for name, matrix in ((xf, X), (yf, Y)):
             np.save(root / name, np.abs(matrix)) if name.endswith(".npy") else np.savetxt(root / name, matrix, delimiter=",")
         for name in (xl, yl):
             np.savetxt(root / name, labels + 1, fmt="%d")
-    result = entry_point("reproduce", "cost_reg_ot", [
-        "data.n=40", "solver.max_iter=5", f"reproduce.real_root={tmp_path / 'singlecell'}",
-        "reproduce.reference_scgem.iterations=4", "reproduce.reference_scgem.penalties=[[none,0.0],[l1,1.5]]"])
-    client = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot")))
-    artifacts = {a.path for a in client.list_artifacts(result.run_id, "tables")} | {a.path for a in client.list_artifacts(result.run_id, "figures")}
-    assert {"tables/reproduce.md", "tables/scgem_reference_setting.md", "figures/scgem_label_transfer_per_iteration.png"} <= artifacts
-    table = open(client.download_artifacts(result.run_id, "tables/reproduce.md", str(tmp_path))).read()
-    assert "scGEM" in table and "SNARE-seq" in table
-    scgem = open(client.download_artifacts(result.run_id, "tables/scgem_reference_setting.md", str(tmp_path))).read()
-    assert "71.4" in scgem and scgem.count("\n| l1") == 1  # one ℓ1 row, beside the notebook's value
+    real = f"reproduce.real_root={tmp_path / 'singlecell'}"
+    result = run_experiment("reproduce", "cost_reg_ot", ["experiment=real", "preset=smoke", real])
+    client, children = _children(result)
+    assert result.status == "FINISHED" and {c["reproduce.dataset"] for c in children} == {"scGEM", "SNARE-seq"} and len(children) == 6
+    assert "| scGEM" in result.report and "SNARE-seq" in result.report
+    with pytest.raises(ConfigError, match="needs reproduce.real_root"):
+        from pipelines.cost_reg_ot.experiments import fit_point
+
+        fit_point(compose("cost_reg_ot", {"reproduce.dataset": "scGEM"}), None)
+
+    reference = run_experiment("reproduce", "cost_reg_ot", ["experiment=reference_scgem", "preset=smoke", real])
+    client, children = _children(reference)
+    assert len(children) == 4 and all(c["constant_source_features"] == 1 and c["entries_zero_by_constant_features"] == 4 for c in children)
+    assert all(c["zero_entries"] >= 4 for c in children)  # the constant feature's column of M is 0 for every penalty
+    history = client.get_metric_history(children[0]["_run_id"], "label_transfer_per_iteration")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert "| paper ℓ1 / 1.5" in reference.report and "71.4" in reference.report
+    assert "figures/scgem_label_transfer_per_iteration.png" in {a.path for a in client.list_artifacts(reference.run_id, "figures")}
 
 
 def test_rows_are_normalised_before_centring():
@@ -235,3 +322,20 @@ def test_rows_are_normalised_before_centring():
     out = preprocess(data, center=True, normalize_rows=True, scale=False)
     unit = data.X / data.X.norm(dim=1, keepdim=True)
     torch.testing.assert_close(out.X, unit - unit.mean(0))
+
+
+def test_factored_low_rank_cost_gives_the_dense_coupling():
+    """Issue #22: the rank-r factored cost (P never formed, chunks of rows) reaches the dense path's coupling."""
+    from pipelines.cost_reg_ot.model import cost_factors, cost_matrix, factored_plan
+
+    data = preprocess(planted_pair(n=70, seed=3), True, False, True)
+    common = {"eps": 0.05, "regularizer": "lowrank", "rank": 2, "max_iter": 8, "tol": 0.0, "patience": 8, "sinkhorn_iter": 20000,
+              "sinkhorn_tol": 1e-13}
+    dense = solve(data.X, data.Y, **common)
+    factored = solve(data.X, data.Y, **common, factored=True)
+    assert factored.P is None and factored.iterations == dense.iterations == 8
+    F, G = cost_factors(data.X, data.Y, factored.M, 2)
+    assert torch.allclose(-F @ G.T, cost_matrix(data.X, data.Y, factored.M), atol=1e-12)
+    torch.testing.assert_close(factored_plan(F, G, factored.f, factored.g, 0.05), dense.P, rtol=0, atol=1e-6)
+    torch.testing.assert_close(factored.M, dense.M, rtol=0, atol=1e-6)
+    assert factored.history == pytest.approx(dense.history, rel=1e-6)  # the chunked objective is the dense one
