@@ -135,7 +135,7 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     ckpt_cfg = cfg.callbacks.checkpoint
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir, save_last=True, monitor=ckpt_cfg.monitor, mode=ckpt_cfg.mode,
-        every_n_train_steps=ckpt_cfg.every_n_train_steps,
+        every_n_train_steps=ckpt_cfg.every_n_train_steps, enable_version_counter=False,  # the run folder is ours: last.ckpt is the latest
     )
     shutdown = GracefulShutdown(checkpoint_dir)
     callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState()] + ([FitProgressBar()] if cfg.trainer.enable_progress_bar else [])

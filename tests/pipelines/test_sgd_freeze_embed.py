@@ -341,7 +341,7 @@ def test_freeze_from_config_reaches_the_backbone(home):
     (run,) = train("sgd_freeze_embed", ["preset=smoke", "optim.name=adamw", "freeze=[patch_embed]"])
     metrics = MlflowClient(tracking_uri=tracking_uri(compose("sgd_freeze_embed"))).get_run(run.run_id).data.metrics
     kw = compose("sgd_freeze_embed", {"preset": "smoke"}).model.kwargs
-    patch_embed = 3 * kw.patch_size**2 * kw.embed_dim + kw.embed_dim  # conv weight and bias
+    patch_embed = 3 * kw.patch_size**2 * kw.embed_dim  # the patch conv's weight (no bias under CLIP's pre-norm)
     assert metrics["memory/frozen_params"] == patch_embed
     assert metrics["memory/grad_bytes"] == 4 * metrics["memory/trainable_params"]
     assert metrics["memory/optimizer_state_bytes"] == 8 * metrics["memory/trainable_params"]
