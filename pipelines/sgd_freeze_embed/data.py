@@ -225,14 +225,29 @@ def load_imagefolder(root: str | Path, size: int, classes: list[str] | None = No
     root = Path(root)
     require_files(root, ["train", "val"], IMAGEFOLDER_LAYOUT)
 
+    def folders(split: str) -> list[str]:
+        return sorted(p.name for p in (root / split).iterdir() if p.is_dir())
+
+    # one class index for every split, from train/: a split's own listing would shift every label when it lacks a class
+    train_classes = folders("train")
+
     def read(split: str, groups: list[str] | None) -> list:
         folder = root / split
         if groups is None:
-            groups = sorted(p.name for p in folder.iterdir() if p.is_dir())
+            extra = sorted(set(folders(split)) - set(train_classes))
+            if extra:
+                raise ConfigError(f"{folder} has class folders that train/ lacks ({', '.join(extra)}); every split uses train/'s classes")
+            lacking = [name for name in train_classes if name not in folders(split)]
+            if lacking:
+                print(f"notice: {folder} has no images of {len(lacking)} training class(es) ({', '.join(lacking[:5])}); "
+                      "its accuracy covers the others", flush=True)
+            groups = train_classes
         records = []
         for label, group in enumerate(groups):
             for name in group.split("+"):
                 if not (folder / name).is_dir():
+                    if classes is None:
+                        continue  # a class this split lacks (noticed above); labels stay train/'s
                     raise ConfigError(f"class folder {folder / name} is missing; expected layout: {IMAGEFOLDER_LAYOUT}")
                 records += [(p, label, -1) for p in sorted((folder / name).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
         if not records:

@@ -14,7 +14,11 @@ export LIGHTYARD_HOME=${LIGHTYARD_HOME:-$(mktemp -d)}
 } > "$out/gpu_info.txt" 2>&1
 $py -m pytest tests/gpu -m gpu -v -p no:cacheprovider > "$out/gpu_tests.txt" 2>&1
 status=$?
-for pipeline in $($py -c "from common.registry import all_pipelines; print(' '.join(p.name for p in all_pipelines() if p.bench))"); do
+benched=$($py -c "
+from common.registry import all_pipelines
+from common.runner import compose
+print(' '.join(p.name for p in all_pipelines() if any(e.get('command') == 'bench' for e in compose(p.name).experiments.values())))")
+for pipeline in $benched; do
   $py -m common.cli bench "$pipeline" trainer.accelerator=cuda > "$out/bench_${pipeline}.txt" 2>&1 || status=1
 done
 echo "exit status $status" >> "$out/gpu_info.txt"

@@ -252,6 +252,22 @@ def test_imagefolder_loader_living17_style(tmp_path):
         load_imagefolder(tmp_path, 16, classes=["n09"])
 
 
+def test_imagefolder_labels_come_from_train_for_every_split(tmp_path, capsys):
+    """A val/ without one class keeps train/'s label of every other class (it used to shift them all down)."""
+    import shutil
+
+    for split in ("train", "val"):
+        for sub in ("ant", "bee", "cat"):
+            _png(tmp_path / split / sub / "a.png")
+    shutil.rmtree(tmp_path / "val" / "ant")
+    splits = load_imagefolder(tmp_path, 16)
+    assert {r[0].parent.name: r[1] for r in splits["val"].records} == {"bee": 1, "cat": 2}
+    assert "has no images of 1 training class(es) (ant)" in capsys.readouterr().out
+    _png(tmp_path / "val" / "dog" / "a.png")
+    with pytest.raises(ConfigError, match=r"val has class folders that train/ lacks \(dog\)"):
+        load_imagefolder(tmp_path, 16)
+
+
 def test_missing_folders_name_the_expected_layout(tmp_path):
     with pytest.raises(ConfigError, match="expected layout: <root>/metadata.csv"):
         load_waterbirds(tmp_path / "nope", 32)
