@@ -120,3 +120,46 @@ def beside_paper(children: list[dict], cfg: DictConfig, tracker: Tracker | None)
     if tracker is not None:
         tracker.log_text(table, "tables/beside_paper.md")
     return table
+
+
+def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
+    """Training steps/s of the Lightning loop (FineTuneModule under a Trainer) against a hand loop of the same step
+    (forward, cross-entropy, backward, optimizer step) on the same loader, interleaved in this process; training only
+    (no evaluation, no diagnostic), the fastest of ``bench.repeats`` rounds each."""
+    import lightning.pytorch as pl
+    from torch.nn import functional as F
+
+    from common.hardware import trainer_kwargs
+    from pipelines.sgd_freeze_embed.data import ShiftDataModule
+    from pipelines.sgd_freeze_embed.module import FineTuneModule
+
+    cfg = with_values(cfg, {"diagnostic.enabled": False})
+    kwargs, _ = trainer_kwargs(cfg.trainer)
+    kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  num_sanity_val_steps=0, limit_val_batches=0)
+    data = ShiftDataModule(cfg)
+    data.setup("fit")
+    hand = lightning = float("inf")
+    steps = 0
+    for round_ in range(int(cfg.bench.repeats) + 1):  # round 0 warms up (stage-1 cache, allocator, kernels)
+        trainer = pl.Trainer(**kwargs)
+        module = FineTuneModule(cfg)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        lightning_s = time.perf_counter() - start
+        steps = trainer.global_step
+        model = module.model  # a trained copy is as good as a fresh one for timing the same step
+        opt, _ = make_optimizer(cfg.optim, model, cfg.trainer.max_epochs)
+        model.train()
+        start = time.perf_counter()
+        for _ in range(cfg.trainer.max_epochs):
+            for x, y, _ in data.train_dataloader():
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        hand_s = time.perf_counter() - start
+        if round_ > 0:
+            hand, lightning = min(hand, hand_s), min(lightning, lightning_s)
+    return {"hand_steps_per_s": steps / hand, "lightning_steps_per_s": steps / lightning, "lightning_over_hand": hand / lightning,
+            "steps": float(steps), "torch_threads": float(torch.get_num_threads())}

@@ -88,7 +88,7 @@ def test_inner_product_gw_identity():
     Kx, Ky = X @ X.T, Y @ Y.T
     const = (a[:, None] * a[None, :] * Kx**2).sum() + (b[:, None] * b[None, :] * Ky**2).sum()
     brute = sum(((Kx[i, k] - Ky[j, l]) ** 2 * P[i, j] * P[k, l]).item()
-                for i in range(7) for k in range(7) for j in range(5) for l in range(5))
+                for i in range(7) for k in range(7) for j in range(5) for l in range(5))  # noqa: E741 (the paper's index names)
     assert brute == pytest.approx(gw_inner_product_objective(X, Y, P), rel=1e-9)
     assert brute == pytest.approx((const - 2 * (cross_moment(X, Y, P) ** 2).sum()).item(), rel=1e-9)
 
@@ -172,7 +172,7 @@ def test_nan_input_and_bad_epsilon(tmp_path):
         build_pair(cfg)
     result = lightyard("train", "cost_reg_ot", "solver.eps=0")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "lightyard: error: solver.eps (entropic regularisation ε) must be > 0, got 0"
+    assert result.stderr.strip().splitlines()[-1] == "lightyard: error: config key 'solver.eps' must be > 0, got 0"
 
 
 @pytest.mark.parametrize("method", ["prox", "stochastic", "entropic_gw"])
