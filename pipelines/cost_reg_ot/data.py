@@ -93,13 +93,33 @@ def multiomics_pair(n: int = 400, latent: int = 5, dx: int = 30, dy: int = 20, c
 
 
 def _read_matrix(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    return np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    """A numeric matrix from .npy (never unpickled) or a delimited text file; one line naming the file otherwise."""
+    try:
+        if path.suffix == ".npy":
+            matrix = np.load(path, allow_pickle=False)
+        else:
+            matrix = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
+    except (ValueError, OSError, EOFError) as err:
+        kind = "a numeric .npy array" if path.suffix == ".npy" else "a numeric matrix (one cell per line)"
+        raise ConfigError(f"{path} is not {kind} ({' '.join(str(err).split())[:100].split(' allow_pickle')[0]})") from None
+    if not np.issubdtype(matrix.dtype, np.number):
+        raise ConfigError(f"{path} holds {matrix.dtype} values, not numbers")
+    finite = matrix[np.isfinite(matrix)]
+    if matrix.ndim == 2 and finite.size and np.ptp(finite) == 0:
+        raise ConfigError(f"{path} is constant (every entry {finite[0]}): nothing to align")
+    return matrix
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    return np.loadtxt(path, ndmin=1).astype(np.int64)
+    """One whole-number cell type per line (a float label would be truncated silently otherwise)."""
+    try:
+        labels = np.loadtxt(path, ndmin=1)
+    except ValueError as err:
+        raise ConfigError(f"{path} must hold one whole-number cell type per line ({' '.join(str(err).split())[:100]})") from None
+    if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+        bad = labels[~np.isfinite(labels) | (labels != np.round(labels))][0]
+        raise ConfigError(f"{path} must hold whole-number cell types, found {bad}")
+    return labels.astype(np.int64)
 
 
 def load_scot(root: str | Path, x_file: str, y_file: str, x_labels: str | None, y_labels: str | None, name: str = "",

@@ -339,3 +339,26 @@ def test_factored_low_rank_cost_gives_the_dense_coupling():
     torch.testing.assert_close(factored_plan(F, G, factored.f, factored.g, 0.05), dense.P, rtol=0, atol=1e-6)
     torch.testing.assert_close(factored.M, dense.M, rtol=0, atol=1e-6)
     assert factored.history == pytest.approx(dense.history, rel=1e-6)  # the chunked objective is the dense one
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda root, xf, yf: (root / xf).write_bytes(np.random.default_rng(0).bytes(200)), "is not a numeric .npy array"),
+    (lambda root, xf, yf: np.save(root / xf, np.full((20, 3), 2.0)), "is constant (every entry 2.0): nothing to align"),
+])
+def test_bad_matrix_files_are_one_line_naming_the_file(tmp_path, damage, message):
+    xf, yf = _write_scot(tmp_path / "bad", False)
+    damage(tmp_path / "bad", xf, yf)
+    cfg = compose("cost_reg_ot", {"data.source": "scot", "data.root": str(tmp_path / "bad"), "data.x_file": xf, "data.y_file": yf})
+    with pytest.raises(ConfigError) as err:
+        build_pair(cfg)
+    assert str(tmp_path / "bad" / xf) in str(err.value) and message in str(err.value) and "allow_pickle" not in str(err.value)
+
+
+def test_float_cell_types_are_refused_not_truncated(tmp_path):
+    from pipelines.cost_reg_ot.data import _read_labels
+
+    (tmp_path / "types.txt").write_text("1\n2.5\n3\n")
+    with pytest.raises(ConfigError, match="must hold whole-number cell types, found 2.5"):
+        _read_labels(tmp_path / "types.txt")
+    (tmp_path / "types.txt").write_text("1\n2.0\n3\n")
+    assert _read_labels(tmp_path / "types.txt").tolist() == [1, 2, 3]
