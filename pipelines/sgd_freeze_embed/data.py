@@ -182,9 +182,15 @@ def load_waterbirds(root: str | Path, size: int) -> dict[str, ImageFiles]:
         missing = {"img_filename", "y", "split", "place"} - set(reader.fieldnames or [])
         if missing:
             raise ConfigError(f"{root / 'metadata.csv'} lacks columns {', '.join(sorted(missing))}; expected layout: {WATERBIRDS_LAYOUT}")
-        for row in reader:
-            y, place = int(row["y"]), int(row["place"])
-            splits[("train", "val", "test")[int(row["split"])]].append((root / row["img_filename"], y, 2 * y + place))
+        for line, row in enumerate(reader, start=2):
+            values = {key: row[key].strip() for key in ("split", "y", "place")}
+            allowed = {"split": {"0", "1", "2"}, "y": {"0", "1"}, "place": {"0", "1"}}
+            bad = next((key for key, value in values.items() if value not in allowed[key]), None)
+            if bad:  # a split of -1 would silently index "test", a 3 crash, a 1.0 fail to parse
+                raise ConfigError(f"{root / 'metadata.csv'} line {line}: {bad} must be one of {', '.join(sorted(allowed[bad]))}, "
+                                  f"got {values[bad]!r}")
+            y, place = int(values["y"]), int(values["place"])
+            splits[("train", "val", "test")[int(values["split"])]].append((root / row["img_filename"], y, 2 * y + place))
     absent = [p for s in splits.values() for p, _, _ in s[:1] if not p.exists()]
     if absent:
         raise ConfigError(f"image {absent[0]} listed in metadata.csv is missing; expected layout: {WATERBIRDS_LAYOUT}")

@@ -2,6 +2,7 @@
 reparametrisation, a tiny run of each optimizer, loaders on real-format fixtures, clear errors."""
 
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -219,6 +220,11 @@ def test_waterbirds_loader_reads_wilds_layout(tmp_path):
     assert [len(splits[k]) for k in ("train", "val", "test")] == [4, 4, 4]
     x, y, group = splits["train"][0]
     assert x.shape == (3, 32, 32) and x.max() <= 1 and group == 2 * y + 0
+    for bad, message in (("-1", "line 3: split must be one of 0, 1, 2, got '-1'"), ("1.0", "line 3: split must be one of 0, 1, 2, got '1.0'")):
+        broken = rows[:2] + [rows[2].replace(",1,1,0,", f",1,{bad},0,")] + rows[3:]
+        (root / "metadata.csv").write_text("\n".join(broken) + "\n")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_waterbirds(tmp_path, 32)
 
 
 def test_domainnet_loader_reads_sentry_split_files(tmp_path):
