@@ -114,7 +114,13 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     from common.tables import markdown_table
     from common.tracking import project_tracking_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or project_tracking_uri()
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be ≥ 1, got {args.limit}")
+    if args.pipeline:
+        from common.registry import get
+
+        get(args.pipeline)  # an unknown name is one line listing the registered ones
+    uri = project_tracking_uri()
     if args.stale:
         from common.grid import stale_command
 

@@ -81,8 +81,13 @@ class CostRegOTModule(pl.LightningModule):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        """Called by the runner before any MLflow run starts."""
+        """Called by the runner (and for every grid point of reproduce/bench) before any MLflow run starts."""
+        from pipelines.cost_reg_ot.model import BASELINES
+
         check_solver(cfg.solver)
+        valid = (*REGULARIZERS, *BASELINES)
+        if cfg.reproduce.method not in valid:
+            raise ConfigError(f"unknown reproduce method '{cfg.reproduce.method}'; valid: {', '.join(valid)}")
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

@@ -180,7 +180,8 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
         except KeyError as err:
             raise _fail(path, f"lacks the array {err}; a split file holds train_mask, val_mask, test_mask") from None
         except Exception as err:  # not a zip, truncated, pickled objects …
-            raise _fail(path, f"is not a readable .npz split file ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
+            reason = "it holds pickled objects, not arrays" if "pickle" in str(err) else f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+            raise _fail(path, f"is not a readable .npz split file ({reason})") from None
         for key, mask in arrays.items():
             if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
                 raise _fail(path, f"{key} must be {n} zeros/ones (one per node), got shape {mask.shape}")
