@@ -261,7 +261,7 @@ class Heartbeat:
             try:
                 tracker.set_tags({"lightyard.heartbeat": int(time.time())})
             except Exception:  # a lost store must not kill the run; the next beat tries again
-                pass
+                continue
 
     def stop(self) -> None:
         self._stop.set()
