@@ -199,6 +199,7 @@ class Tracker:
         """A matplotlib figure as a PNG artifact."""
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+        pyplot().close(figure)  # logged: pyplot would otherwise keep every figure of a long grid alive
         self.log_bytes(buffer.getvalue(), artifact_file)
 
     def log_bytes(self, data: bytes, artifact_file: str) -> None:
