@@ -56,9 +56,9 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     batches an uninterrupted run would have seen next.
     """
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
-    # its own generator: an iterator draws its workers' base seed from it, not from the global RNG (which would
-    # shift dropout draws by one per epoch, and differently in a resumed run)
-    kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+    # (a loader's iterator draws its base seed from the global RNG unless given ``generator=``; pipelines whose
+    # dropout must not shift by that draw pass their own, see hog_gcn. Not a default: under ddp_spawn a loader
+    # holding a generator made the worker processes abort at exit, 2 runs in 6.)
     return StatefulDataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         persistent_workers=num_workers > 0, **kwargs,

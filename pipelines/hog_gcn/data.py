@@ -307,7 +307,9 @@ class GraphDataModule(pl.LightningDataModule):
             self.graph = graph
 
     def _loader(self):
-        return make_loader([self.graph], 1, collate_fn=lambda items: items[0])
+        # its own generator: the iterator would otherwise draw its base seed from the global RNG every epoch, and
+        # dropout would differ from fit_split's loop (and between a resumed and an uninterrupted run)
+        return make_loader([self.graph], 1, collate_fn=lambda items: items[0], generator=torch.Generator())
 
     def train_dataloader(self):
         return self._loader()  # evaluation runs after each step, on the same graph (HogGCNModule.on_train_batch_end)
