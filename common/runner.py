@@ -169,6 +169,9 @@ def _overrides(obj: Any, method: str, base: type) -> bool:
     return getattr(type(obj), method) is not getattr(base, method)
 
 
+_RECEIVED: list[int] = []  # signals stop_on_signals turned into RunInterrupted in this process
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGTERM and Ctrl+C raise :class:`RunInterrupted` inside this block (main thread only), so
@@ -176,6 +179,7 @@ def stop_on_signals():
     Lightning's fit replaces the SIGTERM handler for its loop with the graceful one (finish the batch)."""
 
     def stop(signum: int, frame: Any) -> None:
+        _RECEIVED.append(signum)  # a library may wrap the exception raised here (MLflow does): run_one checks this
         raise RunInterrupted(signum, f"stopped by signal {signum}")
 
     if threading.current_thread() is not threading.main_thread():
@@ -217,6 +221,7 @@ def run_one(
 
     pipeline = registry.get(cfg.pipeline)
     is_rank_zero = global_rank() == 0
+    _RECEIVED.clear()
     tracker: Tracker | None = None
     if is_rank_zero:
         if reopen:
@@ -274,6 +279,13 @@ def run_one(
             tracker.end("KILLED", error=str(stop))
         raise stop from None
     except BaseException as err:
+        if _RECEIVED and not isinstance(err, RunInterrupted):  # our SIGTERM, wrapped by a library on its way up
+            stop = RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
+            stop.pipeline = cfg.pipeline
+            if tracker is not None:
+                stop.run_id = tracker.run_id
+                tracker.end("KILLED", error=str(stop))
+            raise stop from None
         _fail(tracker, err)
         raise
     finally:

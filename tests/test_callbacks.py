@@ -80,7 +80,15 @@ def test_ddp_two_cpu_processes_match_one_process_on_the_same_global_batch():
     single_cfg = compose("toy", {**overrides, "data.batch_size": 8, "data.shuffle": True})
     single, _ = _fit(single_cfg)
     ddp_cfg = compose("toy", {**overrides, "data.batch_size": 4, "data.shuffle": False})
-    ddp, trainer = _fit(ddp_cfg, strategy="ddp_spawn", devices=2)
+    for attempt in range(3):
+        # a known flake of gloo under ddp_spawn on this machine: a worker occasionally aborts at interpreter exit
+        # ("terminate called without an active exception") after fit has finished; only that abort is retried
+        try:
+            ddp, trainer = _fit(ddp_cfg, strategy="ddp_spawn", devices=2)
+            break
+        except torch.multiprocessing.ProcessExitedException as err:
+            if "SIGABRT" not in str(err) or attempt == 2:
+                raise
     assert trainer.world_size == 2
     for (name, a), (_, b) in zip(single.state_dict().items(), ddp.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6), name
