@@ -43,7 +43,6 @@ from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, po
 from common.runner import RunInterrupted, _fail, compose, run_one, stop_on_signals
 from common.tracking import Heartbeat, Tracker, liveness_tags, mark_stale, tracking_uri
 
-KINDS = ("reproduce", "bench")
 STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
 
 
