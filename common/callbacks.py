@@ -171,13 +171,15 @@ class RngState(pl.Callback):
 
 
 class KillAtStep(pl.Callback):
-    """Fault injection for resume tests (``kill_at_step=N``): SIGTERM to this process after optimizer step N."""
+    """Fault injection for resume tests (``kill_at_step=N``): SIGTERM to this process after optimizer step N
+    (after batch N for a manually optimised module, whose step count is its own)."""
 
     def __init__(self, step: int):
         self.step = step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and trainer.is_global_zero:
+        done = trainer.global_step if pl_module.automatic_optimization else trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        if done == self.step and trainer.is_global_zero:
             import os
 
             os.kill(os.getpid(), signal.SIGTERM)

@@ -244,6 +244,10 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     except OmegaConfBaseException as err:
         raise ConfigError(f"config does not resolve: {str(err).splitlines()[0]}") from None
     check_ranges(cfg, checks)
+    if "trainer" in cfg:
+        from common.hardware import check_trainer
+
+        check_trainer(cfg.trainer)
     OmegaConf.set_struct(cfg, True)  # later typos in code fail loudly too
     return cfg
 

@@ -41,7 +41,7 @@ from common import registry
 from common.config import ConfigError, flatten, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
 from common.runner import RunInterrupted, _fail, compose, run_one, stop_on_signals
-from common.tracking import Heartbeat, Tracker, liveness_tags, mark_stale, tracking_uri
+from common.tracking import Heartbeat, Tracker, mark_stale, tracking_uri
 
 STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
 
@@ -307,8 +307,7 @@ def run_experiment(kind: str, pipeline: str, overrides: list[str]) -> GridResult
         return resume_experiment(kind, pipeline, str(values["resume"]), values)
     cfg, name, children = plan(kind, pipeline, values)
     parent = Tracker.start(cfg, cfg.run_name or f"{pipeline} {kind} {name}",
-                           tags={"lightyard.kind": kind, "lightyard.experiment": name, "lightyard.grid_size": str(len(children)),
-                                 **liveness_tags()})
+                           tags={"lightyard.kind": kind, "lightyard.experiment": name, "lightyard.grid_size": str(len(children))})
     parent.log_config(cfg)
     parent.log_text(json.dumps({"kind": kind, "experiment": name, "values": values,
                                 "points": [c.point for c in children]}, indent=1, default=str), "grid.json")
@@ -381,7 +380,6 @@ def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str
             client.set_tag(previous.info.run_id, SUPERSEDED_TAG, "true")
         todo.append(child)
     parent = Tracker.reopen(uri, parent_id)
-    parent.set_tags(liveness_tags())
     return _run_grid(kind, cfg, name, children, todo, parent, len(children))
 
 

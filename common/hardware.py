@@ -9,6 +9,7 @@ Distributed: devices, nodes and strategy pass through to Lightning, which detect
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import torch
@@ -48,6 +49,22 @@ def global_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
+
+
+def check_trainer(trainer_cfg: DictConfig) -> None:
+    """The trainer values that ``checks:`` rules cannot state, refused in one line when the config is composed
+    (Lightning's own check comes only after a run has opened)."""
+    devices = str(trainer_cfg.devices).replace(" ", "")
+    ids = devices.split(",")
+    count = int(devices) if re.fullmatch(r"-?\d+", devices) else None  # Lightning reads "2" as two devices, "0,1" as ids
+    if not (devices == "auto" or (count is not None and (count >= 1 or count == -1)) or (len(ids) > 1 and all(i.isdigit() for i in ids))):
+        raise ConfigError(f"trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got {trainer_cfg.devices!r}")
+    if trainer_cfg.strategy != "auto":
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        names = StrategyRegistry.available_strategies()
+        if trainer_cfg.strategy not in names:
+            raise ConfigError(f"unknown trainer.strategy '{trainer_cfg.strategy}'; valid: auto, {', '.join(n for n in names if 'find_unused' not in n)}")
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from common import registry
 from common.config import ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
-from common.tracking import Heartbeat, Tracker, liveness_tags, stale_reason, tracking_uri
+from common.tracking import Heartbeat, Tracker, stale_reason, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -244,8 +244,7 @@ def run_one(
         with stop_on_signals():
             if tracker is not None:
                 (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-                tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics),
-                                  **liveness_tags()})
+                tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics)})
                 tracker.log_config(cfg)
             module = load_target(target) if target else pipeline.load("module")
             if target or (isinstance(module, type) and issubclass(module, NonGradientExperiment)):

@@ -150,7 +150,8 @@ class Tracker:
                 if experiment is None:
                     raise
                 experiment_id = experiment.experiment_id
-        all_tags = {"lightyard.pipeline": cfg.pipeline, **git_state(), **(tags or {})}
+        # liveness from the first moment: a run SIGKILLed before its first step is found by `runs --stale` too
+        all_tags = {"lightyard.pipeline": cfg.pipeline, **git_state(), **liveness_tags(), **(tags or {})}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
@@ -162,6 +163,7 @@ class Tracker:
     def reopen(cls, uri: str, run_id: str) -> "Tracker":
         tracker = cls(uri, run_id)
         tracker.client.update_run(run_id, status="RUNNING")
+        tracker.set_tags(liveness_tags())  # now owned by this process
         return tracker
 
     # -- what a run records ---------------------------------------------------------------

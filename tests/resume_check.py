@@ -8,7 +8,7 @@ from common.tracking import tracking_uri
 from tests.conftest import lightyard
 
 
-def assert_exact_resume(home, pipeline: str, overrides: list[str], kill_at_step: int, total_steps: int) -> None:
+def assert_exact_resume(home, pipeline: str, overrides: list[str], kill_at_step: int, total_steps: int) -> tuple[dict, dict]:
     env = {"LIGHTYARD_HOME": str(home)}
     killed = lightyard("train", pipeline, *overrides, f"kill_at_step={kill_at_step}", env=env)
     assert killed.returncode == 143, killed.stderr[-2000:]
@@ -27,3 +27,4 @@ def assert_exact_resume(home, pipeline: str, overrides: list[str], kill_at_step:
     assert a["global_step"] == b["global_step"] == total_steps
     for name, value in b["state_dict"].items():
         assert torch.equal(a["state_dict"][name], value), name
+    return a, b  # (resumed, uninterrupted) final checkpoints, for the pipeline's own state

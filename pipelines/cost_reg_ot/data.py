@@ -251,6 +251,6 @@ class PairedSpacesDataModule(pl.LightningDataModule):
             self.pair = build_pair(self.cfg)
 
     def train_dataloader(self):
-        from torch.utils.data import DataLoader
+        from common.data import make_loader
 
-        return DataLoader(_Whole(self.pair, self.cfg.solver.max_iter), batch_size=None)
+        return make_loader(_Whole(self.pair, self.cfg.solver.max_iter), batch_size=None)  # its position resumes

@@ -161,3 +161,13 @@ class CostRegOTModule(pl.LightningModule):
         self.log_dict(self.final_metrics)
         self.log("iterations", float(self._iterations))
         self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint) -> None:
+        # the loop position is Lightning's; the solver's own state (warm start, convergence count) is ours, so a
+        # resumed solve takes the same Sinkhorn iterations as an uninterrupted one
+        checkpoint["solver_state"] = {"potentials": self._potentials, "calm": self._calm, "last_objective": self._last_objective}
+
+    def on_load_checkpoint(self, checkpoint) -> None:
+        state = checkpoint.get("solver_state", {})
+        self._potentials = state.get("potentials")
+        self._calm, self._last_objective = state.get("calm", 0), state.get("last_objective")
