@@ -320,3 +320,19 @@ def test_freeze_from_config_gives_frozen_parameters_no_gradient_and_no_optimizer
     assert b["memory/trainable_params"] == a["memory/trainable_params"] - mlp
     assert b["memory/grad_bytes"] == 4 * b["memory/trainable_params"]
     assert b["memory/optimizer_state_bytes"] == 8 * b["memory/trainable_params"]
+
+
+def test_throttled_logging_still_finds_the_best_epoch_among_all(home):
+    """Logged every 3rd epoch and the last (trainer.log_every_n_steps), the best epoch is still chosen among all 8;
+    the same run logged every epoch gives the same best."""
+    from mlflow.tracking import MlflowClient
+
+    from common.tracking import tracking_uri
+
+    [every] = train("hog_gcn", ["preset=smoke", "trainer.max_epochs=8"])
+    [third] = train("hog_gcn", ["preset=smoke", "trainer.max_epochs=8", "trainer.log_every_n_steps=3"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+    assert sorted(m.step for m in client.get_metric_history(third.run_id, "val_acc")) == [2, 5, 7]
+    assert every.metrics["best_epoch"] not in (2, 5, 7)  # the best falls on an epoch the throttled run did not log
+    for key in ("best_epoch", "test_acc_at_best_val", "best_val_acc"):
+        assert third.metrics[key] == every.metrics[key]
