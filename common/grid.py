@@ -157,8 +157,8 @@ def run_child(pipeline: str, values: dict[str, Any], uri: str, parent_id: str, p
               reopen: str | None = None, ckpt: str | None = None) -> str:
     """Run one grid point as a child of ``parent_id``; returns its final status ("FINISHED" or "FAILED: …").
     Picklable: worker processes and submitit jobs call it with the same arguments as the local loop."""
-    os.environ.setdefault("MLFLOW_TRACKING_URI", uri)  # a submitit job on another node logs to the same store
     cfg = compose(pipeline, values)
+    cfg.logger.tracking_uri = uri  # the parent's store, wherever this runs (a submitit job on another node too)
     spec = cfg.experiments[cfg.experiment]
     cfg.run_name = cfg.run_name or f"{pipeline} {point_label(point)}"
     tags = {POINT_TAG: point_key(point), INDEX_TAG: str(index), "lightyard.experiment": str(cfg.experiment)}
@@ -261,7 +261,7 @@ def _launch(pipeline: str, children: list[Child], uri: str, parent_id: str, laun
 
 
 # -- the command ------------------------------------------------------------------------------------
-def _run_grid(kind: str, cfg: DictConfig, name: str, children: list[Child], todo: list[Child], parent: Tracker, total: int) -> GridResult:
+def _run_grid(kind: str, cfg: DictConfig, name: str, todo: list[Child], parent: Tracker, total: int) -> GridResult:
     uri = parent.uri
     heartbeat = Heartbeat(parent)
     status = "FINISHED"
@@ -311,7 +311,7 @@ def run_experiment(kind: str, pipeline: str, overrides: list[str]) -> GridResult
     parent.log_config(cfg)
     parent.log_text(json.dumps({"kind": kind, "experiment": name, "values": values,
                                 "points": [c.point for c in children]}, indent=1, default=str), "grid.json")
-    return _run_grid(kind, cfg, name, children, children, parent, len(children))
+    return _run_grid(kind, cfg, name, children, parent, len(children))
 
 
 def _grid_record(client: Any, parent_id: str) -> dict:
@@ -380,7 +380,7 @@ def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str
             client.set_tag(previous.info.run_id, SUPERSEDED_TAG, "true")
         todo.append(child)
     parent = Tracker.reopen(uri, parent_id)
-    return _run_grid(kind, cfg, name, children, todo, parent, len(children))
+    return _run_grid(kind, cfg, name, todo, parent, len(children))
 
 
 def report_command(run_id: str) -> str:

@@ -58,8 +58,8 @@ def test_unreachable_tracking_server_fails_in_seconds_with_one_line(home):
     assert out.stderr.strip().startswith("lightyard: error: MLflow tracking server http://127.0.0.1:9 does not answer")
 
 
-def test_two_commands_on_a_new_store_both_succeed(home):
-    env = {**__import__("os").environ, "LIGHTYARD_HOME": str(home)}
+def test_two_commands_on_a_new_store_both_succeed(fresh_home):
+    env = {**__import__("os").environ, "LIGHTYARD_HOME": str(fresh_home)}
     command = [sys.executable, "-m", "common.cli", "train", "toy", "trainer.max_epochs=1"]
     procs = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
