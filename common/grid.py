@@ -37,10 +37,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from common import registry
 from common.config import ConfigError, flatten, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
-from common.runner import RunInterrupted, _fail, compose, run_one, stop_on_signals
+from common.runner import RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
 from common.tracking import Heartbeat, Tracker, mark_stale, tracking_uri
 
 STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
@@ -140,15 +139,13 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
         # the experiment's settings, then the command line (it wins over them), then the point itself
         child_values = {**fixed, **_when(spec, point), **user, **point, "experiment": name}
         children.append(Child(i, point, child_values))
-    check = getattr(registry.get(pipeline).load("module"), "check_config", None)
     limit = int(cfg.launcher.max_points)
     if len(children) > limit and not cfg.launcher.allow_large:
         raise ConfigError(f"experiment '{name}' has {len(children)} grid points (over launcher.max_points={limit}); "
                           "add --yes to run it")
     for child in children:
-        child_cfg = compose(pipeline, child.values)  # a bad point fails here, before the parent run exists
-        if check:
-            check(child_cfg)
+        # a bad point fails here, before the parent run exists
+        check_run_config(compose(pipeline, child.values), spec.get("point"))
     return cfg, name, children
 
 

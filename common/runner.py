@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from common import registry
 from common.config import ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
-from common.tracking import Heartbeat, Tracker, stale_reason, tracking_uri
+from common.tracking import Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -159,6 +159,12 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     if cfg.test_after_fit and has_test:
         best = "best" if ckpt_cfg.monitor and checkpoint.best_model_path else None
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+    if tracker is not None and cfg.logger.log_model:
+        if checkpoint.best_model_path and ckpt_cfg.monitor:  # the best checkpoint's weights, not the last epoch's
+            import torch
+
+            module.load_state_dict(torch.load(checkpoint.best_model_path, weights_only=True, map_location="cpu")["state_dict"])
+        tracker.log_model(*module.model_for_export())
     if tracker is not None and cfg.logger.log_checkpoints:
         for file in sorted(checkpoint_dir.glob("*.ckpt")):
             tracker.log_file(file, "checkpoints")
@@ -240,12 +246,17 @@ def run_one(
         torch.set_num_threads(int(cfg.threads))
     start = time.time()
     heartbeat = Heartbeat(tracker) if tracker is not None else None
+    monitor = None
     try:
         with stop_on_signals():
             if tracker is not None:
                 (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
                 tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics)})
                 tracker.log_config(cfg)
+                if not reopen:
+                    tracker.log_dataset(cfg)
+                if cfg.logger.system_metrics:
+                    monitor = start_system_metrics(tracker, float(cfg.logger.system_metrics_interval), resumed=bool(reopen))
             module = load_target(target) if target else pipeline.load("module")
             if target or (isinstance(module, type) and issubclass(module, NonGradientExperiment)):
                 run = module if target else (lambda c, t: module(c).run(t))
@@ -290,6 +301,8 @@ def run_one(
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+        if monitor is not None:
+            monitor.finish()
     if tracker is not None:
         tracker.log_metrics({"duration_s": time.time() - start})
         tracker.end("FINISHED")
@@ -304,6 +317,19 @@ def _fail(tracker: Tracker | None, err: BaseException) -> None:
             err.lightyard_run_id = tracker.run_id  # the command line names the run that holds the traceback
 
 
+def check_run_config(cfg: DictConfig, target: str | None = None) -> None:
+    """What a composed config can still get wrong, before any run opens: the pipeline's own check, and
+    ``logger.log_model`` where there is no model to export."""
+    module = registry.get(cfg.pipeline).load("module")
+    check = getattr(module, "check_config", None)
+    if check:
+        check(cfg)
+    if cfg.logger.log_model and (target or not hasattr(module, "model_for_export")):
+        what = f"grid point {target}" if target else f"{cfg.pipeline}'s module"
+        raise ConfigError(f"logger.log_model=true but {what} exports no model (a LightningModule's model_for_export()); "
+                          "set logger.log_model=false")
+
+
 def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     """``lightyard train``: one run, or a sweep (parent run + one child run per grid point)."""
     points = sweep_points(overrides)
@@ -312,9 +338,8 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         raise ConfigError(f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it")
     print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
     configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
-    check = getattr(registry.get(pipeline_name).load("module"), "check_config", None)
-    for cfg in configs if check else []:
-        check(cfg)
+    for cfg in configs:
+        check_run_config(cfg)
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:

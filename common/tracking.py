@@ -6,8 +6,12 @@ refuses plain file stores); ``MLFLOW_TRACKING_URI`` or ``logger.tracking_uri`` p
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import json
 import os
+import warnings
 import socket
 import subprocess
 import tempfile
@@ -219,6 +223,37 @@ class Tracker:
     def log_file(self, path: str | Path, artifact_dir: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_dir)
 
+    def log_dataset(self, cfg: DictConfig, context: str = "train") -> None:
+        """The run's data as an MLflow dataset input (the runs table's Dataset column): its name, where it comes
+        from (the folder, or the generator and its settings) and a digest that tells two runs' data apart."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = describe_dataset(cfg)
+        if dataset is not None:
+            tag = InputTag("mlflow.data.context", context)
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+
+    def log_model(self, model: Any, example: Any) -> None:
+        """``model`` (an nn.Module) as the run's MLflow model, with ``example`` (a tensor) as its input example and
+        the signature read off one forward pass: ``mlflow.pytorch.load_model("runs:/<id>/model")`` gives it back."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.eval()
+        with torch.no_grad():
+            output = model(example)
+        signature = infer_signature(example.cpu().numpy(), output.detach().cpu().numpy())
+        mlflow.set_tracking_uri(self.uri)
+        # the fluent API logs to an active run; end_run(status="RUNNING") leaves our run open for Tracker.end
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        try:
+            mlflow.pytorch.log_model(model, name="model", input_example=example.cpu().numpy(), signature=signature,
+                                     pip_requirements=[f"torch=={torch.__version__}"])  # not inferred: that spawns a subprocess
+        finally:
+            mlflow.end_run(status="RUNNING")
+
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         assert status in STATUSES, status
         if error:
@@ -226,6 +261,78 @@ class Tracker:
         elif status == "FINISHED" and "error" in self.client.get_run(self.run_id).data.tags:
             self.client.delete_tag(self.run_id, "error")  # a resume finished what an earlier attempt did not
         self.client.set_terminated(self.run_id, status=status)
+
+
+# -- datasets: what a run trained on ----------------------------------------------------------------
+CONTENT_DIGEST_LIMIT = 1 << 30  # bytes; past this a folder's digest reads sizes and mtimes, not every byte
+
+
+def folder_digest(root: str | Path) -> str:
+    """12 hex characters of sha256 over every file's relative path and content (over path, size and mtime when
+    the folder holds more than ``CONTENT_DIGEST_LIMIT`` bytes). Cached per process by the folder's listing,
+    ctime included: a rewritten file changes its ctime even when its size and mtime are put back."""
+    root = Path(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    listing = []
+    for path in files:
+        stat = path.stat()
+        listing.append((str(path.relative_to(root)) if root.is_dir() else path.name, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    return _digest_files(str(root), tuple(listing))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_files(root: str, listing: tuple) -> str:
+    digest = hashlib.sha256()
+    by_content = sum(entry[1] for entry in listing) <= CONTENT_DIGEST_LIMIT
+    for name, size, mtime, _ in listing:
+        digest.update(f"{name}\0{size}\0".encode())
+        if not by_content:
+            digest.update(str(mtime).encode())
+            continue
+        with open(Path(root) / name if Path(root).is_dir() else root, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def describe_dataset(cfg: DictConfig) -> Any:
+    """An ``mlflow.data`` dataset for the config section ``logger.dataset`` names (``data`` by default): a
+    local folder (``<section>.root``) digested by content, or generated data digested by its settings."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    key = cfg.logger.get("dataset")
+    section = OmegaConf.select(cfg, key) if key else None
+    if not isinstance(section, DictConfig):
+        return None
+    settings = OmegaConf.to_container(section, resolve=True)
+    name = str(settings.get("name") or settings.get("source") or cfg.pipeline)
+    root = settings.get("root")
+    if root and Path(root).exists():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local path is a local path
+            source = resolve_dataset_source(str(Path(root).resolve()))
+        return MetaDataset(source, name=f"{name} ({Path(root).name})", digest=folder_digest(root))
+    text = json.dumps(settings, sort_keys=True, default=str)
+    source = CodeDatasetSource({"generator": f"{cfg.pipeline}:{key}", "settings": text})
+    return MetaDataset(source, name=f"{name} (generated)", digest=hashlib.sha256(text.encode()).hexdigest()[:12])
+
+
+# -- system metrics: CPU, memory, disk, network and (through NVML) GPU, sampled by MLflow ---------
+def start_system_metrics(tracker: Tracker, interval: float, resumed: bool) -> Any:
+    """MLflow's system-metrics monitor on ``tracker``'s run (metrics ``system/…``); ``None`` where it cannot
+    start. It samples every ``interval`` seconds and logs each sample, so runs shorter than that get none."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval, samples_before_logging=1,
+                                       resume_logging=resumed, tracking_uri=tracker.uri)
+        monitor.start()
+    except Exception as err:  # a missing psutil / NVML must not stop a run: say so on the run
+        tracker.set_tags({"lightyard.notice.system_metrics": f"not recorded: {type(err).__name__}: {err}"[:500]})
+        return None
+    return monitor
 
 
 def _is_scalar_tensor(value: Any) -> bool:

@@ -8,21 +8,36 @@ from common.runner import train
 
 def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    (result,) = train("toy", ["model.lr=0.05", "run_name=readback", "logger.log_checkpoints=true"])
+    (result,) = train("toy", ["model.lr=0.05", "run_name=readback", "logger.log_checkpoints=true", "logger.log_model=true",
+                              "logger.system_metrics_interval=0.2", "trainer.max_epochs=3"])
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "readback"
-    assert run.data.params["model.lr"] == "0.05" and run.data.params["trainer.max_epochs"] == "2"
+    assert run.data.params["model.lr"] == "0.05" and run.data.params["trainer.max_epochs"] == "3"
     assert run.data.tags["lightyard.pipeline"] == "toy"
     assert len(run.data.tags["git_commit"]) >= 7 and run.data.tags["git_dirty"] in {"true", "false"}
     assert run.data.metrics["val_acc"] == pytest.approx(result.metrics["val_acc"])  # what the trainer had, read back
     per_step = client.get_metric_history(result.run_id, "train_loss_step")
     assert len(per_step) >= 2 and len({m.step for m in per_step}) == len(per_step)
-    assert len(client.get_metric_history(result.run_id, "train_loss_epoch")) == 2
+    assert len(client.get_metric_history(result.run_id, "train_loss_epoch")) == 3
     assert run.data.metrics["memory/bytes_per_trainable_param"] == 8
     assert "checkpoints/last.ckpt" in {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
     config_yaml = client.download_artifacts(result.run_id, "config.yaml", str(home))
     assert "lr: 0.05" in open(config_yaml).read()
+    # the dataset input (the runs table's Dataset column) and MLflow's system metrics
+    (data,) = run.inputs.dataset_inputs
+    assert data.dataset.name == "toy (generated)" and data.dataset.source_type == "code" and len(data.dataset.digest) == 12
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    # the logged model loads back and computes what the last checkpoint's weights compute
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
+    weights = torch.load(home / "outputs" / "toy" / result.run_id / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    x = torch.randn(5, 6)
+    expected = torch.relu(x @ weights["embed.weight"].T + weights["embed.bias"]) @ weights["head.weight"].T + weights["head.bias"]
+    torch.testing.assert_close(model(x), expected)
 
 
 def test_sweep_2x2_gives_one_parent_and_four_children(mlflow_server, home, monkeypatch):
@@ -48,3 +63,44 @@ def test_one_training_experiment_per_pipeline(mlflow_server, home, monkeypatch):
     experiment = client.get_experiment(client.get_run(result.run_id).info.experiment_id)
     assert experiment.name == "lightyard/toy"
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_dataset_digest_follows_the_data_not_the_name(home, tmp_path):
+    """Generated data: the digest is of its settings; a folder: of its files' content (a changed byte with the
+    same size and mtime still changes it), so two runs on different data are told apart in the runs table."""
+    import os
+
+    from common.runner import compose
+    from common.tracking import describe_dataset
+
+    a, b, a_again = (describe_dataset(compose("toy", v)) for v in ({"data.n": 64}, {"data.n": 32}, {"data.n": 64}))
+    assert a.digest == a_again.digest != b.digest
+    root = tmp_path / "graphs"
+    (root / "texas" / "raw").mkdir(parents=True)
+    edges = root / "texas" / "raw" / "out1_graph_edges.txt"
+    edges.write_text("node_id\tnode_id\n0\t1\n")
+    first = describe_dataset(compose("hog_gcn", {"data.name": "texas", "data.root": str(root)}))
+    stat = edges.stat()
+    edges.write_text("node_id\tnode_id\n0\t2\n")
+    os.utime(edges, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = describe_dataset(compose("hog_gcn", {"data.name": "texas", "data.root": str(root)}))
+    assert first.source._get_source_type() == "local" and first.name == "texas (graphs)"
+    assert first.digest != second.digest
+
+
+def test_log_model_without_an_exportable_model_is_one_line(home):
+    from tests.conftest import lightyard
+
+    out = lightyard("train", "hog_gcn", "logger.log_model=true", env={"LIGHTYARD_HOME": str(home)})
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "lightyard: error: logger.log_model=true but hog_gcn's module exports no model (a LightningModule's model_for_export()); "
+        "set logger.log_model=false")
+
+
+def test_system_metrics_off_with_one_key(home):
+    from common.tracking import tracking_uri
+    from common.runner import compose
+
+    (result,) = train("toy", ["logger.system_metrics=false", "logger.system_metrics_interval=0.2", "trainer.max_epochs=3"])
+    run = MlflowClient(tracking_uri=tracking_uri(compose("toy"))).get_run(result.run_id)
+    assert not [k for k in run.data.metrics if k.startswith("system/")] and "val_acc" in run.data.metrics

@@ -82,6 +82,11 @@ class FineTuneModule(pl.LightningModule):
     def forward(self, x):
         return self.model(x)
 
+    def model_for_export(self):
+        """(classifier, example batch) for logger.log_model; inputs as the datamodule gives them (normalised images)."""
+        size = self.cfg.data.image_size
+        return self.model, torch.zeros(2, 3, size, size)
+
     # -- diagnostic ---------------------------------------------------------------------------------
     def on_train_start(self) -> None:
         if not self.cfg.diagnostic.enabled or self.global_step > 0:

@@ -19,6 +19,10 @@ class ToyModule(pl.LightningModule):
     def forward(self, x):
         return self.head(torch.relu(self.embed(x)))
 
+    def model_for_export(self):
+        """(network, example input) for logger.log_model: a plain nn.Module, no Lightning or config inside."""
+        return nn.Sequential(self.embed, nn.ReLU(), self.head), torch.zeros(2, self.cfg.data.dim)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self(x), y)
