@@ -34,6 +34,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_env(args: argparse.Namespace) -> int:
+    from common.environment import environment_report
+
+    print(environment_report(), end="")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from common.runner import train
 
@@ -232,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_ui)
+
+    sub.add_parser("env", help="what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)"
+                   ).set_defaults(func=_cmd_env)
 
     p = sub.add_parser("demo", help="every pipeline on its embedded data (demo-sized runs), then the runs table")
     p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")

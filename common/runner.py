@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from common import registry
 from common.config import ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
+from common.environment import environment_report, environment_tags
 from common.tracking import Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
 
 
@@ -255,6 +256,8 @@ def run_one(
                 tracker.log_config(cfg)
                 if not reopen:
                     tracker.log_dataset(cfg)
+                tracker.set_tags(environment_tags())  # (a resumed run records where it finished)
+                tracker.log_text(environment_report(), "environment.txt")
                 if cfg.logger.system_metrics:
                     monitor = start_system_metrics(tracker, float(cfg.logger.system_metrics_interval), resumed=bool(reopen))
             module = load_target(target) if target else pipeline.load("module")

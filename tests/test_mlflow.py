@@ -24,13 +24,22 @@ def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeyp
     assert "checkpoints/last.ckpt" in {a.path for a in client.list_artifacts(result.run_id, "checkpoints")}
     config_yaml = client.download_artifacts(result.run_id, "config.yaml", str(home))
     assert "lr: 0.05" in open(config_yaml).read()
+    # what it ran on: tags and the package list
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    assert run.data.tags["lightyard.env.python"] == platform.python_version() and run.data.tags["lightyard.env.torch"] == torch.__version__
+    assert {"lightyard.env.lock", "lightyard.env.cuda", "lightyard.env.cudnn", "lightyard.env.accelerator"} <= set(run.data.tags)
+    packages = open(client.download_artifacts(result.run_id, "environment.txt", str(home))).read()
+    assert f"torch=={version('torch')}" in packages.splitlines() and "mlflow==" in packages
     # the dataset input (the runs table's Dataset column) and MLflow's system metrics
     (data,) = run.inputs.dataset_inputs
     assert data.dataset.name == "toy (generated)" and data.dataset.source_type == "code" and len(data.dataset.digest) == 12
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     # the logged model loads back and computes what the last checkpoint's weights compute
     import mlflow.pytorch
-    import torch
 
     mlflow.set_tracking_uri(mlflow_server)
     model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")

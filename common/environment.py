@@ -1,0 +1,68 @@
+"""What a run ran on: the lock file's hash, Python, torch, CUDA, cuDNN and the accelerator (tags on every run),
+and the installed packages (``environment.txt``); ``lightyard env`` prints the same for a bug report."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+LOCK_FILE = PROJECT_DIR / "requirements.lock"
+
+
+def lock_hash() -> str:
+    """12 hex characters of the lock file's sha256 (the Docker images are tagged with it), or why there is none."""
+    if not LOCK_FILE.is_file():
+        return "none (installed without the project's lock file)"
+    return hashlib.sha256(LOCK_FILE.read_bytes()).hexdigest()[:12]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=1)
+def environment_tags() -> dict[str, str]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "lightyard.env.lock": lock_hash(),
+        "lightyard.env.python": platform.python_version(),
+        "lightyard.env.torch": torch.__version__,
+        "lightyard.env.cuda": torch.version.cuda or "none (CPU build)",
+        "lightyard.env.cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "lightyard.env.accelerator": torch.cuda.get_device_name(0) if cuda else f"cpu: {_cpu_name()}",
+        "lightyard.env.platform": platform.platform(),
+    }
+
+
+def _gpus() -> str:
+    if not shutil.which("nvidia-smi"):
+        return "nvidia-smi: not found"
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+@functools.lru_cache(maxsize=1)
+def environment_report() -> str:
+    """The tags, the GPUs and every installed distribution with its version, as plain text."""
+    fields = {k.removeprefix("lightyard.env."): v for k, v in environment_tags().items()} | {"executable": sys.executable}
+    width = max(len(k) for k in fields)
+    lines = [f"{k:<{width}}  {v}" for k, v in fields.items()]
+    lines += ["", "# GPUs (nvidia-smi -L)", _gpus(), "", "# installed packages"]
+    packages = sorted({(d.metadata["Name"] or "?").lower(): d.version for d in metadata.distributions()}.items())
+    lines += [f"{name}=={version}" for name, version in packages]
+    return "\n".join(lines) + "\n"
