@@ -3,23 +3,35 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 
-.PHONY: install demo test lint test-all gpu-check clean
+.PHONY: install demo test lint lock lock-check test-all gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test,datasets]"  # the datasets extra too, so its loaders are tested
+# the whole dependency tree from the lock (pinned, with hashes; the datasets extra too, so its loaders are
+# tested), then the project itself without dependencies
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+lock:  ## re-pin the whole tree from pyproject.toml and its extras (needs the package index; several minutes)
+	$(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet pip-tools==7.6.2
+	.lock-venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links --extra test --extra datasets -o $(LOCK) pyproject.toml
+
+lock-check: $(STAMP)  ## offline: every requirement of pyproject.toml is in the lock at an admitted version
+	$(BIN)/lightyard env --check-lock
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lightyard demo
 
-test: lint  ## lint, then the suite (CPU, under 10 minutes on 2 cores)
+test: lint lock-check  ## lint, the lock check, then the suite (CPU, under 10 minutes on 2 cores)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -35,8 +35,15 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
-    from common.environment import environment_report
+    from common.environment import LOCK_FILE, check_lock, environment_report
 
+    if args.check_lock:
+        problems = check_lock()
+        for problem in problems:
+            print(f"lightyard: error: {problem}", file=sys.stderr)
+        if not problems:
+            print(f"{LOCK_FILE.name} matches pyproject.toml")
+        return 1 if problems else 0
     print(environment_report(), end="")
     return 0
 
@@ -240,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_ui)
 
-    sub.add_parser("env", help="what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)"
-                   ).set_defaults(func=_cmd_env)
+    p = sub.add_parser("env", help="what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)")
+    p.add_argument("--check-lock", action="store_true", help="only check that requirements.lock matches pyproject.toml (offline)")
+    p.set_defaults(func=_cmd_env)
 
     p = sub.add_parser("demo", help="every pipeline on its embedded data (demo-sized runs), then the runs table")
     p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")

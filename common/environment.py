@@ -66,3 +66,33 @@ def environment_report() -> str:
     packages = sorted({(d.metadata["Name"] or "?").lower(): d.version for d in metadata.distributions()}.items())
     lines += [f"{name}=={version}" for name, version in packages]
     return "\n".join(lines) + "\n"
+
+
+def check_lock(pyproject: Path = PROJECT_DIR / "pyproject.toml", lock: Path = LOCK_FILE, extras: tuple[str, ...] = ("test", "datasets")) -> list[str]:
+    """Offline: every requirement of ``pyproject`` (and of its ``extras``) is in ``lock`` at a version its specifier
+    admits. A changed or added pin without ``make lock`` is a problem; returns the problems, one line each."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    if not lock.is_file():
+        return [f"{lock.name} is missing: run `make lock`"]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    wanted = list(project.get("dependencies", []))
+    for extra in extras:
+        wanted += project.get("optional-dependencies", {}).get(extra, [])
+    locked: dict[str, str] = {}
+    for line in lock.read_text().splitlines():
+        if "==" in line and not line.lstrip().startswith(("#", "--")):
+            name, version = line.split("==", 1)
+            locked[canonicalize_name(name.strip())] = version.split()[0].rstrip("\\").strip()
+    problems = []
+    for text in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name not in locked:
+            problems.append(f"{requirement.name} ({text}) is not in {lock.name}: run `make lock`")
+        elif requirement.specifier and not requirement.specifier.contains(locked[name], prereleases=True):
+            problems.append(f"{lock.name} has {requirement.name}=={locked[name]} but pyproject.toml asks {text}: run `make lock`")
+    return problems

@@ -1,6 +1,7 @@
 """Docker's engine cannot run here: check the files agree with the README and each other."""
 
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
@@ -35,3 +36,5 @@ def test_compose_has_mlflow_server_and_gpu_trainer():
     device = trainer["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert trainer["build"]["dockerfile"] == "docker/Dockerfile"
+    assert mlflow["image"].split(":")[1] == "v" + version("mlflow")  # the server's MLflow is the lock's
+    assert trainer["image"].startswith("lightyard/trainer:${LIGHTYARD_IMAGE_TAG")
