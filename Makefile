@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 
-.PHONY: install demo test lint lock lock-check test-all gpu-check clean
+.PHONY: install demo test lint lock lock-check test-all ui-screenshot gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ lint: $(STAMP)
 
 test-all: $(STAMP)  ## slow tests too (still CPU)
 	$(BIN)/python -m pytest -m "not gpu"
+
+ui-screenshot: $(STAMP)  ## headless Chromium's view of a smoke grid compared in MLflow: pipelines/$(PIPELINE)/mlflow_comparison.png
+	$(BIN)/python tests/ui_screenshot.py $(PIPELINE)
 
 gpu-check: $(STAMP)  ## on a CUDA machine: GPU tests + every bench, results into gpu-results/
 	bash tests/gpu/run_all.sh gpu-results
