@@ -36,6 +36,7 @@ test: lint lock-check  ## lint, the lock check, then the suite (CPU, under 10 mi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test-all: $(STAMP)  ## slow tests too (still CPU)
 	$(BIN)/python -m pytest -m "not gpu"

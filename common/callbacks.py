@@ -123,13 +123,22 @@ class FitProgressBar(ProgressBar):
         from tqdm.auto import tqdm
 
         total = trainer.estimated_stepping_batches
-        self._bar = tqdm(total=None if total == float("inf") else int(total), initial=trainer.global_step, desc=f"fit {pl_module.__class__.__name__}",
-                         unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0, leave=True)
+        self._bar = tqdm(
+            total=None if total == float("inf") else int(total),
+            initial=trainer.global_step,
+            desc=f"fit {pl_module.__class__.__name__}",
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15.0,
+            leave=True,
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is not None:
             self._bar.n = trainer.global_step
-            metrics = {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+            metrics = {
+                k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"
+            }
             self._bar.set_postfix(epoch=trainer.current_epoch, **dict(list(metrics.items())[:4]), refresh=False)
             self._bar.refresh() if self._bar.n == self._bar.total else self._bar.update(0)
 
@@ -150,8 +159,11 @@ class RngState(pl.Callback):
         import torch
 
         kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
-                 "python": random.getstate()}
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
+            "python": random.getstate(),
+        }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state

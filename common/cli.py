@@ -81,11 +81,17 @@ def _cmd_entry(args: argparse.Namespace) -> int:
 
     result = run_experiment(args.command, args.pipeline, _with_yes(args))
     print(result.report)
-    print(f"parent run {result.run_id}: {result.finished} of {result.total} child runs finished; "
-          f"`lightyard report {result.run_id}` rebuilds these tables", flush=True)
+    print(
+        f"parent run {result.run_id}: {result.finished} of {result.total} child runs finished; "
+        f"`lightyard report {result.run_id}` rebuilds these tables",
+        flush=True,
+    )
     if result.failed:
-        print(f"lightyard: {result.failed} of {result.total} child runs failed (each FAILED in MLflow with its error); "
-              f"rerun them with: lightyard {args.command} {args.pipeline} resume={result.run_id}", file=sys.stderr)
+        print(
+            f"lightyard: {result.failed} of {result.total} child runs failed (each FAILED in MLflow with its error); "
+            f"rerun them with: lightyard {args.command} {args.pipeline} resume={result.run_id}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -112,15 +118,17 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
         keys = [k for k in data.tags.get("lightyard.key_metrics", "").split(",") if k]
         keys = keys or sorted(k for k in data.metrics if not k.startswith("memory/") and k != "duration_s")[:3]
         end = info.end_time or time.time() * 1000
-        rows.append({
-            "run_id": info.run_id,
-            "pipeline": data.tags.get("lightyard.pipeline", "?"),
-            "run_name": info.run_name,
-            "status": info.status,
-            "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
-            "duration_s": round((end - info.start_time) / 1000, 1),
-            "metrics": ", ".join(f"{k}={data.metrics[k]:.4g}" for k in keys if k in data.metrics),
-        })
+        rows.append(
+            {
+                "run_id": info.run_id,
+                "pipeline": data.tags.get("lightyard.pipeline", "?"),
+                "run_name": info.run_name,
+                "status": info.status,
+                "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+                "duration_s": round((end - info.start_time) / 1000, 1),
+                "metrics": ", ".join(f"{k}={data.metrics[k]:.4g}" for k in keys if k in data.metrics),
+            }
+        )
     return rows
 
 
@@ -186,11 +194,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except (ConfigError, RunInterrupted):
             raise
         except Exception as err:  # one pipeline failing does not hide the others; the exit code says so
-            status, run_id = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}", getattr(err, "lightyard_run_id", "–")
+            status, run_id = (
+                f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}",
+                getattr(err, "lightyard_run_id", "–"),
+            )
         run_ids.append(run_id)
         rows.append({"pipeline": pipeline.name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)})
     print()
-    print(markdown_table(rows, title="Demo runs (each a short run; `lightyard train <pipeline>` runs the quick preset, preset=paper the paper's settings)"))
+    print(
+        markdown_table(
+            rows,
+            title="Demo runs (each a short run; `lightyard train <pipeline>` runs the quick preset, preset=paper the paper's settings)",
+        )
+    )
     uri = project_tracking_uri()
     own = [row for row in run_rows(uri, limit=max(50, 5 * len(rows))) if row["run_id"] in run_ids]
     print(markdown_table(own, title=f"In MLflow ({uri})"))
@@ -209,8 +225,10 @@ def _has_preset(pipeline: str, preset: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lightyard", description="Run Lightyard's research pipelines and compare them in MLflow.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="lightyard",
+        description="Run Lightyard's research pipelines and compare them in MLflow.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library output too (Lightning, MLflow, warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -218,14 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="registered pipelines with a one-line description").set_defaults(func=_cmd_list)
 
     overrides_help = "config overrides key=value (OmegaConf dotlist); key=a,b,c sweeps over values"
-    p = sub.add_parser("train", help="one run, or a sweep over comma-separated values", description="Train (or simulate) one pipeline; every run is logged to MLflow.")
+    p = sub.add_parser(
+        "train",
+        help="one run, or a sweep over comma-separated values",
+        description="Train (or simulate) one pipeline; every run is logged to MLflow.",
+    )
     p.add_argument("pipeline")
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--yes", action="store_true", help="run a sweep larger than launcher.max_points")
     p.set_defaults(func=_cmd_train)
 
-    for name, text in (("bench", "the pipeline's bench grid: speed/memory, one child run per point, same-run ratios"),
-                       ("reproduce", "the pipeline's experiment grid: one child run per point, tables beside the paper's numbers")):
+    for name, text in (
+        ("bench", "the pipeline's bench grid: speed/memory, one child run per point, same-run ratios"),
+        ("reproduce", "the pipeline's experiment grid: one child run per point, tables beside the paper's numbers"),
+    ):
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("pipeline")
         p.add_argument("overrides", nargs="*", help=overrides_help)
@@ -288,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunInterrupted as stop:
         if not stop.resumable:
-            print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; this pipeline keeps no checkpoint: rerun it)", file=sys.stderr)
+            print(
+                f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; this pipeline keeps no checkpoint: rerun it)", file=sys.stderr
+            )
         else:
             again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
             print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)

@@ -66,9 +66,7 @@ def _checked_value(key: str, default: Any, value: Any) -> Any:
     else:
         ok = True
     if not ok:
-        raise ConfigError(
-            f"config key '{key}' expects {_type_name(default)}, got {value!r} ({_type_name(value)})"
-        )
+        raise ConfigError(f"config key '{key}' expects {_type_name(default)}, got {value!r} ({_type_name(value)})")
     return value
 
 
@@ -166,7 +164,7 @@ _BOUND = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 def _rule_holds(rule: str, value: Any) -> bool:
     """``> 0``, ``>= 1``, ``[0, 1)``, ``(0, inf)``, ``one of a|b|c`` against one value."""
     if rule.startswith("one of "):
-        return str(value) in [v.strip() for v in rule[len("one of "):].split("|")]
+        return str(value) in [v.strip() for v in rule[len("one of ") :].split("|")]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     if match := _BOUND.match(rule):
@@ -202,8 +200,13 @@ def _load_yaml(path: Path) -> DictConfig:
 
 # `fabric run` (Lightning's launcher) starts one process per device under torchrun and passes its options as LT_*
 # variables: they set the trainer over the preset, and the command line's own overrides still win
-FABRIC_RUN = {"LT_ACCELERATOR": "trainer.accelerator", "LT_STRATEGY": "trainer.strategy", "LT_DEVICES": "trainer.devices",
-              "LT_NUM_NODES": "trainer.num_nodes", "LT_PRECISION": "trainer.precision"}
+FABRIC_RUN = {
+    "LT_ACCELERATOR": "trainer.accelerator",
+    "LT_STRATEGY": "trainer.strategy",
+    "LT_DEVICES": "trainer.devices",
+    "LT_NUM_NODES": "trainer.num_nodes",
+    "LT_PRECISION": "trainer.precision",
+}
 
 
 def fabric_run_values() -> dict[str, Any]:
@@ -232,9 +235,7 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     preset = values.pop("preset", cfg.get("preset"))
     if preset is not None:
         if preset not in presets:
-            raise ConfigError(
-                f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}"
-            )
+            raise ConfigError(f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}")
         merge_checked(cfg, presets[preset])
         cfg.preset = preset
     for key, value in {**fabric_run_values(), **values}.items():

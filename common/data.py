@@ -49,7 +49,9 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch, self._skip = state["epoch"], state["yielded"]
 
 
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kwargs: Any) -> StatefulDataLoader:
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kwargs: Any
+) -> StatefulDataLoader:
     """A DataLoader whose position goes into Lightning checkpoints.
 
     With :class:`EpochShuffleSampler` that lets a run stopped mid-epoch resume on exactly the
@@ -60,8 +62,12 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False, seed: 
     # dropout must not shift by that draw pass their own, see hog_gcn. Not a default: under ddp_spawn a loader
     # holding a generator made the worker processes abort at exit, 2 runs in 6.)
     return StatefulDataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        persistent_workers=num_workers > 0, **kwargs,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        **kwargs,
     )
 
 

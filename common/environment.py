@@ -68,7 +68,9 @@ def environment_report() -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_lock(pyproject: Path = PROJECT_DIR / "pyproject.toml", lock: Path = LOCK_FILE, extras: tuple[str, ...] = ("test", "datasets")) -> list[str]:
+def check_lock(
+    pyproject: Path = PROJECT_DIR / "pyproject.toml", lock: Path = LOCK_FILE, extras: tuple[str, ...] = ("test", "datasets")
+) -> list[str]:
     """Offline: every requirement of ``pyproject`` (and of its ``extras``) is in ``lock`` at a version its specifier
     admits. A changed or added pin without ``make lock`` is a problem; returns the problems, one line each."""
     import tomllib

@@ -112,9 +112,13 @@ def experiment_name(cfg: DictConfig, kind: str) -> str:
     of_kind = [name for name, spec in experiments.items() if spec.get("command") == kind]
     if cfg.experiment:
         if cfg.experiment not in experiments:
-            raise ConfigError(f"unknown experiment '{cfg.experiment}' for {cfg.pipeline}; {kind} experiments: {', '.join(of_kind) or '(none)'}")
+            raise ConfigError(
+                f"unknown experiment '{cfg.experiment}' for {cfg.pipeline}; {kind} experiments: {', '.join(of_kind) or '(none)'}"
+            )
         if experiments[cfg.experiment].get("command") != kind:
-            raise ConfigError(f"experiment '{cfg.experiment}' of {cfg.pipeline} runs with `lightyard {experiments[cfg.experiment].command}`, not {kind}")
+            raise ConfigError(
+                f"experiment '{cfg.experiment}' of {cfg.pipeline} runs with `lightyard {experiments[cfg.experiment].command}`, not {kind}"
+            )
         return str(cfg.experiment)
     if not of_kind:
         raise ConfigError(f"pipeline '{cfg.pipeline}' declares no {kind} experiment in its config")
@@ -132,8 +136,10 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
     points = expand(spec)
     axes = sorted({k for p in points for k in p} & set(user))
     if axes:
-        raise ConfigError(f"{', '.join(axes)} is an axis of experiment '{name}': change its values in the grid "
-                          f"(experiments.{name}.grid...) or in the config keys the grid reads, not on the command line")
+        raise ConfigError(
+            f"{', '.join(axes)} is an axis of experiment '{name}': change its values in the grid "
+            f"(experiments.{name}.grid...) or in the config keys the grid reads, not on the command line"
+        )
     children = []
     for i, point in enumerate(points):
         # the experiment's settings, then the command line (it wins over them), then the point itself
@@ -141,8 +147,7 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
         children.append(Child(i, point, child_values))
     limit = int(cfg.launcher.max_points)
     if len(children) > limit and not cfg.launcher.allow_large:
-        raise ConfigError(f"experiment '{name}' has {len(children)} grid points (over launcher.max_points={limit}); "
-                          "add --yes to run it")
+        raise ConfigError(f"experiment '{name}' has {len(children)} grid points (over launcher.max_points={limit}); add --yes to run it")
     for child in children:
         # a bad point fails here, before the parent run exists
         check_run_config(compose(pipeline, child.values), spec.get("point"))
@@ -150,8 +155,16 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
 
 
 # -- one child, wherever it runs --------------------------------------------------------------------
-def run_child(pipeline: str, values: dict[str, Any], uri: str, parent_id: str, point: dict[str, Any], index: int,
-              reopen: str | None = None, ckpt: str | None = None) -> str:
+def run_child(
+    pipeline: str,
+    values: dict[str, Any],
+    uri: str,
+    parent_id: str,
+    point: dict[str, Any],
+    index: int,
+    reopen: str | None = None,
+    ckpt: str | None = None,
+) -> str:
     """Run one grid point as a child of ``parent_id``; returns its final status ("FINISHED" or "FAILED: …").
     Picklable: worker processes and submitit jobs call it with the same arguments as the local loop."""
     cfg = compose(pipeline, values)
@@ -179,8 +192,11 @@ def _launch_local(pipeline: str, children: list[Child], uri: str, parent_id: str
             if statuses[-1] != "FINISHED":
                 print(f"  child failed: {statuses[-1]}", file=sys.stderr, flush=True)
                 if len(statuses) == STOP_AFTER and all(s == statuses[0] for s in statuses):
-                    print(f"  the first {STOP_AFTER} children failed alike; the rest are not started (fix it, then resume)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"  the first {STOP_AFTER} children failed alike; the rest are not started (fix it, then resume)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     return statuses + ["FAILED: not started"] * (len(children) - len(statuses))
         return statuses
     import multiprocessing
@@ -219,8 +235,13 @@ def _launch_submitit(pipeline: str, children: list[Child], uri: str, parent_id: 
     else:
         executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
         s = launcher.slurm
-        params = {"timeout_min": int(s.time_min), "gpus_per_node": int(s.gpus_per_node), "cpus_per_task": int(s.cpus_per_task),
-                  "mem_gb": float(s.mem_gb), "slurm_array_parallelism": int(launcher.workers) if launcher.workers > 1 else len(children)}
+        params = {
+            "timeout_min": int(s.time_min),
+            "gpus_per_node": int(s.gpus_per_node),
+            "cpus_per_task": int(s.cpus_per_task),
+            "mem_gb": float(s.mem_gb),
+            "slurm_array_parallelism": int(launcher.workers) if launcher.workers > 1 else len(children),
+        }
         if s.partition:
             params["slurm_partition"] = str(s.partition)
         if s.account:
@@ -264,8 +285,11 @@ def _run_grid(kind: str, cfg: DictConfig, name: str, todo: list[Child], parent: 
     status = "FINISHED"
     try:
         with stop_on_signals():
-            print(f"{kind} {cfg.pipeline} experiment={name}: {len(todo)} of {total} child runs to run "
-                  f"(parent run {parent.run_id}, launcher {cfg.launcher.name})", flush=True)
+            print(
+                f"{kind} {cfg.pipeline} experiment={name}: {len(todo)} of {total} child runs to run "
+                f"(parent run {parent.run_id}, launcher {cfg.launcher.name})",
+                flush=True,
+            )
             statuses = _launch(cfg.pipeline, todo, uri, parent.run_id, cfg.launcher) if todo else []
             failed = [s for s in statuses if s != "FINISHED"]
             line = f"{total - len(failed)} of {total} child runs finished" + (f", {len(failed)} failed" if failed else "")
@@ -290,8 +314,7 @@ def _run_grid(kind: str, cfg: DictConfig, name: str, todo: list[Child], parent: 
 
 def _children(client: Any, parent_id: str) -> list:
     parent = client.get_run(parent_id)
-    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
-                              max_results=50000)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=50000)
 
 
 def run_experiment(kind: str, pipeline: str, overrides: list[str]) -> GridResult:
@@ -303,11 +326,16 @@ def run_experiment(kind: str, pipeline: str, overrides: list[str]) -> GridResult
     if values.get("resume"):
         return resume_experiment(kind, pipeline, str(values["resume"]), values)
     cfg, name, children = plan(kind, pipeline, values)
-    parent = Tracker.start(cfg, cfg.run_name or f"{pipeline} {kind} {name}",
-                           tags={"lightyard.kind": kind, "lightyard.experiment": name, "lightyard.grid_size": str(len(children))})
+    parent = Tracker.start(
+        cfg,
+        cfg.run_name or f"{pipeline} {kind} {name}",
+        tags={"lightyard.kind": kind, "lightyard.experiment": name, "lightyard.grid_size": str(len(children))},
+    )
     parent.log_config(cfg)
-    parent.log_text(json.dumps({"kind": kind, "experiment": name, "values": values,
-                                "points": [c.point for c in children]}, indent=1, default=str), "grid.json")
+    parent.log_text(
+        json.dumps({"kind": kind, "experiment": name, "values": values, "points": [c.point for c in children]}, indent=1, default=str),
+        "grid.json",
+    )
     return _run_grid(kind, cfg, name, children, parent, len(children))
 
 
@@ -342,12 +370,16 @@ def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str
     client, run = parent_run(uri, parent_id)
     tags = run.data.tags
     if tags.get("lightyard.pipeline") != pipeline or tags.get("lightyard.kind") != kind:
-        raise ConfigError(f"run {parent_id} is a {tags.get('lightyard.kind', 'train run')} of {tags.get('lightyard.pipeline', '?')}, "
-                          f"not a {kind} of {pipeline}")
+        raise ConfigError(
+            f"run {parent_id} is a {tags.get('lightyard.kind', 'train run')} of {tags.get('lightyard.pipeline', '?')}, "
+            f"not a {kind} of {pipeline}"
+        )
     if run.info.status == "RUNNING":
         if not mark_stale(client, [run]):
-            raise ConfigError(f"run {parent_id} is still RUNNING (pid {tags.get('lightyard.pid')} on {tags.get('lightyard.host')}); "
-                              "stop it first or wait for it")
+            raise ConfigError(
+                f"run {parent_id} is still RUNNING (pid {tags.get('lightyard.pid')} on {tags.get('lightyard.host')}); "
+                "stop it first or wait for it"
+            )
     record = _grid_record(client, parent_id)
     cfg, name, children = plan(kind, pipeline, {**record["values"], **extra})
     if name != record["experiment"] or [point_key(c.point) for c in children] != [point_key(p) for p in record["points"]]:
@@ -404,5 +436,13 @@ def stale_command(uri: str) -> list[dict]:
     client = MlflowClient(tracking_uri=uri)
     ids = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=50000) if ids else []
-    return [{"run_id": run.info.run_id, "pipeline": run.data.tags.get("lightyard.pipeline", "?"), "run_name": run.info.run_name,
-             "why": reason, "now": "KILLED"} for run, reason in mark_stale(client, running)]
+    return [
+        {
+            "run_id": run.info.run_id,
+            "pipeline": run.data.tags.get("lightyard.pipeline", "?"),
+            "run_name": run.info.run_name,
+            "why": reason,
+            "now": "KILLED",
+        }
+        for run, reason in mark_stale(client, running)
+    ]

@@ -39,7 +39,10 @@ def resolve_precision(requested: str, accelerator: str) -> tuple[str, str | None
     if requested == "auto":
         return ("bf16-mixed" if bf16_ok else "16-mixed"), None
     if requested.startswith("bf16") and not bf16_ok:
-        return "16-mixed", f"precision {requested} asked for but {torch.cuda.get_device_name()} has no bf16: using 16-mixed with loss scaling"
+        return (
+            "16-mixed",
+            f"precision {requested} asked for but {torch.cuda.get_device_name()} has no bf16: using 16-mixed with loss scaling",
+        )
     return requested, None
 
 
@@ -58,13 +61,15 @@ def check_trainer(trainer_cfg: DictConfig) -> None:
     ids = devices.split(",")
     count = int(devices) if re.fullmatch(r"-?\d+", devices) else None  # Lightning reads "2" as two devices, "0,1" as ids
     if not (devices == "auto" or (count is not None and (count >= 1 or count == -1)) or (len(ids) > 1 and all(i.isdigit() for i in ids))):
-        raise ConfigError(f"trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got {trainer_cfg.devices!r}")
+        raise ConfigError(f'trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like "0,1"; got {trainer_cfg.devices!r}')
     if trainer_cfg.strategy != "auto":
         from lightning.pytorch.strategies import StrategyRegistry
 
         names = StrategyRegistry.available_strategies()
         if trainer_cfg.strategy not in names:
-            raise ConfigError(f"unknown trainer.strategy '{trainer_cfg.strategy}'; valid: auto, {', '.join(n for n in names if 'find_unused' not in n)}")
+            raise ConfigError(
+                f"unknown trainer.strategy '{trainer_cfg.strategy}'; valid: auto, {', '.join(n for n in names if 'find_unused' not in n)}"
+            )
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:

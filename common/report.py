@@ -61,8 +61,7 @@ def children_rows(client: Any, parent_id: str, experiment_id: str) -> list[dict]
         tags = run.data.tags
         if run.info.status != "FINISHED" or tags.get(SUPERSEDED_TAG) or POINT_TAG not in tags:
             continue
-        rows.append({**run.data.metrics, **json.loads(tags[POINT_TAG]), "_run_id": run.info.run_id,
-                     "_index": int(tags.get(INDEX_TAG, 0))})
+        rows.append({**run.data.metrics, **json.loads(tags[POINT_TAG]), "_run_id": run.info.run_id, "_index": int(tags.get(INDEX_TAG, 0))})
     return sorted(rows, key=lambda r: r["_index"])
 
 
@@ -157,8 +156,11 @@ def build_table(children: list[dict], spec: Mapping) -> list[dict]:
         row = {headers.get(a, a.split(".")[-1]): _label(first.get(a), labels) for a in row_axes}
         row_labels.append(" / ".join(_label(first.get(a), labels) for a in row_axes))
         mean_row: dict[str, float] = {}
-        cells = ([(col_display[v], [c for c in members if str(c.get(col_axis)) == v], metrics[0]) for v in col_values] if col_axis
-                 else [(m["label"], members, m) for m in metrics])
+        cells = (
+            [(col_display[v], [c for c in members if str(c.get(col_axis)) == v], metrics[0]) for v in col_values]
+            if col_axis
+            else [(m["label"], members, m) for m in metrics]
+        )
         counts = []
         for header, group, m in cells:
             group = _select(group, spec.get("select"))
@@ -168,7 +170,9 @@ def build_table(children: list[dict], spec: Mapping) -> list[dict]:
             counts.append(n)
         if spec.get("select") and not col_axis:
             chosen = _select(members, spec["select"])
-            row[f"chosen {spec['select']['axis'].split('.')[-1]}"] = _label(chosen[0].get(spec["select"]["axis"]), labels) if chosen else "–"
+            row[f"chosen {spec['select']['axis'].split('.')[-1]}"] = (
+                _label(chosen[0].get(spec["select"]["axis"]), labels) if chosen else "–"
+            )
         if spec.get("count"):
             row["n"] = max(counts) if counts else 0
         rows.append(row)
@@ -190,7 +194,9 @@ def build_table(children: list[dict], spec: Mapping) -> list[dict]:
             out.append(row)
             if label in paper:
                 first_header = next(iter(row))
-                out.append({first_header: f"paper {label}", **{h: paper[label].get(h) for h in row if h != first_header and h in paper[label]}})
+                out.append(
+                    {first_header: f"paper {label}", **{h: paper[label].get(h) for h in row if h != first_header and h in paper[label]}}
+                )
         rows = out
     return rows
 
@@ -211,10 +217,19 @@ def build_figure(children: list[dict], spec: Mapping):
             group = [c for c in members if s is None or str(c.get(spec["series"])) == s]
             xs = sorted({c[spec["x"]] for c in group if spec["x"] in c}, key=lambda v: float(v))
             stats = [mean_std([c[spec["y"]] * scale for c in group if c.get(spec["x"]) == x and spec["y"] in c]) for x in xs]
-            ax.errorbar([float(x) for x in xs], [m for m, _, _ in stats], yerr=[sd for _, sd, _ in stats], marker="o", capsize=3,
-                        label=_label(s, labels) if s is not None else None)
-        ax.set(xlabel=spec.get("xlabel", spec["x"]), ylabel=spec.get("ylabel", spec["y"]),
-               title=(f"{spec.get('title', '')} {_label(panel, labels)}" if panel else spec.get("title", "")).strip())
+            ax.errorbar(
+                [float(x) for x in xs],
+                [m for m, _, _ in stats],
+                yerr=[sd for _, sd, _ in stats],
+                marker="o",
+                capsize=3,
+                label=_label(s, labels) if s is not None else None,
+            )
+        ax.set(
+            xlabel=spec.get("xlabel", spec["x"]),
+            ylabel=spec.get("ylabel", spec["y"]),
+            title=(f"{spec.get('title', '')} {_label(panel, labels)}" if panel else spec.get("title", "")).strip(),
+        )
         if spec.get("logx"):
             ax.set_xscale("log")
         if spec.get("logy"):

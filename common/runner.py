@@ -79,26 +79,37 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         run = client.get_run(target)
     except MlflowException:
         raise ConfigError(
-            f"resume={target} is neither a .ckpt file nor a run id in {tracking_uri(cfg)}; "
-            "`lightyard runs` lists run ids"
+            f"resume={target} is neither a .ckpt file nor a run id in {tracking_uri(cfg)}; `lightyard runs` lists run ids"
         ) from None
     owner = run.data.tags.get("lightyard.pipeline")
     if owner != cfg.pipeline:
-        raise ConfigError(f"run {target} is a run of {owner or 'another tool'}, not of {cfg.pipeline}; "
-                          f"resume it with: lightyard train {owner} resume={target}" if owner else f"run {target} is not a lightyard run")
+        raise ConfigError(
+            f"run {target} is a run of {owner or 'another tool'}, not of {cfg.pipeline}; "
+            f"resume it with: lightyard train {owner} resume={target}"
+            if owner
+            else f"run {target} is not a lightyard run"
+        )
     if run.data.tags.get("lightyard.kind") in ("reproduce", "bench"):
-        raise ConfigError(f"run {target} is the parent of a {run.data.tags['lightyard.kind']}; resume it with: "
-                          f"lightyard {run.data.tags['lightyard.kind']} {cfg.pipeline} resume={target}")
+        raise ConfigError(
+            f"run {target} is the parent of a {run.data.tags['lightyard.kind']}; resume it with: "
+            f"lightyard {run.data.tags['lightyard.kind']} {cfg.pipeline} resume={target}"
+        )
     if run.info.status == "FINISHED":
-        raise ConfigError(f"run {target} is FINISHED; nothing to resume (start a new run, or resume=<path/to.ckpt> to train on from its weights)")
+        raise ConfigError(
+            f"run {target} is FINISHED; nothing to resume (start a new run, or resume=<path/to.ckpt> to train on from its weights)"
+        )
     if run.info.status == "RUNNING" and not stale_reason(run):
-        raise ConfigError(f"run {target} is still RUNNING (pid {run.data.tags.get('lightyard.pid')} on {run.data.tags.get('lightyard.host')}); "
-                          "stop it first")
+        raise ConfigError(
+            f"run {target} is still RUNNING (pid {run.data.tags.get('lightyard.pid')} on {run.data.tags.get('lightyard.host')}); "
+            "stop it first"
+        )
     module = registry.get(cfg.pipeline).load("module")
     from common.experiment import NonGradientExperiment
 
     if isinstance(module, type) and issubclass(module, NonGradientExperiment):
-        raise ConfigError(f"{cfg.pipeline} is not trained by gradient and keeps no checkpoint: rerun it (same config, same seed, same result)")
+        raise ConfigError(
+            f"{cfg.pipeline} is not trained by gradient and keeps no checkpoint: rerun it (same config, same seed, same result)"
+        )
     run_dir = Path(run.data.tags.get("lightyard.run_dir", ""))
     # interrupted.ckpt is the exact mid-epoch state; it is deleted once a fit completes
     ckpt = run_dir / "checkpoints" / "interrupted.ckpt"
@@ -118,7 +129,9 @@ def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
 
 
 # -- one run ------------------------------------------------------------------------------------
-def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracker | None, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
+def _fit_lightning(
+    cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracker | None, run_dir: Path, ckpt_path: str | None
+) -> dict[str, float]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -135,8 +148,12 @@ def _fit_lightning(cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracke
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_cfg = cfg.callbacks.checkpoint
     checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir, save_last=True, monitor=ckpt_cfg.monitor, mode=ckpt_cfg.mode,
-        every_n_train_steps=ckpt_cfg.every_n_train_steps, enable_version_counter=False,  # the run folder is ours: last.ckpt is the latest
+        dirpath=checkpoint_dir,
+        save_last=True,
+        monitor=ckpt_cfg.monitor,
+        mode=ckpt_cfg.mode,
+        every_n_train_steps=ckpt_cfg.every_n_train_steps,
+        enable_version_counter=False,  # the run folder is ours: last.ckpt is the latest
     )
     shutdown = GracefulShutdown(checkpoint_dir)
     callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState()] + ([FitProgressBar()] if cfg.trainer.enable_progress_bar else [])
@@ -329,8 +346,9 @@ def check_run_config(cfg: DictConfig, target: str | None = None) -> None:
         check(cfg)
     if cfg.logger.log_model and (target or not hasattr(module, "model_for_export")):
         what = f"grid point {target}" if target else f"{cfg.pipeline}'s module"
-        raise ConfigError(f"logger.log_model=true but {what} exports no model (a LightningModule's model_for_export()); "
-                          "set logger.log_model=false")
+        raise ConfigError(
+            f"logger.log_model=true but {what} exports no model (a LightningModule's model_for_export()); set logger.log_model=false"
+        )
 
 
 def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
@@ -338,7 +356,9 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     points = sweep_points(overrides)
     first = compose(pipeline_name, points[0])
     if len(points) > first.launcher.max_points and not first.launcher.allow_large:
-        raise ConfigError(f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it")
+        raise ConfigError(
+            f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it"
+        )
     print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
     configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
     for cfg in configs:

@@ -36,6 +36,7 @@ def pyplot():
 
     return plt
 
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
@@ -71,14 +72,15 @@ def ready(uri: str) -> str:
             urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5)
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise ConfigError(f"MLflow tracking server {uri} does not answer ({reason}); start it, or unset MLFLOW_TRACKING_URI "
-                              "to log to the local store") from None
+            raise ConfigError(
+                f"MLflow tracking server {uri} does not answer ({reason}); start it, or unset MLFLOW_TRACKING_URI to log to the local store"
+            ) from None
     elif uri.startswith("sqlite:///"):
         import fcntl
 
         from mlflow.tracking import MlflowClient
 
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         with open(db.parent / ".mlflow.db.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the schema migration of a new store runs once, here
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
@@ -147,8 +149,9 @@ class Tracker:
         else:
             try:
                 # a training experiment: MLflow 3's UI then opens on the runs table, not on the GenAI overview
-                experiment_id = client.create_experiment(name, artifact_location=local_artifact_root(cfg, uri),
-                                                         tags={"mlflow.experimentKind": "custom_model_development"})
+                experiment_id = client.create_experiment(
+                    name, artifact_location=local_artifact_root(cfg, uri), tags={"mlflow.experimentKind": "custom_model_development"}
+                )
             except Exception:  # another process created it a moment ago
                 experiment = client.get_experiment_by_name(name)
                 if experiment is None:
@@ -249,8 +252,13 @@ class Tracker:
         # the fluent API logs to an active run; end_run(status="RUNNING") leaves our run open for Tracker.end
         mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
         try:
-            mlflow.pytorch.log_model(model, name="model", input_example=example.cpu().numpy(), signature=signature,
-                                     pip_requirements=[f"torch=={torch.__version__}"])  # not inferred: that spawns a subprocess
+            mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=example.cpu().numpy(),
+                signature=signature,
+                pip_requirements=[f"torch=={torch.__version__}"],
+            )  # not inferred: that spawns a subprocess
         finally:
             mlflow.end_run(status="RUNNING")
 
@@ -326,8 +334,9 @@ def start_system_metrics(tracker: Tracker, interval: float, resumed: bool) -> An
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     try:
-        monitor = SystemMetricsMonitor(tracker.run_id, sampling_interval=interval, samples_before_logging=1,
-                                       resume_logging=resumed, tracking_uri=tracker.uri)
+        monitor = SystemMetricsMonitor(
+            tracker.run_id, sampling_interval=interval, samples_before_logging=1, resume_logging=resumed, tracking_uri=tracker.uri
+        )
         monitor.start()
     except Exception as err:  # a missing psutil / NVML must not stop a run: say so on the run
         tracker.set_tags({"lightyard.notice.system_metrics": f"not recorded: {type(err).__name__}: {err}"[:500]})
@@ -354,8 +363,12 @@ def _process_start(pid: int) -> str:
 
 def liveness_tags() -> dict[str, str]:
     pid = os.getpid()
-    return {"lightyard.host": socket.gethostname(), "lightyard.pid": str(pid), "lightyard.pid_start": _process_start(pid),
-            "lightyard.heartbeat": str(int(time.time()))}
+    return {
+        "lightyard.host": socket.gethostname(),
+        "lightyard.pid": str(pid),
+        "lightyard.pid_start": _process_start(pid),
+        "lightyard.heartbeat": str(int(time.time())),
+    }
 
 
 class Heartbeat:

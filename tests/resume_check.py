@@ -22,8 +22,10 @@ def assert_exact_resume(home, pipeline: str, overrides: list[str], kill_at_step:
     reference = lightyard("train", pipeline, *overrides, "run_name=reference", env=env)
     assert reference.returncode == 0, reference.stderr[-2000:]
     (ref,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.info.run_name == "reference"]
-    a, b = (torch.load(home / "outputs" / pipeline / r / "checkpoints" / "last.ckpt", weights_only=True)
-            for r in (run.info.run_id, ref.info.run_id))
+    a, b = (
+        torch.load(home / "outputs" / pipeline / r / "checkpoints" / "last.ckpt", weights_only=True)
+        for r in (run.info.run_id, ref.info.run_id)
+    )
     assert a["global_step"] == b["global_step"] == total_steps
     for name, value in b["state_dict"].items():
         assert torch.equal(a["state_dict"][name], value), name

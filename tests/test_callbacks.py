@@ -16,9 +16,17 @@ def _fit(cfg, callbacks=(), **trainer_kwargs):
     pl.seed_everything(cfg.seed, verbose=False)
     module, data = ToyModule(cfg), ToyData(cfg)
     freeze_when_built(module, cfg.freeze)  # as the runner does
-    kwargs = dict(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", devices=1, logger=False,
-                  enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, limit_val_batches=0)
+    kwargs = dict(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=list(callbacks), **kwargs)
     trainer.fit(module, data)

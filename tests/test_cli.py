@@ -34,9 +34,14 @@ def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     from tests.conftest import ROOT
 
     fabric = Path(sys.executable).with_name("fabric")
-    result = subprocess.run([str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy",
-                             "trainer.max_epochs=1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)})
+    result = subprocess.run(
+        [str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy", "trainer.max_epochs=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])

@@ -47,8 +47,10 @@ def test_override_parsing_and_sweep_grid():
 
 @pytest.mark.parametrize(
     "override, expected",
-    [("model.nope=1", "unknown config key 'model.nope'; valid keys at 'model':"),
-     ("trainer.max_epochs=x", "config key 'trainer.max_epochs' expects int, got 'x' (str)")],
+    [
+        ("model.nope=1", "unknown config key 'model.nope'; valid keys at 'model':"),
+        ("trainer.max_epochs=x", "config key 'trainer.max_epochs' expects int, got 'x' (str)"),
+    ],
 )
 def test_cli_bad_input_prints_one_line_and_exits_nonzero(override, expected):
     result = lightyard("train", "toy", override)

@@ -16,8 +16,10 @@ pytest==9.2.0 \\
 
 def _project(tmp_path, dependencies, test_extra=('"pytest==9.2.0"',)):
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text(f"[project]\nname = 'x'\ndependencies = [{', '.join(dependencies)}]\n"
-                         f"[project.optional-dependencies]\ntest = [{', '.join(test_extra)}]\n")
+    pyproject.write_text(
+        f"[project]\nname = 'x'\ndependencies = [{', '.join(dependencies)}]\n"
+        f"[project.optional-dependencies]\ntest = [{', '.join(test_extra)}]\n"
+    )
     lock = tmp_path / "requirements.lock"
     lock.write_text(LOCK)
     return pyproject, lock

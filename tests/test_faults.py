@@ -64,8 +64,9 @@ def test_resume_with_unknown_run_id_is_one_clear_line(home):
 def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, batch_size):
     from tests.resume_check import assert_exact_resume
 
-    assert_exact_resume(home, "toy", ["trainer.max_epochs=6", f"data.batch_size={batch_size}"], kill_at_step=3,
-                        total_steps=6 * (64 // batch_size))
+    assert_exact_resume(
+        home, "toy", ["trainer.max_epochs=6", f"data.batch_size={batch_size}"], kill_at_step=3, total_steps=6 * (64 // batch_size)
+    )
 
 
 def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):

@@ -34,8 +34,13 @@ def test_grid_expands_product_union_when_and_set():
     # a list of grids is their union, in order, with repeats dropped
     spec.grid = [{"model": {"lr": [0.1, 0.2]}, "seed": [0, 1]}, {"model": {"lr": [0.2, 0.3]}, "seed": [1]}]
     points = expand(spec)
-    assert points == [{"model.lr": 0.1, "seed": 0}, {"model.lr": 0.1, "seed": 1}, {"model.lr": 0.2, "seed": 0},
-                      {"model.lr": 0.2, "seed": 1}, {"model.lr": 0.3, "seed": 1}]
+    assert points == [
+        {"model.lr": 0.1, "seed": 0},
+        {"model.lr": 0.1, "seed": 1},
+        {"model.lr": 0.2, "seed": 0},
+        {"model.lr": 0.2, "seed": 1},
+        {"model.lr": 0.3, "seed": 1},
+    ]
     _, name, children = plan("reproduce", "toy", {"experiment": "faults", "model.hidden": 4})
     assert name == "faults" and len(children) == 4
     by_seed = {c.point["seed"]: c.values for c in children}
@@ -53,8 +58,11 @@ def test_bad_grid_values_fail_before_any_run(home):
         run_experiment("reproduce", "toy", ["experiments.lr.grid.model.lr=[0.1,oops]"])
     with pytest.raises(ConfigError, match="add --yes"):
         run_experiment("reproduce", "toy", ["launcher.max_points=3"])
-    assert not (home / "mlflow").exists() or not _client().search_experiments() or not _client().search_runs(
-        [e.experiment_id for e in _client().search_experiments()])
+    assert (
+        not (home / "mlflow").exists()
+        or not _client().search_experiments()
+        or not _client().search_runs([e.experiment_id for e in _client().search_experiments()])
+    )
 
 
 def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinished(home):
@@ -64,8 +72,11 @@ def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinis
     assert first.returncode == 143, first.stderr[-2000:]
     assert "lightyard reproduce toy resume=" in first.stderr.strip().splitlines()[-1]
     client = _client()
-    (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-                 if r.data.tags.get("lightyard.kind") == "reproduce"]
+    (parent,) = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.data.tags.get("lightyard.kind") == "reproduce"
+    ]
     assert parent.info.status == "KILLED"
     statuses = {json.loads(c.data.tags["lightyard.point"])["seed"]: c.info.status for c in _children(client, parent.info.run_id)}
     assert statuses == {0: "FINISHED", 1: "FAILED", 2: "KILLED"}  # the crash did not stop the grid; seed 3 never started
@@ -90,8 +101,14 @@ def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinis
 
 def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=30"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=30"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     client, deadline = None, time.time() + 120
     while time.time() < deadline:  # wait until the first child is training
         time.sleep(0.5)
@@ -118,8 +135,14 @@ def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
 
 def test_sigterm_during_a_grid_ends_parent_and_running_child_killed(home):
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=500"],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=500"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.5)
@@ -165,8 +188,19 @@ def test_report_builder_matches_hand_computed_mean_and_std():
         {"model.name": "hog", "data.name": "texas", "seed": 1, "acc": 0.9, "_index": 4},
         {"model.name": "hog", "data.name": "cornell", "seed": 0, "acc": 0.6, "_index": 5},
     ]
-    rows = build_table(children, {"rows": "model.name", "columns": "data.name", "metric": "acc", "scale": 100, "digits": 2,
-                                  "best": "max", "labels": {"hog": "HOG-GCN"}, "paper": {"HOG-GCN": {"texas": "85.17"}}})
+    rows = build_table(
+        children,
+        {
+            "rows": "model.name",
+            "columns": "data.name",
+            "metric": "acc",
+            "scale": 100,
+            "digits": 2,
+            "best": "max",
+            "labels": {"hog": "HOG-GCN"},
+            "paper": {"HOG-GCN": {"texas": "85.17"}},
+        },
+    )
     # mean ± sample std: (50, 70) → 60 ± 14.14; (80, 90) → 85 ± 7.07
     assert rows == [
         {"name": "gcn", "texas": "60.00 ± 14.14", "cornell": "40.00"},
@@ -174,7 +208,9 @@ def test_report_builder_matches_hand_computed_mean_and_std():
         {"name": "paper HOG-GCN", "texas": "85.17"},
     ]
     # model selection: per row, the lr with the best mean validation accuracy, then its test accuracy
-    sel = [{"m": "a", "lr": lr, "seed": s, "val": v, "test": t, "_index": i} for i, (lr, s, v, t) in enumerate(
-        [(0.1, 0, 0.5, 0.1), (0.1, 1, 0.7, 0.2), (0.3, 0, 0.9, 0.8), (0.3, 1, 0.6, 0.6)])]
+    sel = [
+        {"m": "a", "lr": lr, "seed": s, "val": v, "test": t, "_index": i}
+        for i, (lr, s, v, t) in enumerate([(0.1, 0, 0.5, 0.1), (0.1, 1, 0.7, 0.2), (0.3, 0, 0.9, 0.8), (0.3, 1, 0.6, 0.6)])
+    ]
     (row,) = build_table(sel, {"rows": "m", "metrics": ["test"], "digits": 1, "select": {"axis": "lr", "by": "val"}})
     assert row == {"m": "a", "test": "0.7 ± 0.1", "chosen lr": "0.3"}

@@ -13,19 +13,22 @@ from common.tracking import tracking_uri
 from tests.conftest import ROOT, lightyard
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.lr=-0.01", "config key 'optim.lr' must be > 0, got -0.01"),
-    ("model.dropout=1.5", "config key 'model.dropout' must be in [0, 1), got 1.5"),
-    ("data.classes=0", "config key 'data.classes' must be >= 2, got 0"),
-    ("data.homophily=1.5", "config key 'data.homophily' must be in [0, 1], got 1.5"),
-    ("data.split=10", "config key 'data.split' must be in [0, 9], got 10"),
-    ("trainer.max_epochs=", "config key 'trainer.max_epochs' needs a value (int, default 100); got an empty one"),
-    ("seed=", "config key 'seed' needs a value (int, default 0); got an empty one"),
-    ("reproduce.homophily=[0.5,2.0]", "config key 'reproduce.homophily' must be in [0, 1], got 2.0 (in [0.5, 2.0])"),
-    ("trainer.devices=0", "trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got '0'"),
-    ("trainer.devices=two", "trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got 'two'"),
-    ("trainer.strategy=dpp", "unknown trainer.strategy 'dpp'; valid: auto, ddp, ddp_spawn,"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=-0.01", "config key 'optim.lr' must be > 0, got -0.01"),
+        ("model.dropout=1.5", "config key 'model.dropout' must be in [0, 1), got 1.5"),
+        ("data.classes=0", "config key 'data.classes' must be >= 2, got 0"),
+        ("data.homophily=1.5", "config key 'data.homophily' must be in [0, 1], got 1.5"),
+        ("data.split=10", "config key 'data.split' must be in [0, 9], got 10"),
+        ("trainer.max_epochs=", "config key 'trainer.max_epochs' needs a value (int, default 100); got an empty one"),
+        ("seed=", "config key 'seed' needs a value (int, default 0); got an empty one"),
+        ("reproduce.homophily=[0.5,2.0]", "config key 'reproduce.homophily' must be in [0, 1], got 2.0 (in [0.5, 2.0])"),
+        ("trainer.devices=0", "trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got '0'"),
+        ("trainer.devices=two", "trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got 'two'"),
+        ("trainer.strategy=dpp", "unknown trainer.strategy 'dpp'; valid: auto, ddp, ddp_spawn,"),
+    ],
+)
 def test_bad_values_are_one_line_before_any_run(override, message):
     from common.config import sweep_points
 
@@ -92,8 +95,13 @@ def test_demo_exits_non_zero_when_a_pipeline_fails_and_lists_only_its_runs(home)
 
 
 def test_a_huge_sweep_says_its_size_and_asks_for_yes(home):
-    out = lightyard("train", "toy", "model.hidden=" + ",".join(map(str, range(1, 201))), "data.n=" + ",".join(map(str, range(10, 60))),
-                    env={"LIGHTYARD_HOME": str(home)})
+    out = lightyard(
+        "train",
+        "toy",
+        "model.hidden=" + ",".join(map(str, range(1, 201))),
+        "data.n=" + ",".join(map(str, range(10, 60))),
+        env={"LIGHTYARD_HOME": str(home)},
+    )
     assert out.returncode == 2
     assert out.stderr.strip() == ("lightyard: error: this sweep has 10000 points (over launcher.max_points=1000); add --yes to run it")
 
@@ -104,8 +112,14 @@ def test_sigterm_during_data_setup_ends_killed_not_running(home):
     import signal
 
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
-    process = subprocess.Popen([sys.executable, "-m", "common.cli", "train", "hog_gcn", "data.nodes=60000", "trainer.max_epochs=1"],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "train", "hog_gcn", "data.nodes=60000", "trainer.max_epochs=1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     client = None
     deadline = time.time() + 120
     while time.time() < deadline:

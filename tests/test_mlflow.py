@@ -8,8 +8,17 @@ from common.runner import train
 
 def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    (result,) = train("toy", ["model.lr=0.05", "run_name=readback", "logger.log_checkpoints=true", "logger.log_model=true",
-                              "logger.system_metrics_interval=0.2", "trainer.max_epochs=3"])
+    (result,) = train(
+        "toy",
+        [
+            "model.lr=0.05",
+            "run_name=readback",
+            "logger.log_checkpoints=true",
+            "logger.log_model=true",
+            "logger.system_metrics_interval=0.2",
+            "trainer.max_epochs=3",
+        ],
+    )
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "readback"
@@ -103,7 +112,8 @@ def test_log_model_without_an_exportable_model_is_one_line(home):
     out = lightyard("train", "hog_gcn", "logger.log_model=true", env={"LIGHTYARD_HOME": str(home)})
     assert out.returncode == 2 and out.stderr.strip() == (
         "lightyard: error: logger.log_model=true but hog_gcn's module exports no model (a LightningModule's model_for_export()); "
-        "set logger.log_model=false")
+        "set logger.log_model=false"
+    )
 
 
 def test_system_metrics_off_with_one_key(home):

@@ -16,8 +16,18 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--window-size=1600,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1600,1000",
+]
 
 
 def main(pipeline: str, out: Path, experiment_args: list[str]) -> None:
@@ -27,12 +37,19 @@ def main(pipeline: str, out: Path, experiment_args: list[str]) -> None:
     home = Path(tempfile.mkdtemp(prefix="lightyard-shot-"))
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    subprocess.run([sys.executable, "-m", "common.cli", "reproduce", pipeline, "preset=smoke", *experiment_args], cwd=ROOT, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "common.cli", "reproduce", pipeline, "preset=smoke", *experiment_args], cwd=ROOT, env=env, check=True
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "common.cli", "ui", "--port", str(port)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "ui", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -49,8 +66,12 @@ def main(pipeline: str, out: Path, experiment_args: list[str]) -> None:
         url = f"{base}/#/compare-runs?runs={json.dumps(children)}&experiments={json.dumps([experiment.experiment_id])}"
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as profile:
-            subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000",
-                            f"--screenshot={out}", url], check=True, capture_output=True, timeout=180)
+            subprocess.run(
+                [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000", f"--screenshot={out}", url],
+                check=True,
+                capture_output=True,
+                timeout=180,
+            )
         print(f"{out}: {len(children)} child runs of {pipeline} compared ({url})")
     finally:
         server.terminate()

@@ -18,9 +18,11 @@ from torch.utils.data import Dataset
 from common.config import ConfigError
 from common.data import require_files
 
-SCOT_LAYOUT = ("<root>/<x_file> and <y_file> (.npy, or .csv without header: cells × features, row i of both = cell i), "
-               "optional <x_labels>/<y_labels> text files with one integer cell type per line, optional "
-               "<x_shared>/<y_shared> matrices of features both sides measure (same columns, for fused GW)")
+SCOT_LAYOUT = (
+    "<root>/<x_file> and <y_file> (.npy, or .csv without header: cells × features, row i of both = cell i), "
+    "optional <x_labels>/<y_labels> text files with one integer cell type per line, optional "
+    "<x_shared>/<y_shared> matrices of features both sides measure (same columns, for fused GW)"
+)
 
 
 @dataclass
@@ -39,8 +41,16 @@ class PairedData:
         return None if self.x_shared is None else (self.x_shared, self.y_shared)
 
 
-def planted_pair(n: int = 300, informative: int = 5, nuisance: int = 5, dy: int = 6, extra_nonzeros: int = 3,
-                 clusters: int = 4, noise: float = 0.05, seed: int = 0) -> PairedData:
+def planted_pair(
+    n: int = 300,
+    informative: int = 5,
+    nuisance: int = 5,
+    dy: int = 6,
+    extra_nonzeros: int = 3,
+    clusters: int = 4,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> PairedData:
     """Source points in R^dx (dx = informative + nuisance) and y_i = M* x_i + noise.
 
     The planted map M* (dy × dx) reads only the informative source features (each at least once,
@@ -65,8 +75,9 @@ def planted_pair(n: int = 300, informative: int = 5, nuisance: int = 5, dy: int 
     return PairedData(X, Y, labels, labels.clone(), true_map, "planted sparse map")
 
 
-def multiomics_pair(n: int = 400, latent: int = 5, dx: int = 30, dy: int = 20, cell_types: int = 5, noise: float = 0.1,
-                    seed: int = 0, shared: int = 0) -> PairedData:
+def multiomics_pair(
+    n: int = 400, latent: int = 5, dx: int = 30, dy: int = 20, cell_types: int = 5, noise: float = 0.1, seed: int = 0, shared: int = 0
+) -> PairedData:
     """A shared latent cell state z (cell-type clusters, axes of distinct spread) seen through two
     modalities of different dimension: x = W₁z + noise, y = W₂z + noise. With ``shared`` > 0 both
     sides also measure the same ``shared`` noisy features W₃z (a few marker genes both assays see),
@@ -122,8 +133,16 @@ def _read_labels(path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def load_scot(root: str | Path, x_file: str, y_file: str, x_labels: str | None, y_labels: str | None, name: str = "",
-              x_shared: str | None = None, y_shared: str | None = None) -> PairedData:
+def load_scot(
+    root: str | Path,
+    x_file: str,
+    y_file: str,
+    x_labels: str | None,
+    y_labels: str | None,
+    name: str = "",
+    x_shared: str | None = None,
+    y_shared: str | None = None,
+) -> PairedData:
     """A SCOT-layout pair (scGEM: expression/methylation CSVs; SNARE-seq: ATAC/RNA .npy) with cell types,
     and optionally features both sides measure (``x_shared``/``y_shared``, for fused GW)."""
     if bool(x_shared) != bool(y_shared):
@@ -139,13 +158,21 @@ def load_scot(root: str | Path, x_file: str, y_file: str, x_labels: str | None, 
     yl = _read_labels(root / y_labels) if y_labels else np.zeros(len(Y), dtype=np.int64)
     if len(xl) != len(X) or len(yl) != len(Y):
         raise ConfigError(f"{root}: label files have {len(xl)} and {len(yl)} lines for {len(X)} cells; give one label per cell")
-    data = PairedData(torch.from_numpy(np.asarray(X, dtype=np.float64)), torch.from_numpy(np.asarray(Y, dtype=np.float64)),
-                      torch.from_numpy(xl), torch.from_numpy(yl), None, name or root.name)
+    data = PairedData(
+        torch.from_numpy(np.asarray(X, dtype=np.float64)),
+        torch.from_numpy(np.asarray(Y, dtype=np.float64)),
+        torch.from_numpy(xl),
+        torch.from_numpy(yl),
+        None,
+        name or root.name,
+    )
     if x_shared:
         xs, ys = _read_matrix(root / x_shared), _read_matrix(root / y_shared)
         if xs.ndim != 2 or ys.ndim != 2 or len(xs) != len(X) or len(ys) != len(Y) or xs.shape[1] != ys.shape[1]:
-            raise ConfigError(f"{root}: shared features {x_shared} {xs.shape} and {y_shared} {ys.shape} must be cells × k with "
-                              f"the same k and one row per cell of {x_file} ({len(X)}) and {y_file} ({len(Y)})")
+            raise ConfigError(
+                f"{root}: shared features {x_shared} {xs.shape} and {y_shared} {ys.shape} must be cells × k with "
+                f"the same k and one row per cell of {x_file} ({len(X)}) and {y_file} ({len(Y)})"
+            )
         data.x_shared, data.y_shared = (torch.from_numpy(np.asarray(m, dtype=np.float64)) for m in (xs, ys))
     return data
 
@@ -206,7 +233,7 @@ def preprocess(data: PairedData, center: bool, normalize_rows: bool, scale: bool
         both = torch.cat([data.x_shared, data.y_shared])
         both = both - both.mean(0) if center else both
         both = both / both.std().clamp(min=1e-12) if scale else both
-        shared = {"x_shared": both[: len(X)], "y_shared": both[len(X):]}
+        shared = {"x_shared": both[: len(X)], "y_shared": both[len(X) :]}
     return PairedData(X, Y, data.x_labels, data.y_labels, data.true_map, data.name, **shared)
 
 

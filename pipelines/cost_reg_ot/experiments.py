@@ -83,8 +83,12 @@ def _gw_start(data: PairedData, cfg: DictConfig):
 
 def _baseline_metrics(result, data: PairedData, knn: int, prefix: str = "") -> dict[str, float]:
     """Iterations, objective, converged; time and quality only for a run that did not fail."""
-    out = {"iterations": float(result.iterations), "objective": result.objective, "converged": float(result.converged),
-           "failed": float(bool(result.failed))}
+    out = {
+        "iterations": float(result.iterations),
+        "objective": result.objective,
+        "converged": float(result.converged),
+        "failed": float(bool(result.failed)),
+    }
     if result.failed:
         print(f"  {prefix or 'baseline'} FAILED: {result.failed}", flush=True)
     else:
@@ -96,18 +100,43 @@ def fit_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """``reproduce.method`` on ``reproduce.dataset``: a regulariser of ours (λ from ``reproduce.lams``) or a POT baseline."""
     data, s, method = _pair(cfg), cfg.solver, cfg.reproduce.method
     if method in BASELINES:
-        result = gromov_baseline(data.X, data.Y, method, eps=cfg.reproduce.gw_eps, max_iter=cfg.reproduce.gw_max_iter, tol=cfg.reproduce.gw_tol,
-                                 patience=s.patience, sinkhorn_iter=s.sinkhorn_iter, T0=_gw_start(data, cfg))
+        result = gromov_baseline(
+            data.X,
+            data.Y,
+            method,
+            eps=cfg.reproduce.gw_eps,
+            max_iter=cfg.reproduce.gw_max_iter,
+            tol=cfg.reproduce.gw_tol,
+            patience=s.patience,
+            sinkhorn_iter=s.sinkhorn_iter,
+            T0=_gw_start(data, cfg),
+        )
         return _baseline_metrics(result, data, cfg.evaluation.knn)
     lam = float(cfg.reproduce.lams.get(method, 0.0))
-    sol = solve(data.X, data.Y, eps=s.eps, regularizer=method, lam=lam, rank=cfg.reproduce.rank, max_iter=s.max_iter, tol=s.tol,
-                patience=s.patience, sinkhorn_iter=s.sinkhorn_iter)
+    sol = solve(
+        data.X,
+        data.Y,
+        eps=s.eps,
+        regularizer=method,
+        lam=lam,
+        rank=cfg.reproduce.rank,
+        max_iter=s.max_iter,
+        tol=s.tol,
+        patience=s.patience,
+        sinkhorn_iter=s.sinkhorn_iter,
+    )
     if tracker is not None:
         buffer = io.BytesIO()
         np.save(buffer, sol.M.numpy())
         tracker.log_bytes(buffer.getvalue(), "maps/M.npy")
-    return {**evaluate(data, sol.P, sol.M, cfg.evaluation.knn), "iterations": float(sol.iterations), "seconds": sol.seconds,
-            "objective": sol.history[-1], "converged": float(sol.converged), "failed": 0.0}
+    return {
+        **evaluate(data, sol.P, sol.M, cfg.evaluation.knn),
+        "iterations": float(sol.iterations),
+        "seconds": sol.seconds,
+        "objective": sol.history[-1],
+        "converged": float(sol.converged),
+        "failed": 0.0,
+    }
 
 
 def reference_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -117,18 +146,34 @@ def reference_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float
     pair, _ = _real(cfg, "scGEM")
     data = preprocess(pair, True, False, False)
     curve: list[float] = []
-    sol = solve(data.X, data.Y, eps=r.eps, regularizer=s.regularizer, lam=float(s.lam), max_iter=r.iterations, tol=0.0,
-                patience=r.iterations, sinkhorn_iter=r.sinkhorn_iter, sinkhorn_tol=r.sinkhorn_tol,
-                on_iteration=lambda M, P: curve.append(evaluate(data, P, None, cfg.evaluation.knn)["label_transfer"]))
+    sol = solve(
+        data.X,
+        data.Y,
+        eps=r.eps,
+        regularizer=s.regularizer,
+        lam=float(s.lam),
+        max_iter=r.iterations,
+        tol=0.0,
+        patience=r.iterations,
+        sinkhorn_iter=r.sinkhorn_iter,
+        sinkhorn_tol=r.sinkhorn_tol,
+        on_iteration=lambda M, P: curve.append(evaluate(data, P, None, cfg.evaluation.knn)["label_transfer"]),
+    )
     if tracker is not None:
         for step, value in enumerate(curve, 1):
             tracker.log_metrics({"label_transfer_per_iteration": value}, step=step)
     metrics = evaluate(data, sol.P, sol.M, cfg.evaluation.knn)
     # a constant source feature is 0 after centring, so its column of A(P) = YᵀPᵀX, hence of M, is 0 for any P
     constant = float((pair.X.std(0) == 0).sum())
-    return {**metrics, "zero_percent": 100 * metrics["zero_fraction"], "zero_entries": float((sol.M.abs() <= 1e-12).sum()),
-            "constant_source_features": constant, "entries_zero_by_constant_features": constant * sol.M.shape[0],
-            "seconds": sol.seconds, "iterations": float(sol.iterations)}
+    return {
+        **metrics,
+        "zero_percent": 100 * metrics["zero_fraction"],
+        "zero_entries": float((sol.M.abs() <= 1e-12).sum()),
+        "constant_source_features": constant,
+        "entries_zero_by_constant_features": constant * sol.M.shape[0],
+        "seconds": sol.seconds,
+        "iterations": float(sol.iterations),
+    }
 
 
 def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -142,18 +187,41 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     data = build_pair(with_values(cfg, {"data.n": int(b.n)}))
     out = {"n": float(b.n), "threads": float(torch.get_num_threads())}
     try:
-        sol = solve(data.X, data.Y, eps=s.eps, regularizer="none", max_iter=b.max_iter, tol=b.tol, patience=s.patience,
-                    sinkhorn_iter=s.sinkhorn_iter)
-        out.update(ours_iterations=float(sol.iterations), ours_objective=sol.history[-1], ours_converged=float(sol.converged),
-                   ours_failed=0.0, ours_foscttm=evaluate(data, sol.P, None, cfg.evaluation.knn)["foscttm"],
-                   ours_s_per_iteration=sol.seconds / sol.iterations, ours_sinkhorn_share=sol.sinkhorn_seconds / sol.seconds)
+        sol = solve(
+            data.X,
+            data.Y,
+            eps=s.eps,
+            regularizer="none",
+            max_iter=b.max_iter,
+            tol=b.tol,
+            patience=s.patience,
+            sinkhorn_iter=s.sinkhorn_iter,
+        )
+        out.update(
+            ours_iterations=float(sol.iterations),
+            ours_objective=sol.history[-1],
+            ours_converged=float(sol.converged),
+            ours_failed=0.0,
+            ours_foscttm=evaluate(data, sol.P, None, cfg.evaluation.knn)["foscttm"],
+            ours_s_per_iteration=sol.seconds / sol.iterations,
+            ours_sinkhorn_share=sol.sinkhorn_seconds / sol.seconds,
+        )
         if sol.converged:
             out["ours_s"] = sol.seconds
     except FloatingPointError as err:
         print(f"  ours FAILED: {err}", flush=True)
         out.update(ours_failed=1.0, ours_converged=0.0)
-    result = gromov_baseline(data.X, data.Y, "entropic_gw", eps=cfg.reproduce.gw_eps, max_iter=b.max_iter, tol=b.tol,
-                             patience=s.patience, sinkhorn_iter=s.sinkhorn_iter, T0=_gw_start(data, cfg))
+    result = gromov_baseline(
+        data.X,
+        data.Y,
+        "entropic_gw",
+        eps=cfg.reproduce.gw_eps,
+        max_iter=b.max_iter,
+        tol=b.tol,
+        patience=s.patience,
+        sinkhorn_iter=s.sinkhorn_iter,
+        T0=_gw_start(data, cfg),
+    )
     gw = _baseline_metrics(result, data, cfg.evaluation.knn, "gw_")
     out.update({k: v for k, v in gw.items() if k in {"gw_iterations", "gw_objective", "gw_converged", "gw_failed", "gw_foscttm"}})
     out["gw_s_per_iteration"] = result.seconds / max(result.iterations, 1)
@@ -170,8 +238,12 @@ def _lowrank_run(X, Y, eps: float, rank: int, iterations: int, factored: bool) -
     reset_peak_rss()
     start_rss = read_peak_rss()
     sol = solve(X, Y, eps=eps, regularizer="lowrank", rank=rank, max_iter=iterations, tol=0.0, patience=iterations + 1, factored=factored)
-    return {"s_per_iteration": sol.seconds / sol.iterations, "peak_mb": (read_peak_rss() - start_rss) / 2**20, "M": sol.M,
-            "objective": sol.history[-1]}
+    return {
+        "s_per_iteration": sol.seconds / sol.iterations,
+        "peak_mb": (read_peak_rss() - start_rss) / 2**20,
+        "M": sol.M,
+        "objective": sol.history[-1],
+    }
 
 
 def lowrank_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -184,11 +256,19 @@ def lowrank_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     out = {"n": float(n)}
     for path in ("factored", "dense"):
         if path == "dense" and 4 * n * n * 8 > b.dense_budget_gb * 2**30:  # cost, reduced cost, kernel, plan
-            print(f"  n={n}: dense path skipped (needs ≥ {4 * n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})", flush=True)
+            print(
+                f"  n={n}: dense path skipped (needs ≥ {4 * n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})",
+                flush=True,
+            )
             continue
         result = run_isolated(_lowrank_run, data.X, data.Y, cfg.solver.eps, cfg.reproduce.rank, b.lowrank_iterations, path == "factored")
-        out.update({f"{path}_s_per_iteration": result["s_per_iteration"], f"{path}_peak_mb": result["peak_mb"],
-                    f"{path}_objective": result["objective"]})
+        out.update(
+            {
+                f"{path}_s_per_iteration": result["s_per_iteration"],
+                f"{path}_peak_mb": result["peak_mb"],
+                f"{path}_objective": result["objective"],
+            }
+        )
         out[f"_{path}_M"] = result["M"]
     if "_dense_M" in out:
         out["max_abs_M_difference"] = float((out["_dense_M"] - out["_factored_M"]).abs().max())
@@ -234,7 +314,9 @@ def curves(children: list[dict], cfg: DictConfig, tracker: Tracker) -> str:
     for child in children:
         history = sorted(tracker.client.get_metric_history(child["_run_id"], "label_transfer_per_iteration"), key=lambda m: m.step)
         lam = child["solver.lam"]
-        ax.plot([m.step for m in history], [m.value for m in history], label=f"{child['solver.regularizer']}" + (f" λ={lam}" if lam else ""))
+        ax.plot(
+            [m.step for m in history], [m.value for m in history], label=f"{child['solver.regularizer']}" + (f" λ={lam}" if lam else "")
+        )
     ax.set(xlabel="outer iteration", ylabel="label transfer (5-NN)", title="scGEM: label transfer per iteration")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -249,15 +331,29 @@ def verdict(children: list[dict], cfg: DictConfig, tracker: Tracker) -> str:
     rows = []
     for n in sorted({c["bench.n"] for c in children}):
         group = [c for c in children if c["bench.n"] == n]
-        failed = [f"{who} {'failed' if c.get(who + '_failed') else 'not converged'}" for c in group for who in ("ours", "gw")
-                  if not c.get(who + "_converged")]
+        failed = [
+            f"{who} {'failed' if c.get(who + '_failed') else 'not converged'}"
+            for c in group
+            for who in ("ours", "gw")
+            if not c.get(who + "_converged")
+        ]
         speed = mean_std([c["speedup"] for c in group if "speedup" in c])[0]
         ours, theirs = (mean_std([c[k] for c in group if k in c])[0] for k in ("ours_foscttm", "gw_foscttm"))
-        rows.append({"n": n, "speed-up": speed, "FOSCTTM ours ≤ entropic GW": ours <= theirs if not math.isnan(theirs) else "–",
-                     "faster": speed > 1 if not math.isnan(speed) else "–", "failed or unconverged": ", ".join(failed) or "none"})
+        rows.append(
+            {
+                "n": n,
+                "speed-up": speed,
+                "FOSCTTM ours ≤ entropic GW": ours <= theirs if not math.isnan(theirs) else "–",
+                "faster": speed > 1 if not math.isnan(speed) else "–",
+                "failed or unconverged": ", ".join(failed) or "none",
+            }
+        )
     largest = rows[-1]
     met = all(r["faster"] is True and r["FOSCTTM ours ≤ entropic GW"] is True for r in rows) and largest["speed-up"] >= 10
-    table = markdown_table(rows, title=f"Target (faster at every n, FOSCTTM equal or better, ≥ 10× at n = {largest['n']}): "
-                                       f"{'met' if met else 'NOT met'} on these sizes")
+    table = markdown_table(
+        rows,
+        title=f"Target (faster at every n, FOSCTTM equal or better, ≥ 10× at n = {largest['n']}): "
+        f"{'met' if met else 'NOT met'} on these sizes",
+    )
     tracker.log_text(table, "tables/target.md")
     return table

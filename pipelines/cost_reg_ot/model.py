@@ -82,8 +82,7 @@ def kl_to_product(P: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
 
 def objective(X, Y, a, b, M, P, eps: float, regularizer: str, lam: float) -> float:
     """⟨C_M, P⟩ + ε KL(P‖abᵀ) + ½‖M‖² + λΩ(M)."""
-    return ((cost_matrix(X, Y, M) * P).sum().item() + eps * kl_to_product(P, a, b)
-            + 0.5 * (M**2).sum().item() + penalty(M, regularizer, lam))
+    return (cost_matrix(X, Y, M) * P).sum().item() + eps * kl_to_product(P, a, b) + 0.5 * (M**2).sum().item() + penalty(M, regularizer, lam)
 
 
 def gw_inner_product_objective(X: torch.Tensor, Y: torch.Tensor, P: torch.Tensor) -> float:
@@ -129,8 +128,7 @@ def sinkhorn(a, b, C, eps: float, warmstart=None, max_iter: int = 2000, tol: flo
     log_u, log_v = log["u"].log() + f / eps, log["v"].log() + g / eps
     if bool(torch.isfinite(P).all()) and bool(torch.isfinite(log_u).all()) and bool(torch.isfinite(log_v).all()) and float(P.sum()) > 0.5:
         return P, (log_u, log_v)
-    P, log = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=tol,
-                         warmstart=warmstart, log=True, warn=False)
+    P, log = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=tol, warmstart=warmstart, log=True, warn=False)
     return P, (log["log_u"], log["log_v"])
 
 
@@ -177,7 +175,7 @@ def cost_factors(X: torch.Tensor, Y: torch.Tensor, M: torch.Tensor, rank: int) -
 
 def _lse(F: torch.Tensor, G: torch.Tensor, w: torch.Tensor, eps: float, chunk: int) -> torch.Tensor:
     """log Σ_j exp(w_j + ⟨F_i, G_j⟩/ε) for every row i, ``chunk`` rows at a time (memory chunk × m, never n × m)."""
-    return torch.cat([torch.logsumexp(w[None, :] + F[i:i + chunk] @ G.T / eps, dim=1) for i in range(0, len(F), chunk)])
+    return torch.cat([torch.logsumexp(w[None, :] + F[i : i + chunk] @ G.T / eps, dim=1) for i in range(0, len(F), chunk)])
 
 
 def factored_sinkhorn(a, b, F, G, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6, chunk: int = 1024):
@@ -195,7 +193,7 @@ def factored_sinkhorn(a, b, F, G, eps: float, warmstart=None, max_iter: int = 20
 
 def _plan_chunks(F, G, log_u, log_v, eps: float, chunk: int):
     for i in range(0, len(F), chunk):
-        yield i, (log_u[i:i + chunk, None] + log_v[None, :] + F[i:i + chunk] @ G.T / eps).exp()
+        yield i, (log_u[i : i + chunk, None] + log_v[None, :] + F[i : i + chunk] @ G.T / eps).exp()
 
 
 def factored_plan(F, G, log_u, log_v, eps: float) -> torch.Tensor:
@@ -203,8 +201,9 @@ def factored_plan(F, G, log_u, log_v, eps: float) -> torch.Tensor:
     return (log_u[:, None] + log_v[None, :] + F @ G.T / eps).exp()
 
 
-def factored_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkhorn_iter=2000, sinkhorn_tol=1e-6,
-                  chunk: int = 1024) -> Step:
+def factored_step(
+    X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, sinkhorn_iter=2000, sinkhorn_tol=1e-6, chunk: int = 1024
+) -> Step:
     """:func:`prox_step` for the rank constraint with the factored cost: Sinkhorn, A(P) = Σ_chunks Yᵀ P_Iᵀ X_I and the
     objective in chunks of rows, so memory is O((n + m)·r + chunk·m). With log P_ij = log u_i + log v_j + ⟨M x_i, y_j⟩/ε
     (M the map P was solved for) and r, c the marginals of P: ε KL(P‖abᵀ) = ε(⟨r, log u − log a⟩ + ⟨c, log v − log b⟩
@@ -215,8 +214,8 @@ def factored_step(X, Y, a, b, M, eps, regularizer, lam, rank, warmstart=None, si
     seconds = time.perf_counter() - start
     A, rows, cols = torch.zeros_like(M), torch.zeros_like(a), torch.zeros_like(b)
     for i, P in _plan_chunks(F, G, log_u, log_v, eps, chunk):
-        A += Y.T @ (P.T @ X[i:i + chunk])
-        rows[i:i + chunk], cols = P.sum(1), cols + P.sum(0)
+        A += Y.T @ (P.T @ X[i : i + chunk])
+        rows[i : i + chunk], cols = P.sum(1), cols + P.sum(0)
     new = prox(A, regularizer, lam, rank)
     kl = eps * (float(rows @ (log_u - a.log())) + float(cols @ (log_v - b.log())) - float(rows.sum()) + 1) + float((M * A).sum())
     value = -float((new * A).sum()) + kl + 0.5 * float((new**2).sum()) + penalty(new, regularizer, lam)
@@ -229,9 +228,24 @@ def final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter=2000, sinkhorn_tol=
     return sinkhorn(a, b, cost_matrix(X, Y, M), eps, potentials, sinkhorn_iter, sinkhorn_tol)
 
 
-def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", lam: float = 0.0, rank: int = 2,
-          max_iter: int = 100, tol: float = 1e-5, patience: int = 3, M0=None, sinkhorn_iter: int = 2000,
-          sinkhorn_tol: float = 1e-6, on_iteration=None, factored: bool = False) -> Solution:
+def solve(
+    X,
+    Y,
+    a=None,
+    b=None,
+    eps: float = 0.05,
+    regularizer: str = "none",
+    lam: float = 0.0,
+    rank: int = 2,
+    max_iter: int = 100,
+    tol: float = 1e-5,
+    patience: int = 3,
+    M0=None,
+    sinkhorn_iter: int = 2000,
+    sinkhorn_tol: float = 1e-6,
+    on_iteration=None,
+    factored: bool = False,
+) -> Solution:
     """The alternating proximal scheme, stopped when the objective's relative change stays below
     ``tol`` for ``patience`` iterations (as the reference code does) or after ``max_iter``.
     ``on_iteration(M, P)``, if given, sees every iterate (convergence curves). ``factored`` (rank constraint
@@ -258,12 +272,26 @@ def solve(X, Y, a=None, b=None, eps: float = 0.05, regularizer: str = "none", la
         P, potentials = None, factored_sinkhorn(a, b, *cost_factors(X, Y, M, rank), eps, potentials, sinkhorn_iter, sinkhorn_tol)
     else:
         P, potentials = final_plan(X, Y, a, b, M, eps, potentials, sinkhorn_iter, sinkhorn_tol)
-    return Solution(M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience, sinkhorn_seconds,
-                    potentials[0])
+    return Solution(
+        M, P, potentials[1], eps, history, iteration, time.perf_counter() - start, calm >= patience, sinkhorn_seconds, potentials[0]
+    )
 
 
-def stochastic_step(X, Y, M, eps: float, regularizer: str, lam: float, rank: int, fused: float, batch_size: int,
-                    step_size: float, generator: torch.Generator, Xs=None, Ys=None) -> torch.Tensor:
+def stochastic_step(
+    X,
+    Y,
+    M,
+    eps: float,
+    regularizer: str,
+    lam: float,
+    rank: int,
+    fused: float,
+    batch_size: int,
+    step_size: float,
+    generator: torch.Generator,
+    Xs=None,
+    Ys=None,
+) -> torch.Tensor:
     """One step of the stochastic fused variant (for inputs too large for full Sinkhorn).
 
     Draw a minibatch from each side, solve entropic OT on the fused minibatch cost
@@ -300,6 +328,7 @@ def barycentric_projection(P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 class BaselineResult:
     """A POT baseline's coupling and how it ended. ``failed`` holds the reason (a POT warning, a
     non-finite or non-transport plan); a failed run has no time to tolerance."""
+
     P: torch.Tensor
     seconds: float
     iterations: int
@@ -308,8 +337,19 @@ class BaselineResult:
     failed: str = ""
 
 
-def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-6, patience: int = 3,
-                sinkhorn_iter: int = 2000, sinkhorn_tol: float = 1e-6, T0=None) -> tuple[torch.Tensor, int, float, bool]:
+def entropic_gw(
+    C1,
+    C2,
+    a,
+    b,
+    eps: float,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    patience: int = 3,
+    sinkhorn_iter: int = 2000,
+    sinkhorn_tol: float = 1e-6,
+    T0=None,
+) -> tuple[torch.Tensor, int, float, bool]:
     """POT's entropic GW (projected gradient, Peyré et al. 2016) with its log-domain Sinkhorn inside.
 
     T ← sinkhorn_log(p, q, ∇GW(T) = 2·tens(T), ε), warm-started from the previous potentials, from T0 (POT's
@@ -326,8 +366,9 @@ def entropic_gw(C1, C2, a, b, eps: float, max_iter: int = 1000, tol: float = 1e-
     potentials, previous, calm, value = None, None, 0, math.nan
     for iteration in range(1, max_iter + 1):
         gradient = ot.gromov.gwggrad(constC, hC1, hC2, T)
-        T, log = ot.sinkhorn(a, b, gradient, eps, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=sinkhorn_tol,
-                             warmstart=potentials, log=True)
+        T, log = ot.sinkhorn(
+            a, b, gradient, eps, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=sinkhorn_tol, warmstart=potentials, log=True
+        )
         potentials = (log["log_u"], log["log_v"])
         value = float(ot.gromov.gwloss(constC, hC1, hC2, T)) + eps * kl_to_product(T, a, b)
         if not math.isfinite(value):
@@ -347,8 +388,20 @@ def _gw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
 def _fgw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
     if shared is None:
         raise ValueError("fused GW needs features shared by both sides")
-    P, log = ot.gromov.fused_gromov_wasserstein(torch.cdist(shared[0], shared[1]) ** 2, C1, C2, a, b, "square_loss", alpha=0.5,
-                                                G0=T0, log=True, max_iter=max_iter, tol_rel=tol, tol_abs=tol)
+    P, log = ot.gromov.fused_gromov_wasserstein(
+        torch.cdist(shared[0], shared[1]) ** 2,
+        C1,
+        C2,
+        a,
+        b,
+        "square_loss",
+        alpha=0.5,
+        G0=T0,
+        log=True,
+        max_iter=max_iter,
+        tol_rel=tol,
+        tol_abs=tol,
+    )
     return P, len(log["loss"]), float(log["fgw_dist"]), len(log["loss"]) < max_iter
 
 
@@ -359,8 +412,18 @@ def _egw(C1, C2, a, b, eps, shared, max_iter, tol, patience, sinkhorn_iter, T0):
 BASELINES = {"gw": _gw, "entropic_gw": _egw, "fgw": _fgw}
 
 
-def gromov_baseline(X, Y, method: str, eps: float = 0.005, shared=None, max_iter: int = 1000, tol: float = 1e-6,
-                    patience: int = 3, sinkhorn_iter: int = 2000, T0=None) -> BaselineResult:
+def gromov_baseline(
+    X,
+    Y,
+    method: str,
+    eps: float = 0.005,
+    shared=None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    patience: int = 3,
+    sinkhorn_iter: int = 2000,
+    T0=None,
+) -> BaselineResult:
     """POT's GW / entropic GW (one ε, as given: untuned) / fused GW (α = 0.5) with inner-product similarities.
 
     Every warning POT raises inside (Sinkhorn numerical errors or no convergence, "Solver failed to

@@ -56,8 +56,10 @@ def support_recovery(found: torch.Tensor, true: torch.Tensor) -> tuple[float, fl
 
 def evaluate(data: PairedData, P: torch.Tensor, M: torch.Tensor | None, k: int) -> dict[str, float]:
     projected = barycentric_projection(P, data.Y)
-    metrics = {"foscttm": foscttm(projected, data.Y),
-               "label_transfer": label_transfer_accuracy(projected, data.x_labels, data.Y, data.y_labels, k)}
+    metrics = {
+        "foscttm": foscttm(projected, data.Y),
+        "label_transfer": label_transfer_accuracy(projected, data.x_labels, data.Y, data.y_labels, k),
+    }
     if M is not None:
         metrics["zero_fraction"] = float((M.abs() <= 1e-12).double().mean())
         if data.true_map is not None:
@@ -120,11 +122,22 @@ class CostRegOTModule(pl.LightningModule):
         if shared is None and X.shape[1] == Y.shape[1]:
             shared = (X, Y)  # the same feature space on both sides
         if (s.method == "fgw" or (s.method == "stochastic" and s.fused > 0)) and shared is None:
-            raise ConfigError(f"solver.method={s.method}{' with solver.fused > 0' if s.method == 'stochastic' else ''} needs features "
-                              f"both sides measure: give data.x_shared and data.y_shared (X has {X.shape[1]} columns, Y {Y.shape[1]})")
+            raise ConfigError(
+                f"solver.method={s.method}{' with solver.fused > 0' if s.method == 'stochastic' else ''} needs features "
+                f"both sides measure: give data.x_shared and data.y_shared (X has {X.shape[1]} columns, Y {Y.shape[1]})"
+            )
         if s.method in {"gw", "entropic_gw", "fgw"}:
-            result = gromov_baseline(X, Y, s.method, s.eps, shared=shared if s.method == "fgw" else None, max_iter=s.max_iter,
-                                     tol=s.tol, patience=s.patience, sinkhorn_iter=s.sinkhorn_iter)
+            result = gromov_baseline(
+                X,
+                Y,
+                s.method,
+                s.eps,
+                shared=shared if s.method == "fgw" else None,
+                max_iter=s.max_iter,
+                tol=s.tol,
+                patience=s.patience,
+                sinkhorn_iter=s.sinkhorn_iter,
+            )
             if result.failed:
                 raise FloatingPointError(f"{s.method} failed: {result.failed}")
             self.P = result.P
@@ -134,8 +147,20 @@ class CostRegOTModule(pl.LightningModule):
             return self._finish(batch)
         if s.method == "stochastic":
             generator = torch.Generator().manual_seed(self.cfg.seed * 100_003 + batch_idx)
-            self.M = stochastic_step(X, Y, self.M, s.eps, s.regularizer, s.lam, s.rank, s.fused, s.batch_size,
-                                     s.step_size, generator, *(shared if s.fused > 0 else (None, None)))
+            self.M = stochastic_step(
+                X,
+                Y,
+                self.M,
+                s.eps,
+                s.regularizer,
+                s.lam,
+                s.rank,
+                s.fused,
+                s.batch_size,
+                s.step_size,
+                generator,
+                *(shared if s.fused > 0 else (None, None)),
+            )
             self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter)
             value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
         else:  # the step model.solve takes, so both give the same (M, P) (tested)

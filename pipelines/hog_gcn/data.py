@@ -180,7 +180,11 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
         except KeyError as err:
             raise _fail(path, f"lacks the array {err}; a split file holds train_mask, val_mask, test_mask") from None
         except Exception as err:  # not a zip, truncated, pickled objects …
-            reason = "it holds pickled objects, not arrays" if "pickle" in str(err) else f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+            reason = (
+                "it holds pickled objects, not arrays"
+                if "pickle" in str(err)
+                else f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
+            )
             raise _fail(path, f"is not a readable .npz split file ({reason})") from None
         for key, mask in arrays.items():
             if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
@@ -191,10 +195,21 @@ class _ArraysOnly(pickle.Unpickler):
     """Unpickles numpy arrays, scipy sparse matrices and plain containers only: Planetoid's files are pickles, and a
     pickle from a user's folder could otherwise run code when PyG loads it."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-               ("collections", "defaultdict"), ("builtins", "list"), ("builtins", "set"), ("builtins", "dict"),
-               ("scipy.sparse.csr", "csr_matrix"), ("scipy.sparse._csr", "csr_matrix"), ("scipy.sparse._csr", "csr_array")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("collections", "defaultdict"),
+        ("builtins", "list"),
+        ("builtins", "set"),
+        ("builtins", "dict"),
+        ("scipy.sparse.csr", "csr_matrix"),
+        ("scipy.sparse._csr", "csr_matrix"),
+        ("scipy.sparse._csr", "csr_array"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:

@@ -50,10 +50,22 @@ def claims(children: list[dict], cfg: DictConfig, tracker: Tracker | None) -> st
     low, high = hs[0], hs[-1]
     hog_low, gcn_low = acc("hog_gcn", low), acc("gcn", low)
     best_high = max(acc(m, high)[0] for m in models)
-    rows = [{"claim": "HOG-GCN beats GCN at the lowest homophily", "h": low, "HOG-GCN": f"{hog_low[0]:.1f}", "other": f"GCN {gcn_low[0]:.1f} ± {gcn_low[1]:.1f}",
-             "holds": hog_low[0] > gcn_low[0] + gcn_low[1]},
-            {"claim": "HOG-GCN within 2 points of the best at the highest homophily", "h": high, "HOG-GCN": f"{acc('hog_gcn', high)[0]:.1f}",
-             "other": f"best {best_high:.1f}", "holds": acc("hog_gcn", high)[0] >= best_high - 2}]
+    rows = [
+        {
+            "claim": "HOG-GCN beats GCN at the lowest homophily",
+            "h": low,
+            "HOG-GCN": f"{hog_low[0]:.1f}",
+            "other": f"GCN {gcn_low[0]:.1f} ± {gcn_low[1]:.1f}",
+            "holds": hog_low[0] > gcn_low[0] + gcn_low[1],
+        },
+        {
+            "claim": "HOG-GCN within 2 points of the best at the highest homophily",
+            "h": high,
+            "HOG-GCN": f"{acc('hog_gcn', high)[0]:.1f}",
+            "other": f"best {best_high:.1f}",
+            "holds": acc("hog_gcn", high)[0] >= best_high - 2,
+        },
+    ]
     table = markdown_table(rows, title="The paper's claim on the sweep")
     if tracker is not None:
         tracker.log_text(table, "tables/claims.md")
@@ -100,8 +112,13 @@ def _time_epochs_here(cfg: DictConfig, graph, device: torch.device, epochs: int)
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     support = getattr(model, "support_edges", graph.edge_index.shape[1] + graph.num_nodes)
-    return {"epoch s": statistics.median(times[1:]), "build s": build, "peak MB": _peak_mb(device),
-            "peak above start MB": _peak_mb(device) - baseline, "edges used": support}
+    return {
+        "epoch s": statistics.median(times[1:]),
+        "build s": build,
+        "peak MB": _peak_mb(device),
+        "peak above start MB": _peak_mb(device) - baseline,
+        "edges used": support,
+    }
 
 
 def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -115,13 +132,22 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     graph.train_mask, graph.val_mask, graph.test_mask = (graph[k][:, 0] for k in ("train_mask", "val_mask", "test_mask"))
     graph = graph.to(device)
     out: dict[str, float] = {}
-    variants = {"gcn": {"model.name": "gcn"}, "hog_sparse": {"model.name": "hog_gcn"}, "hog_dense": {"model.name": "hog_gcn", "model.hog.dense": True}}
+    variants = {
+        "gcn": {"model.name": "gcn"},
+        "hog_sparse": {"model.name": "hog_gcn"},
+        "hog_dense": {"model.name": "hog_gcn", "model.hog.dense": True},
+    }
     for name, values in variants.items():
         if name == "hog_dense" and dense_bytes(n, 2) > b.dense_budget_gb * 2**30:
-            print(f"n={n}: dense HOG-GCN skipped (needs ≥ {dense_bytes(n, 2) / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})", flush=True)
+            print(
+                f"n={n}: dense HOG-GCN skipped (needs ≥ {dense_bytes(n, 2) / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})",
+                flush=True,
+            )
             continue
         result = _time_epochs(with_values(base, values), graph, device, b.epochs)
-        out.update({f"{name}_epoch_s": result["epoch s"], f"{name}_peak_mb": result["peak above start MB"], f"{name}_build_s": result["build s"]})
+        out.update(
+            {f"{name}_epoch_s": result["epoch s"], f"{name}_peak_mb": result["peak above start MB"], f"{name}_build_s": result["build s"]}
+        )
         if name != "gcn":
             out[f"{name}_x_gcn_time"] = result["epoch s"] / out["gcn_epoch_s"]
             out[f"{name}_x_gcn_memory"] = result["peak above start MB"] / max(out["gcn_peak_mb"], 1e-9)
@@ -160,5 +186,9 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
         pl.Trainer(**kwargs, callbacks=[clock]).fit(HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
         if _ > 0:
             hand, lightning = min(hand, hand_s), min(lightning, clock.seconds)
-    return {"hand_steps_per_s": epochs / hand, "lightning_steps_per_s": epochs / lightning, "lightning_over_hand": hand / lightning,
-            "torch_threads": float(torch.get_num_threads())}
+    return {
+        "hand_steps_per_s": epochs / hand,
+        "lightning_steps_per_s": epochs / lightning,
+        "lightning_over_hand": hand / lightning,
+        "torch_threads": float(torch.get_num_threads()),
+    }

@@ -183,9 +183,22 @@ class HOGGCN(SparseModule):
     ``dense=True`` computes the same with n×n matrices, as the reference code does (for parity checks).
     """
 
-    def __init__(self, features: int, classes: int, edge_index: torch.Tensor, n: int, hidden: list[int], mlp_hidden: int,
-                 hops: int = 2, alpha: float = 1.0, beta: float = 0.1, mu: float = 1.0, dropout: float = 0.5,
-                 lp_labels: str = "train", dense: bool = False):
+    def __init__(
+        self,
+        features: int,
+        classes: int,
+        edge_index: torch.Tensor,
+        n: int,
+        hidden: list[int],
+        mlp_hidden: int,
+        hops: int = 2,
+        alpha: float = 1.0,
+        beta: float = 0.1,
+        mu: float = 1.0,
+        dropout: float = 0.5,
+        lp_labels: str = "train",
+        dense: bool = False,
+    ):
         super().__init__()
         if lp_labels not in ("train", "pseudo"):
             raise ConfigError(f"model.hog.lp_labels must be train or pseudo, got '{lp_labels}'")
@@ -247,7 +260,9 @@ class HOGGCN(SparseModule):
 class MLP(nn.Module):
     def __init__(self, features, classes, hidden, dropout):
         super().__init__()
-        self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+        self.net = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes)
+        )
 
     def forward(self, x, label_input=None):
         return {"logits": self.net(x)}
@@ -275,8 +290,9 @@ class GAT(nn.Module):
 
         self.register_buffer("edge_index", edge_index)
         per_head = max(hidden // heads, 1)
-        self.convs = nn.ModuleList([GATConv(features, per_head, heads=heads, dropout=dropout),
-                                    GATConv(per_head * heads, classes, heads=1, dropout=dropout)])
+        self.convs = nn.ModuleList(
+            [GATConv(features, per_head, heads=heads, dropout=dropout), GATConv(per_head * heads, classes, heads=1, dropout=dropout)]
+        )
         self.dropout = dropout
 
     def forward(self, x, label_input=None):
@@ -293,7 +309,9 @@ class GPRGNN(SparseModule):
         index = add_self_loops_pattern(edge_index, n)
         self.pattern = Pattern(index[0], index[1], n)
         self.register_buffer("norm", sym_norm_values(self.pattern))
-        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+        self.mlp = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes)
+        )
         gamma = alpha * (1 - alpha) ** torch.arange(K + 1, dtype=torch.float)
         gamma[-1] = (1 - alpha) ** K
         self.gamma = nn.Parameter(gamma)
@@ -343,8 +361,9 @@ def build_model(model_cfg, features: int, classes: int, edge_index: torch.Tensor
         raise ConfigError(f"unknown model.name '{m.name}'; valid: {', '.join(MODELS)}")
     if m.name == "hog_gcn":
         h = m.hog
-        return HOGGCN(features, classes, edge_index, n, list(h.hidden), h.mlp_hidden, h.hops, h.alpha, h.beta, h.mu,
-                      m.dropout, h.lp_labels, h.dense)
+        return HOGGCN(
+            features, classes, edge_index, n, list(h.hidden), h.mlp_hidden, h.hops, h.alpha, h.beta, h.mu, m.dropout, h.lp_labels, h.dense
+        )
     if m.name == "mlp":
         return MLP(features, classes, m.hidden, m.dropout)
     if m.name == "gcn":
@@ -370,4 +389,3 @@ def loss_terms(out: dict, y: torch.Tensor, train_mask: torch.Tensor, lp_target: 
         # the reference code scores propagated label mass with log_softmax; rows with no mass give the uniform guess
         terms["lp"] = F.nll_loss(F.log_softmax(out["lp"][lp_target], -1), y[lp_target])
     return terms
-

@@ -80,8 +80,10 @@ def accuracies(model, graph: Data) -> dict[str, float]:
     model.eval()
     predicted = model(graph.x)["logits"].argmax(-1)
     model.train(was_training)
-    return {f"{split}_acc": float((predicted[graph[f"{split}_mask"]] == graph.y[graph[f"{split}_mask"]]).float().mean())
-            for split in ("train", "val", "test")}
+    return {
+        f"{split}_acc": float((predicted[graph[f"{split}_mask"]] == graph.y[graph[f"{split}_mask"]]).float().mean())
+        for split in ("train", "val", "test")
+    }
 
 
 def optimizer(cfg: DictConfig, model) -> torch.optim.Optimizer:
@@ -158,7 +160,9 @@ class HogGCNModule(pl.LightningModule):
         # trainer.log_every_n_steps epochs (Lightning's own knob) and the last; the best is tracked every epoch
         epoch, trainer = self.current_epoch + 1, self.trainer
         if epoch % trainer.log_every_n_steps == 0 or epoch == trainer.max_epochs or trainer.should_stop:
-            self.log_dict({**metrics, **self.best, "best_val_acc": self.best_val}, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+            self.log_dict(
+                {**metrics, **self.best, "best_val_acc": self.best_val}, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
+            )
 
     def configure_optimizers(self):
         return optimizer(self.cfg, self.model)

@@ -37,14 +37,28 @@ def sic_tail_probability(k: int, m: int, snr: float, threshold: float, residual:
     a = np.eye(m) - coupling
     c = np.ones(m) @ np.linalg.inv(a)
     total = c.sum()
-    log_p = (math.lgamma(k + 1) - math.lgamma(k - m + 1) - (threshold / snr) * total
-             - (k - m) * math.log1p(threshold * total) - math.log(np.linalg.det(a)) - np.log(c).sum())
+    log_p = (
+        math.lgamma(k + 1)
+        - math.lgamma(k - m + 1)
+        - (threshold / snr) * total
+        - (k - m) * math.log1p(threshold * total)
+        - math.log(np.linalg.det(a))
+        - np.log(c).sum()
+    )
     return math.exp(log_p)
 
 
 @lru_cache(maxsize=256)
-def decoding_table(scheme: str, max_k: int, snr: float, threshold: float, residual: float = 0.0,
-                   max_stages: int | None = None, mc_draws: int = 200_000, seed: int = 0) -> tuple[tuple[float, ...], bool]:
+def decoding_table(
+    scheme: str,
+    max_k: int,
+    snr: float,
+    threshold: float,
+    residual: float = 0.0,
+    max_stages: int | None = None,
+    mc_draws: int = 200_000,
+    seed: int = 0,
+) -> tuple[tuple[float, ...], bool]:
     """(E[D_k] for k = 0 … max_k, exact?) for one receiver.
 
     Exact: ALOHA (Eq. 2), capture (Eq. 3, linearity of expectation holds for every γ), SIC with γ ≥ 1
@@ -58,8 +72,9 @@ def decoding_table(scheme: str, max_k: int, snr: float, threshold: float, residu
         raise ValueError(f"unknown scheme {scheme!r}")
     stages = max_stages or max_k
     if threshold >= 1:
-        return tuple(sum(sic_tail_probability(k, m, snr, threshold, residual) for m in range(1, min(k, stages) + 1))
-                     for k in range(max_k + 1)), True
+        return tuple(
+            sum(sic_tail_probability(k, m, snr, threshold, residual) for m in range(1, min(k, stages) + 1)) for k in range(max_k + 1)
+        ), True
     import torch
 
     from pipelines.iiot_sic_aloha.model import decode
@@ -147,6 +162,7 @@ def threshold_aloha_mean_field(scenario: Scenario, iterations: int = 500) -> dic
 
 def best_transmit_probability(scenario: Scenario, scheme: str, grid: int = 101) -> tuple[float, float]:
     """p ∈ (0, 1] minimising the analytical mean AoI (refined by a golden-section search)."""
+
     def aoi(p: float) -> float:
         return analyze(scenario.with_(transmit_prob=p), scheme)["mean_aoi"]
 
@@ -164,6 +180,12 @@ def best_transmit_probability(scenario: Scenario, scheme: str, grid: int = 101) 
 
 def best_age_threshold(scenario: Scenario, thresholds: list[int], taus: list[float]) -> tuple[int, float, float]:
     """(Γ, τ, mean AoI) minimising the mean-field mean AoI of threshold ALOHA over a grid."""
-    best = min(((g, t, threshold_aloha_mean_field(scenario.with_(age_threshold=g, threshold_tx_prob=t))["mean_aoi"])
-                for g in thresholds for t in taus), key=lambda item: item[2])
+    best = min(
+        (
+            (g, t, threshold_aloha_mean_field(scenario.with_(age_threshold=g, threshold_tx_prob=t))["mean_aoi"])
+            for g in thresholds
+            for t in taus
+        ),
+        key=lambda item: item[2],
+    )
     return best

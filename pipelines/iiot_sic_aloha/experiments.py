@@ -23,11 +23,19 @@ from pipelines.iiot_sic_aloha.reference import simulate_reference
 # the sweep's axes (a child has exactly one of them in its point) and the variants compared at every point:
 # label → (scheme, ε is the imperfect one)
 AXES = {"sim.num_nodes": "number of nodes N", "sim.event_prob": "event-generation probability q", "sim.snr_db": "mean SNR ρ (dB)"}
-VARIANTS = {"slotted ALOHA": ("aloha", False), "capture, no SIC": ("capture", False), "SIC, perfect CSI": ("sic", False),
-            "SIC, imperfect CSI": ("sic", True), "threshold ALOHA": ("threshold_aloha", False)}
+VARIANTS = {
+    "slotted ALOHA": ("aloha", False),
+    "capture, no SIC": ("capture", False),
+    "SIC, perfect CSI": ("sic", False),
+    "SIC, imperfect CSI": ("sic", True),
+    "threshold ALOHA": ("threshold_aloha", False),
+}
 METRICS = ("mean_aoi", "throughput", "p_age_violation", "p_report_violation")
-PLOTTED = (("mean_aoi", "average AoI (slots)", "log"), ("throughput", "throughput (packets/slot)", "linear"),
-           ("p_age_violation", "P(Δ > D)", "linear"))
+PLOTTED = (
+    ("mean_aoi", "average AoI (slots)", "log"),
+    ("throughput", "throughput (packets/slot)", "linear"),
+    ("p_age_violation", "P(Δ > D)", "linear"),
+)
 
 
 def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -50,8 +58,14 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     threads = min(cfg.sim.streams, torch.get_num_threads()) if device == "cpu" else 0
     if tracker is not None:
         tracker.set_tags({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
-    return {"reference_node_slots_per_s": reference_rate, "vectorized_node_slots_per_s": vector_rate, "speedup": vector_rate / reference_rate,
-            "nodes": float(scenario.num_nodes), "streams": float(cfg.sim.streams), "threads": float(threads)}
+    return {
+        "reference_node_slots_per_s": reference_rate,
+        "vectorized_node_slots_per_s": vector_rate,
+        "speedup": vector_rate / reference_rate,
+        "nodes": float(scenario.num_nodes),
+        "streams": float(cfg.sim.streams),
+        "threads": float(threads),
+    }
 
 
 def _points(children: list[dict], residual: float) -> list[dict]:
@@ -77,19 +91,32 @@ def _claim_rows(points: list[dict]) -> list[dict]:
     for sic in ("SIC, perfect CSI", "SIC, imperfect CSI"):
         for other in ("slotted ALOHA", "threshold ALOHA"):
             pairs = [(at[(*k, sic)], at[(*k, other)]) for k in keys if (*k, sic) in at and (*k, other) in at]
-            wins = {"better AoI": sum(a["mean_aoi"][0] < b["mean_aoi"][0] for a, b in pairs),
-                    "better throughput": sum(a["throughput"][0] > b["throughput"][0] for a, b in pairs),
-                    "better P(Δ > D)": sum(a["p_age_violation"][0] < b["p_age_violation"][0] for a, b in pairs)}
-            out.append({"SIC variant": sic, "vs": other, **{k: f"{v}/{len(pairs)}" for k, v in wins.items()},
-                        "holds everywhere": bool(pairs) and all(v == len(pairs) for v in wins.values())})
+            wins = {
+                "better AoI": sum(a["mean_aoi"][0] < b["mean_aoi"][0] for a, b in pairs),
+                "better throughput": sum(a["throughput"][0] > b["throughput"][0] for a, b in pairs),
+                "better P(Δ > D)": sum(a["p_age_violation"][0] < b["p_age_violation"][0] for a, b in pairs),
+            }
+            out.append(
+                {
+                    "SIC variant": sic,
+                    "vs": other,
+                    **{k: f"{v}/{len(pairs)}" for k, v in wins.items()},
+                    "holds everywhere": bool(pairs) and all(v == len(pairs) for v in wins.values()),
+                }
+            )
     return out
 
 
 def _agreement_rows(points: list[dict]) -> list[dict]:
     out = []
     for kind, exact in (("exact", True), ("mean-field (threshold ALOHA)", False)):
-        checks = [abs(sim - analysis) <= half for p in points if p["exact"] == exact
-                  for sim, half, analysis in (p[m] for m in METRICS) if np.isfinite(half)]
+        checks = [
+            abs(sim - analysis) <= half
+            for p in points
+            if p["exact"] == exact
+            for sim, half, analysis in (p[m] for m in METRICS)
+            if np.isfinite(half)
+        ]
         if checks:
             out.append({"analysis": kind, "comparisons": len(checks), "inside CI": sum(checks), "fraction": sum(checks) / len(checks)})
     return out
@@ -106,13 +133,20 @@ def _figure(points: list[dict], cfg: DictConfig, residual: float):
             for label in VARIANTS:
                 pts = sorted((p for p in points if p["axis"] == axis and p["variant"] == label), key=lambda p: p["value"])
                 x = [p["value"] for p in pts]
-                ax.plot(x, [p[metric][2] for p in pts], color=colors[label], label=label, linestyle="-" if pts and pts[0]["exact"] else "--")
-                ax.errorbar(x, [p[metric][0] for p in pts], yerr=[p[metric][1] for p in pts], fmt="o", color=colors[label], markersize=4, capsize=2)
+                ax.plot(
+                    x, [p[metric][2] for p in pts], color=colors[label], label=label, linestyle="-" if pts and pts[0]["exact"] else "--"
+                )
+                ax.errorbar(
+                    x, [p[metric][0] for p in pts], yerr=[p[metric][1] for p in pts], fmt="o", color=colors[label], markersize=4, capsize=2
+                )
             ax.set(xlabel=AXES[axis], ylabel=ylabel, yscale=scale)
             ax.grid(alpha=0.3)
     grid[0][0].legend(fontsize=8)
-    fig.suptitle(f"SIC-aided slotted ALOHA (γ={cfg.sim.threshold}, D={cfg.sim.deadline}, imperfect CSI ε={residual}): "
-                 "lines analysis (dashed: mean-field), markers simulation ± CI", fontsize=11)
+    fig.suptitle(
+        f"SIC-aided slotted ALOHA (γ={cfg.sim.threshold}, D={cfg.sim.deadline}, imperfect CSI ε={residual}): "
+        "lines analysis (dashed: mean-field), markers simulation ± CI",
+        fontsize=11,
+    )
     fig.tight_layout()
     return fig
 
@@ -123,9 +157,14 @@ def claims(children: list[dict], cfg: DictConfig, tracker: Tracker | None) -> st
     residual = float(cfg.reproduce.imperfect_csi_residual)
     points = _points(children, residual)
     confidence = round(100 * cfg.sim.confidence)
-    claim = markdown_table(_claim_rows(points), title="Paper's claim: SIC improves AoI, throughput and deadline violation "
-                                                      "over slotted ALOHA and threshold ALOHA (simulation means)")
-    agreement = markdown_table(_agreement_rows(points), title=f"Analysis inside the simulation's {confidence}% CI (4 metrics per point and variant)")
+    claim = markdown_table(
+        _claim_rows(points),
+        title="Paper's claim: SIC improves AoI, throughput and deadline violation "
+        "over slotted ALOHA and threshold ALOHA (simulation means)",
+    )
+    agreement = markdown_table(
+        _agreement_rows(points), title=f"Analysis inside the simulation's {confidence}% CI (4 metrics per point and variant)"
+    )
     parts = [claim, agreement]
     if tracker is not None:
         tracker.log_text(claim, "tables/claims.md")

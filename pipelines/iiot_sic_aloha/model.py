@@ -123,8 +123,17 @@ def simulate(
     return SimulationResult(per_replication, per_node_aoi, slots)
 
 
-def _simulate_stream(scenario: Scenario, scheme: str, slots: int, R: int, warmup: int, chunk_slots: int, seed: int,
-                     device: torch.device, progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+def _simulate_stream(
+    scenario: Scenario,
+    scheme: str,
+    slots: int,
+    R: int,
+    warmup: int,
+    chunk_slots: int,
+    seed: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None,
+) -> dict[str, np.ndarray]:
     """One stream: R replications chunk by chunk; per (replication, node) sums over the measured slots."""
     stream = RandomStream(seed, device)
     N = scenario.num_nodes
@@ -133,7 +142,9 @@ def _simulate_stream(scenario: Scenario, scheme: str, slots: int, R: int, warmup
     if scheme == "threshold_aloha":
         # spread initial ages over [1, 2.7N]: synchronised ages push threshold ALOHA into its congested state
         age = stream.integers(1, max(2, int(2.7 * N)), (R, N))
-    acc = {name: torch.zeros(R, N, dtype=torch.float64, device=device) for name in ("age_sum", "over", "deliveries", "peak_sum", "generated")}
+    acc = {
+        name: torch.zeros(R, N, dtype=torch.float64, device=device) for name in ("age_sum", "over", "deliveries", "peak_sum", "generated")
+    }
     done = -warmup
     while done < slots:
         size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
@@ -237,8 +248,9 @@ def _triangle(n: torch.Tensor) -> torch.Tensor:
     return n * (n + 1) * 0.5
 
 
-def _chunk_stats(node: torch.Tensor, slot: torch.Tensor, delivered: torch.Tensor, age: torch.Tensor, size: int, deadline: int,
-                 generated: torch.Tensor):
+def _chunk_stats(
+    node: torch.Tensor, slot: torch.Tensor, delivered: torch.Tensor, age: torch.Tensor, size: int, deadline: int, generated: torch.Tensor
+):
     """(age after the chunk, per-node statistics) from the transmissions, in (node, slot) order, that delivered.
 
     A delivery at e closes the interval begun at the node's previous delivery L; the ages in it run
@@ -275,9 +287,13 @@ def _chunk_stats(node: torch.Tensor, slot: torch.Tensor, delivered: torch.Tensor
     over += (open_gap - deadline).clamp_(min=0).minimum(size - last.clamp(min=0))
     deliveries = torch.zeros_like(start)
     deliveries[owners] = (tails - heads + 1).double()
-    stats = {"age_sum": age_sum, "over": over, "deliveries": deliveries,
-             "peak_sum": last - start,  # Σ of the ages just before each reset: the gaps telescope
-             "generated": generated}
+    stats = {
+        "age_sum": age_sum,
+        "over": over,
+        "deliveries": deliveries,
+        "peak_sum": last - start,  # Σ of the ages just before each reset: the gaps telescope
+        "generated": generated,
+    }
     return (size - last).to(torch.int32).view(R, N), {k: v.view(R, N) for k, v in stats.items()}
 
 

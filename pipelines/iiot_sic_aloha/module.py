@@ -24,19 +24,26 @@ def run_simulation(cfg: DictConfig, scenario: Scenario, scheme: str, slots: int,
     """The vectorized simulator with a progress bar, on the configured device."""
     device = resolve_accelerator(str(cfg.trainer.accelerator))
     with tqdm(total=slots, desc=scheme, unit="slot", leave=False, disable=not cfg.trainer.enable_progress_bar) as bar:
-        return simulate(scenario, scheme, slots, replications, cfg.sim.warmup, cfg.sim.chunk_slots, seed, device, bar.update,
-                        cfg.sim.streams)
+        return simulate(
+            scenario, scheme, slots, replications, cfg.sim.warmup, cfg.sim.chunk_slots, seed, device, bar.update, cfg.sim.streams
+        )
 
 
 def comparison_rows(scheme: str, analysis: dict, result: SimulationResult, confidence: float) -> list[dict]:
     rows = []
     for metric, (mean, half) in result.summary(confidence).items():
         exact = analysis[metric]
-        rows.append({
-            "scheme": LABELS[scheme], "metric": metric, "simulation": mean, f"±{int(confidence * 100)}% CI": half,
-            "analysis": exact, "inside CI": bool(abs(mean - exact) <= half) if np.isfinite(half) else None,
-            "analysis kind": "exact" if analysis["exact"] else ("mean-field" if scheme == "threshold_aloha" else "Monte Carlo table"),
-        })
+        rows.append(
+            {
+                "scheme": LABELS[scheme],
+                "metric": metric,
+                "simulation": mean,
+                f"±{int(confidence * 100)}% CI": half,
+                "analysis": exact,
+                "inside CI": bool(abs(mean - exact) <= half) if np.isfinite(half) else None,
+                "analysis kind": "exact" if analysis["exact"] else ("mean-field" if scheme == "threshold_aloha" else "Monte Carlo table"),
+            }
+        )
     return rows
 
 
@@ -49,12 +56,24 @@ def tuning_rows(scenario: Scenario, schemes: list[str], tune: DictConfig) -> lis
             gammas = sorted({max(1, round(f * n)) for f in tune.age_threshold_factors})
             taus = sorted({min(1.0, f / n) for f in tune.tx_prob_factors})
             g, tau, aoi = best_age_threshold(scenario, gammas, taus)
-            rows.append({"scheme": LABELS[scheme], "tuned": f"Γ={g}, τ={tau:.3g}", "mean AoI (analysis)": aoi,
-                         "at config": analyze(scenario, scheme)["mean_aoi"]})
+            rows.append(
+                {
+                    "scheme": LABELS[scheme],
+                    "tuned": f"Γ={g}, τ={tau:.3g}",
+                    "mean AoI (analysis)": aoi,
+                    "at config": analyze(scenario, scheme)["mean_aoi"],
+                }
+            )
         else:
             p, aoi = best_transmit_probability(scenario, scheme)
-            rows.append({"scheme": LABELS[scheme], "tuned": f"p={p:.3g}", "mean AoI (analysis)": aoi,
-                         "at config": analyze(scenario, scheme)["mean_aoi"]})
+            rows.append(
+                {
+                    "scheme": LABELS[scheme],
+                    "tuned": f"p={p:.3g}",
+                    "mean AoI (analysis)": aoi,
+                    "at config": analyze(scenario, scheme)["mean_aoi"],
+                }
+            )
     return rows
 
 
@@ -108,4 +127,3 @@ class SicAlohaExperiment(NonGradientExperiment):
         if inside:
             metrics["agreement/fraction_inside_ci"] = sum(inside) / len(inside)
         return metrics
-

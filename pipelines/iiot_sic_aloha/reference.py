@@ -24,7 +24,7 @@ def decode_one_slot(rx: dict[int, float], scheme: str, threshold: float, residua
     for m, node in enumerate(order):
         if max_stages is not None and m >= max_stages:
             break
-        weaker = sum(rx[j] for j in order[m + 1:])
+        weaker = sum(rx[j] for j in order[m + 1 :])
         if rx[node] < threshold * (1 + weaker + residual * cancelled):
             break
         decoded.add(node)

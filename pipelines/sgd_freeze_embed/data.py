@@ -43,16 +43,19 @@ def _shape_masks(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Ten
     dx = (coords[None, None, :] - cx[:, None, None]) / r[:, None, None]
     dy = (coords[None, :, None] - cy[:, None, None]) / r[:, None, None]
     d = (dx**2 + dy**2).sqrt()
-    shapes = torch.stack([
-        d < 1,                                                              # circle
-        (dx.abs() < 0.85) & (dy.abs() < 0.85),                              # square
-        (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.55),          # triangle
-        (d < 1) & (d > 0.55),                                               # ring
-        ((dx.abs() < 0.3) & (dy.abs() < 1)) | ((dy.abs() < 0.3) & (dx.abs() < 1)),  # cross
-        dx.abs() + dy.abs() < 1.1,                                          # diamond
-        (dy.abs() < 0.35) & (dx.abs() < 1),                                 # hbar
-        (dx.abs() < 0.35) & (dy.abs() < 1),                                 # vbar
-    ], 1)
+    shapes = torch.stack(
+        [
+            d < 1,  # circle
+            (dx.abs() < 0.85) & (dy.abs() < 0.85),  # square
+            (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.55),  # triangle
+            (d < 1) & (d > 0.55),  # ring
+            ((dx.abs() < 0.3) & (dy.abs() < 1)) | ((dy.abs() < 0.3) & (dx.abs() < 1)),  # cross
+            dx.abs() + dy.abs() < 1.1,  # diamond
+            (dy.abs() < 0.35) & (dx.abs() < 1),  # hbar
+            (dx.abs() < 0.35) & (dy.abs() < 1),  # vbar
+        ],
+        1,
+    )
     return shapes[torch.arange(n), kind]
 
 
@@ -66,7 +69,9 @@ def _texture(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     stripes = 0.5 + 0.5 * torch.sin(freq[:, None, None] * proj)
     cell = (4 + 4 * torch.rand(n, generator=g)).floor()
     checker = (((coords[None, None, :] // cell[:, None, None]) + (coords[None, :, None] // cell[:, None, None])) % 2).float()
-    blobs = torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False)[:, 0].clamp(0, 1)
+    blobs = torch.nn.functional.interpolate(torch.rand(n, 1, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False)[
+        :, 0
+    ].clamp(0, 1)
     out = torch.stack([torch.full((n, size, size), 0.5), stripes, checker, blobs], 1)
     return out[torch.arange(n), kind]
 
@@ -77,8 +82,15 @@ def _colours(n: int, g: torch.Generator, palette: torch.Tensor | None = None) ->
     return (palette[torch.randint(0, len(palette), (n,), generator=g)] + 0.15 * torch.randn(n, 3, generator=g)).clamp(0, 1)
 
 
-def draw(shape: torch.Tensor, background: torch.Tensor, fill: torch.Tensor, g: torch.Generator, size: int = 32,
-         bg_palette: torch.Tensor | None = None, noise: float = 0.08) -> torch.Tensor:
+def draw(
+    shape: torch.Tensor,
+    background: torch.Tensor,
+    fill: torch.Tensor,
+    g: torch.Generator,
+    size: int = 32,
+    bg_palette: torch.Tensor | None = None,
+    noise: float = 0.08,
+) -> torch.Tensor:
     """Images [n, 3, size, size] in [0, 1]: shape ``shape`` (index into SHAPES), background texture
     ``background`` and fill texture ``fill`` (0 = solid), random colours, pixel noise."""
     n = len(shape)
@@ -113,8 +125,10 @@ def source_domain(n: int, seed: int, size: int = 32) -> Split:
 
 
 # land: greens/browns, water: blues (the "places" of Waterbirds)
-PLACES = (torch.tensor([[0.25, 0.5, 0.15], [0.45, 0.35, 0.2], [0.3, 0.6, 0.3]]),
-          torch.tensor([[0.1, 0.3, 0.7], [0.2, 0.5, 0.8], [0.05, 0.2, 0.5]]))
+PLACES = (
+    torch.tensor([[0.25, 0.5, 0.15], [0.45, 0.35, 0.2], [0.3, 0.6, 0.3]]),
+    torch.tensor([[0.1, 0.3, 0.7], [0.2, 0.5, 0.8], [0.05, 0.2, 0.5]]),
+)
 WATERBIRD_SHAPES = (SHAPES.index("triangle"), SHAPES.index("diamond"))  # landbird, waterbird
 SHIFT_SHAPES = tuple(SHAPES.index(s) for s in ("circle", "square", "triangle", "cross"))
 
@@ -187,8 +201,9 @@ def load_waterbirds(root: str | Path, size: int) -> dict[str, ImageFiles]:
             allowed = {"split": {"0", "1", "2"}, "y": {"0", "1"}, "place": {"0", "1"}}
             bad = next((key for key, value in values.items() if value not in allowed[key]), None)
             if bad:  # a split of -1 would silently index "test", a 3 crash, a 1.0 fail to parse
-                raise ConfigError(f"{root / 'metadata.csv'} line {line}: {bad} must be one of {', '.join(sorted(allowed[bad]))}, "
-                                  f"got {values[bad]!r}")
+                raise ConfigError(
+                    f"{root / 'metadata.csv'} line {line}: {bad} must be one of {', '.join(sorted(allowed[bad]))}, got {values[bad]!r}"
+                )
             y, place = int(values["y"]), int(values["place"])
             splits[("train", "val", "test")[int(values["split"])]].append((root / row["img_filename"], y, 2 * y + place))
     absent = [p for s in splits.values() for p, _, _ in s[:1] if not p.exists()]
@@ -197,7 +212,9 @@ def load_waterbirds(root: str | Path, size: int) -> dict[str, ImageFiles]:
     return {k: ImageFiles(v, size) for k, v in splits.items()}
 
 
-DOMAINNET_LAYOUT = "<root>/SENTRY_splits/<domain>_{train,test}_mini.txt ('relative/path.jpg label' per line) and <root>/<domain>/<class>/*.jpg"
+DOMAINNET_LAYOUT = (
+    "<root>/SENTRY_splits/<domain>_{train,test}_mini.txt ('relative/path.jpg label' per line) and <root>/<domain>/<class>/*.jpg"
+)
 
 
 def load_domainnet(root: str | Path, source: str, target: str, size: int) -> dict[str, ImageFiles]:
@@ -218,14 +235,20 @@ def load_domainnet(root: str | Path, source: str, target: str, size: int) -> dic
         return records
 
     train, id_test, ood_test = (read(f) for f in files)
-    return {"train": ImageFiles(train, size), "val": ImageFiles(id_test, size), "test": ImageFiles(id_test, size),
-            "ood_test": ImageFiles(ood_test, size)}
+    return {
+        "train": ImageFiles(train, size),
+        "val": ImageFiles(id_test, size),
+        "test": ImageFiles(id_test, size),
+        "ood_test": ImageFiles(ood_test, size),
+    }
 
 
 IMAGEFOLDER_LAYOUT = "<root>/{train,val}/<class>/*.{jpg,jpeg,png} (optional <root>/ood/<class>/…)"
 
 
-def load_imagefolder(root: str | Path, size: int, classes: list[str] | None = None, ood_classes: list[str] | None = None) -> dict[str, ImageFiles]:
+def load_imagefolder(
+    root: str | Path, size: int, classes: list[str] | None = None, ood_classes: list[str] | None = None
+) -> dict[str, ImageFiles]:
     """ImageFolder splits train/ and val/ (and ood/ if present). Living-17-style: ``classes`` lists, per
     label, '+'-joined folder names for ID (source subclasses) and ``ood_classes`` those for OOD (target)."""
     root = Path(root)
@@ -245,8 +268,11 @@ def load_imagefolder(root: str | Path, size: int, classes: list[str] | None = No
                 raise ConfigError(f"{folder} has class folders that train/ lacks ({', '.join(extra)}); every split uses train/'s classes")
             lacking = [name for name in train_classes if name not in folders(split)]
             if lacking:
-                print(f"notice: {folder} has no images of {len(lacking)} training class(es) ({', '.join(lacking[:5])}); "
-                      "its accuracy covers the others", flush=True)
+                print(
+                    f"notice: {folder} has no images of {len(lacking)} training class(es) ({', '.join(lacking[:5])}); "
+                    "its accuracy covers the others",
+                    flush=True,
+                )
             groups = train_classes
         records = []
         for label, group in enumerate(groups):
@@ -299,10 +325,18 @@ def load_wilds(name: str, root: str | Path, size: int) -> dict[str, Dataset]:
         africa = (dataset.metadata_array[test.indices, region] == 2).nonzero().flatten().tolist()
         from torch.utils.data import Subset
 
-        return {"train": _Wilds(dataset.get_subset("train"), size), "val": _Wilds(dataset.get_subset("id_val"), size),
-                "test": _Wilds(dataset.get_subset("id_test"), size), "ood_test": _Wilds(Subset(test, africa), size)}
-    return {"train": _Wilds(dataset.get_subset("train"), size), "val": _Wilds(dataset.get_subset("id_val"), size),
-            "test": _Wilds(dataset.get_subset("id_val"), size), "ood_test": _Wilds(dataset.get_subset("test"), size)}
+        return {
+            "train": _Wilds(dataset.get_subset("train"), size),
+            "val": _Wilds(dataset.get_subset("id_val"), size),
+            "test": _Wilds(dataset.get_subset("id_test"), size),
+            "ood_test": _Wilds(Subset(test, africa), size),
+        }
+    return {
+        "train": _Wilds(dataset.get_subset("train"), size),
+        "val": _Wilds(dataset.get_subset("id_val"), size),
+        "test": _Wilds(dataset.get_subset("id_val"), size),
+        "ood_test": _Wilds(dataset.get_subset("test"), size),
+    }
 
 
 def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, size: int = 32, strength: float = 1.0) -> dict[str, Split]:
@@ -333,8 +367,12 @@ def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, siz
             images[i] = (x + tint[:, None, None]).clamp(0, 1)
         return Split(images, labels, group)
 
-    return {"train": load("train", n_train, False), "val": load("train", n_test, False),
-            "test": load("test", n_test, False), "ood_test": load("test", n_test, True)}
+    return {
+        "train": load("train", n_train, False),
+        "val": load("train", n_test, False),
+        "test": load("test", n_test, False),
+        "ood_test": load("test", n_test, True),
+    }
 
 
 def cifar_source(root: str | Path, n: int, seed: int) -> Split:
@@ -374,11 +412,19 @@ def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
     check_data(d)
     seed = cfg.seed if d.seed is None else d.seed
     if d.name == "waterbirds":
-        return {"train": waterbirds_like(d.n_train, seed, False).dataset(), "val": waterbirds_like(d.n_val, seed + 1, False).dataset(),
-                "test": waterbirds_like(d.n_test, seed + 2, False).dataset(), "ood_test": waterbirds_like(d.n_test, seed + 3, True).dataset()}
+        return {
+            "train": waterbirds_like(d.n_train, seed, False).dataset(),
+            "val": waterbirds_like(d.n_val, seed + 1, False).dataset(),
+            "test": waterbirds_like(d.n_test, seed + 2, False).dataset(),
+            "ood_test": waterbirds_like(d.n_test, seed + 3, True).dataset(),
+        }
     if d.name == "domain_shift":
-        return {"train": domain_shift(d.n_train, seed, False).dataset(), "val": domain_shift(d.n_val, seed + 1, False).dataset(),
-                "test": domain_shift(d.n_test, seed + 2, False).dataset(), "ood_test": domain_shift(d.n_test, seed + 3, True).dataset()}
+        return {
+            "train": domain_shift(d.n_train, seed, False).dataset(),
+            "val": domain_shift(d.n_val, seed + 1, False).dataset(),
+            "test": domain_shift(d.n_test, seed + 2, False).dataset(),
+            "ood_test": domain_shift(d.n_test, seed + 3, True).dataset(),
+        }
     if d.name == "waterbirds_real":
         splits = load_waterbirds(d.root, d.image_size)
         splits["ood_test"] = splits["test"]

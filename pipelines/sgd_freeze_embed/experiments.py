@@ -28,7 +28,12 @@ from pipelines.sgd_freeze_embed.model import (
 )
 
 # bench name → (optim.name, momentum)
-BENCH_OPTIMIZERS = {"adamw": ("adamw", 0.0), "sgd_momentum": ("sgd", 0.9), "sgd": ("sgd", 0.0), "sgd_freeze_embed": ("sgd_freeze_embed", 0.9)}
+BENCH_OPTIMIZERS = {
+    "adamw": ("adamw", 0.0),
+    "sgd_momentum": ("sgd", 0.9),
+    "sgd": ("sgd", 0.0),
+    "sgd_freeze_embed": ("sgd_freeze_embed", 0.9),
+}
 
 
 def _step_state(cfg: DictConfig, opt_key: str, device: torch.device, precision: str) -> dict:
@@ -82,13 +87,25 @@ def memory_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     baseline = None
     for opt_key in b.optimizers:
         # on CPU a fresh process per optimizer: memory freed by one measurement would hide the next one's growth
-        led = run_isolated(_step_state, cfg, opt_key, device, precision) if device.type == "cpu" else _step_state(cfg, opt_key, device, precision)
+        led = (
+            run_isolated(_step_state, cfg, opt_key, device, precision)
+            if device.type == "cpu"
+            else _step_state(cfg, opt_key, device, precision)
+        )
         state = led["param_bytes"] + led["grad_bytes"] + led["optimizer_state_bytes"]
         baseline = baseline or (state, max(led["peak_bytes"], 1))
-        out.update({f"{opt_key}/trainable_m": led["trainable_params"] / 1e6, f"{opt_key}/bytes_per_param": led["bytes_per_trainable_param"],
-                    f"{opt_key}/state_mb": state / MB, f"{opt_key}/optimizer_state_mb": led["optimizer_state_bytes"] / MB,
-                    f"{opt_key}/peak_mb": led["peak_bytes"] / MB, f"{opt_key}/seconds_2_steps": led["seconds_2_steps"],
-                    f"{opt_key}/state_x_adamw": state / baseline[0], f"{opt_key}/peak_x_adamw": led["peak_bytes"] / baseline[1]})
+        out.update(
+            {
+                f"{opt_key}/trainable_m": led["trainable_params"] / 1e6,
+                f"{opt_key}/bytes_per_param": led["bytes_per_trainable_param"],
+                f"{opt_key}/state_mb": state / MB,
+                f"{opt_key}/optimizer_state_mb": led["optimizer_state_bytes"] / MB,
+                f"{opt_key}/peak_mb": led["peak_bytes"] / MB,
+                f"{opt_key}/seconds_2_steps": led["seconds_2_steps"],
+                f"{opt_key}/state_x_adamw": state / baseline[0],
+                f"{opt_key}/peak_x_adamw": led["peak_bytes"] / baseline[1],
+            }
+        )
         print(f"{b.model} {opt_key}: {led['bytes_per_trainable_param']:.0f} B/param, peak {led['peak_bytes'] / MB:.0f} MB", flush=True)
         gc.collect()
     return out
@@ -135,8 +152,14 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
 
     cfg = with_values(cfg, {"diagnostic.enabled": False})
     kwargs, _ = trainer_kwargs(cfg.trainer)
-    kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                  num_sanity_val_steps=0, limit_val_batches=0)
+    kwargs.update(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     data = ShiftDataModule(cfg)
     data.setup("fit")
     hand = lightning = float("inf")
@@ -161,5 +184,10 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
         hand_s = time.perf_counter() - start
         if round_ > 0:
             hand, lightning = min(hand, hand_s), min(lightning, lightning_s)
-    return {"hand_steps_per_s": steps / hand, "lightning_steps_per_s": steps / lightning, "lightning_over_hand": hand / lightning,
-            "steps": float(steps), "torch_threads": float(torch.get_num_threads())}
+    return {
+        "hand_steps_per_s": steps / hand,
+        "lightning_steps_per_s": steps / lightning,
+        "lightning_over_hand": hand / lightning,
+        "steps": float(steps),
+        "torch_threads": float(torch.get_num_threads()),
+    }

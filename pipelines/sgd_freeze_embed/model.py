@@ -43,7 +43,9 @@ def create_backbone(model_cfg: DictConfig) -> nn.Module:
         return timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=0, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         if "Unknown model" in str(err):
-            raise ConfigError(f"unknown timm model '{model_cfg.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"") from None
+            raise ConfigError(
+                f"unknown timm model '{model_cfg.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
+            ) from None
         raise
     except TypeError as err:
         raise ConfigError(f"model.kwargs do not fit {model_cfg.name}: {err}") from None
@@ -62,8 +64,10 @@ def family(backbone: nn.Module, configured: str = "auto") -> str:
         return "vit" if isinstance(backbone.norm_pre, nn.Identity) else "clip_vit"
     if isinstance(backbone, ConvNeXt):
         return "convnext"
-    raise ConfigError(f"cannot tell the family of {type(backbone).__name__}; set model.family to one of {', '.join(FAMILIES)} "
-                      "and model.embedding.<family> to its embedding modules")
+    raise ConfigError(
+        f"cannot tell the family of {type(backbone).__name__}; set model.family to one of {', '.join(FAMILIES)} "
+        "and model.embedding.<family> to its embedding modules"
+    )
 
 
 def embedding_patterns(model_cfg: DictConfig, fam: str) -> list[str]:
@@ -92,7 +96,9 @@ def layer_groups(model: Classifier) -> list[tuple[str, list[tuple[str, nn.Parame
     return list(groups.items())
 
 
-def build_classifier(cfg: DictConfig, classes: int, backbone_state: dict | None = None, input_scale: float = 1.0) -> tuple[Classifier, list[str]]:
+def build_classifier(
+    cfg: DictConfig, classes: int, backbone_state: dict | None = None, input_scale: float = 1.0
+) -> tuple[Classifier, list[str]]:
     """The classifier, with the embedding frozen for the ``*_freeze_embed`` optimizers; returns (model, frozen names).
     ``input_scale``: the normalised input is divided by it (pairs with :func:`rescale_patch_input`)."""
     check_optimizer(cfg.optim)
@@ -103,7 +109,9 @@ def build_classifier(cfg: DictConfig, classes: int, backbone_state: dict | None 
     if backbone_state is not None:
         missing, unexpected = backbone.load_state_dict(backbone_state, strict=False)
         if [k for k in missing if not k.startswith("head")] or unexpected:
-            raise ConfigError(f"weights do not fit {m.name}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+            raise ConfigError(
+                f"weights do not fit {m.name}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
     cfg_norm = backbone.pretrained_cfg if m.normalization == "timm" else {}
     mean, std = cfg_norm.get("mean", (0.5, 0.5, 0.5)), [v * input_scale for v in cfg_norm.get("std", (0.5, 0.5, 0.5))]
     model = Classifier(backbone, classes, mean, std)
@@ -183,9 +191,16 @@ def gradient_diagnostic(model: Classifier, batches, embedding: list[str], max_ba
     for name, params in groups:
         n_params = sum(p.numel() for _, p in params)
         norm = sums[name] / count
-        rows.append({"group": name, "params": n_params, "grad_norm": norm, "grad_norm_per_sqrt_param": norm / n_params**0.5,
-                     "weight_norm": float(torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in params))),
-                     "embedding": in_embedding[params[0][0]]})
+        rows.append(
+            {
+                "group": name,
+                "params": n_params,
+                "grad_norm": norm,
+                "grad_norm_per_sqrt_param": norm / n_params**0.5,
+                "weight_norm": float(torch.sqrt(sum((p.detach().float() ** 2).sum() for _, p in params))),
+                "embedding": in_embedding[params[0][0]],
+            }
+        )
     ratio = (emb_sq / count / max(emb_n, 1) ** 0.5) / max(rest_sq / count / max(rest_n, 1) ** 0.5, 1e-30)
     return rows, ratio
 
@@ -255,7 +270,7 @@ def _pretrain(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch
     for epoch in range(p.epochs):
         order = torch.randperm(p.n_images, generator=g)
         for i in range(p.n_images // p.batch_size):
-            idx = order[i * p.batch_size:(i + 1) * p.batch_size]
+            idx = order[i * p.batch_size : (i + 1) * p.batch_size]
             logits = model(source.images[idx])
             loss = F.cross_entropy(logits, source.labels[idx])
             opt.zero_grad()

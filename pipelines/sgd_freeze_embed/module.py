@@ -59,7 +59,9 @@ class FineTuneModule(pl.LightningModule):
         check_optimizer(cfg.optim)
         check_data(cfg.data)
         if not timm.is_model(cfg.model.name):
-            raise ConfigError(f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"")
+            raise ConfigError(
+                f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
+            )
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -99,7 +101,9 @@ class FineTuneModule(pl.LightningModule):
         if tracker is not None:  # the group norms as metrics too, so that experiment reports can tabulate them
             norms = {f"grad/norm/{row['group'].replace('+', '_')}": row["grad_norm"] for row in rows}
             tracker.log_metrics({"grad/embed_over_rest": ratio, **norms}, step=0)
-            tracker.log_table(rows, "diagnostic/gradient_norms.md", title=f"Gradient norms at lr 0 ({fam}; embedding = {', '.join(embedding)})")
+            tracker.log_table(
+                rows, "diagnostic/gradient_norms.md", title=f"Gradient norms at lr 0 ({fam}; embedding = {', '.join(embedding)})"
+            )
             tracker.log_figure(diagnostic_figure(rows, ratio), "diagnostic/gradient_norms.png")
         print(f"gradient diagnostic: embedding/rest (size-normalised) = {ratio:.2f}", flush=True)
 

@@ -87,8 +87,13 @@ def test_inner_product_gw_identity():
     a, b = P.sum(1), P.sum(0)
     Kx, Ky = X @ X.T, Y @ Y.T
     const = (a[:, None] * a[None, :] * Kx**2).sum() + (b[:, None] * b[None, :] * Ky**2).sum()
-    brute = sum(((Kx[i, k] - Ky[j, l]) ** 2 * P[i, j] * P[k, l]).item()
-                for i in range(7) for k in range(7) for j in range(5) for l in range(5))  # noqa: E741 (the paper's index names)
+    brute = sum(
+        ((Kx[i, k] - Ky[j, l]) ** 2 * P[i, j] * P[k, l]).item()
+        for i in range(7)
+        for k in range(7)
+        for j in range(5)
+        for l in range(5)  # noqa: E741 (the paper's index names)
+    )
     assert brute == pytest.approx(gw_inner_product_objective(X, Y, P), rel=1e-9)
     assert brute == pytest.approx((const - 2 * (cross_moment(X, Y, P) ** 2).sum()).item(), rel=1e-9)
 
@@ -177,8 +182,14 @@ def test_nan_input_and_bad_epsilon(tmp_path):
 
 @pytest.mark.parametrize("method", ["prox", "stochastic", "entropic_gw"])
 def test_tiny_training_run(home, method):
-    overrides = ["data.n=60", "solver.method=stochastic", "solver.max_iter=15", "solver.batch_size=30",
-                 "trainer.enable_progress_bar=false", "solver.regularizer=none"]
+    overrides = [
+        "data.n=60",
+        "solver.method=stochastic",
+        "solver.max_iter=15",
+        "solver.batch_size=30",
+        "trainer.enable_progress_bar=false",
+        "solver.regularizer=none",
+    ]
     (result,) = train("cost_reg_ot", overrides)
     run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -202,8 +213,9 @@ def test_shared_features_are_read_checked_and_fused(tmp_path, home):
     with pytest.raises(ConfigError, match="solver.method=fgw needs features both sides measure: give data.x_shared"):
         train("cost_reg_ot", ["data.source=multiomics", "data.n=40", "solver.method=fgw", "trainer.enable_progress_bar=false"])
     # ... and with it, the shared features alone already pair the cells better than chance
-    (result,) = train("cost_reg_ot", ["data.source=multiomics", "data.n=40", "data.shared=4", "solver.method=fgw",
-                                      "trainer.enable_progress_bar=false"])
+    (result,) = train(
+        "cost_reg_ot", ["data.source=multiomics", "data.n=40", "data.shared=4", "solver.method=fgw", "trainer.enable_progress_bar=false"]
+    )
     run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["foscttm"] < 0.4
 
@@ -226,7 +238,9 @@ def test_reproduce_and_bench_run_at_smoke_through_the_grid(home):
     assert planted_none["foscttm"] < 0.15 and planted_none["converged"] == 1 and planted_none["zero_fraction"] == 0
     assert planted_l12["zero_fraction"] > 0.3 and planted_l12["feature_precision"] == 1.0  # ℓ1,2 drops nuisance columns only
     assert egw["failed"] == 0 and egw["converged"] == 1 and egw["foscttm"] > planted_none["foscttm"]
-    assert "| ours, none" in result.report and "figures/recovered_maps.png" in {a.path for a in client.list_artifacts(result.run_id, "figures")}
+    assert "| ours, none" in result.report and "figures/recovered_maps.png" in {
+        a.path for a in client.list_artifacts(result.run_id, "figures")
+    }
 
     bench = run_experiment("bench", "cost_reg_ot", ["preset=smoke"])
     _, (point,) = _children(bench)
@@ -268,10 +282,13 @@ def test_solve_and_the_lightning_module_take_the_same_steps(home):
 
     cfg = compose("cost_reg_ot", {"preset": "smoke", "data.n": 60, "solver.regularizer": "l12", "solver.lam": 0.1, "solver.max_iter": 40})
     datamodule, module = PairedSpacesDataModule(cfg), CostRegOTModule(cfg)
-    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-               accelerator="cpu").fit(module, datamodule=datamodule)
+    pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu"
+    ).fit(module, datamodule=datamodule)
     data, s = datamodule.pair, cfg.solver
-    sol = solve(data.X, data.Y, eps=s.eps, regularizer="l12", lam=0.1, max_iter=40, tol=s.tol, patience=s.patience, sinkhorn_iter=s.sinkhorn_iter)
+    sol = solve(
+        data.X, data.Y, eps=s.eps, regularizer="l12", lam=0.1, max_iter=40, tol=s.tol, patience=s.patience, sinkhorn_iter=s.sinkhorn_iter
+    )
     assert module._iterations == sol.iterations < 40 and sol.converged
     torch.testing.assert_close(module.M, sol.M, rtol=0, atol=1e-12)
     torch.testing.assert_close(module.P, sol.P, rtol=0, atol=1e-12)
@@ -329,8 +346,16 @@ def test_factored_low_rank_cost_gives_the_dense_coupling():
     from pipelines.cost_reg_ot.model import cost_factors, cost_matrix, factored_plan
 
     data = preprocess(planted_pair(n=70, seed=3), True, False, True)
-    common = {"eps": 0.05, "regularizer": "lowrank", "rank": 2, "max_iter": 8, "tol": 0.0, "patience": 8, "sinkhorn_iter": 20000,
-              "sinkhorn_tol": 1e-13}
+    common = {
+        "eps": 0.05,
+        "regularizer": "lowrank",
+        "rank": 2,
+        "max_iter": 8,
+        "tol": 0.0,
+        "patience": 8,
+        "sinkhorn_iter": 20000,
+        "sinkhorn_tol": 1e-13,
+    }
     dense = solve(data.X, data.Y, **common)
     factored = solve(data.X, data.Y, **common, factored=True)
     assert factored.P is None and factored.iterations == dense.iterations == 8
@@ -341,10 +366,13 @@ def test_factored_low_rank_cost_gives_the_dense_coupling():
     assert factored.history == pytest.approx(dense.history, rel=1e-6)  # the chunked objective is the dense one
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda root, xf, yf: (root / xf).write_bytes(np.random.default_rng(0).bytes(200)), "is not a numeric .npy array"),
-    (lambda root, xf, yf: np.save(root / xf, np.full((20, 3), 2.0)), "is constant (every entry 2.0): nothing to align"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda root, xf, yf: (root / xf).write_bytes(np.random.default_rng(0).bytes(200)), "is not a numeric .npy array"),
+        (lambda root, xf, yf: np.save(root / xf, np.full((20, 3), 2.0)), "is constant (every entry 2.0): nothing to align"),
+    ],
+)
 def test_bad_matrix_files_are_one_line_naming_the_file(tmp_path, damage, message):
     xf, yf = _write_scot(tmp_path / "bad", False)
     damage(tmp_path / "bad", xf, yf)
@@ -370,8 +398,13 @@ def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     from tests.resume_check import assert_exact_resume
 
     # no optimizer step in this module: Lightning's global_step stays 0, the comparison is of M itself
-    resumed, reference = assert_exact_resume(home, "cost_reg_ot", ["preset=smoke", "solver.method=stochastic", "solver.max_iter=6", "solver.patience=100"],
-                        kill_at_step=3, total_steps=0)
+    resumed, reference = assert_exact_resume(
+        home,
+        "cost_reg_ot",
+        ["preset=smoke", "solver.method=stochastic", "solver.max_iter=6", "solver.patience=100"],
+        kill_at_step=3,
+        total_steps=0,
+    )
     # M of the stochastic step does not depend on the plan, the potentials do (they warm-start each Sinkhorn)
     for a, b in zip(resumed["solver_state"]["potentials"], reference["solver_state"]["potentials"]):
         assert torch.equal(a, b)

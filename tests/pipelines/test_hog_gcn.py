@@ -149,9 +149,15 @@ def write_planetoid(raw, name, n=PLANETOID_N):
     feats = np.eye(n, F_DIM, dtype=np.float32) + 0.5
     labels = np.eye(3, dtype=np.int64)[np.arange(n) % 3]
     train_nodes, test_nodes = np.arange(n - 10), np.arange(n - 10, n)
-    objects = {"x": sp.csr_matrix(feats[:4]), "y": labels[:4], "allx": sp.csr_matrix(feats[train_nodes]), "ally": labels[train_nodes],
-               "tx": sp.csr_matrix(feats[test_nodes]), "ty": labels[test_nodes],
-               "graph": defaultdict(list, {i: [(i + 1) % n, (i - 1) % n] for i in range(n)})}
+    objects = {
+        "x": sp.csr_matrix(feats[:4]),
+        "y": labels[:4],
+        "allx": sp.csr_matrix(feats[train_nodes]),
+        "ally": labels[train_nodes],
+        "tx": sp.csr_matrix(feats[test_nodes]),
+        "ty": labels[test_nodes],
+        "graph": defaultdict(list, {i: [(i + 1) % n, (i - 1) % n] for i in range(n)}),
+    }
     for key, value in objects.items():
         with open(raw / f"ind.{name}.{key}", "wb") as f:
             pickle.dump(value, f)
@@ -159,10 +165,15 @@ def write_planetoid(raw, name, n=PLANETOID_N):
     _splits(raw, name, n)
 
 
-@pytest.mark.parametrize("name,folder,kind", [
-    ("texas", "texas/raw", "dense"), ("chameleon", "chameleon/geom_gcn/raw", "dense"),
-    ("actor", "actor/raw", "sparse"), ("cora", "Cora/geom-gcn/raw", "planetoid"),
-])
+@pytest.mark.parametrize(
+    "name,folder,kind",
+    [
+        ("texas", "texas/raw", "dense"),
+        ("chameleon", "chameleon/geom_gcn/raw", "dense"),
+        ("actor", "actor/raw", "sparse"),
+        ("cora", "Cora/geom-gcn/raw", "planetoid"),
+    ],
+)
 def test_loader_reads_its_fixture(tmp_path, name, folder, kind):
     raw = tmp_path / "data" / folder
     if kind == "planetoid":
@@ -185,21 +196,41 @@ class _RunsCode:
         return (print, ("this pickle runs code",))
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda raw: open(raw / "out1_graph_edges.txt", "a").write("1000000\t3\n"),
-     "out1_graph_edges.txt: edge endpoint 1000000 is not a node id (the features file has nodes 0..11)"),
-    (lambda raw: (raw / "out1_node_feature_label.txt").write_text("\n".join(
-        (raw / "out1_node_feature_label.txt").read_text().splitlines()[:6]) + "\n"),
-     "out1_graph_edges.txt: edge endpoint 5 is not a node id (the features file has nodes 0..4)"),
-    (lambda raw: (raw / "out1_node_feature_label.txt").write_text(
-        (raw / "out1_node_feature_label.txt").read_text().replace("0,0,0,0,0,1", "0,0,nan,0,0,1")), "features hold NaN or infinite"),
-    (lambda raw: (raw / "out1_node_feature_label.txt").write_text(
-        (raw / "out1_node_feature_label.txt").read_text().replace("\t0\n", "\t0.5\n", 1)), "labels must be whole numbers"),
-    (lambda raw: (raw / "texas_split_0.6_0.2_3.npz").write_bytes(np.random.default_rng(0).bytes(300)),
-     "texas_split_0.6_0.2_3.npz: is not a readable .npz split file"),
-    (lambda raw: np.savez(raw / "texas_split_0.6_0.2_0.npz", train_mask=np.ones(5), val_mask=np.ones(5), test_mask=np.ones(5)),
-     "train_mask must be 12 zeros/ones (one per node), got shape (5,)"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (
+            lambda raw: open(raw / "out1_graph_edges.txt", "a").write("1000000\t3\n"),
+            "out1_graph_edges.txt: edge endpoint 1000000 is not a node id (the features file has nodes 0..11)",
+        ),
+        (
+            lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+                "\n".join((raw / "out1_node_feature_label.txt").read_text().splitlines()[:6]) + "\n"
+            ),
+            "out1_graph_edges.txt: edge endpoint 5 is not a node id (the features file has nodes 0..4)",
+        ),
+        (
+            lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+                (raw / "out1_node_feature_label.txt").read_text().replace("0,0,0,0,0,1", "0,0,nan,0,0,1")
+            ),
+            "features hold NaN or infinite",
+        ),
+        (
+            lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+                (raw / "out1_node_feature_label.txt").read_text().replace("\t0\n", "\t0.5\n", 1)
+            ),
+            "labels must be whole numbers",
+        ),
+        (
+            lambda raw: (raw / "texas_split_0.6_0.2_3.npz").write_bytes(np.random.default_rng(0).bytes(300)),
+            "texas_split_0.6_0.2_3.npz: is not a readable .npz split file",
+        ),
+        (
+            lambda raw: np.savez(raw / "texas_split_0.6_0.2_0.npz", train_mask=np.ones(5), val_mask=np.ones(5), test_mask=np.ones(5)),
+            "train_mask must be 12 zeros/ones (one per node), got shape (5,)",
+        ),
+    ],
+)
 def test_broken_raw_files_are_one_line_naming_the_file(tmp_path, damage, message):
     raw = tmp_path / "data" / "texas" / "raw"
     write_geom_gcn(raw, "texas")
@@ -242,8 +273,9 @@ def test_missing_files_give_one_line_with_the_layout(tmp_path):
 # -- training ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model", MODELS)
 def test_tiny_run_of_every_model_learns(model):
-    cfg = compose("hog_gcn", {"model.name": model, "trainer.max_epochs": 30, "model.hidden": 16, "model.hog.hidden": [16],
-                              "model.hog.mlp_hidden": 16})
+    cfg = compose(
+        "hog_gcn", {"model.name": model, "trainer.max_epochs": 30, "model.hidden": 16, "model.hog.hidden": [16], "model.hog.mlp_hidden": 16}
+    )
     graph = csbm(150, 3, 6.0, 0.9, 8, 2.0, seed=0)
     result = fit_split(cfg, graph, 0)
     assert 0 <= result["best_epoch"] < 30

@@ -59,8 +59,10 @@ def test_rayleigh_capture_probability(k, gamma):
     assert abs(decoded.mean().item() - expected) < 4 * math.sqrt(expected * (1 - expected) / draws)
 
 
-@pytest.mark.parametrize("scheme,gamma,residual,stages", [("aloha", 1.0, 0.0, None), ("capture", 0.5, 0.0, None),
-                                                          ("sic", 1.0, 0.0, None), ("sic", 0.3, 0.1, None), ("sic", 0.3, 0.0, 2)])
+@pytest.mark.parametrize(
+    "scheme,gamma,residual,stages",
+    [("aloha", 1.0, 0.0, None), ("capture", 0.5, 0.0, None), ("sic", 1.0, 0.0, None), ("sic", 0.3, 0.1, None), ("sic", 0.3, 0.0, 2)],
+)
 def test_event_decoder_equals_the_per_slot_receiver(scheme, gamma, residual, stages):
     """The simulator's event form (one sort, segment sums) against the dense per-slot receiver."""
     g = torch.Generator().manual_seed(3)
@@ -217,15 +219,18 @@ def test_sic_beats_aloha_and_threshold_aloha_at_the_default_setting():
         assert sic["p_age_violation"] < other["p_age_violation"]
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"sim.event_prob": 1.5}, "config key 'sim.event_prob' must be in [0, 1], got 1.5"),
-    ({"sim.num_nodes": 0}, "config key 'sim.num_nodes' must be >= 1, got 0"),
-    ({"sim.deadline": -1}, "config key 'sim.deadline' must be >= 0, got -1"),
-    ({"sim.streams": 0}, "config key 'sim.streams' must be >= 1, got 0"),
-    ({"sim.chunk_slots": 0}, "config key 'sim.chunk_slots' must be >= 1, got 0"),
-    ({"sim.confidence": 2}, "config key 'sim.confidence' must be in (0, 1), got 2"),
-    ({"sim.replications": 1}, "config key 'sim.replications' must be >= 2, got 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"sim.event_prob": 1.5}, "config key 'sim.event_prob' must be in [0, 1], got 1.5"),
+        ({"sim.num_nodes": 0}, "config key 'sim.num_nodes' must be >= 1, got 0"),
+        ({"sim.deadline": -1}, "config key 'sim.deadline' must be >= 0, got -1"),
+        ({"sim.streams": 0}, "config key 'sim.streams' must be >= 1, got 0"),
+        ({"sim.chunk_slots": 0}, "config key 'sim.chunk_slots' must be >= 1, got 0"),
+        ({"sim.confidence": 2}, "config key 'sim.confidence' must be in (0, 1), got 2"),
+        ({"sim.replications": 1}, "config key 'sim.replications' must be >= 2, got 1"),
+    ],
+)
 def test_bad_parameters_give_one_clear_line(override, message):
     with pytest.raises(ConfigError) as err:
         compose("iiot_sic_aloha", override)  # the ranges are checked where the config is composed
@@ -251,7 +256,9 @@ def test_train_logs_metrics_tables_and_figures(home):
     for scheme in ("aloha", "capture", "sic", "threshold_aloha"):
         assert run.data.metrics[f"{scheme}/throughput"] > 0
         assert f"{scheme}/mean_aoi_analysis" in run.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(result.run_id, "tables")} | {a.path for a in client.list_artifacts(result.run_id, "figures")}
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "tables")} | {
+        a.path for a in client.list_artifacts(result.run_id, "figures")
+    }
     assert {"tables/simulation_vs_analysis.md", "tables/tuning.md", "figures/per_node_aoi.png"} <= artifacts
     assert run.data.metrics["sic/mean_aoi"] < run.data.metrics["aloha/mean_aoi"]
 
@@ -271,7 +278,8 @@ def test_reproduce_smoke_children_are_simulator_runs_and_the_report_counts_them(
     children = _children(result)
     # N ∈ {5, 10}, q = 0.2, ρ = 10 dB, each with perfect and imperfect CSI; the imperfect child simulates SIC alone
     assert sorted(str(sorted(c[k] for k in c if k.startswith("sim."))) for c in children) == sorted(
-        str(sorted([v, eps])) for v in (5, 10, 0.2, 10.0) for eps in (0.0, 0.05))
+        str(sorted([v, eps])) for v in (5, 10, 0.2, 10.0) for eps in (0.0, 0.05)
+    )
     for child in children:
         schemes = {k.split("/")[0] for k in child if k.endswith("/mean_aoi")}
         assert schemes == ({"sic"} if child["sim.csi_residual"] == 0.05 else {"aloha", "capture", "sic", "threshold_aloha"})
@@ -280,8 +288,13 @@ def test_reproduce_smoke_children_are_simulator_runs_and_the_report_counts_them(
         perfect, imperfect = (next(c for c in children if c.get(axis) == value and c["sim.csi_residual"] == eps) for eps in (0.0, 0.05))
         assert imperfect["sic/throughput_analysis"] < perfect["sic/throughput_analysis"]
     # the agreement table counts exactly the comparisons whose analysis lies inside the simulation's CI
-    exact = [abs(c[f"{s}/{m}"] - c[f"{s}/{m}_analysis"]) <= c[f"{s}/{m}_ci"] for c in children for s in ("aloha", "capture", "sic")
-             if f"{s}/mean_aoi" in c for m in ("mean_aoi", "throughput", "p_age_violation", "p_report_violation")]
+    exact = [
+        abs(c[f"{s}/{m}"] - c[f"{s}/{m}_analysis"]) <= c[f"{s}/{m}_ci"]
+        for c in children
+        for s in ("aloha", "capture", "sic")
+        if f"{s}/mean_aoi" in c
+        for m in ("mean_aoi", "throughput", "p_age_violation", "p_report_violation")
+    ]
     rows = _table_rows(result.report)
     assert ["exact", str(len(exact)), str(sum(exact))] == next(r for r in rows if r[0] == "exact")[:3] and len(exact) == 64
     claim = next(r for r in rows if r[:2] == ["SIC, perfect CSI", "slotted ALOHA"])

@@ -44,18 +44,29 @@ TINY_CLIP = {**TINY_VIT, "pre_norm": True}
 def _cfg(**values):
     """The pipeline's config for a tiny model; ``model.kwargs`` replaces the default's kwargs instead of merging."""
     kwargs = values.pop("model.kwargs", TINY_CLIP)
-    base = {"data.n_train": 64, "data.n_val": 32, "data.n_test": 32, "data.batch_size": 16,
-            "pretrain.enabled": False, "trainer.max_epochs": 2, "trainer.enable_progress_bar": False, "diagnostic.batches": 2}
+    base = {
+        "data.n_train": 64,
+        "data.n_val": 32,
+        "data.n_test": 32,
+        "data.batch_size": 16,
+        "pretrain.enabled": False,
+        "trainer.max_epochs": 2,
+        "trainer.enable_progress_bar": False,
+        "diagnostic.batches": 2,
+    }
     cfg = compose("sgd_freeze_embed", {**base, **values})
     OmegaConf.update(cfg, "model.kwargs", kwargs, merge=False)
     return cfg
 
 
-@pytest.mark.parametrize("name,kwargs,stage0,expected", [
-    ("vit_tiny_patch16_224", TINY_VIT, True, ["patch_embed.proj.weight", "patch_embed.proj.bias"]),
-    ("vit_base_patch16_clip_224", TINY_CLIP, True, ["patch_embed.proj.weight", "norm_pre.weight", "norm_pre.bias"]),
-    ("convnext_atto", {}, False, ["stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"]),
-])
+@pytest.mark.parametrize(
+    "name,kwargs,stage0,expected",
+    [
+        ("vit_tiny_patch16_224", TINY_VIT, True, ["patch_embed.proj.weight", "patch_embed.proj.bias"]),
+        ("vit_base_patch16_clip_224", TINY_CLIP, True, ["patch_embed.proj.weight", "norm_pre.weight", "norm_pre.bias"]),
+        ("convnext_atto", {}, False, ["stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias"]),
+    ],
+)
 def test_exact_frozen_parameters_per_family(name, kwargs, stage0, expected):
     cfg = _cfg(**{"model.name": name, "model.kwargs": kwargs, "optim.name": "sgd_freeze_embed", "model.convnext_freeze_stage0": stage0})
     model, frozen = build_classifier(cfg, 3)
@@ -79,7 +90,9 @@ def test_family_is_read_from_the_structure():
         assert family(model.backbone) == fam
 
 
-@pytest.mark.parametrize("optimizer,momentum,per_param", [("adamw", 0.9, 16), ("sgd", 0.9, 12), ("sgd", 0.0, 8), ("sgd_freeze_embed", 0.9, 12)])
+@pytest.mark.parametrize(
+    "optimizer,momentum,per_param", [("adamw", 0.9, 16), ("sgd", 0.9, 12), ("sgd", 0.0, 8), ("sgd_freeze_embed", 0.9, 12)]
+)
 def test_optimizer_state_bytes(optimizer, momentum, per_param):
     cfg = _cfg(**{"optim.name": optimizer, "optim.momentum": momentum})
     model, frozen = build_classifier(cfg, 2)
@@ -220,7 +233,10 @@ def test_waterbirds_loader_reads_wilds_layout(tmp_path):
     assert [len(splits[k]) for k in ("train", "val", "test")] == [4, 4, 4]
     x, y, group = splits["train"][0]
     assert x.shape == (3, 32, 32) and x.max() <= 1 and group == 2 * y + 0
-    for bad, message in (("-1", "line 3: split must be one of 0, 1, 2, got '-1'"), ("1.0", "line 3: split must be one of 0, 1, 2, got '1.0'")):
+    for bad, message in (
+        ("-1", "line 3: split must be one of 0, 1, 2, got '-1'"),
+        ("1.0", "line 3: split must be one of 0, 1, 2, got '1.0'"),
+    ):
         broken = rows[:2] + [rows[2].replace(",1,1,0,", f",1,{bad},0,")] + rows[3:]
         (root / "metadata.csv").write_text("\n".join(broken) + "\n")
         with pytest.raises(ConfigError, match=re.escape(message)):
