@@ -296,7 +296,7 @@ def test_cli_bad_input_is_one_line(home):
 
     for values, message in (({"data.name": "imagenet_lt"}, "data.name=imagenet_lt needs data.root=<folder>"),
                             ({"loss.name": "focal"}, "unknown loss.name 'focal'; valid: ce, bce, bal_ce, bal_bce"),
-                            ({"data.batch_size": 15}, "data.batch_size must be even, got 15")):
+                            ({"data.batch_size": 15, "augment.mixup": 0.8}, "data.batch_size must be even, got 15")):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
 
