@@ -1,0 +1,464 @@
+"""Long-tailed image data for LiVT: the embedded generated default and the paper's datasets from their on-disk formats.
+
+Embedded default (``data.name=generated``): 32×32 images whose class is a (shape, texture) pair, drawn with random
+colours, positions, sizes and cluttered backgrounds; the training set follows the exponential long-tailed profile
+n_c = ⌊n_max·ρ^(−c/(C−1))⌋ and the test set is balanced. The pairs are chosen so that every rare class shares its
+shape with one frequent class and its texture with another: features learnt by MGP on the whole (head-dominated)
+training set describe the rare classes too.
+
+Real data: CIFAR-10/100-LT by the standard protocol (per class, a fixed-seed shuffle, then the first n_c images) from
+the canonical python batches, an ImageFolder tree or its zips (``../shared/data/cifar10_jpg``); ImageNet-LT, Places-LT
+and iNaturalist 2018 from their split lists (``relative/path label`` per line) over an image root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from common.config import ConfigError
+from common.data import make_loader, require_files
+
+# -- the long-tailed protocol ---------------------------------------------------------------------------
+
+
+def lt_counts(n_max: int, classes: int, rho: float) -> list[int]:
+    """Per-class training counts of the exponential profile, n_c = ⌊n_max · ρ^(−c/(C−1))⌋ (c = 0 the most frequent)."""
+    if rho < 1:
+        raise ConfigError(f"data.rho (imbalance ratio n_max/n_min) must be >= 1, got {rho}")
+    if classes < 2:
+        raise ConfigError(f"a long-tailed set needs at least 2 classes, got {classes}")
+    return [int(n_max * rho ** (-c / (classes - 1))) for c in range(classes)]
+
+
+def long_tail_indices(labels: np.ndarray, classes: int, rho: float, seed: int, n_max: int | None = None) -> np.ndarray:
+    """Indices of the LT subset of a balanced set (LDAM's IMBALANCECIFAR protocol): for c = 0, 1, …, shuffle the indices
+    of class c with one fixed-seed generator and keep the first n_c; n_max defaults to the smallest class's size."""
+    labels = np.asarray(labels)
+    available = np.bincount(labels, minlength=classes)
+    n_max = int(available.min()) if n_max is None else n_max
+    if n_max > available.min():
+        raise ConfigError(f"data.n_max={n_max} exceeds the images of the smallest class ({available.min()})")
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c, n in enumerate(lt_counts(n_max, classes, rho)):
+        idx = np.nonzero(labels == c)[0]
+        rng.shuffle(idx)
+        keep.append(idx[:n])
+    return np.concatenate(keep)
+
+
+# -- drawing the embedded default -----------------------------------------------------------------------
+SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "hbar")
+TEXTURES = ("stripes", "checker", "dots", "solid")
+GENERATED_N_MAX = 500  # data.n_max's default for the generated set
+MAX_GENERATED_CLASSES = len(SHAPES) * len(TEXTURES)  # class c = (shape c mod 7, texture c mod 4): 28 distinct pairs
+
+
+def class_pair(c: int) -> tuple[int, int]:
+    """(shape, texture) of generated class c; 7 and 4 are coprime, so c ↦ (c mod 7, c mod 4) is one-to-one below 28
+    and neighbouring (similarly frequent) classes never share a shape or a texture."""
+    return c % len(SHAPES), c % len(TEXTURES)
+
+
+def _shape_masks(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    n = len(kind)
+    coords = torch.arange(size, dtype=torch.float32)
+    cx = size / 2 + (torch.rand(n, generator=g) - 0.5) * size * 0.3
+    cy = size / 2 + (torch.rand(n, generator=g) - 0.5) * size * 0.3
+    r = size * (0.26 + 0.1 * torch.rand(n, generator=g))
+    dx = (coords[None, None, :] - cx[:, None, None]) / r[:, None, None]
+    dy = (coords[None, :, None] - cy[:, None, None]) / r[:, None, None]
+    d = (dx**2 + dy**2).sqrt()
+    shapes = torch.stack([
+        d < 1,
+        (dx.abs() < 0.85) & (dy.abs() < 0.85),
+        (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.55),
+        ((dx.abs() < 0.32) & (dy.abs() < 1)) | ((dy.abs() < 0.32) & (dx.abs() < 1)),
+        (d < 1) & (d > 0.55),
+        dx.abs() + dy.abs() < 1.1,
+        (dy.abs() < 0.4) & (dx.abs() < 1),
+    ], 1)
+    return shapes[torch.arange(n), kind]
+
+
+def _textures(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """Fill patterns in {0, 1} [n, size, size]: stripes (random angle), checker, dots, solid."""
+    n = len(kind)
+    coords = torch.arange(size, dtype=torch.float32)
+    theta = torch.rand(n, generator=g) * math.pi
+    proj = coords[None, None, :] * theta.cos()[:, None, None] + coords[None, :, None] * theta.sin()[:, None, None]
+    stripes = (torch.sin(1.6 * proj + 6 * torch.rand(n, 1, 1, generator=g)) > 0).float()
+    cell = 3 + torch.randint(0, 2, (n, 1, 1), generator=g)
+    checker = (((coords[None, None, :] // cell) + (coords[None, :, None] // cell)) % 2).float()
+    ox, oy = torch.rand(n, 1, 1, generator=g) * 5, torch.rand(n, 1, 1, generator=g) * 5
+    dots = ((((coords[None, None, :] + ox) % 5) - 2) ** 2 + (((coords[None, :, None] + oy) % 5) - 2) ** 2 < 2.5).float()
+    solid = torch.ones(n, size, size)
+    return torch.stack([stripes, checker, dots, solid], 1)[torch.arange(n), kind]
+
+
+def draw_images(labels: torch.Tensor, g: torch.Generator, size: int = 32) -> torch.Tensor:
+    """uint8 images [n, size, size, 3] of the generated classes ``labels`` on smooth random backgrounds."""
+    n = len(labels)
+    pairs = torch.tensor([class_pair(int(c)) for c in range(int(labels.max()) + 1)]) if n else torch.zeros(0, 2, dtype=torch.long)
+    shape, texture = pairs[labels, 0], pairs[labels, 1]
+    mask = _shape_masks(shape, size, g)[:, None].float()
+    blobs = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False)
+    background = 0.25 + 0.5 * blobs.clamp(0, 1)
+    fill = _textures(texture, size, g)[:, None]
+    a, b = torch.rand(n, 3, 1, 1, generator=g), torch.rand(n, 3, 1, 1, generator=g)
+    b = torch.where((a - b).abs().sum(1, keepdim=True) < 0.6, 1 - a, b)  # the two fill colours differ visibly
+    foreground = fill * a + (1 - fill) * b
+    image = mask * foreground + (1 - mask) * background + 0.05 * torch.randn(n, 3, size, size, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def generated_lt(classes: int, n_max: int, rho: float, n_test: int, seed: int, size: int = 32) -> tuple[dict, list[str]]:
+    """{'train': (images uint8 [N, H, W, 3], labels), 'test': balanced} and the class names."""
+    if classes > MAX_GENERATED_CLASSES:
+        raise ConfigError(f"data.classes={classes} is more than the generated set has ({MAX_GENERATED_CLASSES} shape × texture pairs)")
+    g = torch.Generator().manual_seed(seed)
+    counts = lt_counts(n_max, classes, rho)
+    if min(counts) < 1:
+        raise ConfigError(f"data.n_max={n_max} with rho={rho} leaves a class without images (counts {counts})")
+    train_labels = torch.repeat_interleave(torch.arange(classes), torch.tensor(counts))
+    test_labels = torch.arange(classes).repeat_interleave(n_test)
+    names = [f"{SHAPES[s]}-{TEXTURES[t]}" for s, t in map(class_pair, range(classes))]
+    return {"train": (draw_images(train_labels, g, size).numpy(), train_labels.numpy()),
+            "test": (draw_images(test_labels, g, size).numpy(), test_labels.numpy())}, names
+
+
+# -- CIFAR from its canonical formats --------------------------------------------------------------------
+CIFAR_LAYOUT = ("<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or <root>/cifar-100-python/{train,test,meta} "
+                "(the python pickles), or an ImageFolder <root>/{train,test}/<class>/*.{jpg,png}, or its zips <root>/{train,test}.zip")
+CIFAR_BATCHES = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "batches.meta", b"label_names"),
+                 "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names")}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+class _Arrays(pickle.Unpickler):
+    """CIFAR's pickles hold dicts of numpy arrays, lists and bytes; nothing else is unpickled (no code from a data folder)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return _Arrays(f, encoding="bytes").load()
+    except Exception as err:
+        raise ConfigError(f"{path} is not a readable CIFAR python batch ({type(err).__name__}); expected layout: {CIFAR_LAYOUT}") from None
+
+
+def _cifar_batches(folder: Path, kind: str) -> tuple[dict, list[str]]:
+    _, train_files, test_files, label_key, meta_file, names_key = CIFAR_BATCHES[kind]
+    require_files(folder, train_files + test_files, CIFAR_LAYOUT)
+    out = {}
+    for split, files in (("train", train_files), ("test", test_files)):
+        batches = [_read_batch(folder / f) for f in files]
+        if any(b"data" not in b or label_key not in b for b in batches):
+            raise ConfigError(f"a batch under {folder} lacks 'data' or '{label_key.decode()}'; expected layout: {CIFAR_LAYOUT}")
+        data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise ConfigError(f"CIFAR batches under {folder} must hold rows of 3072 bytes (3×32×32), got shape {data.shape}")
+        out[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), np.concatenate([np.asarray(b[label_key]) for b in batches]))
+    classes = int(out["train"][1].max()) + 1
+    names = [str(i) for i in range(classes)]
+    if (folder / meta_file).is_file():
+        meta = _read_batch(folder / meta_file)
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, names)]
+    return out, names
+
+
+def _decode(data: bytes, where: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception:
+        raise ConfigError(f"{where} is not a readable image") from None
+
+
+def _image_tree(files: dict[str, Callable[[], bytes]], split: str, where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """``files``: relative path '<split>/<class>/<name>' → reader. Classes are the sorted folder names (ImageFolder)."""
+    entries = sorted(p for p in files if p.count("/") == 2 and p.startswith(f"{split}/") and Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if not entries:
+        raise ConfigError(f"no images under {where}/{split}; expected layout: {CIFAR_LAYOUT}")
+    names = sorted({p.split("/")[1] for p in entries})
+    images = np.stack([_decode(files[p](), f"{where}/{p}") for p in entries])
+    return images, np.array([names.index(p.split("/")[1]) for p in entries]), names
+
+
+def _cifar_tree(root: Path) -> tuple[dict, list[str]]:
+    """An ImageFolder ``<root>/{train,test}/<class>/*`` or the zips ``<root>/{train,test}.zip`` holding one."""
+    out, names = {}, None
+    for split in ("train", "test"):
+        if (root / split).is_dir():
+            files = {str(p.relative_to(root)).replace("\\", "/"): p.read_bytes for p in (root / split).glob("*/*")}
+            out[split] = _image_tree(files, split, str(root))
+        elif (root / f"{split}.zip").is_file():
+            with zipfile.ZipFile(root / f"{split}.zip") as archive:
+                members = {n.rstrip("/"): (lambda n=n: archive.read(n)) for n in archive.namelist() if not n.endswith("/")}
+                out[split] = _image_tree(members, split, str(root / f"{split}.zip"))
+        else:
+            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {CIFAR_LAYOUT}")
+        split_names = out[split][2]
+        if names is not None and split_names != names:
+            raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
+        names = split_names
+    return {k: v[:2] for k, v in out.items()}, names
+
+
+def _digest(paths: list[Path]) -> str:
+    """Content hash of files (the cache of decoded images follows the data, never a stale copy)."""
+    digest = hashlib.sha1()
+    for path in sorted(paths):
+        digest.update(str(path.name).encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
+    """Balanced CIFAR-10/100 train and test arrays from whichever canonical layout ``root`` holds; decoded images are cached
+    under ``cache_dir`` by a hash of the source files (the data folder may be read-only)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"dataset folder {root} does not exist; expected layout: {CIFAR_LAYOUT}")
+    folder_name = CIFAR_BATCHES[kind][0]
+    batch_root = root / folder_name if (root / folder_name).is_dir() else root
+    train_files = CIFAR_BATCHES[kind][1]
+    if (batch_root / train_files[0]).is_file():
+        sources, reader = [batch_root / f for f in [*train_files, *CIFAR_BATCHES[kind][2]]], lambda: _cifar_batches(batch_root, kind)
+    else:
+        zips = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
+        sources = zips or sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
+        reader = lambda: _cifar_tree(root)
+        if not sources:
+            raise ConfigError(f"dataset folder {root} holds no CIFAR data; expected layout: {CIFAR_LAYOUT}")
+    cache = Path(cache_dir) / "livt" / f"{kind}-{_digest(sources)}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}, [str(n) for n in z["names"]]
+    arrays, names = reader()
+    expected = {"cifar10": 10, "cifar100": 100}[kind]
+    if len(names) != expected:
+        raise ConfigError(f"{root} holds {len(names)} classes, {kind} has {expected}; expected layout: {CIFAR_LAYOUT}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
+    np.savez(tmp, names=np.array(names), **{f"{s}_{k}": v for s, (x, y) in arrays.items() for k, v in (("x", x), ("y", y))})
+    tmp.replace(cache)
+    return arrays, names
+
+
+# -- ImageNet-LT, Places-LT, iNaturalist 2018: split lists over an image root -------------------------------
+SPLIT_LISTS = {  # name → (train list, val list or None, test list)
+    "imagenet_lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
+    "places_lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
+    "inat18": ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt"),
+}
+
+
+def read_split_list(path: Path, image_root: Path) -> list[tuple[Path, int]]:
+    """``relative/path label`` per line → [(image path, label)]; a malformed line or a missing image is one line."""
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise ConfigError(f"{path}:{number}: expected 'relative/path label', got {line.strip()!r}")
+        records.append((image_root / parts[0], int(parts[1])))
+    if not records:
+        raise ConfigError(f"{path} lists no images; expected 'relative/path label' per line")
+    missing = [(p, n) for n, (p, _) in enumerate(records, 1) if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{path}:{missing[0][1]} names a missing image {missing[0][0]} ({len(missing)} of {len(records)} missing); "
+                          f"data.image_root must be the folder the listed paths start from")
+    return records
+
+
+def load_split_lists(name: str, root: str | Path, image_root: str | Path | None) -> dict[str, list[tuple[Path, int]]]:
+    train, val, test = SPLIT_LISTS[name]
+    layout = f"<root>/{{{', '.join(f for f in (train, val, test) if f)}}} ('relative/path label' per line; the val list optional), images under data.image_root (default <root>)"
+    root = require_files(root, [train, test], layout)
+    images = Path(image_root) if image_root else root
+    out = {"train": read_split_list(root / train, images), "test": read_split_list(root / test, images)}
+    out["val"] = read_split_list(root / val, images) if val and (root / val).is_file() else out["test"]
+    classes = max(label for _, label in out["train"]) + 1
+    bad = next(((s, lab) for s, recs in out.items() for _, lab in recs if lab >= classes), None)
+    if bad:
+        raise ConfigError(f"{name} {bad[0]} list has label {bad[1]}, but the train list's labels end at {classes - 1}")
+    return out
+
+
+# -- datasets ----------------------------------------------------------------------------------------------
+class ImageSet(Dataset):
+    """(image, label) from in-memory uint8 arrays [N, H, W, 3] or from image files, through a PIL transform."""
+
+    def __init__(self, labels: np.ndarray, transform: Callable, images: np.ndarray | None = None, paths: list[Path] | None = None):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.images, self.paths, self.transform = images, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pil(self, index: int):
+        from PIL import Image
+
+        if self.images is not None:
+            return Image.fromarray(self.images[index])
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+    def __getitem__(self, index: int):
+        return self.transform(self.pil(index)), int(self.labels[index])
+
+
+@dataclass
+class Source:
+    """One split before its transform: arrays or file paths, and labels."""
+
+    labels: np.ndarray
+    images: np.ndarray | None = None
+    paths: list[Path] | None = None
+
+    def dataset(self, transform: Callable) -> ImageSet:
+        return ImageSet(self.labels, transform, self.images, self.paths)
+
+
+def _generated(d: DictConfig, cache_dir: str) -> tuple[dict[str, Source], list[str]]:
+    arrays, names = generated_lt(d.classes, d.n_max or GENERATED_N_MAX, d.rho, d.n_test, d.seed, d.image_size)
+    return {s: Source(y, images=x) for s, (x, y) in arrays.items()}, names
+
+
+def _cifar(kind: str) -> Callable:
+    def build(d: DictConfig, cache_dir: str) -> tuple[dict[str, Source], list[str]]:
+        arrays, names = load_cifar(kind, d.root, cache_dir)
+        (x, y), (tx, ty) = arrays["train"], arrays["test"]
+        keep = long_tail_indices(y, len(names), d.rho, d.seed, d.n_max)
+        return {"train": Source(y[keep], images=x[keep]), "test": Source(ty, images=tx)}, names
+    return build
+
+
+def _lists(name: str) -> Callable:
+    def build(d: DictConfig, cache_dir: str) -> tuple[dict[str, Source], list[str]]:
+        splits = load_split_lists(name, d.root, d.image_root)
+        classes = max(label for _, label in splits["train"]) + 1
+        return ({s: Source(np.array([lab for _, lab in recs]), paths=[p for p, _ in recs]) for s, recs in splits.items()},
+                [str(c) for c in range(classes)])
+    return build
+
+
+# name → builder(data config, cache dir) → ({'train', 'test'[, 'val']}: Source, class names)
+DATASETS: dict[str, Callable[[DictConfig, str], tuple[dict[str, Source], list[str]]]] = {
+    "generated": _generated, "cifar10_lt": _cifar("cifar10"), "cifar100_lt": _cifar("cifar100"),
+    "imagenet_lt": _lists("imagenet_lt"), "places_lt": _lists("places_lt"), "inat18": _lists("inat18"),
+}
+
+
+def check_data(d: DictConfig) -> None:
+    """The dataset name and its folder, before anything runs."""
+    if d.name not in DATASETS:
+        raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
+    if d.name != "generated" and not d.root:
+        raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+
+
+# -- transforms ----------------------------------------------------------------------------------------------
+def train_transform(d: DictConfig, a: DictConfig) -> Callable:
+    """Fine-tuning: RandomResizedCrop + flip + RandAugment + random erasing (DeiT / LiVT, through timm)."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=d.image_size, is_training=True, scale=tuple(a.crop_scale), hflip=0.5, color_jitter=None,
+                            auto_augment=None if a.randaugment == "none" else a.randaugment, interpolation="bicubic", re_prob=a.reprob, re_mode="pixel",
+                            mean=tuple(d.mean), std=tuple(d.std))
+
+
+def mgp_transform(d: DictConfig, crop_scale) -> Callable:
+    """MGP: RandomResizedCrop + horizontal flip only (MAE)."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=d.image_size, is_training=True, scale=tuple(crop_scale), hflip=0.5, color_jitter=None,
+                            interpolation="bicubic", mean=tuple(d.mean), std=tuple(d.std))
+
+
+def eval_transform(d: DictConfig) -> Callable:
+    """Test: bicubic resize to size/crop_pct, centre crop (the notes' test transform)."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=d.image_size, is_training=False, crop_pct=d.crop_pct, interpolation="bicubic",
+                            mean=tuple(d.mean), std=tuple(d.std))
+
+
+# -- datamodule ---------------------------------------------------------------------------------------------
+class LTDataModule(pl.LightningDataModule):
+    """Long-tailed training set, balanced evaluation. ``val`` (per epoch) is the dataset's val list where it has one,
+    else the test set (the paper's reported numbers are on test); ``test`` runs once after fitting on the final weights."""
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sources: dict[str, Source] | None = None
+        self.class_names: list[str] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.sources is None:
+            check_data(self.cfg.data)
+            self.sources, self.class_names = DATASETS[self.cfg.data.name](self.cfg.data, self.cfg.paths.cache_dir)
+            self.sources.setdefault("val", self.sources["test"])
+            counts = self.class_counts
+            if (counts == 0).any():
+                raise ConfigError(f"{self.cfg.data.name}: classes {torch.nonzero(counts == 0).flatten().tolist()[:5]} have no training image")
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(torch.as_tensor(self.sources["train"].labels), minlength=len(self.class_names))
+
+    def identity(self) -> dict:
+        """What the training set depends on (the MGP cache key): data settings, and the files behind a real set."""
+        d = self.cfg.data
+        keys = ("name", "classes", "n_max", "rho", "seed", "image_size", "mean", "std") if d.name == "generated" else ("name", "rho", "seed", "n_max", "image_size", "mean", "std")
+        train = self.sources["train"]
+        digest = hashlib.sha1(np.ascontiguousarray(train.labels).tobytes())
+        if train.images is not None:
+            digest.update(np.ascontiguousarray(train.images).tobytes())
+        else:
+            digest.update("\n".join(map(str, train.paths)).encode())
+        return {**{k: (list(d[k]) if k in ("mean", "std") else d[k]) for k in keys}, "train": digest.hexdigest()[:12]}
+
+    def mgp_dataset(self) -> ImageSet:
+        return self.sources["train"].dataset(mgp_transform(self.cfg.data, self.cfg.mgp.crop_scale))
+
+    def train_dataloader(self):
+        d = self.cfg.data
+        data = self.sources["train"].dataset(train_transform(d, self.cfg.augment))
+        # mixup/cutmix pair up a batch with its flip: an odd last batch is dropped
+        return make_loader(data, d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, drop_last=len(data) > d.batch_size)
+
+    def val_dataloader(self):
+        d = self.cfg.data
+        return make_loader(self.sources["val"].dataset(eval_transform(d)), d.eval_batch_size, num_workers=d.num_workers)
+
+    def test_dataloader(self):
+        d = self.cfg.data
+        return make_loader(self.sources["test"].dataset(eval_transform(d)), d.eval_batch_size, num_workers=d.num_workers)
