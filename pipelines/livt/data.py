@@ -82,15 +82,18 @@ def _shape_masks(kind: torch.Tensor, size: int, g: torch.Generator) -> torch.Ten
     dx = (coords[None, None, :] - cx[:, None, None]) / r[:, None, None]
     dy = (coords[None, :, None] - cy[:, None, None]) / r[:, None, None]
     d = (dx**2 + dy**2).sqrt()
-    shapes = torch.stack([
-        d < 1,
-        (dx.abs() < 0.85) & (dy.abs() < 0.85),
-        (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.55),
-        ((dx.abs() < 0.32) & (dy.abs() < 1)) | ((dy.abs() < 0.32) & (dx.abs() < 1)),
-        (d < 1) & (d > 0.55),
-        dx.abs() + dy.abs() < 1.1,
-        (dy.abs() < 0.4) & (dx.abs() < 1),
-    ], 1)
+    shapes = torch.stack(
+        [
+            d < 1,
+            (dx.abs() < 0.85) & (dy.abs() < 0.85),
+            (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.55),
+            ((dx.abs() < 0.32) & (dy.abs() < 1)) | ((dy.abs() < 0.32) & (dx.abs() < 1)),
+            (d < 1) & (d > 0.55),
+            dx.abs() + dy.abs() < 1.1,
+            (dy.abs() < 0.4) & (dx.abs() < 1),
+        ],
+        1,
+    )
     return shapes[torch.arange(n), kind]
 
 
@@ -136,22 +139,33 @@ def generated_lt(classes: int, n_max: int, rho: float, n_test: int, seed: int, s
     train_labels = torch.repeat_interleave(torch.arange(classes), torch.tensor(counts))
     test_labels = torch.arange(classes).repeat_interleave(n_test)
     names = [f"{SHAPES[s]}-{TEXTURES[t]}" for s, t in map(class_pair, range(classes))]
-    return {"train": (draw_images(train_labels, g, size).numpy(), train_labels.numpy()),
-            "test": (draw_images(test_labels, g, size).numpy(), test_labels.numpy())}, names
+    return {
+        "train": (draw_images(train_labels, g, size).numpy(), train_labels.numpy()),
+        "test": (draw_images(test_labels, g, size).numpy(), test_labels.numpy()),
+    }, names
 
 
 # -- CIFAR from its canonical formats --------------------------------------------------------------------
-CIFAR_LAYOUT = ("<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or <root>/cifar-100-python/{train,test,meta} "
-                "(the python pickles), or an ImageFolder <root>/{train,test}/<class>/*.{jpg,png}, or its zips <root>/{train,test}.zip")
-CIFAR_BATCHES = {"cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "batches.meta", b"label_names"),
-                 "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names")}
+CIFAR_LAYOUT = (
+    "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or <root>/cifar-100-python/{train,test,meta} "
+    "(the python pickles), or an ImageFolder <root>/{train,test}/<class>/*.{jpg,png}, or its zips <root>/{train,test}.zip"
+)
+CIFAR_BATCHES = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "batches.meta", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"),
+}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 class _Arrays(pickle.Unpickler):
     """CIFAR's pickles hold dicts of numpy arrays, lists and bytes; nothing else is unpickled (no code from a data folder)."""
 
-    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -292,8 +306,10 @@ def read_split_list(path: Path, image_root: Path) -> list[tuple[Path, int]]:
         raise ConfigError(f"{path} lists no images; expected 'relative/path label' per line")
     missing = [(p, n) for n, (p, _) in enumerate(records, 1) if not p.is_file()]
     if missing:
-        raise ConfigError(f"{path}:{missing[0][1]} names a missing image {missing[0][0]} ({len(missing)} of {len(records)} missing); "
-                          f"data.image_root must be the folder the listed paths start from")
+        raise ConfigError(
+            f"{path}:{missing[0][1]} names a missing image {missing[0][0]} ({len(missing)} of {len(records)} missing); "
+            f"data.image_root must be the folder the listed paths start from"
+        )
     return records
 
 
@@ -357,6 +373,7 @@ def _cifar(kind: str) -> Callable:
         (x, y), (tx, ty) = arrays["train"], arrays["test"]
         keep = long_tail_indices(y, len(names), d.rho, d.seed, d.n_max)
         return {"train": Source(y[keep], images=x[keep]), "test": Source(ty, images=tx)}, names
+
     return build
 
 
@@ -364,15 +381,22 @@ def _lists(name: str) -> Callable:
     def build(d: DictConfig, cache_dir: str) -> tuple[dict[str, Source], list[str]]:
         splits = load_split_lists(name, d.root, d.image_root)
         classes = max(label for _, label in splits["train"]) + 1
-        return ({s: Source(np.array([lab for _, lab in recs]), paths=[p for p, _ in recs]) for s, recs in splits.items()},
-                [str(c) for c in range(classes)])
+        return (
+            {s: Source(np.array([lab for _, lab in recs]), paths=[p for p, _ in recs]) for s, recs in splits.items()},
+            [str(c) for c in range(classes)],
+        )
+
     return build
 
 
 # name → builder(data config, cache dir) → ({'train', 'test'[, 'val']}: Source, class names)
 DATASETS: dict[str, Callable[[DictConfig, str], tuple[dict[str, Source], list[str]]]] = {
-    "generated": _generated, "cifar10_lt": _cifar("cifar10"), "cifar100_lt": _cifar("cifar100"),
-    "imagenet_lt": _lists("imagenet_lt"), "places_lt": _lists("places_lt"), "inat18": _lists("inat18"),
+    "generated": _generated,
+    "cifar10_lt": _cifar("cifar10"),
+    "cifar100_lt": _cifar("cifar100"),
+    "imagenet_lt": _lists("imagenet_lt"),
+    "places_lt": _lists("places_lt"),
+    "inat18": _lists("inat18"),
 }
 
 
@@ -389,25 +413,44 @@ def train_transform(d: DictConfig, a: DictConfig) -> Callable:
     """Fine-tuning: RandomResizedCrop + flip + RandAugment + random erasing (DeiT / LiVT, through timm)."""
     from timm.data import create_transform
 
-    return create_transform(input_size=d.image_size, is_training=True, scale=tuple(a.crop_scale), hflip=0.5, color_jitter=None,
-                            auto_augment=None if a.randaugment == "none" else a.randaugment, interpolation="bicubic", re_prob=a.reprob, re_mode="pixel",
-                            mean=tuple(d.mean), std=tuple(d.std))
+    return create_transform(
+        input_size=d.image_size,
+        is_training=True,
+        scale=tuple(a.crop_scale),
+        hflip=0.5,
+        color_jitter=None,
+        auto_augment=None if a.randaugment == "none" else a.randaugment,
+        interpolation="bicubic",
+        re_prob=a.reprob,
+        re_mode="pixel",
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+    )
 
 
 def mgp_transform(d: DictConfig, crop_scale) -> Callable:
     """MGP: RandomResizedCrop + horizontal flip only (MAE)."""
     from timm.data import create_transform
 
-    return create_transform(input_size=d.image_size, is_training=True, scale=tuple(crop_scale), hflip=0.5, color_jitter=None,
-                            interpolation="bicubic", mean=tuple(d.mean), std=tuple(d.std))
+    return create_transform(
+        input_size=d.image_size,
+        is_training=True,
+        scale=tuple(crop_scale),
+        hflip=0.5,
+        color_jitter=None,
+        interpolation="bicubic",
+        mean=tuple(d.mean),
+        std=tuple(d.std),
+    )
 
 
 def eval_transform(d: DictConfig) -> Callable:
     """Test: bicubic resize to size/crop_pct, centre crop (the notes' test transform)."""
     from timm.data import create_transform
 
-    return create_transform(input_size=d.image_size, is_training=False, crop_pct=d.crop_pct, interpolation="bicubic",
-                            mean=tuple(d.mean), std=tuple(d.std))
+    return create_transform(
+        input_size=d.image_size, is_training=False, crop_pct=d.crop_pct, interpolation="bicubic", mean=tuple(d.mean), std=tuple(d.std)
+    )
 
 
 # -- datamodule ---------------------------------------------------------------------------------------------
@@ -428,7 +471,9 @@ class LTDataModule(pl.LightningDataModule):
             self.sources.setdefault("val", self.sources["test"])
             counts = self.class_counts
             if (counts == 0).any():
-                raise ConfigError(f"{self.cfg.data.name}: classes {torch.nonzero(counts == 0).flatten().tolist()[:5]} have no training image")
+                raise ConfigError(
+                    f"{self.cfg.data.name}: classes {torch.nonzero(counts == 0).flatten().tolist()[:5]} have no training image"
+                )
 
     @property
     def class_counts(self) -> torch.Tensor:
@@ -437,7 +482,11 @@ class LTDataModule(pl.LightningDataModule):
     def identity(self) -> dict:
         """What the training set depends on (the MGP cache key): data settings, and the files behind a real set."""
         d = self.cfg.data
-        keys = ("name", "classes", "n_max", "rho", "seed", "image_size", "mean", "std") if d.name == "generated" else ("name", "rho", "seed", "n_max", "image_size", "mean", "std")
+        keys = (
+            ("name", "classes", "n_max", "rho", "seed", "image_size", "mean", "std")
+            if d.name == "generated"
+            else ("name", "rho", "seed", "n_max", "image_size", "mean", "std")
+        )
         train = self.sources["train"]
         digest = hashlib.sha1(np.ascontiguousarray(train.labels).tobytes())
         if train.images is not None:
@@ -453,7 +502,9 @@ class LTDataModule(pl.LightningDataModule):
         d = self.cfg.data
         data = self.sources["train"].dataset(train_transform(d, self.cfg.augment))
         # mixup/cutmix pair up a batch with its flip: an odd last batch is dropped
-        return make_loader(data, d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, drop_last=len(data) > d.batch_size)
+        return make_loader(
+            data, d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, drop_last=len(data) > d.batch_size
+        )
 
     def val_dataloader(self):
         d = self.cfg.data

@@ -55,9 +55,12 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     groups = layer_decay_groups(livt, cfg.optim.weight_decay, cfg.optim.layer_decay)
     for group in groups:
         group["lr"] = 1e-4 * group.pop("lr_scale")
-    optimizers = {"mgp": torch.optim.AdamW(mae.parameters(), lr=1e-4, betas=(0.9, 0.95)),
-                  "full_token": torch.optim.AdamW(full.parameters(), lr=1e-4, betas=(0.9, 0.95)),
-                  "bal_bce": torch.optim.AdamW(groups, lr=1e-4), "timm_ce": torch.optim.AdamW(timm_ce.parameters(), lr=1e-4)}
+    optimizers = {
+        "mgp": torch.optim.AdamW(mae.parameters(), lr=1e-4, betas=(0.9, 0.95)),
+        "full_token": torch.optim.AdamW(full.parameters(), lr=1e-4, betas=(0.9, 0.95)),
+        "bal_bce": torch.optim.AdamW(groups, lr=1e-4),
+        "timm_ce": torch.optim.AdamW(timm_ce.parameters(), lr=1e-4),
+    }
 
     def step(name: str) -> Callable[[], None]:
         def run() -> None:
@@ -74,6 +77,7 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
             optimizers[name].zero_grad(set_to_none=True)
             value.backward()
             optimizers[name].step()
+
         return run
 
     for model in (mae, full, livt, timm_ce):
@@ -86,9 +90,16 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
                 best[name] = min(best[name], seconds)
     rate = {name: b.batch_size * b.steps / seconds for name, seconds in best.items()}
     out = {f"{name}_images_per_s": value for name, value in rate.items()}
-    out.update(mgp_over_full_token=rate["mgp"] / rate["full_token"], bal_bce_over_timm_ce=rate["bal_bce"] / rate["timm_ce"],
-               visible_tokens=float(int(mae.encoder.patch_embed.num_patches * (1 - m.mask_ratio))),
-               tokens=float(mae.encoder.patch_embed.num_patches), torch_threads=float(torch.get_num_threads()))
-    print(f"MGP {rate['mgp']:.0f} img/s vs full-token {rate['full_token']:.0f} img/s: {out['mgp_over_full_token']:.2f}×; "
-          f"Bal-BCE fine-tune {rate['bal_bce']:.0f} vs timm CE {rate['timm_ce']:.0f} img/s: {out['bal_bce_over_timm_ce']:.3f}×", flush=True)
+    out.update(
+        mgp_over_full_token=rate["mgp"] / rate["full_token"],
+        bal_bce_over_timm_ce=rate["bal_bce"] / rate["timm_ce"],
+        visible_tokens=float(int(mae.encoder.patch_embed.num_patches * (1 - m.mask_ratio))),
+        tokens=float(mae.encoder.patch_embed.num_patches),
+        torch_threads=float(torch.get_num_threads()),
+    )
+    print(
+        f"MGP {rate['mgp']:.0f} img/s vs full-token {rate['full_token']:.0f} img/s: {out['mgp_over_full_token']:.2f}×; "
+        f"Bal-BCE fine-tune {rate['bal_bce']:.0f} vs timm CE {rate['timm_ce']:.0f} img/s: {out['bal_bce_over_timm_ce']:.3f}×",
+        flush=True,
+    )
     return out

@@ -38,7 +38,9 @@ def create_vit(model_cfg: DictConfig, num_classes: int = 0, finetune: bool = Fal
         vit = timm.create_model(model_cfg.name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ConfigError(f"unknown timm model '{model_cfg.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"") from None
+            raise ConfigError(
+                f"unknown timm model '{model_cfg.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
+            ) from None
         raise
     except TypeError as err:
         raise ConfigError(f"model.kwargs do not fit {model_cfg.name}: {err}") from None
@@ -105,8 +107,15 @@ class MaskedAutoencoder(nn.Module):
     """MGP: the timm ViT ``encoder`` on the visible patches only, a light Transformer decoder (timm blocks) on the
     encoded visible tokens plus mask tokens, each with fixed sine-cosine position embeddings (MAE's choice)."""
 
-    def __init__(self, encoder: nn.Module, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 mask_ratio: float = 0.75, norm_pix: bool = True):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        mask_ratio: float = 0.75,
+        norm_pix: bool = True,
+    ):
         super().__init__()
         from timm.models.vision_transformer import Block
 
@@ -123,7 +132,8 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(grid, decoder_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-            for _ in range(decoder_depth))
+            for _ in range(decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch**2 * 3)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -186,8 +196,10 @@ def load_encoder(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     fresh = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
     if fresh or unexpected:
-        raise ConfigError(f"MGP weights do not fit the fine-tuning ViT: missing {fresh[:3]}, unexpected {unexpected[:3]} "
-                          "(pretrain and fine-tune need the same model.name and model.kwargs)")
+        raise ConfigError(
+            f"MGP weights do not fit the fine-tuning ViT: missing {fresh[:3]}, unexpected {unexpected[:3]} "
+            "(pretrain and fine-tune need the same model.name and model.kwargs)"
+        )
     nn.init.trunc_normal_(model.head.weight, std=2e-5)
     nn.init.zeros_(model.head.bias)
 

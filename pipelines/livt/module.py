@@ -40,8 +40,9 @@ def mgp_cache_path(cfg: DictConfig, data: LTDataModule) -> Path:
     """The cache file of stage 1: a hash of the model, the MGP settings and the training set (not of the run's seed, so
     fine-tuning seeds share one pretraining)."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg.mgp, resolve=True).items() if k != "enabled"}
-    key = json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True), "mgp": settings, "data": data.identity()},
-                     sort_keys=True, default=str)
+    key = json.dumps(
+        {"model": OmegaConf.to_container(cfg.model, resolve=True), "mgp": settings, "data": data.identity()}, sort_keys=True, default=str
+    )
     return Path(cfg.paths.cache_dir) / "livt" / f"mgp-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
@@ -58,13 +59,20 @@ def pretrain_mgp(cfg: DictConfig, data: LTDataModule, device: torch.device) -> d
     lr = scaled_lr(m.blr, m.batch_size)
     opt = torch.optim.AdamW(param_groups_weight_decay(mae, m.weight_decay), lr=lr, betas=(0.9, 0.95))
     dataset = data.mgp_dataset()
-    loader = DataLoader(dataset, batch_size=m.batch_size, shuffle=True, drop_last=len(dataset) > m.batch_size,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(m.seed))
+    loader = DataLoader(
+        dataset,
+        batch_size=m.batch_size,
+        shuffle=True,
+        drop_last=len(dataset) > m.batch_size,
+        num_workers=cfg.data.num_workers,
+        generator=torch.Generator().manual_seed(m.seed),
+    )
     total, warmup = m.epochs * len(loader), m.warmup_epochs * len(loader)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, total, warmup, 0.0))
     history = []
-    bar = tqdm(total=total, desc=f"stage 1: MGP of {cfg.model.name} on {cfg.data.name}", unit="step",
-               disable=not cfg.trainer.enable_progress_bar)
+    bar = tqdm(
+        total=total, desc=f"stage 1: MGP of {cfg.model.name} on {cfg.data.name}", unit="step", disable=not cfg.trainer.enable_progress_bar
+    )
     mae.train()
     for _ in range(m.epochs):
         losses = []
@@ -102,7 +110,11 @@ def mgp_stage(cfg: DictConfig, data: LTDataModule, device: torch.device, strateg
 
 def encoder_weights(mae_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's part of the MAE weights, without its final norm (fine-tuning pools into fc_norm instead)."""
-    return {k.removeprefix("encoder."): v for k, v in mae_state.items() if k.startswith("encoder.") and not k.startswith(("encoder.norm.", "encoder.head."))}
+    return {
+        k.removeprefix("encoder."): v
+        for k, v in mae_state.items()
+        if k.startswith("encoder.") and not k.startswith(("encoder.norm.", "encoder.head."))
+    }
 
 
 def reconstruction_figure(cfg: DictConfig, mae_state: dict, data: LTDataModule, count: int = 8):
@@ -133,8 +145,11 @@ def reconstruction_figure(cfg: DictConfig, mae_state: dict, data: LTDataModule, 
 # -- metrics ---------------------------------------------------------------------------------------------
 def shot_groups(class_counts: torch.Tensor, many_above: int, few_below: int) -> dict[str, torch.Tensor]:
     """Class masks by training frequency: many > ``many_above``, medium in [few_below, many_above], few < ``few_below``."""
-    return {"many": class_counts > many_above, "medium": (class_counts >= few_below) & (class_counts <= many_above),
-            "few": class_counts < few_below}
+    return {
+        "many": class_counts > many_above,
+        "medium": (class_counts >= few_below) & (class_counts <= many_above),
+        "few": class_counts < few_below,
+    }
 
 
 def per_class_figure(per_class: torch.Tensor, class_counts: torch.Tensor, names: list[str], title: str):
@@ -165,10 +180,14 @@ class LiVTModule(pl.LightningModule):
         if cfg.loss.name not in LOSSES:
             raise ConfigError(f"unknown loss.name '{cfg.loss.name}'; valid: {', '.join(LOSSES)}")
         if not timm.is_model(cfg.model.name):
-            raise ConfigError(f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"")
+            raise ConfigError(
+                f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
+            )
         if cfg.augment.mixup > 0 or cfg.augment.cutmix > 0:
             if cfg.data.batch_size % 2:
-                raise ConfigError(f"mixup/cutmix pair each image with another in its batch: data.batch_size must be even, got {cfg.data.batch_size}")
+                raise ConfigError(
+                    f"mixup/cutmix pair each image with another in its batch: data.batch_size must be even, got {cfg.data.batch_size}"
+                )
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -198,11 +217,22 @@ class LiVTModule(pl.LightningModule):
         if a.mixup > 0 or a.cutmix > 0:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
-                               label_smoothing=a.label_smoothing, num_classes=c)
+            self.mixup = Mixup(
+                mixup_alpha=a.mixup,
+                cutmix_alpha=a.cutmix,
+                prob=a.mixup_prob,
+                switch_prob=a.mixup_switch_prob,
+                label_smoothing=a.label_smoothing,
+                num_classes=c,
+            )
         self.groups = shot_groups(counts, self.cfg.metrics.many_above, self.cfg.metrics.few_below)
-        self.metrics = torch.nn.ModuleDict({f"{split}_{kind}": MulticlassAccuracy(c, average=avg)
-                                            for split in ("val", "test") for kind, avg in (("acc", "micro"), ("per_class", "none"))})
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{split}_{kind}": MulticlassAccuracy(c, average=avg)
+                for split in ("val", "test")
+                for kind, avg in (("acc", "micro"), ("per_class", "none"))
+            }
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)  # raw logits: the balanced losses shift them in training only
@@ -269,8 +299,14 @@ class LiVTModule(pl.LightningModule):
             title = f"{self.cfg.data.name} ρ={self.cfg.data.rho}, {'MGP' if self.cfg.mgp.enabled else 'scratch'} + {self.cfg.loss.name}"
             tracker.log_figure(per_class_figure(self._per_class, counts, self.class_names, title), "per_class_accuracy.png")
             order = torch.argsort(counts, descending=True, stable=True).tolist()
-            tracker.log_table([{"class": self.class_names[i], "train images": int(counts[i]), "accuracy %": round(100 * float(self._per_class[i]), 2)}
-                               for i in order], "per_class_accuracy.md", title="Test accuracy per class, most frequent first")
+            tracker.log_table(
+                [
+                    {"class": self.class_names[i], "train images": int(counts[i]), "accuracy %": round(100 * float(self._per_class[i]), 2)}
+                    for i in order
+                ],
+                "per_class_accuracy.md",
+                title="Test accuracy per class, most frequent first",
+            )
 
     def configure_optimizers(self):
         o = self.cfg.optim

@@ -54,9 +54,13 @@ def test_bal_bce_shift_and_loss_match_a_hand_computation():
                 p = _sigmoid(z + s)
                 hand -= y * math.log(p) + (1 - y) * math.log(1 - p)
         assert float(loss(logits, targets)) == pytest.approx(hand / 2, rel=1e-5)  # summed over classes, averaged over the batch
-    assert float(make_loss("bal_bce", counts, 2.0)(logits, targets)) != pytest.approx(float(make_loss("bal_bce", counts, 1.0)(logits, targets)))
+    assert float(make_loss("bal_bce", counts, 2.0)(logits, targets)) != pytest.approx(
+        float(make_loss("bal_bce", counts, 1.0)(logits, targets))
+    )
     plain = make_loss("bce", counts, 1.0)
-    assert plain.shift.abs().sum() == 0 and float(plain(logits, targets)) != pytest.approx(float(make_loss("bal_bce", counts, 1.0)(logits, targets)))
+    assert plain.shift.abs().sum() == 0 and float(plain(logits, targets)) != pytest.approx(
+        float(make_loss("bal_bce", counts, 1.0)(logits, targets))
+    )
 
 
 def test_bal_ce_is_logit_adjustment_and_smoothing_is_the_references():
@@ -190,7 +194,9 @@ def _write_cifar10_batches(folder, per_class: int = 12):
 
 def test_cifar10_lt_from_python_batches_follows_the_protocol(tmp_path):
     labels = _write_cifar10_batches(tmp_path / "cifar-10-batches-py")
-    cfg = compose("livt", {"data.name": "cifar10_lt", "data.root": str(tmp_path), "data.rho": 10.0, "paths.cache_dir": str(tmp_path / "cache")})
+    cfg = compose(
+        "livt", {"data.name": "cifar10_lt", "data.root": str(tmp_path), "data.rho": 10.0, "paths.cache_dir": str(tmp_path / "cache")}
+    )
     sources, names = DATASETS["cifar10_lt"](cfg.data, cfg.paths.cache_dir)
     assert names == [f"c{i}" for i in range(10)]
     train = sources["train"]
@@ -228,7 +234,9 @@ def test_cifar_imagefolder_and_its_zips_read_the_same(tmp_path):
                 archive.write(path, str(path.relative_to(tree)))
     out = {}
     for root in (tree, zips):
-        cfg = compose("livt", {"data.name": "cifar10_lt", "data.root": str(root), "data.rho": 2.0, "paths.cache_dir": str(tmp_path / "cache")})
+        cfg = compose(
+            "livt", {"data.name": "cifar10_lt", "data.root": str(root), "data.rho": 2.0, "paths.cache_dir": str(tmp_path / "cache")}
+        )
         out[root.name] = DATASETS["cifar10_lt"](cfg.data, cfg.paths.cache_dir)
     (a, names), (b, _) = out["tree"], out["zips"]
     assert names == [f"class{c}" for c in range(10)]
@@ -239,11 +247,14 @@ def test_cifar_imagefolder_and_its_zips_read_the_same(tmp_path):
         DATASETS["cifar10_lt"](compose("livt", {"data.name": "cifar10_lt", "data.root": str(tmp_path)}).data, str(tmp_path / "cache"))
 
 
-@pytest.mark.parametrize("name,files", [
-    ("imagenet_lt", ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt")),
-    ("places_lt", ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt")),
-    ("inat18", ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt")),
-])
+@pytest.mark.parametrize(
+    "name,files",
+    [
+        ("imagenet_lt", ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt")),
+        ("places_lt", ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt")),
+        ("inat18", ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt")),
+    ],
+)
 def test_split_list_datasets_read_their_lists_over_an_image_root(tmp_path, name, files):
     images = tmp_path / "images"
     lists = tmp_path / "lists"
@@ -277,11 +288,14 @@ def test_split_list_datasets_read_their_lists_over_an_image_root(tmp_path, name,
 
 
 # -- bad input: one line, where it enters ---------------------------------------------------------------------
-@pytest.mark.parametrize("override,expected", [
-    ("data.rho=0.5", "config key 'data.rho' must be >= 1, got 0.5"),
-    ("mgp.mask_ratio=1.0", "config key 'mgp.mask_ratio' must be in (0, 1), got 1.0"),
-    ("mgp.mask_ratio=0", "config key 'mgp.mask_ratio' must be in (0, 1), got 0"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.rho=0.5", "config key 'data.rho' must be >= 1, got 0.5"),
+        ("mgp.mask_ratio=1.0", "config key 'mgp.mask_ratio' must be in (0, 1), got 1.0"),
+        ("mgp.mask_ratio=0", "config key 'mgp.mask_ratio' must be in (0, 1), got 0"),
+    ],
+)
 def test_bad_ratios_are_one_line_config_errors(override, expected):
     key, value = override.split("=")
     with pytest.raises(ConfigError) as err:
@@ -294,9 +308,11 @@ def test_cli_bad_input_is_one_line(home):
     assert out.returncode == 2 and out.stderr.strip().splitlines() == ["lightyard: error: config key 'data.rho' must be >= 1, got 0.5"]
     from pipelines.livt.module import LiVTModule
 
-    for values, message in (({"data.name": "imagenet_lt"}, "data.name=imagenet_lt needs data.root=<folder>"),
-                            ({"loss.name": "focal"}, "unknown loss.name 'focal'; valid: ce, bce, bal_ce, bal_bce"),
-                            ({"data.batch_size": 15, "augment.mixup": 0.8}, "data.batch_size must be even, got 15")):
+    for values, message in (
+        ({"data.name": "imagenet_lt"}, "data.name=imagenet_lt needs data.root=<folder>"),
+        ({"loss.name": "focal"}, "unknown loss.name 'focal'; valid: ce, bce, bal_ce, bal_bce"),
+        ({"data.batch_size": 15, "augment.mixup": 0.8}, "data.batch_size must be even, got 15"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
 
