@@ -63,8 +63,10 @@ def _paint(texture: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return texture[None] * a[:, None, None] + (1 - texture[None]) * b[:, None, None]
 
 
-# object class → (texture, radius range as a fraction of the image height)
-SCENE_OBJECTS = {2: ("plain", (0.05, 0.09)), 3: ("stripes", (0.16, 0.26)), 4: ("checker", (0.22, 0.36)), 5: ("blobs", (0.1, 0.16))}
+# object class → (texture, radius range as a fraction of the image height, hue of its first colour); the second colour
+# and the first's exact shade are random, so colour alone does not give the class away (texture and shape do)
+SCENE_OBJECTS = {2: ("plain", (0.07, 0.12), (0.9, 0.25, 0.2)), 3: ("stripes", (0.16, 0.26), (0.5, 0.5, 0.5)),
+                 4: ("checker", (0.25, 0.4), (0.9, 0.8, 0.2)), 5: ("blobs", (0.12, 0.2), (0.6, 0.3, 0.8))}
 
 
 def _object_mask(cls: int, h: int, w: int, cy: float, cx: float, r: float) -> torch.Tensor:
@@ -75,11 +77,11 @@ def _object_mask(cls: int, h: int, w: int, cy: float, cx: float, r: float) -> to
     if cls == 3:  # box, wider than tall
         return (dx.abs() < 1.0) & (dy.abs() < 0.6)
     if cls == 4:  # pole: thin and tall
-        return (dx.abs() < 0.12) & (dy.abs() < 1.0)
+        return (dx.abs() < 0.16) & (dy.abs() < 1.0)
     return (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.6)  # triangle
 
 
-def generate_scene(height: int, width: int, g: torch.Generator, objects: tuple[int, int] = (3, 6), ignore_prob: float = 0.5,
+def generate_scene(height: int, width: int, g: torch.Generator, objects: tuple[int, int] = (4, 7), ignore_prob: float = 0.5,
                    noise: float = 0.04) -> tuple[torch.Tensor, torch.Tensor]:
     """One scene: (image [3, H, W] in [0, 1], label [H, W]); classes as :data:`SCENE_CLASSES`, 255 on the void patch."""
     rand = lambda *shape: torch.rand(*shape, generator=g)
@@ -92,12 +94,12 @@ def generate_scene(height: int, width: int, g: torch.Generator, objects: tuple[i
     n = int(torch.randint(objects[0], objects[1] + 1, (), generator=g))
     for _ in range(n):  # later objects occlude earlier ones; the mask is exactly what is painted
         cls = int(torch.randint(2, 6, (), generator=g))
-        texture, (lo, hi) = SCENE_OBJECTS[cls]
+        texture, (lo, hi), hue = SCENE_OBJECTS[cls]
         r = height * (lo + (hi - lo) * float(rand(())))
         cy = horizon + (height - horizon) * float(rand(())) if cls != 2 else height * float(rand(()))  # discs also fly
         cx = width * float(rand(()))
         mask = _object_mask(cls, height, width, cy, cx, r)
-        fill = _paint(_texture(texture, height, width, g), rand(3), rand(3))
+        fill = _paint(_texture(texture, height, width, g), (torch.tensor(hue) + 0.3 * (rand(3) - 0.5)).clamp(0, 1), rand(3))
         image = torch.where(mask[None], fill, image)
         label[mask] = cls
     if float(rand(())) < ignore_prob:  # a void patch: noise, labelled ignore
