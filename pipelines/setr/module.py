@@ -145,8 +145,9 @@ class SETRModule(pl.LightningModule):
         self.class_names = class_names(cfg.data.name)
         self.classes = len(self.class_names)
         self.model = build_model(cfg, self.classes)
-        self.metrics = nn.ModuleDict({k: SegmentationMetrics(self.classes) for k in ("val", "test", "test_ms")})
+        self.metrics = nn.ModuleDict({k: SegmentationMetrics(self.classes) for k in ("val", "test", "test_ms", "test_ms_subset_ss")})
         self._panel: tuple | None = None
+        self._ms_seen = 0
 
     def setup(self, stage: str) -> None:
         if self.trainer.world_size > 1:  # the paper's SyncBN
@@ -194,8 +195,13 @@ class SETRModule(pl.LightningModule):
         images, labels = batch
         predicted = self.slide(images).argmax(1)
         self.metrics["test"].update(predicted, labels)
-        if self.cfg.eval.multi_scale:
-            self.metrics["test_ms"].update(self.multi_scale(images).argmax(1), labels)
+        e = self.cfg.eval
+        if e.multi_scale and (e.ms_images == 0 or self._ms_seen < e.ms_images):  # MS costs ~10× SS: ms_images caps it on CPUs
+            keep = len(images) if e.ms_images == 0 else min(len(images), e.ms_images - self._ms_seen)
+            self.metrics["test_ms"].update(self.multi_scale(images[:keep]).argmax(1), labels[:keep])
+            if e.ms_images:  # single-scale on the same images, to compare like with like
+                self.metrics["test_ms_subset_ss"].update(predicted[:keep], labels[:keep])
+            self._ms_seen += keep
         if self._panel is None or len(self._panel[0]) < self.cfg.eval.panels:
             k = self.cfg.eval.panels - (0 if self._panel is None else len(self._panel[0]))
             part = (images[:k].cpu(), labels[:k].cpu(), predicted[:k].cpu())
@@ -218,11 +224,13 @@ class SETRModule(pl.LightningModule):
         self._log_split("test")
         if self.cfg.eval.multi_scale:
             self._log_split("test_ms")
+            if self.cfg.eval.ms_images:
+                self._log_split("test_ms_subset_ss")
         tracker = self.logger.experiment if self.logger is not None else None
         if tracker is not None and self._panel is not None and self.cfg.eval.panels > 0:
             title = f"SETR-{self.cfg.model.decoder} on {self.cfg.data.name} (single-scale, sliding window)"
             tracker.log_figure(overlay_figure(*self._panel, self.class_names, title), "panels/test_overlay.png")
-        self._panel = None
+        self._panel, self._ms_seen = None, 0
 
     def configure_optimizers(self):
         o = self.cfg.optim
