@@ -353,7 +353,7 @@ def test_reproduce_smoke_tabulates_decoders_beside_the_paper(home):
     client = MlflowClient(tracking_uri=tracking_uri(compose("setr")))
     children = children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
     assert sorted(c["model.decoder"] for c in children) == ["mla", "naive"]
-    assert "paper naive" in result.report and "77.90 Cityscapes" in result.report and "the paper's ordering" in result.report
+    assert "paper naive" in result.report and "77.90 Cityscapes" in result.report and "paper cityscapes_ss: naive ≥ mla" in result.report
     mla = next(c for c in children if c["model.decoder"] == "mla")
     assert f"{100 * mla['test/miou']:.1f}" in result.report
 
