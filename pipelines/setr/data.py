@@ -380,7 +380,7 @@ def load_pascal_context(root: str | Path, classes: int = 60) -> dict[str, FilePa
     return out
 
 
-# name → (loader(root) → {'train', 'val', 'test'}, class names or count, mmseg img_scale (long, short) for training resize)
+# name → (loader(root) → {'train', 'val', 'test'}, class names or their count)
 REAL: dict[str, tuple[Callable[[str], dict[str, FilePairs]], tuple[str, ...] | int]] = {
     "camvid": (load_camvid, CAMVID_CLASSES),
     "ade20k": (load_ade20k, 150),
