@@ -1,0 +1,239 @@
+"""LightningModule: SETR trained on crops with L = CE(main) + 0.4 Σ CE(aux), SGD + poly per step, head lr ×10;
+validation single-scale with the sliding window; test single-scale and (eval.multi_scale) multi-scale + flip.
+mIoU, per-class IoU and pixel accuracy from torchmetrics, accumulated over the whole split; overlay panels
+(image, label, prediction) logged to MLflow at the end of the test."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from common.config import ConfigError
+from pipelines.setr.data import SegDataModule, check_data, class_names
+from pipelines.setr.model import (
+    IGNORE_INDEX,
+    SETR,
+    build_setr,
+    check_window,
+    check_decoder,
+    create_vit,
+    make_optimizer,
+    multi_scale_inference,
+    setr_loss,
+    setr_multi_scale_sizes,
+    slide_inference,
+)
+
+
+class SegmentationMetrics(nn.Module):
+    """Per-class IoU (a class with an empty union over the whole split is NaN and left out of the mean, as mmseg's
+    nanmean), mIoU and pixel accuracy, accumulated over every batch of a split (one confusion matrix, never an
+    average of per-batch scores); pixels labelled ``ignore_index`` count nowhere. torchmetrics syncs them under DDP."""
+
+    def __init__(self, classes: int, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.iou = MulticlassJaccardIndex(classes, average="none", ignore_index=ignore_index, zero_division=math.nan)
+        self.acc = MulticlassAccuracy(classes, average="micro", ignore_index=ignore_index)
+
+    def update(self, predicted: torch.Tensor, target: torch.Tensor) -> None:
+        """``predicted``: class indices ``[B, H, W]``; ``target``: labels ``[B, H, W]``."""
+        self.iou.update(predicted, target)
+        self.acc.update(predicted, target)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        iou = self.iou.compute()
+        return {"miou": iou.nanmean(), "iou": iou, "acc": self.acc.compute()}
+
+    def reset(self) -> None:
+        self.iou.reset()
+        self.acc.reset()
+
+
+def build_model(cfg: DictConfig, classes: int) -> SETR:
+    m = cfg.model
+    kwargs = OmegaConf.to_container(m.kwargs) if m.kwargs else {}
+    vit = create_vit(m.name, kwargs, m.drop_rate)
+    model = build_setr(m.decoder, vit, classes, list(m.aux_layers) or None, list(m.mla_layers) or None, m.channels, m.head_channels)
+    if m.checkpoint:
+        load_encoder_weights(model, m.checkpoint)
+    return model
+
+
+def load_encoder_weights(model: SETR, path: str) -> None:
+    """Local ViT weights (safetensors or a torch state dict, read with weights_only=True); the position embedding is
+    interpolated to the model's grid (bilinear, as the official pos_embed_interp)."""
+    from pathlib import Path
+
+    from pipelines.setr.model import interpolate_pos_embed
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model.checkpoint {file} does not exist (a .safetensors file or a torch state dict of the timm ViT)")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(file))
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    vit = model.encoder.vit
+    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
+        prefix = model.encoder.prefix
+        old = int(math.isqrt(state["pos_embed"].shape[1] - prefix))
+        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], prefix, (old, old), tuple(vit.patch_embed.grid_size))
+    state = {k: v for k, v in state.items() if not k.startswith("head")}
+    missing, unexpected = vit.load_state_dict(state, strict=False)
+    if [k for k in missing if not k.startswith("head")] or unexpected:
+        raise ConfigError(f"weights {file} do not fit {model.encoder.vit.__class__.__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
+                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+def overlay_figure(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...], title: str):
+    """Rows of (image, label, prediction); ignored pixels black."""
+    from common.tracking import pyplot
+
+    plt = pyplot()
+    palette = torch.tensor(plt.get_cmap("tab20")(range(20)))[:, :3]
+    def paint(mask: torch.Tensor) -> torch.Tensor:
+        colours = palette[mask.clamp(0, 19) % 20]
+        colours[mask == IGNORE_INDEX] = 0
+        return colours
+
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 2.6 * n * images.shape[-2] / images.shape[-1] + 0.6), squeeze=False)
+    for i in range(n):
+        for ax, panel, name in zip(axes[i], (images[i].permute(1, 2, 0).clamp(0, 1), paint(labels[i]), paint(predictions[i])),
+                                   ("image", "label", "prediction")):
+            ax.imshow(panel.numpy(), interpolation="nearest")
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(name)
+    shown = ", ".join(f"{k}={name}" for k, name in enumerate(names[:20]))
+    fig.suptitle(f"{title}\n{shown}", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    """The sliding window against generated images (sizes known from the config); real images are checked on the
+    first image of each evaluation split when the data is set up."""
+    e, d = cfg.eval, cfg.data
+    if len(e.crop) != 2 or len(e.stride) != 2 or len(d.crop) != 2:
+        raise ConfigError("data.crop, eval.crop and eval.stride take [height, width]")
+    if d.name == "scenes":
+        check_window(d.image_size[0], d.image_size[1], e.crop, e.pad)
+
+
+class SETRModule(pl.LightningModule):
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Before any MLflow run starts: names, layer numbers (on a meta-device model: no memory, no time), sizes."""
+        check_decoder(cfg.model.decoder)
+        check_data(cfg.data)
+        check_sizes(cfg)
+        with torch.device("meta"):
+            build_model(OmegaConf.merge(cfg, {"model": {"checkpoint": None}}), len(class_names(cfg.data.name)))
+
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = class_names(cfg.data.name)
+        self.classes = len(self.class_names)
+        self.model = build_model(cfg, self.classes)
+        self.metrics = nn.ModuleDict({k: SegmentationMetrics(self.classes) for k in ("val", "test", "test_ms", "test_ms_subset_ss")})
+        self._panel: tuple | None = None
+        self._ms_seen = 0
+
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:  # the paper's SyncBN
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, SegDataModule) and not self.cfg.eval.pad:
+            for split in ("val", "test"):  # the window against a real image, before the first step
+                if split in datamodule.splits and len(datamodule.splits[split]):
+                    image, _ = datamodule.splits[split][0]
+                    check_window(image.shape[-2], image.shape[-1], self.cfg.eval.crop, pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # -- inference ---------------------------------------------------------------------------------
+    def slide(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.cfg.eval
+        return slide_inference(self.model, images, tuple(e.crop), tuple(e.stride), self.classes, e.windows_per_forward, e.pad)
+
+    def multi_scale(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.cfg.eval
+        sizes = setr_multi_scale_sizes(images.shape[-2], images.shape[-1], e.base_short, min(e.crop), e.ratios)
+        return multi_scale_inference(self.slide, images, sizes, e.flip)
+
+    # -- steps -------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, SegDataModule):  # new augmentation draws every epoch (seeded by epoch and index)
+            datamodule.splits["train"].epoch = self.current_epoch
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        logits, aux = self.model(images, with_aux=True)
+        loss, main, aux_sum = setr_loss(logits, aux, labels, self.cfg.optim.aux_weight)
+        n = len(labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log_dict({"train/loss_main": main, "train/loss_aux": aux_sum}, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, labels = batch
+        self.metrics["val"].update(self.slide(images).argmax(1), labels)
+
+    def test_step(self, batch, batch_idx):
+        images, labels = batch
+        predicted = self.slide(images).argmax(1)
+        self.metrics["test"].update(predicted, labels)
+        e = self.cfg.eval
+        if e.multi_scale and (e.ms_images == 0 or self._ms_seen < e.ms_images):  # MS costs ~10× SS: ms_images caps it on CPUs
+            keep = len(images) if e.ms_images == 0 else min(len(images), e.ms_images - self._ms_seen)
+            self.metrics["test_ms"].update(self.multi_scale(images[:keep]).argmax(1), labels[:keep])
+            if e.ms_images:  # single-scale on the same images, to compare like with like
+                self.metrics["test_ms_subset_ss"].update(predicted[:keep], labels[:keep])
+            self._ms_seen += keep
+        if self._panel is None or len(self._panel[0]) < self.cfg.eval.panels:
+            k = self.cfg.eval.panels - (0 if self._panel is None else len(self._panel[0]))
+            part = (images[:k].cpu(), labels[:k].cpu(), predicted[:k].cpu())
+            self._panel = part if self._panel is None else tuple(torch.cat([a, b]) for a, b in zip(self._panel, part))
+
+    def _log_split(self, key: str) -> None:
+        result = self.metrics[key].compute()
+        self.metrics[key].reset()
+        logged = {f"{key}/miou": result["miou"], f"{key}/acc": result["acc"]}
+        logged.update({f"{key}/iou/{name}": result["iou"][i] for i, name in enumerate(self.class_names) if not torch.isnan(result["iou"][i])})
+        self.log_dict(logged, batch_size=1)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.metrics["val"].reset()
+            return
+        self._log_split("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test")
+        if self.cfg.eval.multi_scale:
+            self._log_split("test_ms")
+            if self.cfg.eval.ms_images:
+                self._log_split("test_ms_subset_ss")
+        tracker = self.logger.experiment if self.logger is not None else None
+        if tracker is not None and self._panel is not None and self.cfg.eval.panels > 0:
+            title = f"SETR-{self.cfg.model.decoder} on {self.cfg.data.name} (single-scale, sliding window)"
+            tracker.log_figure(overlay_figure(*self._panel, self.class_names, title), "panels/test_overlay.png")
+        self._panel, self._ms_seen = None, 0
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        opt, schedule = make_optimizer(self.model, o.lr, o.momentum, o.weight_decay, o.head_lr_mult, int(self.trainer.estimated_stepping_batches),
+                                       o.power, o.min_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
