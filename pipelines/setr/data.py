@@ -31,11 +31,49 @@ from common.data import make_loader, require_files
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist")
-CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic_light", "traffic_sign", "vegetation", "terrain",
-                      "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
+CITYSCAPES_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic_light",
+    "traffic_sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
 # cityscapesScripts labels.py: labelId → trainId (every other id, and trainId 255/-1, is ignored)
-CITYSCAPES_LABEL_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
-                             27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_LABEL_TO_TRAIN = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 
 # -- generated scenes ------------------------------------------------------------------------------
@@ -65,8 +103,12 @@ def _paint(texture: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 # object class → (texture, radius range as a fraction of the image height, hue of its first colour); the second colour
 # and the first's exact shade are random, so colour alone does not give the class away (texture and shape do)
-SCENE_OBJECTS = {2: ("plain", (0.07, 0.12), (0.9, 0.25, 0.2)), 3: ("stripes", (0.16, 0.26), (0.5, 0.5, 0.5)),
-                 4: ("checker", (0.25, 0.4), (0.9, 0.8, 0.2)), 5: ("blobs", (0.12, 0.2), (0.6, 0.3, 0.8))}
+SCENE_OBJECTS = {
+    2: ("plain", (0.07, 0.12), (0.9, 0.25, 0.2)),
+    3: ("stripes", (0.16, 0.26), (0.5, 0.5, 0.5)),
+    4: ("checker", (0.25, 0.4), (0.9, 0.8, 0.2)),
+    5: ("blobs", (0.12, 0.2), (0.6, 0.3, 0.8)),
+}
 
 
 def _object_mask(cls: int, h: int, w: int, cy: float, cx: float, r: float) -> torch.Tensor:
@@ -81,15 +123,24 @@ def _object_mask(cls: int, h: int, w: int, cy: float, cx: float, r: float) -> to
     return (dy > -0.9) & (dy < 0.8) & (dx.abs() < (dy + 0.9) * 0.6)  # triangle
 
 
-def generate_scene(height: int, width: int, g: torch.Generator, objects: tuple[int, int] = (4, 7), ignore_prob: float = 0.5,
-                   noise: float = 0.04) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_scene(
+    height: int, width: int, g: torch.Generator, objects: tuple[int, int] = (4, 7), ignore_prob: float = 0.5, noise: float = 0.04
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One scene: (image [3, H, W] in [0, 1], label [H, W]); classes as :data:`SCENE_CLASSES`, 255 on the void patch."""
     rand = lambda *shape: torch.rand(*shape, generator=g)
     horizon = int(height * (0.3 + 0.3 * float(rand(()))))
     label = torch.ones(height, width, dtype=torch.long)  # ground
     label[:horizon] = 0  # sky
-    sky = _paint(_texture("gradient", height, width, g), torch.tensor([0.55, 0.7, 0.95]) + 0.1 * rand(3), torch.tensor([0.25, 0.4, 0.8]) + 0.1 * rand(3))
-    ground = _paint(_texture("blobs", height, width, g), torch.tensor([0.35, 0.3, 0.2]) + 0.15 * rand(3), torch.tensor([0.25, 0.45, 0.2]) + 0.15 * rand(3))
+    sky = _paint(
+        _texture("gradient", height, width, g),
+        torch.tensor([0.55, 0.7, 0.95]) + 0.1 * rand(3),
+        torch.tensor([0.25, 0.4, 0.8]) + 0.1 * rand(3),
+    )
+    ground = _paint(
+        _texture("blobs", height, width, g),
+        torch.tensor([0.35, 0.3, 0.2]) + 0.15 * rand(3),
+        torch.tensor([0.25, 0.45, 0.2]) + 0.15 * rand(3),
+    )
     image = torch.where(label[None] == 0, sky, ground)
     n = int(torch.randint(objects[0], objects[1] + 1, (), generator=g))
     for _ in range(n):  # later objects occlude earlier ones; the mask is exactly what is painted
@@ -105,8 +156,8 @@ def generate_scene(height: int, width: int, g: torch.Generator, objects: tuple[i
     if float(rand(())) < ignore_prob:  # a void patch: noise, labelled ignore
         ph, pw = max(2, height // 6), max(2, width // 6)
         y, x = int(torch.randint(0, height - ph + 1, (), generator=g)), int(torch.randint(0, width - pw + 1, (), generator=g))
-        image[:, y:y + ph, x:x + pw] = rand(3, ph, pw)
-        label[y:y + ph, x:x + pw] = IGNORE
+        image[:, y : y + ph, x : x + pw] = rand(3, ph, pw)
+        label[y : y + ph, x : x + pw] = IGNORE
     image = (image + noise * torch.randn(image.shape, generator=g)).clamp(0, 1)
     return image, label
 
@@ -136,7 +187,9 @@ def photometric_distortion(image: torch.Tensor, g: torch.Generator) -> torch.Ten
     return image
 
 
-def random_crop_box(label: torch.Tensor, crop: tuple[int, int], cat_max_ratio: float, g: torch.Generator, tries: int = 10) -> tuple[int, int]:
+def random_crop_box(
+    label: torch.Tensor, crop: tuple[int, int], cat_max_ratio: float, g: torch.Generator, tries: int = 10
+) -> tuple[int, int]:
     """mmseg RandomCrop: up to 10 draws until no single class covers more than ``cat_max_ratio`` of the labelled
     pixels of the crop (and at least two classes are present)."""
     h, w = label.shape
@@ -147,7 +200,7 @@ def random_crop_box(label: torch.Tensor, crop: tuple[int, int], cat_max_ratio: f
         x = int(torch.randint(0, w - cw + 1, (), generator=g))
         if cat_max_ratio >= 1:
             break
-        patch = label[y:y + ch, x:x + cw]
+        patch = label[y : y + ch, x : x + cw]
         counts = torch.bincount(patch[patch != IGNORE].flatten(), minlength=1)
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
@@ -155,8 +208,16 @@ def random_crop_box(label: torch.Tensor, crop: tuple[int, int], cat_max_ratio: f
     return y, x
 
 
-def train_transform(image: torch.Tensor, label: torch.Tensor, crop: tuple[int, int], scale: tuple[int, int] | None,
-                    ratio_range: tuple[float, float], cat_max_ratio: float, g: torch.Generator, photometric: bool = True):
+def train_transform(
+    image: torch.Tensor,
+    label: torch.Tensor,
+    crop: tuple[int, int],
+    scale: tuple[int, int] | None,
+    ratio_range: tuple[float, float],
+    cat_max_ratio: float,
+    g: torch.Generator,
+    photometric: bool = True,
+):
     """Random resize (keep ratio; ``scale`` = mmseg img_scale (long, short) × a ratio in ``ratio_range``, None = the
     image's own size), random crop, flip, photometric distortion, pad to the crop (image 0, label 255)."""
     h, w = label.shape
@@ -168,7 +229,7 @@ def train_transform(image: torch.Tensor, label: torch.Tensor, crop: tuple[int, i
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
         label = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
     y, x = random_crop_box(label, crop, cat_max_ratio, g)
-    image, label = image[:, y:y + crop[0], x:x + crop[1]], label[y:y + crop[0], x:x + crop[1]]
+    image, label = image[:, y : y + crop[0], x : x + crop[1]], label[y : y + crop[0], x : x + crop[1]]
     if bool(torch.rand((), generator=g) < 0.5):
         image, label = image.flip(-1), label.flip(-1)
     if photometric:
@@ -184,8 +245,14 @@ class SegmentationSet(Dataset):
     """Pairs from ``load(i)`` → (image, label); training sets apply ``transform(image, label, generator)``.
     The augmentation generator is seeded per (seed, epoch, index), so a resumed run draws the same crops."""
 
-    def __init__(self, size: int, load: Callable[[int], tuple[torch.Tensor, torch.Tensor]], transform=None, seed: int = 0,
-                 classes: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        size: int,
+        load: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        transform=None,
+        seed: int = 0,
+        classes: tuple[str, ...] = (),
+    ):
         self.size, self.load, self.transform, self.seed, self.classes = size, load, transform, seed, classes
         self.epoch = 0
 
@@ -226,8 +293,10 @@ def checked_label(label: torch.Tensor, classes: int, path: Path, allowed_ignore:
     bad |= label < 0
     if bool(bad.any()):
         value = int(label[bad][0])
-        raise ConfigError(f"label file {path} has value {value} outside the class range 0..{classes - 1} (ignore: {IGNORE}); "
-                          "is it the right dataset / conversion?")
+        raise ConfigError(
+            f"label file {path} has value {value} outside the class range 0..{classes - 1} (ignore: {IGNORE}); "
+            "is it the right dataset / conversion?"
+        )
     return label
 
 
@@ -307,8 +376,10 @@ def load_ade20k(root: str | Path) -> dict[str, FilePairs]:
     return out
 
 
-CITYSCAPES_LAYOUT = ("<root>/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png and "
-                     "<root>/gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png (or _gtFine_labelTrainIds.png)")
+CITYSCAPES_LAYOUT = (
+    "<root>/leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png and "
+    "<root>/gtFine/{train,val}/<city>/<name>_gtFine_labelIds.png (or _gtFine_labelTrainIds.png)"
+)
 
 
 def cityscapes_train_ids(label_ids: torch.Tensor) -> torch.Tensor:
@@ -323,7 +394,9 @@ def _cityscapes_label(label: torch.Tensor, path: Path) -> torch.Tensor:
     if path.name.endswith("_labelTrainIds.png"):
         return checked_label(label, 19, path)
     if bool((label > 33).any()):  # gtFine labelIds run 0..33
-        raise ConfigError(f"label file {path} has labelId {int(label[label > 33][0])} outside Cityscapes' 0..33; is it a gtFine *_labelIds.png?")
+        raise ConfigError(
+            f"label file {path} has labelId {int(label[label > 33][0])} outside Cityscapes' 0..33; is it a gtFine *_labelIds.png?"
+        )
     return cityscapes_train_ids(label)
 
 
@@ -348,8 +421,10 @@ def load_cityscapes(root: str | Path) -> dict[str, FilePairs]:
     return out
 
 
-CONTEXT_LAYOUT = ("<root>/VOC2010/{JPEGImages/*.jpg, SegmentationClassContext/*.png, ImageSets/SegmentationContext/{train,val}.txt} "
-                  "(or <root>/VOCdevkit/VOC2010/...)")
+CONTEXT_LAYOUT = (
+    "<root>/VOC2010/{JPEGImages/*.jpg, SegmentationClassContext/*.png, ImageSets/SegmentationContext/{train,val}.txt} "
+    "(or <root>/VOCdevkit/VOC2010/...)"
+)
 
 
 def load_pascal_context(root: str | Path, classes: int = 60) -> dict[str, FilePairs]:
@@ -359,8 +434,11 @@ def load_pascal_context(root: str | Path, classes: int = 60) -> dict[str, FilePa
         if (candidate / "SegmentationClassContext").is_dir():
             root = candidate
             break
-    require_files(root, ["JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/train.txt",
-                         "ImageSets/SegmentationContext/val.txt"], CONTEXT_LAYOUT)
+    require_files(
+        root,
+        ["JPEGImages", "SegmentationClassContext", "ImageSets/SegmentationContext/train.txt", "ImageSets/SegmentationContext/val.txt"],
+        CONTEXT_LAYOUT,
+    )
 
     def mapped(label: torch.Tensor, path: Path) -> torch.Tensor:
         if classes == 60:
@@ -422,18 +500,25 @@ class SegDataModule(pl.LightningDataModule):
         seed = self.cfg.seed if d.seed is None else d.seed
         crop = tuple(d.crop)
         scale = tuple(d.train_scale) if d.train_scale else None
-        transform = lambda image, label, g: train_transform(image, label, crop, scale, tuple(d.ratio_range), d.cat_max_ratio, g, d.photometric)
+        transform = lambda image, label, g: train_transform(
+            image, label, crop, scale, tuple(d.ratio_range), d.cat_max_ratio, g, d.photometric
+        )
         if d.name == "scenes":
             h, w = d.image_size
-            sets = {"train": generate_scenes(d.n_train, h, w, seed), "val": generate_scenes(d.n_val, h, w, seed + 1),
-                    "test": generate_scenes(d.n_test, h, w, seed + 2)}
+            sets = {
+                "train": generate_scenes(d.n_train, h, w, seed),
+                "val": generate_scenes(d.n_val, h, w, seed + 1),
+                "test": generate_scenes(d.n_test, h, w, seed + 2),
+            }
             loaders = {k: (len(v[0]), lambda i, v=v: (v[0][i], v[1][i])) for k, v in sets.items()}
         else:
             files = REAL[d.name][0](d.root)
             loaders = {k: (len(v), v) for k, v in files.items()}
         limits = {"train": d.limit_train, "val": d.limit_eval, "test": d.limit_eval}
-        self.splits = {k: SegmentationSet(min(n, limits[k]) if limits[k] else n, load, transform if k == "train" else None, seed, self.classes)
-                       for k, (n, load) in loaders.items()}
+        self.splits = {
+            k: SegmentationSet(min(n, limits[k]) if limits[k] else n, load, transform if k == "train" else None, seed, self.classes)
+            for k, (n, load) in loaders.items()
+        }
 
     def train_dataloader(self):
         d = self.cfg.data

@@ -127,19 +127,24 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     windows = len(window_origins(b.image_size[0], b.crop[0], b.stride[0])) * len(window_origins(b.image_size[1], b.crop[1], b.stride[1]))
     diff = float((batched.float() - single.float()).abs().max())
     fastest = {k: min(v) for k, v in timings.items()}
-    out.update({
-        "slide_windows": float(windows * b.images),
-        "slide_batched_images_per_s": b.images / fastest["batched"],
-        "slide_single_images_per_s": b.images / fastest["single"],
-        "slide_speedup": fastest["single"] / fastest["batched"],
-        "slide_max_abs_diff": diff,
-        "slide_identical": float(diff <= 1e-5),
-        "slide_batched_peak_mb": peak / MB,
-        "slide_within_budget": float(peak / MB <= b.memory_budget_mb),
-        "torch_threads": float(threads),
-    })
-    print(f"{b.decoder}: train {out['train_images_per_s']:.1f} img/s, peak {out['train_peak_mb']:.0f} MB; sliding batched ÷ one-by-one "
-          f"{out['slide_speedup']:.2f}×, max |Δ| {diff:.2e}, batched peak {out['slide_batched_peak_mb']:.0f} MB", flush=True)
+    out.update(
+        {
+            "slide_windows": float(windows * b.images),
+            "slide_batched_images_per_s": b.images / fastest["batched"],
+            "slide_single_images_per_s": b.images / fastest["single"],
+            "slide_speedup": fastest["single"] / fastest["batched"],
+            "slide_max_abs_diff": diff,
+            "slide_identical": float(diff <= 1e-5),
+            "slide_batched_peak_mb": peak / MB,
+            "slide_within_budget": float(peak / MB <= b.memory_budget_mb),
+            "torch_threads": float(threads),
+        }
+    )
+    print(
+        f"{b.decoder}: train {out['train_images_per_s']:.1f} img/s, peak {out['train_peak_mb']:.0f} MB; sliding batched ÷ one-by-one "
+        f"{out['slide_speedup']:.2f}×, max |Δ| {diff:.2e}, batched peak {out['slide_batched_peak_mb']:.0f} MB",
+        flush=True,
+    )
     return out
 
 

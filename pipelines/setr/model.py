@@ -107,7 +107,9 @@ def create_vit(name: str, kwargs: dict, drop_rate: float = 0.0) -> nn.Module:
         vit = timm.create_model(name, pretrained=False, num_classes=0, drop_rate=drop_rate, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise ConfigError(f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\"") from None
+            raise ConfigError(
+                f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
+            ) from None
         raise
     except TypeError as err:
         raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
@@ -216,13 +218,20 @@ class MLAHead(nn.Module):
 
     def __init__(self, classes: int, channels: int = 256, head_channels: int = 128, streams: int = 4):
         super().__init__()
-        self.heads = nn.ModuleList([nn.Sequential(conv_bn_relu(channels, head_channels, 3, bias=False),
-                                                  conv_bn_relu(head_channels, head_channels, 3, bias=False)) for _ in range(streams)])
+        self.heads = nn.ModuleList(
+            [
+                nn.Sequential(
+                    conv_bn_relu(channels, head_channels, 3, bias=False), conv_bn_relu(head_channels, head_channels, 3, bias=False)
+                )
+                for _ in range(streams)
+            ]
+        )
         self.cls = nn.Conv2d(streams * head_channels, classes, 3, padding=1)
 
     def forward(self, levels: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-        x = torch.cat([F.interpolate(head(level), scale_factor=4, mode="bilinear", align_corners=True)
-                       for head, level in zip(self.heads, levels)], 1)
+        x = torch.cat(
+            [F.interpolate(head(level), scale_factor=4, mode="bilinear", align_corners=True) for head, level in zip(self.heads, levels)], 1
+        )
         return upsample(self.cls(x), size)
 
 
@@ -245,8 +254,17 @@ class SETR(nn.Module):
     learning rate to names containing "head" (decode and auxiliary heads); its MLA neck lives in the backbone
     and trains at the base rate — :func:`param_groups` keeps that split."""
 
-    def __init__(self, encoder: ViTEncoder, head: nn.Module, aux_heads: Sequence[nn.Module], aux_layers: Sequence[int],
-                 main_layers: Sequence[int], neck: nn.Module | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        head: nn.Module,
+        aux_heads: Sequence[nn.Module],
+        aux_layers: Sequence[int],
+        main_layers: Sequence[int],
+        neck: nn.Module | None = None,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ):
         super().__init__()
         self.encoder, self.head, self.neck = encoder, head, neck
         self.aux_heads = nn.ModuleList(aux_heads)
@@ -290,8 +308,14 @@ def _mla(vit, classes, depth, aux_layers, mla_layers, channels, head_channels):
     if len(layers) != 4:
         raise ConfigError(f"model.mla_layers needs 4 layer numbers (shallow to deep), got {list(layers)}")
     encoder = ViTEncoder(vit, sorted(set(layers)), keep_cls_token=False)
-    return SETR(encoder, MLAHead(classes, channels, head_channels), [MLAAuxHead(classes, channels) for _ in layers], list(range(4)),
-                layers, neck=MLANeck(c, channels))
+    return SETR(
+        encoder,
+        MLAHead(classes, channels, head_channels),
+        [MLAAuxHead(classes, channels) for _ in layers],
+        list(range(4)),
+        layers,
+        neck=MLANeck(c, channels),
+    )
 
 
 # decoder name → constructor(vit, classes, depth, aux_layers, mla_layers, channels, head_channels)
@@ -303,8 +327,15 @@ def check_decoder(name: str) -> None:
         raise ConfigError(f"unknown model.decoder '{name}'; valid: {', '.join(DECODERS)}")
 
 
-def build_setr(decoder: str, vit: nn.Module, classes: int, aux_layers: Sequence[int] | None = None, mla_layers: Sequence[int] | None = None,
-               channels: int = 256, head_channels: int = 128) -> SETR:
+def build_setr(
+    decoder: str,
+    vit: nn.Module,
+    classes: int,
+    aux_layers: Sequence[int] | None = None,
+    mla_layers: Sequence[int] | None = None,
+    channels: int = 256,
+    head_channels: int = 128,
+) -> SETR:
     """SETR-``decoder`` on ``vit``; ``aux_layers`` / ``mla_layers``: 1-based blocks, None = the paper's scaled to the depth."""
     check_decoder(decoder)
     depth = len(vit.blocks)
@@ -316,8 +347,13 @@ def build_setr(decoder: str, vit: nn.Module, classes: int, aux_layers: Sequence[
 
 
 # -- loss and optimisation -------------------------------------------------------------------------
-def setr_loss(logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], target: torch.Tensor, aux_weight: float = 0.4,
-              ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def setr_loss(
+    logits: torch.Tensor,
+    aux_logits: Sequence[torch.Tensor],
+    target: torch.Tensor,
+    aux_weight: float = 0.4,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """L = CE(main) + aux_weight · Σ_a CE(aux_a), pixel-wise, ``ignore_index`` excluded. Returns (L, CE(main), Σ CE(aux))."""
     main = F.cross_entropy(logits, target, ignore_index=ignore_index)
     aux = sum((F.cross_entropy(a, target, ignore_index=ignore_index) for a in aux_logits), torch.zeros((), device=logits.device))
@@ -339,8 +375,16 @@ def poly_factor(step: int, total: int, base_lr: float, power: float = 0.9, min_l
     return ((base_lr - min_lr) * coeff + min_lr) / base_lr
 
 
-def make_optimizer(model: SETR, lr: float, momentum: float, weight_decay: float, head_lr_mult: float, total_steps: int,
-                   power: float = 0.9, min_lr: float = 0.0):
+def make_optimizer(
+    model: SETR,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    head_lr_mult: float,
+    total_steps: int,
+    power: float = 0.9,
+    min_lr: float = 0.0,
+):
     """SGD with momentum on the two groups, and a per-step LambdaLR that follows :func:`poly_factor` for each group."""
     groups = param_groups(model, lr, head_lr_mult)
     opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -357,12 +401,21 @@ def window_origins(size: int, crop: int, stride: int) -> list[int]:
 
 def check_window(height: int, width: int, crop: Sequence[int], pad: bool) -> None:
     if (height < crop[0] or width < crop[1]) and not pad:
-        raise ConfigError(f"sliding window {crop[0]}×{crop[1]} is larger than the {height}×{width} image and eval.pad=false; "
-                          "lower eval.crop or set eval.pad=true")
+        raise ConfigError(
+            f"sliding window {crop[0]}×{crop[1]} is larger than the {height}×{width} image and eval.pad=false; "
+            "lower eval.crop or set eval.pad=true"
+        )
 
 
-def slide_inference(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, crop: Sequence[int], stride: Sequence[int],
-                    classes: int, windows_per_forward: int = 0, pad: bool = True) -> torch.Tensor:
+def slide_inference(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    crop: Sequence[int],
+    stride: Sequence[int],
+    classes: int,
+    windows_per_forward: int = 0,
+    pad: bool = True,
+) -> torch.Tensor:
     """Logits ``[B, K, H, W]`` averaged over overlapping windows of size ``crop`` placed every ``stride`` pixels.
 
     ``windows_per_forward``: how many windows (of all images of the batch) go through one forward; 0 = all at
@@ -377,14 +430,14 @@ def slide_inference(forward: Callable[[torch.Tensor], torch.Tensor], images: tor
     if (ph, pw) != (h, w):
         images = F.pad(images, (0, pw - w, 0, ph - h))
     boxes = [(y, x) for y in window_origins(ph, ch, stride[0]) for x in window_origins(pw, cw, stride[1])]
-    crops = torch.stack([images[:, :, y:y + ch, x:x + cw] for y, x in boxes], 1).flatten(0, 1)  # [B·n, 3, ch, cw], image-major
+    crops = torch.stack([images[:, :, y : y + ch, x : x + cw] for y, x in boxes], 1).flatten(0, 1)  # [B·n, 3, ch, cw], image-major
     chunk = windows_per_forward if windows_per_forward > 0 else len(crops)
-    outputs = torch.cat([forward(crops[i:i + chunk]) for i in range(0, len(crops), chunk)]).view(b, len(boxes), classes, ch, cw)
+    outputs = torch.cat([forward(crops[i : i + chunk]) for i in range(0, len(crops), chunk)]).view(b, len(boxes), classes, ch, cw)
     logits = images.new_zeros(b, classes, ph, pw)
     count = images.new_zeros(1, 1, ph, pw)
     for k, (y, x) in enumerate(boxes):
-        logits[:, :, y:y + ch, x:x + cw] += outputs[:, k]
-        count[:, :, y:y + ch, x:x + cw] += 1
+        logits[:, :, y : y + ch, x : x + cw] += outputs[:, k]
+        count[:, :, y : y + ch, x : x + cw] += 1
     return (logits / count)[:, :, :h, :w]
 
 
@@ -401,15 +454,16 @@ def setr_multi_scale_sizes(height: int, width: int, base_short: int, crop: int, 
     return sizes
 
 
-def multi_scale_inference(infer: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                          flip: bool = True) -> torch.Tensor:
+def multi_scale_inference(
+    infer: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, sizes: Sequence[tuple[int, int]], flip: bool = True
+) -> torch.Tensor:
     """Softmax probabilities averaged over the resized (and horizontally flipped) copies, each resized back to the
     input size (mmseg's aug_test averages the per-scale softmax outputs)."""
     h, w = images.shape[-2:]
     total, n = 0, 0
     for size in sizes:
         scaled = upsample(images, size)
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             probs = infer(x).softmax(1)
             probs = probs.flip(-1) if flipped else probs

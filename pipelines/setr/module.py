@@ -89,8 +89,10 @@ def load_encoder_weights(model: SETR, path: str) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("head")}
     missing, unexpected = vit.load_state_dict(state, strict=False)
     if [k for k in missing if not k.startswith("head")] or unexpected:
-        raise ConfigError(f"weights {file} do not fit {model.encoder.vit.__class__.__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
-                          f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+        raise ConfigError(
+            f"weights {file} do not fit {model.encoder.vit.__class__.__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
 
 
 def overlay_figure(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...], title: str):
@@ -99,6 +101,7 @@ def overlay_figure(images: torch.Tensor, labels: torch.Tensor, predictions: torc
 
     plt = pyplot()
     palette = torch.tensor(plt.get_cmap("tab20")(range(20)))[:, :3]
+
     def paint(mask: torch.Tensor) -> torch.Tensor:
         colours = palette[mask.clamp(0, 19) % 20]
         colours[mask == IGNORE_INDEX] = 0
@@ -107,8 +110,9 @@ def overlay_figure(images: torch.Tensor, labels: torch.Tensor, predictions: torc
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(9, 2.6 * n * images.shape[-2] / images.shape[-1] + 0.6), squeeze=False)
     for i in range(n):
-        for ax, panel, name in zip(axes[i], (images[i].permute(1, 2, 0).clamp(0, 1), paint(labels[i]), paint(predictions[i])),
-                                   ("image", "label", "prediction")):
+        for ax, panel, name in zip(
+            axes[i], (images[i].permute(1, 2, 0).clamp(0, 1), paint(labels[i]), paint(predictions[i])), ("image", "label", "prediction")
+        ):
             ax.imshow(panel.numpy(), interpolation="nearest")
             ax.set_axis_off()
             if i == 0:
@@ -211,7 +215,9 @@ class SETRModule(pl.LightningModule):
         result = self.metrics[key].compute()
         self.metrics[key].reset()
         logged = {f"{key}/miou": result["miou"], f"{key}/acc": result["acc"]}
-        logged.update({f"{key}/iou/{name}": result["iou"][i] for i, name in enumerate(self.class_names) if not torch.isnan(result["iou"][i])})
+        logged.update(
+            {f"{key}/iou/{name}": result["iou"][i] for i, name in enumerate(self.class_names) if not torch.isnan(result["iou"][i])}
+        )
         self.log_dict(logged, batch_size=1)
 
     def on_validation_epoch_end(self) -> None:
@@ -234,6 +240,7 @@ class SETRModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
-        opt, schedule = make_optimizer(self.model, o.lr, o.momentum, o.weight_decay, o.head_lr_mult, int(self.trainer.estimated_stepping_batches),
-                                       o.power, o.min_lr)
+        opt, schedule = make_optimizer(
+            self.model, o.lr, o.momentum, o.weight_decay, o.head_lr_mult, int(self.trainer.estimated_stepping_batches), o.power, o.min_lr
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

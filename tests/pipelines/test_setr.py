@@ -187,7 +187,9 @@ def test_sliding_window_equals_one_forward_when_the_window_covers_the_image():
 
 
 def test_crop_larger_than_image_without_padding_is_one_line():
-    with pytest.raises(ConfigError, match=r"sliding window 32×32 is larger than the 20×40 image and eval.pad=false; lower eval.crop or set eval.pad=true"):
+    with pytest.raises(
+        ConfigError, match=r"sliding window 32×32 is larger than the 20×40 image and eval.pad=false; lower eval.crop or set eval.pad=true"
+    ):
         slide_inference(lambda c: c, torch.rand(1, 3, 20, 40), (32, 32), (16, 16), 3, pad=False)
 
 
@@ -327,10 +329,12 @@ def test_bad_config_values_are_one_line_errors(home):
     """Checked when the config is composed, before any run: in-process for each, once through the command line."""
     from pipelines.setr.module import SETRModule
 
-    for values, message in (({"eval.pad": False, "eval.crop": [80, 80]}, "sliding window 80×80 is larger than the 64×96 image and eval.pad=false"),
-                            ({"model.aux_layers": [3, 12]}, "model.aux_layers has layer index 12, but the ViT has blocks 1..6"),
-                            ({"model.mla_layers": [0, 2, 4, 6], "model.decoder": "mla"}, "model.mla_layers has layer index 0"),
-                            ({"model.decoder": "upernet"}, "unknown model.decoder 'upernet'; valid: naive, pup, mla")):
+    for values, message in (
+        ({"eval.pad": False, "eval.crop": [80, 80]}, "sliding window 80×80 is larger than the 64×96 image and eval.pad=false"),
+        ({"model.aux_layers": [3, 12]}, "model.aux_layers has layer index 12, but the ViT has blocks 1..6"),
+        ({"model.mla_layers": [0, 2, 4, 6], "model.decoder": "mla"}, "model.mla_layers has layer index 0"),
+        ({"model.decoder": "upernet"}, "unknown model.decoder 'upernet'; valid: naive, pup, mla"),
+    ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             SETRModule.check_config(compose("setr", values))
     out = lightyard("train", "setr", "model.aux_layers=[3,12]")
@@ -367,4 +371,3 @@ def test_bench_smoke_compares_batched_and_window_by_window_sliding(home):
     # smoke: memory is measured in this process (bench.isolate=false), where freed memory may hide growth: present only
     assert child["slide_windows"] == 3 and child["train_images_per_s"] > 0 and {"train_peak_mb", "slide_batched_peak_mb"} <= set(child)
     assert child["slide_batched_images_per_s"] > 0 and child["slide_speedup"] > 0
-
