@@ -23,27 +23,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import ConfigError
+from common.models import create_timm_model
 
 
 # -- backbone ---------------------------------------------------------------------------------------
 def create_vit(model_cfg: DictConfig, num_classes: int = 0, finetune: bool = False, drop_path: float = 0.0) -> nn.Module:
     """A timm ViT (never downloaded). ``finetune``: global average pooling over the patch tokens + ``fc_norm`` (LiVT's
     / MAE's fine-tuning head, which also drops the final ``norm``); otherwise timm's class-token model with ``norm``."""
-    import timm
 
     kwargs = OmegaConf.to_container(model_cfg.kwargs) if model_cfg.kwargs else {}
     if finetune:
         kwargs.update(global_pool="avg", fc_norm=True)
-    try:
-        vit = timm.create_model(model_cfg.name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(
-                f"unknown timm model '{model_cfg.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
-            ) from None
-        raise
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs do not fit {model_cfg.name}: {err}") from None
+    vit = create_timm_model(model_cfg.name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path, **kwargs)
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(vit, VisionTransformer) or vit.num_prefix_tokens != 1 or vit.no_embed_class:

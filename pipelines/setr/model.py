@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import ConfigError
+from common.models import create_timm_model
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # mmseg's img_norm_cfg / 255
@@ -101,18 +102,7 @@ class ViTEncoder(nn.Module):
 
 def create_vit(name: str, kwargs: dict, drop_rate: float = 0.0) -> nn.Module:
     """A timm ViT without its classifier; never downloads (pretrained=False; weights come from model.checkpoint)."""
-    import timm
-
-    try:
-        vit = timm.create_model(name, pretrained=False, num_classes=0, drop_rate=drop_rate, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(
-                f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
-            ) from None
-        raise
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
+    vit = create_timm_model(name, pretrained=False, num_classes=0, drop_rate=drop_rate, **kwargs)
     if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
         raise ConfigError(f"timm model '{name}' is not a VisionTransformer (SETR needs patch_embed, pos_embed and blocks)")
     return vit

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from common.config import ConfigError
 from common.freezing import freeze, matches, trainable_parameters
+from common.models import create_timm_model
 from common.tracking import pyplot
 
 OPTIMIZERS = ("sgd", "adamw", "sgd_freeze_embed", "adamw_freeze_embed")
@@ -36,19 +37,9 @@ class Classifier(nn.Module):
 
 
 def create_backbone(model_cfg: DictConfig) -> nn.Module:
-    import timm
 
     kwargs = OmegaConf.to_container(model_cfg.kwargs) if model_cfg.kwargs else {}
-    try:
-        return timm.create_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=0, **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        if "Unknown model" in str(err):
-            raise ConfigError(
-                f"unknown timm model '{model_cfg.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
-            ) from None
-        raise
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs do not fit {model_cfg.name}: {err}") from None
+    return create_timm_model(model_cfg.name, pretrained=model_cfg.pretrained, num_classes=0, **kwargs)
 
 
 def family(backbone: nn.Module, configured: str = "auto") -> str:

@@ -1,0 +1,26 @@
+"""timm models from config, with the errors a user can cause (a misspelt name, kwargs the model does not take)
+said in one line."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from common.config import ConfigError
+
+
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``; an unknown name or unfitting kwargs is a :class:`ConfigError`."""
+    import timm
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        if "Unknown model" in str(err):
+            raise ConfigError(
+                f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
+            ) from None
+        raise
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
