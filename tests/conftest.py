@@ -62,6 +62,29 @@ def lightyard(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
     )
 
 
+def wait_for_run(pipeline: str, filter_string: str = "", timeout: float = 120, every: float = 0.5):
+    """Poll the test home's MLflow store until a run of ``pipeline`` matching ``filter_string`` exists (a command
+    started in the background has got that far); returns the client."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from common.runner import compose
+    from common.tracking import tracking_uri
+
+    client, deadline = None, time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(every)
+        try:  # the store may not exist yet, or be mid-migration
+            client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
+            ids = [e.experiment_id for e in client.search_experiments()]
+            if ids and client.search_runs(ids, filter_string=filter_string):
+                break
+        except Exception:
+            continue
+    return client
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

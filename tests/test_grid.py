@@ -15,7 +15,7 @@ from common.grid import expand, plan, run_experiment
 from common.report import build_table
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import ROOT, lightyard
+from tests.conftest import ROOT, lightyard, wait_for_run
 
 
 def _client():
@@ -109,16 +109,7 @@ def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    client, deadline = None, time.time() + 120
-    while time.time() < deadline:  # wait until the first child is training
-        time.sleep(0.5)
-        try:
-            client = _client()
-            ids = [e.experiment_id for e in client.search_experiments()]
-            if ids and client.search_runs(ids, filter_string="tags.`mlflow.parentRunId` != ''"):
-                break
-        except Exception:
-            continue
+    client = wait_for_run("toy", "tags.`mlflow.parentRunId` != ''")  # the first child is training
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -143,15 +134,7 @@ def test_sigterm_during_a_grid_ends_parent_and_running_child_killed(home):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.5)
-        try:
-            ids = [e.experiment_id for e in _client().search_experiments()]
-            if ids and _client().search_runs(ids, filter_string="tags.`mlflow.parentRunId` != ''"):
-                break
-        except Exception:
-            continue
+    wait_for_run("toy", "tags.`mlflow.parentRunId` != ''")
     time.sleep(1.0)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

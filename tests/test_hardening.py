@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from common.config import ConfigError
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import ROOT, lightyard
+from tests.conftest import ROOT, lightyard, wait_for_run
 
 
 @pytest.mark.parametrize(
@@ -120,16 +120,7 @@ def test_sigterm_during_data_setup_ends_killed_not_running(home):
         stderr=subprocess.PIPE,
         text=True,
     )
-    client = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        time.sleep(0.3)
-        try:
-            client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
-            if client.search_runs([e.experiment_id for e in client.search_experiments()]):
-                break
-        except Exception:
-            continue
+    client = wait_for_run("hog_gcn", every=0.3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr[-2000:]
