@@ -257,8 +257,9 @@ class Tracker:
                 name="model",
                 input_example=example.cpu().numpy(),
                 signature=signature,
-                pip_requirements=[f"torch=={torch.__version__}"],
-            )  # not inferred: that spawns a subprocess
+                pip_requirements=[f"torch=={torch.__version__}"],  # not inferred: that spawns a subprocess
+                serialization_format="pt2",  # torch.export's program: loading it unpickles nothing
+            )
         finally:
             mlflow.end_run(status="RUNNING")
 

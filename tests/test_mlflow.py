@@ -51,6 +51,12 @@ def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeyp
     import mlflow.pytorch
 
     mlflow.set_tracking_uri(mlflow_server)
+    from pathlib import Path
+
+    import mlflow.artifacts
+
+    files = {p.name for p in Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model", dst_path=str(home / "m"))).rglob("*")}
+    assert "model.pt2" in files and "model.pth" not in files  # a torch.export program, not a pickle
     model = mlflow.pytorch.load_model(f"runs:/{result.run_id}/model")
     weights = torch.load(home / "outputs" / "toy" / result.run_id / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     x = torch.randn(5, 6)

@@ -12,7 +12,11 @@ from pipelines.cost_reg_ot.data import build_pair, load_scot, planted_pair, prep
 from pipelines.cost_reg_ot.model import (
     barycentric_projection,
     cross_moment,
+    cost_matrix,
     gw_inner_product_objective,
+    initial_map,
+    objective,
+    objective_from_potentials,
     prox,
     sinkhorn,
     solve,
@@ -54,6 +58,22 @@ def test_absorbed_sinkhorn_matches_log_domain_at_small_eps():
     warm, _ = sinkhorn(a, b, C2, eps, (log_u, log_v), max_iter=20000, tol=1e-12)
     cold = ot.sinkhorn(a, b, C2, eps, method="sinkhorn_log", numItermax=20000, stopThr=1e-12, warn=False)
     assert torch.allclose(warm, cold, atol=1e-5) and torch.allclose(warm.sum(0), b, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.002])  # the scaling Sinkhorn, and (C/ε spans thousands) its log-domain fallback
+def test_objective_read_off_the_potentials_is_the_direct_one(eps):
+    """Each outer iteration's objective comes from A(P), the potentials and P's marginals (no n × m cost rebuild)."""
+    data = preprocess(planted_pair(n=50, seed=2), True, False, True)
+    a, b = torch.full((50,), 1 / 50, dtype=torch.float64), torch.full((50,), 1 / 50, dtype=torch.float64)
+    M = initial_map(data.X.shape[1], data.Y.shape[1], data.X) * 40
+    potentials = None
+    for _ in range(3):
+        P, potentials = sinkhorn(a, b, cost_matrix(data.X, data.Y, M), eps, potentials, max_iter=300)
+        A = cross_moment(data.X, data.Y, P)
+        M_next = prox(A, "l1", 0.01)
+        direct = objective(data.X, data.Y, a, b, M_next, P, eps, "l1", 0.01)
+        assert objective_from_potentials(A, M, M_next, P, a, b, potentials, eps, "l1", 0.01) == pytest.approx(direct, rel=1e-12, abs=1e-14)
+        M = M_next
 
 
 def test_prox_closed_forms():
