@@ -386,12 +386,12 @@ def entropic_gw(
             T, log = ot.sinkhorn(
                 a, b, gradient, eps, method="sinkhorn_log", numItermax=sinkhorn_iter, stopThr=sinkhorn_tol, warmstart=potentials, log=True
             )
+        potentials = (log["log_u"], log["log_v"])
+        value = float(ot.gromov.gwloss(constC, hC1, hC2, T)) + eps * kl_to_product(T, a, b)
         if caught:  # a failed inner Sinkhorn fails the run (gromov_baseline reads the warning): no point going on
             for w in caught:
                 warnings.warn(w.message, w.category, stacklevel=2)
-            return T, iteration, math.nan, False
-        potentials = (log["log_u"], log["log_v"])
-        value = float(ot.gromov.gwloss(constC, hC1, hC2, T)) + eps * kl_to_product(T, a, b)
+            return T, iteration, value, False
         if not math.isfinite(value):
             break
         calm = calm + 1 if relatively_unchanged(previous, value, tol) else 0
