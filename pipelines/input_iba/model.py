@@ -178,12 +178,14 @@ def feature_iba(
     """Stage 1: minimise L = −log softmax(f(Z))_y + β·mean(KL) over α (one (B, *S) tensor), Z in place of f_l(x) for
     ``copies`` noise draws per image; Adam(lr). x: (B, 3, H, W) normalised, y: (B,)."""
     model = hook.model
+    x_rep, y_rep = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
     with torch.no_grad():
-        r = hook.latent(x).detach()
+        # R from the same (B·copies) batch the bottleneck runs on: CPU convolutions round a batch of one differently
+        # from larger ones, and the one-by-one path must see exactly the batched path's numbers
+        r = hook.latent(x_rep)[::copies].detach()
     b, shape = r.shape[0], tuple(r.shape[1:])
     alpha = torch.full_like(r, alpha_init, requires_grad=True)
     opt = torch.optim.Adam([alpha], lr=lr)
-    x_rep, y_rep = x.repeat_interleave(copies, 0), y.repeat_interleave(copies, 0)
     mean, std, active = stats.mean.to(r), stats.std.to(r), stats.active.to(r)
 
     def bottleneck(lam: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -303,11 +305,11 @@ def gan_prior(hook: LatentHook, x: torch.Tensor, stage1: FeatureResult, gens: li
     cap = capacity_heatmap(stage1.capacity, size)
     cap = cap / cap.flatten(1).amax(1).clamp_min(1e-12).view(b, 1, 1)
     mask_logits = logit(cap)[:, None].clone().requires_grad_(True)  # (B, 1, H, W)
-    noise_mean = torch.zeros(b, 3, 1, 1, device=device, requires_grad=True)
-    noise_std = torch.ones(b, 3, 1, 1, device=device, requires_grad=True)
+    noise_mean = torch.zeros(b, 3, 1, 1, device=device, dtype=x.dtype, requires_grad=True)
+    noise_std = torch.ones(b, 3, 1, 1, device=device, dtype=x.dtype, requires_grad=True)
     lat = spatial(r[:1])
     critic_gens = [torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,), generator=g, device=device))) for g in gens]
-    critic = BatchedCritic(critic_gens, *lat.shape[1:]).to(device)
+    critic = BatchedCritic(critic_gens, *lat.shape[1:]).to(device, r.dtype)
     opt_d = torch.optim.RMSprop(critic.parameters(), lr=s.critic_lr)
     opt_g = torch.optim.RMSprop(
         [{"params": [noise_mean], "lr": s.mean_lr}, {"params": [noise_std], "lr": s.std_lr}, {"params": [mask_logits], "lr": s.mask_lr}]
@@ -357,10 +359,11 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
-    c = x.shape[1]
-    out = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    b, c, h, w = x.shape
+    # every channel of every image as its own one-channel image: the same kernel path for one image as for many
+    out = F.pad(x.reshape(b * c, 1, h, w), (radius, radius, radius, radius), mode="reflect")
+    out = F.conv2d(F.conv2d(out, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
+    return out.view(b, c, h, w)
 
 
 def kl_input(x: torch.Tensor, lam: torch.Tensor, prior: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
