@@ -304,7 +304,7 @@ def test_imagenet_voc_folder_gives_box_masks_at_the_model_resolution(tmp_path):
     task = load_task(cfg)
     assert task.classes == ["tench", "goldfish"] and task.attribution.labels.tolist() == [0, 0, 1, 1]
     assert task.attribution.evidence.shape == (4, 16, 16) and int(task.attribution.evidence.sum()) == 4 * 64
-    (root / "annotations" / "attribution" / f"ILSVRC2012_val_10.xml").unlink()
+    (root / "annotations" / "attribution" / "ILSVRC2012_val_10.xml").unlink()
     with pytest.raises(ConfigError, match="no box annotation for .*ILSVRC2012_val_10.JPEG"):
         load_task(cfg)
     with pytest.raises(
