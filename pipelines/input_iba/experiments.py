@@ -47,8 +47,8 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     device = torch.device(resolve_accelerator(str(cfg.trainer.accelerator)))
     task = load_task(cfg)
     model, _ = classifier_stage(cfg, task, device)
-    images, y, _, ids = attribution_images(cfg, task, model, device)
-    images, y, ids = images[: cfg.bench.images], y[: cfg.bench.images].to(device), ids[: cfg.bench.images]
+    images, y, _, ids = attribution_images(cfg, task, model, device, count=int(cfg.bench.images))
+    y = y.to(device)
     x = normalize(images.to(device), cfg.data.mean, cfg.data.std)
     hook = LatentHook(model, cfg.iba.layer)
     stats = estimate_stats(latent_batches(hook, task.estimation.images, cfg, device), cfg.iba.min_std)

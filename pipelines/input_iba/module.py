@@ -265,14 +265,16 @@ def panel_figure(images: torch.Tensor, evidence: torch.Tensor | None, heatmaps: 
     return fig
 
 
-def attribution_images(cfg: DictConfig, task: Task, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The first ``attribution.images`` images of the attribution split (correctly classified ones only, by default):
+def attribution_images(
+    cfg: DictConfig, task: Task, model: nn.Module, device: torch.device, count: int | None = None
+) -> tuple[torch.Tensor, ...]:
+    """The first ``count`` (default ``attribution.images``) images of the attribution split (correctly classified ones only, by default):
     (uint8 images, labels, evidence or None, ids)."""
     split = task.attribution
     ids = torch.arange(len(split))
     if cfg.attribution.correct_only:
         ids = ids[predict(model, split.images, cfg, device) == split.labels]
-    ids = ids[: cfg.attribution.images]
+    ids = ids[: count or cfg.attribution.images]
     if len(ids) == 0:
         raise ConfigError(
             "no image to attribute: the classifier gets none of the attribution images right (attribution.correct_only=false)"
