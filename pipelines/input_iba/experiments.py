@@ -120,6 +120,11 @@ def heatmap_panels(children: list[dict], cfg: DictConfig, tracker: Tracker) -> s
     if first is None:
         return ""
     order = [m for m in METHODS if m in maps]
-    fig = panel_figure(first["images"], first["evidence"], {m: maps[m] for m in order}, f"{cfg.data.name}, classifier seed {seed}")
+    fig = panel_figure(
+        first["images"],
+        first["evidence"],
+        {m: maps[m] for m in order},
+        f"{first.get('dataset') or cfg.experiment or cfg.data.name}, classifier seed {seed}",
+    )
     tracker.log_figure(fig, "figures/heatmaps.png")
     return f"Figure: figures/heatmaps.png on the parent run (image{', evidence' if first['evidence'] is not None else ''}, {', '.join(order)}; seed {seed})."

@@ -358,6 +358,7 @@ class InputIBAExperiment(NonGradientExperiment):
             buffer = io.BytesIO()
             torch.save(
                 {
+                    "dataset": task.name,
                     "ids": ids,
                     "images": images[shown],
                     "evidence": None if evidence is None else evidence[shown].cpu(),
