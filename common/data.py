@@ -71,11 +71,18 @@ def make_loader(
     )
 
 
-def require_files(root: str | Path, names: list[str], layout: str) -> Path:
-    """Check a dataset folder before reading it; one line naming what is missing and the layout expected."""
+def require_folder(root: str | Path, layout: str) -> Path:
+    """A dataset folder that exists (and is a folder), or one line saying what it is and the layout expected."""
     root = Path(root)
     if not root.is_dir():
-        raise ConfigError(f"dataset folder {root} does not exist; expected layout: {layout}")
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"dataset folder {root} {problem}; expected layout: {layout}")
+    return root
+
+
+def require_files(root: str | Path, names: list[str], layout: str) -> Path:
+    """Check a dataset folder before reading it; one line naming what is missing and the layout expected."""
+    root = require_folder(root, layout)
     missing = [n for n in names if not (root / n).exists()]
     if missing:
         raise ConfigError(f"dataset folder {root} lacks {', '.join(missing)}; expected layout: {layout}")

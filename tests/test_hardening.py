@@ -126,3 +126,16 @@ def test_sigterm_during_data_setup_ends_killed_not_running(home):
     assert process.returncode == 143, stderr[-2000:]
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
+
+
+def test_a_dataset_root_that_is_a_file_or_missing_says_which(tmp_path):
+    from common.data import require_files
+
+    file = tmp_path / "train.csv"
+    file.write_text("")
+    with pytest.raises(ConfigError, match=f"dataset folder {file} is a file, not a folder; expected layout: L"):
+        require_files(file, [], "L")
+    with pytest.raises(ConfigError, match=f"dataset folder {tmp_path / 'nope'} does not exist; expected layout: L"):
+        require_files(tmp_path / "nope", [], "L")
+    with pytest.raises(ConfigError, match="lacks a, b; expected layout: L"):
+        require_files(tmp_path, ["a", "b", "train.csv"], "L")

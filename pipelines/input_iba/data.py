@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from common.data import require_files
+from common.data import require_files, require_folder
 
 SHAPES = ("plus", "ring", "x", "disc")
 CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg (ImageFolder) or <root>/{train,test}.zip holding that tree"
@@ -180,9 +180,7 @@ def _digest(paths: list[Path]) -> str:
 
 def load_cifar10(root: str | Path, size: int, cache_dir: str | Path) -> tuple[dict[str, Split], list[str], str]:
     """Both splits decoded once into ``<cache>/input_iba/cifar10-<digest>.npz`` (the digest over the files)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"dataset folder {root} does not exist; expected layout: {CIFAR_LAYOUT}")
+    root = require_folder(root, CIFAR_LAYOUT)
     sources = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
     sources += sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
     digest = _digest(sources) + f"-{size}"

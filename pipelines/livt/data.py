@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import make_loader, require_files
+from common.data import make_loader, require_files, require_folder
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -255,9 +255,7 @@ def _digest(paths: list[Path]) -> str:
 def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
     """Balanced CIFAR-10/100 train and test arrays from whichever canonical layout ``root`` holds; decoded images are cached
     under ``cache_dir`` by a hash of the source files (the data folder may be read-only)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"dataset folder {root} does not exist; expected layout: {CIFAR_LAYOUT}")
+    root = require_folder(root, CIFAR_LAYOUT)
     folder_name = CIFAR_BATCHES[kind][0]
     batch_root = root / folder_name if (root / folder_name).is_dir() else root
     train_files = CIFAR_BATCHES[kind][1]
