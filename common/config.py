@@ -116,9 +116,24 @@ def with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
 def parse_value(text: str) -> Any:
     """Parse one override value with OmegaConf's grammar (``1e-3`` is a float, ``[1,2]`` a list)."""
     try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot parse value {text!r}: {str(err).splitlines()[0]}") from None
+    _check_mapping_keys(value, text)
+    return value
+
+
+def _check_mapping_keys(value: Any, text: str) -> None:
+    """YAML reads ``{a:1}`` as the key ``'a:1'`` with no value: say so instead of passing it on."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if item is None and isinstance(key, str) and ":" in key:
+                name, _, rest = key.partition(":")
+                raise ConfigError(f"in {text!r}, '{key}' reads as one key with no value; write '{name}: {rest}' (a space after the colon)")
+            _check_mapping_keys(item, text)
+    elif isinstance(value, list):
+        for item in value:
+            _check_mapping_keys(item, text)
 
 
 def _split_top_level_commas(text: str) -> list[str]:

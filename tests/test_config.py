@@ -71,3 +71,14 @@ def test_with_values_copies_and_checks():
     assert (changed.model.lr, changed.trainer.max_epochs) == (0.5, 3) and cfg.model.lr != 0.5
     with pytest.raises(ConfigError, match="unknown config key 'model.lrr'"):
         with_values(cfg, {"model.lrr": 1.0})
+
+
+def test_a_mapping_without_a_space_after_the_colon_is_one_line_not_a_silent_key():
+    from common.config import parse_value
+
+    assert parse_value("{img_size: 32, patch_size: 4}") == {"img_size": 32, "patch_size": 4}
+    assert parse_value("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with pytest.raises(ConfigError, match=r"'img_size:32' reads as one key with no value; write 'img_size: 32'"):
+        parse_value("{img_size:32, patch_size: 4}")
+    with pytest.raises(ConfigError, match="'a:1' reads as one key"):
+        parse_value("[{b: {a:1}}]")
