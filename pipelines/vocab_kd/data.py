@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
@@ -81,6 +80,7 @@ def _plural(noun: str) -> str:
 
 def _sentence(rng: random.Random, topic: tuple[list[str], list[str], list[str]], shared: tuple[list[str], list[str], list[str]]) -> str:
     nouns, verbs, adjectives = topic
+
     # 85 % of the content words from the book's own topic, the rest from any book: the classes overlap
     def pick(own: list[str], other: list[str]) -> str:
         return rng.choice(own if rng.random() < 0.85 else other)
@@ -91,7 +91,9 @@ def _sentence(rng: random.Random, topic: tuple[list[str], list[str], list[str]],
     subject = rng.choice([f"{rng.choice(DETERMINERS)} {pick(adjectives, shared[2])} {noun()}", rng.choice(NAMES), f"the {noun()}"])
     clause = f"{subject} {rng.choice(ADVERBS) + ' ' if rng.random() < 0.3 else ''}{verb} {rng.choice(PREPOSITIONS)} the {noun()}"
     if rng.random() < 0.4:
-        clause += f" {rng.choice(CONNECTIVES)} {rng.choice(NAMES)} {_past(pick(verbs, shared[1]))} the {pick(adjectives, shared[2])} {noun()}"
+        clause += (
+            f" {rng.choice(CONNECTIVES)} {rng.choice(NAMES)} {_past(pick(verbs, shared[1]))} the {pick(adjectives, shared[2])} {noun()}"
+        )
     return clause.capitalize() + rng.choice([".", ".", ".", "!", "?", ";"])
 
 

@@ -211,7 +211,9 @@ def resolve_teacher_path(path: str) -> Path:
     except (ValueError, OSError) as err:
         raise ConfigError(f"teacher.path {folder}/config.json is not readable JSON ({err})") from None
     if model_type != "bert":
-        raise ConfigError(f"teacher.path {folder} holds a '{model_type}' model; this pipeline reads BERT-family checkpoints (model_type bert)")
+        raise ConfigError(
+            f"teacher.path {folder} holds a '{model_type}' model; this pipeline reads BERT-family checkpoints (model_type bert)"
+        )
     return folder
 
 

@@ -213,7 +213,9 @@ class VocabKDModule(pl.LightningModule):
             losses["kd"] = distillation_loss(s_out.logits[kb, ks], t_logits, cfg.loss.temperature)
         if proj:
             if cfg.proj.reading == "hidden":
-                losses["proj"] = hidden_projection_loss(self.projection, t_out.hidden_states, s_out.hidden_states, b["t_words"], b["s_words"])
+                losses["proj"] = hidden_projection_loss(
+                    self.projection, t_out.hidden_states, s_out.hidden_states, b["t_words"], b["s_words"]
+                )
             else:
                 losses["proj"] = weight_projection_loss(self.projection, self.teacher, self.student.bert)
         weights = {"student_mlm": 1.0, "dual_mlm": cfg.loss.dual_weight, "kd": cfg.loss.kd_weight, "proj": cfg.loss.proj_weight}
@@ -226,30 +228,23 @@ class VocabKDModule(pl.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        self._sums = {"s_loss": 0.0, "s_n": 0, "t_loss": 0.0, "t_n": 0}
-        self._emb = {"s": [], "t": [], "y": []}
+        self._sums = {"s_loss": 0.0, "s_n": 0}
 
     on_test_epoch_start = on_validation_epoch_start
 
-    def _eval_step(self, passages: list[Passage], batch_idx: int, with_teacher: bool) -> None:
+    def _eval_step(self, passages: list[Passage], batch_idx: int) -> None:
         # fixed masks: the held-out loss of every run is over the same masked words
         b = self._batch(passages, 0.0, torch.Generator().manual_seed(10_007 * self.cfg.data.seed + batch_idx))
         logits = self.student(input_ids=b["s_ids"], attention_mask=b["s_mask"]).logits
         masked = b["s_labels"] != IGNORE
         self._sums["s_loss"] += float(F.cross_entropy(logits[masked], b["s_labels"][masked], reduction="sum"))
         self._sums["s_n"] += int(masked.sum())
-        if not with_teacher:
-            return
-        h_t = self.teacher(input_ids=b["t_ids"], attention_mask=b["t_mask"]).last_hidden_state
-        masked = b["t_labels"] != IGNORE
-        self._sums["t_loss"] += float(F.cross_entropy(self.head_t(h_t[masked]), b["t_labels"][masked], reduction="sum"))
-        self._sums["t_n"] += int(masked.sum())
 
     def validation_step(self, passages, batch_idx):
-        self._eval_step(passages, batch_idx, with_teacher=False)
+        self._eval_step(passages, batch_idx)
 
     def test_step(self, passages, batch_idx):
-        self._eval_step(passages, batch_idx, with_teacher=True)
+        self._eval_step(passages, batch_idx)  # the teacher's side: teacher_eval (cached while frozen)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -258,36 +253,58 @@ class VocabKDModule(pl.LightningModule):
         self.log_dict({"val/student_mlm_loss": loss, "val/student_ppl": float(torch.tensor(loss).exp())}, batch_size=1)
 
     @torch.no_grad()
-    def embed(self, passages: list[Passage]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean-pooled last hidden states of student and teacher on unmasked passages: ([n, d_s], [n, d_t])."""
-        out_s, out_t = [], []
+    def embed(self, passages: list[Passage], who: str) -> torch.Tensor:
+        """Mean-pooled last hidden states of the student or the teacher on unmasked passages: [n, d_s] or [n, d_t]."""
+        out = []
         size = self.cfg.data.eval_batch_size
         for start in range(0, len(passages), size):
-            chunk = passages[start : start + size]
-            b = self._batch(chunk, 0.0, torch.Generator().manual_seed(0))
-            s_ids = torch.where(b["s_labels"] != IGNORE, b["s_labels"], b["s_ids"])  # undo the masking
-            t_ids = torch.where(b["t_labels"] != IGNORE, b["t_labels"], b["t_ids"])
-            h_s = self.student.bert(input_ids=s_ids, attention_mask=b["s_mask"]).last_hidden_state
-            h_t = self.teacher(input_ids=t_ids, attention_mask=b["t_mask"]).last_hidden_state
-            out_s.append(masked_mean_pool(h_s, b["s_mask"]).cpu())
-            out_t.append(masked_mean_pool(h_t, b["t_mask"]).cpu())
-        return torch.cat(out_s), torch.cat(out_t)
+            b = self._batch(passages[start : start + size], 0.0, torch.Generator().manual_seed(0))
+            ids = torch.where(b[f"{who}_labels"] != IGNORE, b[f"{who}_labels"], b[f"{who}_ids"])  # undo the masking
+            model = self.student.bert if who == "s" else self.teacher
+            out.append(masked_mean_pool(model(input_ids=ids, attention_mask=b[f"{who}_mask"]).last_hidden_state, b[f"{who}_mask"]).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def teacher_eval(self, fit: list[Passage], test: list[Passage]) -> dict:
+        """The teacher's held-out MLM loss (same fixed masks as the student's) and its embeddings of the fit and test passages;
+        cached by the head's cache key while the teacher is frozen (every child of a grid shares them)."""
+        data: TextDataModule = self.trainer.datamodule
+        frozen = not (self.cfg.dual.enabled and self.cfg.dual.train_teacher)
+        key = f"{head_cache_path(self.cfg, data).stem}-{len(fit)}-{self.cfg.data.eval_batch_size}-{self.cfg.data.seed}"
+        path = Path(self.cfg.paths.cache_dir) / "vocab_kd" / f"teacher-eval-{key}.pt"
+        if frozen and path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        total, count = 0.0, 0
+        size = self.cfg.data.eval_batch_size
+        for batch_idx, start in enumerate(range(0, len(test), size)):
+            b = self._batch(test[start : start + size], 0.0, torch.Generator().manual_seed(10_007 * self.cfg.data.seed + batch_idx))
+            h_t = self.teacher(input_ids=b["t_ids"], attention_mask=b["t_mask"]).last_hidden_state
+            masked = b["t_labels"] != IGNORE
+            total += float(F.cross_entropy(self.head_t(h_t[masked]), b["t_labels"][masked], reduction="sum"))
+            count += int(masked.sum())
+        out = {"loss": torch.tensor(total / max(count, 1)), "fit": self.embed(fit, "t"), "test": self.embed(test, "t")}
+        if frozen:
+            tmp = path.with_suffix(f".tmp{torch.randint(1 << 30, (1,)).item()}")
+            torch.save(out, tmp)
+            tmp.replace(path)
+        return out
 
     def on_test_epoch_end(self) -> None:
         data: TextDataModule = self.trainer.datamodule
+        train = data.splits["train"]  # (ordered by label: an even stride keeps every label in the fit set)
+        fit = [train[i] for i in torch.linspace(0, len(train) - 1, min(self.cfg.metrics.fit_passages, len(train))).long().tolist()]
+        test = data.splits["test"]
+        teacher = self.teacher_eval(fit, test)
         s_loss = self._sums["s_loss"] / max(self._sums["s_n"], 1)
-        t_loss = self._sums["t_loss"] / max(self._sums["t_n"], 1)
+        t_loss = float(teacher["loss"])
         metrics = {
             "test/student_mlm_loss": s_loss,
             "test/student_ppl": float(torch.tensor(s_loss).exp()),
             "test/teacher_mlm_loss": t_loss,
             "test/teacher_ppl": float(torch.tensor(t_loss).exp()),
         }
-        train = data.splits["train"]  # (ordered by label: an even stride keeps every label in the fit set)
-        fit = [train[i] for i in torch.linspace(0, len(train) - 1, min(self.cfg.metrics.fit_passages, len(train))).long().tolist()]
-        test = data.splits["test"]
-        s_fit, t_fit = self.embed(fit)
-        s_test, t_test = self.embed(test)
+        s_fit, t_fit = self.embed(fit, "s"), teacher["fit"]
+        s_test, t_test = self.embed(test, "s"), teacher["test"]
         y_fit = torch.tensor([p.label for p in fit])
         y_test = torch.tensor([p.label for p in test])
         metrics.update({f"test/{k}": v for k, v in embedding_agreement(s_fit, t_fit, s_test, t_test).items()})

@@ -206,7 +206,9 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
     no_weights.mkdir()
     for name in ("config.json", "vocab.txt"):
         (no_weights / name).write_bytes((tiny_teacher / name).read_bytes())
-    with pytest.raises(ConfigError, match=re.escape(f"teacher.path {no_weights} lacks model.safetensors; expected layout: <folder>/config.json")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"teacher.path {no_weights} lacks model.safetensors; expected layout: <folder>/config.json")
+    ):
         resolve_teacher_path(str(no_weights))
     with pytest.raises(ConfigError, match="config key 'dual.mix_prob' must be in \\[0, 1\\], got 1.5"):
         compose("vocab_kd", {"dual.mix_prob": 1.5})
