@@ -219,6 +219,12 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name == "text_folder" and not d.root:
         raise ConfigError(f"data.name=text_folder needs data.root=<folder>; expected layout: {TEXT_LAYOUT}")
+    if d.name == "text_folder":  # before any run opens (reading waits for setup)
+        root = Path(d.root).expanduser()
+        if not root.is_dir():
+            raise ConfigError(f"data.root {root} is not a folder; expected layout: {TEXT_LAYOUT}")
+        if not any(p.is_file() for p in root.glob("*/*.txt")):
+            raise ConfigError(f"data.root {root} holds no text files; expected layout: {TEXT_LAYOUT}")
 
 
 class TextDataModule(pl.LightningDataModule):

@@ -224,6 +224,13 @@ def test_cli_bad_teacher_path_and_empty_corpus_are_one_line(home, tmp_path):
         f"lightyard: error: teacher.path {tmp_path} lacks config.json, vocab.txt, model.safetensors; expected layout: "
         "<folder>/config.json (a BERT config), <folder>/model.safetensors (or pytorch_model.bin), <folder>/vocab.txt"
     ]
+    from pipelines.vocab_kd.module import VocabKDModule
+
+    (tmp_path / "gutenberg").mkdir()  # a corpus folder without text files: refused before any run opens
+    with pytest.raises(
+        ConfigError, match=re.escape(f"data.root {tmp_path} holds no text files; expected layout: <root>/<collection>/*.txt")
+    ):
+        VocabKDModule.check_config(compose("vocab_kd", {"data.name": "text_folder", "data.root": str(tmp_path)}))
 
 
 def test_packaged_minilm_teacher_loads_offline():
