@@ -50,8 +50,9 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     # the configured |V_s| (4,928) even where the corpus yields fewer tokens (the generated one: ~740): sizes and the
     # output softmax as the method has them
     vocab = max(data.student_ids.size, int(cfg.student.vocab_size))
-    student = build_student(vocab, int(b.size), teacher.config.num_hidden_layers, cfg.student.head_dim,
-                            max(cfg.data.max_len, 4 * b.seq_words + 2))  # fmt: skip
+    student = build_student(
+        vocab, int(b.size), teacher.config.num_hidden_layers, cfg.student.head_dim, cfg.data.max_len
+    )  # fmt: skip  (passages already fit max_len tokens in both segmentations)
     passages = (data.splits["train"] * (1 + b.batch_size // max(len(data.splits["train"]), 1)))[: b.batch_size]
     words_t = [p.pieces_t[: b.seq_words] for p in passages]
     words_s = [p.pieces_s[: b.seq_words] for p in passages]
