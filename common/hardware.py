@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -83,3 +86,17 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
         notices.append(notice)
         warnings.warn(notice, stacklevel=2)
     return kwargs, notices
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tuple[float, Any]:
+    """Wall-clock seconds of ``repeat`` calls of ``fn`` and the last call's result; a CUDA device is synchronised before
+    and after (its kernels run asynchronously), so the clock covers the work and not only its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = None
+    for _ in range(repeat):
+        out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from common.hardware import resolve_accelerator
+from common.hardware import resolve_accelerator, timed
 from common.tracking import Tracker
 from pipelines.input_iba.data import load_task, normalize
 from pipelines.input_iba.model import METHODS, Explainer, LatentHook, LatentStats, estimate_stats
@@ -28,16 +27,6 @@ from pipelines.input_iba.module import (
     panel_figure,
     settings,
 )
-
-
-def _timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -59,13 +48,13 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     try:
         for method in METHODS[:-1]:
             attribute_all(explainer, method, x[:1], y[:1], ids[:1], 1)  # warm-up
-            seconds, _ = _timed(lambda m=method: attribute_all(explainer, m, x, y, ids, n), device)
+            seconds, _ = timed(lambda m=method: attribute_all(explainer, m, x, y, ids, n), device)
             out[f"{method}_s_per_image"] = seconds / n
         best = {"batched": float("inf"), "loop": float("inf")}
         maps = {}
         for _ in range(int(cfg.bench.repeats)):
             for mode, batch in (("batched", n), ("loop", 1)):
-                seconds, maps[mode] = _timed(lambda b=batch: attribute_all(explainer, "input_iba", x, y, ids, b), device)
+                seconds, maps[mode] = timed(lambda b=batch: attribute_all(explainer, "input_iba", x, y, ids, b), device)
                 best[mode] = min(best[mode], seconds)
     finally:
         explainer.close()

@@ -8,27 +8,15 @@ AdamW) against a plain timm step (timm's ViT with its default head, hard-label c
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 from torch.nn import functional as F
 
-from common.hardware import resolve_accelerator
+from common.hardware import resolve_accelerator, timed
 from common.tracking import Tracker
 from pipelines.livt.model import MaskedAutoencoder, create_vit, finetune_vit, layer_decay_groups, make_loss
-
-
-def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
@@ -85,7 +73,7 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     best = {name: float("inf") for name in optimizers}
     for round_ in range(int(b.repeats) + 1):  # round 0 warms up (allocator, kernels)
         for name in optimizers:
-            seconds = _timed(step(name), int(b.steps), device)
+            seconds, _ = timed(step(name), device, int(b.steps))
             if round_ > 0:
                 best[name] = min(best[name], seconds)
     rate = {name: b.batch_size * b.steps / seconds for name, seconds in best.items()}

@@ -7,28 +7,16 @@ training (forward + MLM loss + backward + AdamW) tokens/s, and the size table (p
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import torch
 from omegaconf import DictConfig
 from torch.nn import functional as F
 
-from common.hardware import resolve_accelerator
+from common.hardware import resolve_accelerator, timed
 from common.tracking import Tracker
 from pipelines.vocab_kd.data import TextDataModule
 from pipelines.vocab_kd.model import BERT_BASE_PARAMS, build_student, load_teacher, size_of, teacher_mlm_head
-
-
-def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def _ids(pieces: list[list[list[int]]], cls_id: int, sep_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +80,7 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     for round_ in range(int(b.repeats) + 1):  # round 0 warms up
         for who, mode in kinds:
             (teacher if who == "teacher" else student).train(mode == "train")
-            seconds = _timed(step(who, mode == "train"), int(b.steps), device)
+            seconds, _ = timed(step(who, mode == "train"), device, int(b.steps))
             if round_ > 0:
                 best[(who, mode)] = min(best[(who, mode)], seconds)
     out = {f"{who}_{mode}_tokens_per_s": tokens[who] * b.steps / s for (who, mode), s in best.items()}
