@@ -1,3 +1,5 @@
+import pytest
+
 from tests.conftest import lightyard
 
 
@@ -21,6 +23,7 @@ def test_runs_on_an_empty_store(home):
     assert result.returncode == 0 and "(no rows)" in result.stdout
 
 
+@pytest.mark.slow  # 22 s of a 10-minute suite; DDP itself stays in the suite (test_callbacks: two gloo processes)
 def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     """`fabric run --devices=2 common/cli.py train toy`: two processes, one DDP group of world size 2, one MLflow run."""
     import subprocess
