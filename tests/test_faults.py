@@ -69,6 +69,7 @@ def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, 
     )
 
 
+@pytest.mark.slow  # 23 s of a 10-minute suite (three command-line runs)
 def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
     env = {"LIGHTYARD_HOME": str(home)}
     (done,) = train("toy", ["trainer.max_epochs=1"])

@@ -143,6 +143,7 @@ def test_sigterm_during_a_grid_ends_parent_and_running_child_killed(home):
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
 
 
+@pytest.mark.slow  # 13 s; parallel children stay in the suite through the submitit local launcher test
 def test_workers_run_children_in_separate_processes(home):
     result = run_experiment("bench", "toy", ["launcher.workers=2"])
     assert (result.finished, result.total, result.status) == (4, 4, "FINISHED")

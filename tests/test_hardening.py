@@ -114,13 +114,14 @@ def test_sigterm_during_data_setup_ends_killed_not_running(home):
 
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "train", "hog_gcn", "data.nodes=60000", "trainer.max_epochs=1"],
+        [sys.executable, "-m", "common.cli", "train", "hog_gcn", "data.nodes=60000", "trainer.max_epochs=1000"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    # (on a loaded machine the poll can see the run only once training began: 1000 epochs keep it from finishing first)
     client = wait_for_run("hog_gcn", every=0.3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -17,6 +17,8 @@ hook (:class:`LatentHook`), so timm CNNs (B, C, h, w) and ViTs (B, N, D) work al
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -68,9 +70,8 @@ class LatentHook:
         """f_l(x): the latent of a batch, the rest of the network not run."""
         self.stop = True
         try:
-            self.model(x)
-        except _Stop:
-            pass
+            with contextlib.suppress(_Stop):  # the hook ends the forward pass at layer l
+                self.model(x)
         finally:
             self.stop = False
         return self.output
