@@ -8,9 +8,7 @@ once per (model, classifier settings, data, seed) and cached under ``paths.cache
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from common.cache import cache_file, cached
 from common.config import ConfigError
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
@@ -59,18 +58,14 @@ def build_classifier(cfg: DictConfig, classes: int) -> nn.Module:
 def classifier_cache_path(cfg: DictConfig, task: Task) -> Path:
     """A hash of the model, the classifier's settings, the data and the run seed (each seed is its own classifier;
     attribution settings do not enter it)."""
-    key = json.dumps(
-        {
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "classifier": OmegaConf.to_container(cfg.classifier, resolve=True),
-            "data": task.identity,
-            "norm": [list(cfg.data.mean), list(cfg.data.std)],
-            "seed": int(cfg.seed),
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return Path(cfg.paths.cache_dir) / "input_iba" / f"classifier-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    key = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "classifier": OmegaConf.to_container(cfg.classifier, resolve=True),
+        "data": task.identity,
+        "norm": [list(cfg.data.mean), list(cfg.data.std)],
+        "seed": int(cfg.seed),
+    }
+    return cache_file(cfg, "input_iba", "classifier", key)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -136,16 +131,7 @@ def classifier_stage(cfg: DictConfig, task: Task, device: torch.device) -> tuple
             raise ConfigError(f"model.checkpoint {path} does not fit {cfg.model.name}: missing {', '.join(missing[:5])}")
         history = torch.zeros(0)
     else:
-        path = classifier_cache_path(cfg, task)
-        if not path.is_file():
-            with torch.random.fork_rng(devices=[]):
-                result = train_classifier(cfg, task, device)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{torch.randint(1 << 30, (1,)).item()}")
-            torch.save(result, tmp)
-            tmp.replace(path)
-            print(f"classifier cached at {path}", flush=True)
-        result = torch.load(path, map_location="cpu", weights_only=True)
+        result = cached(classifier_cache_path(cfg, task), lambda: train_classifier(cfg, task, device), "classifier")
         model.load_state_dict(result["state"])
         history = result["loss"]
     model.to(device).eval()

@@ -3,8 +3,6 @@ LightningModule is stage 2, balanced fine-tuning, with top-1 overall and on many
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
+from common.cache import cache_file, cached
 from common.config import ConfigError
 from common.tracking import pyplot
 from pipelines.livt.data import LTDataModule, check_data, eval_transform
@@ -40,10 +39,9 @@ def mgp_cache_path(cfg: DictConfig, data: LTDataModule) -> Path:
     """The cache file of stage 1: a hash of the model, the MGP settings and the training set (not of the run's seed, so
     fine-tuning seeds share one pretraining)."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg.mgp, resolve=True).items() if k != "enabled"}
-    key = json.dumps(
-        {"model": OmegaConf.to_container(cfg.model, resolve=True), "mgp": settings, "data": data.identity()}, sort_keys=True, default=str
+    return cache_file(
+        cfg, "livt", "mgp", {"model": OmegaConf.to_container(cfg.model, resolve=True), "mgp": settings, "data": data.identity()}
     )
-    return Path(cfg.paths.cache_dir) / "livt" / f"mgp-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
 def pretrain_mgp(cfg: DictConfig, data: LTDataModule, device: torch.device) -> dict:
@@ -93,19 +91,7 @@ def pretrain_mgp(cfg: DictConfig, data: LTDataModule, device: torch.device) -> d
 
 def mgp_stage(cfg: DictConfig, data: LTDataModule, device: torch.device, strategy=None) -> dict:
     """The cached stage 1 (computed on rank 0 under DDP, the others wait at a barrier, then every rank reads it)."""
-    path = mgp_cache_path(cfg, data)
-    rank_zero = strategy is None or strategy.global_rank == 0
-    if not path.is_file() and rank_zero:
-        with torch.random.fork_rng(devices=[]):  # the run's own draws must not depend on whether the cache existed
-            result = pretrain_mgp(cfg, data, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{torch.randint(1 << 30, (1,)).item()}")
-        torch.save(result, tmp)
-        tmp.replace(path)
-        print(f"stage 1 (MGP) cached at {path}", flush=True)
-    if strategy is not None:
-        strategy.barrier("livt-mgp")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return cached(mgp_cache_path(cfg, data), lambda: pretrain_mgp(cfg, data, device), "stage 1 (MGP)", strategy)
 
 
 def encoder_weights(mae_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

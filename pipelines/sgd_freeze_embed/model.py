@@ -3,8 +3,6 @@ the paper, the learning-rate-0 gradient diagnostic, and stage-1 pretraining for 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -12,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
+from common.cache import cache_file, cached
 from common.config import ConfigError
 from common.freezing import freeze, matches, trainable_parameters
 from common.models import create_timm_model
@@ -231,16 +230,8 @@ def pretrained_backbone(cfg: DictConfig, source_name: str, make_source) -> dict[
     p = cfg.pretrain
     model_key = {k: OmegaConf.to_container(cfg.model)[k] for k in ("name", "kwargs")}
     settings = {k: v for k, v in OmegaConf.to_container(p).items() if k != "embed_scale"}
-    key = json.dumps({"model": model_key, "pretrain": settings, "source": source_name}, sort_keys=True)
-    path = Path(cfg.paths.cache_dir) / "sgd_freeze_embed" / f"pretrained-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    if path.is_file():
-        return rescale_patch_input(torch.load(path, map_location="cpu", weights_only=True), p.embed_scale)
-    with torch.random.fork_rng(devices=[]):  # a run's own random draws must not depend on whether the cache existed
-        state = _pretrain(cfg, source_name, make_source)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    print(f"stage 1 cached at {path}", flush=True)
-    return rescale_patch_input(state, p.embed_scale)
+    path = cache_file(cfg, "sgd_freeze_embed", "pretrained", {"model": model_key, "pretrain": settings, "source": source_name})
+    return rescale_patch_input(cached(path, lambda: _pretrain(cfg, source_name, make_source), "stage 1"), p.embed_scale)
 
 
 def _pretrain(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch.Tensor]:

@@ -5,8 +5,6 @@ and the book-classification probe."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
+from common.cache import cache_file, cached, save_atomic
 from common.config import ConfigError
 from pipelines.vocab_kd.data import Passage, TextDataModule, check_data
 from pipelines.vocab_kd.model import (
@@ -43,12 +42,9 @@ def head_cache_path(cfg: DictConfig, data: TextDataModule) -> Path:
     folder = resolve_teacher_path(cfg.teacher.path)
     weights = folder / "model.safetensors"
     weights = weights if weights.is_file() else folder / "pytorch_model.bin"
-    key = json.dumps(
-        {"teacher": str(folder.resolve()), "bytes": weights.stat().st_size, "head": OmegaConf.to_container(cfg.teacher.head, resolve=True),
-         "mask_prob": cfg.dual.mask_prob, "data": data.identity()},
-        sort_keys=True,
-    )  # fmt: skip
-    return Path(cfg.paths.cache_dir) / "vocab_kd" / f"mlm-head-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    key = {"teacher": str(folder.resolve()), "bytes": weights.stat().st_size, "head": OmegaConf.to_container(cfg.teacher.head, resolve=True),
+           "mask_prob": cfg.dual.mask_prob, "data": data.identity()}  # fmt: skip
+    return cache_file(cfg, "vocab_kd", "mlm-head", key)
 
 
 def train_mlm_head(cfg: DictConfig, data: TextDataModule, teacher, head, device: torch.device) -> dict:
@@ -88,16 +84,7 @@ def teacher_head(cfg: DictConfig, data: TextDataModule, teacher, checkpoint_head
     if checkpoint_head is not None:
         head.load_state_dict(checkpoint_head, strict=False)
         return head, None
-    path = head_cache_path(cfg, data)
-    if not path.is_file():
-        with torch.random.fork_rng(devices=[]):
-            result = train_mlm_head(cfg, data, teacher, head, device)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{torch.randint(1 << 30, (1,)).item()}")
-        torch.save(result, tmp)
-        tmp.replace(path)
-        print(f"teacher MLM head cached at {path}", flush=True)
-    result = torch.load(path, map_location="cpu", weights_only=True)
+    result = cached(head_cache_path(cfg, data), lambda: train_mlm_head(cfg, data, teacher, head, device), "teacher MLM head")
     head.load_state_dict(result["state"], strict=False)
     return head, result["loss"]
 
@@ -284,9 +271,7 @@ class VocabKDModule(pl.LightningModule):
             count += int(masked.sum())
         out = {"loss": torch.tensor(total / max(count, 1)), "fit": self.embed(fit, "t"), "test": self.embed(test, "t")}
         if frozen:
-            tmp = path.with_suffix(f".tmp{torch.randint(1 << 30, (1,)).item()}")
-            torch.save(out, tmp)
-            tmp.replace(path)
+            save_atomic(out, path)
         return out
 
     def on_test_epoch_end(self) -> None:

@@ -1,0 +1,40 @@
+"""Content-keyed caches of trained stages (pretraining, classifiers, heads): one way to name, build, write and read them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+
+def cache_file(cfg: DictConfig, pipeline: str, stem: str, key: Any) -> Path:
+    """``<paths.cache_dir>/<pipeline>/<stem>-<hash of key>.pt``: key holds every input and setting the artifact depends on."""
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(cfg.paths.cache_dir) / pipeline / f"{stem}-{digest}.pt"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a reader never sees half a file, a killed writer leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{torch.randint(1 << 30, (1,)).item()}")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> Any:
+    """The artifact at ``path``, built first when missing. ``build`` runs under a forked RNG, so a run's own random draws do
+    not depend on whether the cache existed. Under DDP rank 0 builds and the others wait at a barrier. Read with
+    weights_only=True: only tensors and plain containers."""
+    path = Path(path)
+    if not path.is_file() and (strategy is None or strategy.global_rank == 0):
+        with torch.random.fork_rng(devices=[]):
+            result = build()
+        save_atomic(result, path)
+        print(f"{what} cached at {path}", flush=True)
+    if strategy is not None:
+        strategy.barrier(f"cache-{path.stem}")
+    return torch.load(path, map_location="cpu", weights_only=True)
