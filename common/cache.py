@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ def cache_file(cfg: DictConfig, pipeline: str, stem: str, key: Any) -> Path:
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file and a rename: a reader never sees half a file, a killed writer leaves none."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{torch.randint(1 << 30, (1,)).item()}")
+    tmp = path.with_name(f"{path.name}.tmp{uuid.uuid4().hex}")  # not torch.randint: the run's RNG stays untouched
     torch.save(obj, tmp)
     tmp.replace(path)
 

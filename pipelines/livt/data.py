@@ -14,6 +14,7 @@ and iNaturalist 2018 from their split lists (``relative/path label`` per line) o
 from __future__ import annotations
 
 import hashlib
+import uuid
 import io
 import math
 import pickle
@@ -276,7 +277,7 @@ def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict
     if len(names) != expected:
         raise ConfigError(f"{root} holds {len(names)} classes, {kind} has {expected}; expected layout: {CIFAR_LAYOUT}")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
+    tmp = cache.with_suffix(f".tmp{uuid.uuid4().hex}.npz")  # not np.random: the global RNG stays untouched
     np.savez(tmp, names=np.array(names), **{f"{s}_{k}": v for s, (x, y) in arrays.items() for k, v in (("x", x), ("y", y))})
     tmp.replace(cache)
     return arrays, names

@@ -182,7 +182,7 @@ def test_reproduce_smoke_children_are_train_runs_and_the_report_selects_lr_on_va
     by_seed = {}
     for child in children:
         by_seed.setdefault(child["seed"], set()).add(round(child["grad/norm/patch_embed"], 6))
-    assert all(len(norms) == 1 for norms in by_seed.values())
+    assert all(len(norms) == 1 for norms in by_seed.values()), by_seed
     sgd = [c for c in children if c["optim.name"] == "sgd"]
     val = {lr: statistics.mean(c["best/val_acc"] for c in sgd if c["optim.lr"] == lr) for lr in (0.0001, 0.01)}
     chosen = [c for c in sgd if c["optim.lr"] == max(val, key=val.get)]
