@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,7 +274,7 @@ class TextDataModule(pl.LightningDataModule):
         if not (folder / "vocab.txt").is_file():
             tokenizer = train_wordpiece(train_texts, s.vocab_size, s.limit_alphabet, s.min_frequency)
             folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f"tmp{random.randrange(1 << 30)}"
+            tmp = folder / f"tmp{uuid.uuid4().hex}"  # not random: the global RNG stays untouched
             tmp.mkdir()
             tokenizer.save_model(str(tmp))
             (tmp / "vocab.txt").replace(folder / "vocab.txt")
