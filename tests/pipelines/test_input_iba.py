@@ -39,7 +39,6 @@ from pipelines.input_iba.model import (
     spatial,
 )
 from pipelines.input_iba.module import InputIBAExperiment, check_model, classifier_cache_path
-from tests.conftest import lightyard
 
 
 # -- the information terms ------------------------------------------------------------------------------------------
@@ -341,11 +340,10 @@ def test_bad_input_is_one_line():
         InputIBAExperiment.check_config(compose("input_iba", {"data.name": "cifar10"}))
 
 
-def test_cli_bad_layer_is_one_line(home):
-    out = lightyard("train", "input_iba", "preset=smoke", "layer=head")
-    assert out.returncode == 2
-    (line,) = out.stderr.strip().splitlines()
-    assert line.startswith("lightyard: error: unknown layer 'head' of ResNet; valid: conv1")
+def test_bad_layer_is_one_line(home):
+    """A ConfigError before any run (the command line prints it as one line, exit 2: tests/test_config.py)."""
+    with pytest.raises(ConfigError, match=r"^unknown layer 'head' of ResNet; valid: conv1"):
+        train("input_iba", ["preset=smoke", "layer=head"])
 
 
 # -- the classifier cache and the smoke runs ------------------------------------------------------------------------

@@ -35,7 +35,6 @@ from pipelines.vocab_kd.model import (
     weight_projection_loss,
     word_means,
 )
-from tests.conftest import lightyard
 
 TEXTS = list(generated_corpus(3, 600, seed=0).values())
 
@@ -219,11 +218,12 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
 
 
 def test_cli_bad_teacher_path_and_empty_corpus_are_one_line(home, tmp_path):
-    out = lightyard("train", "vocab_kd", f"teacher.path={tmp_path}")
-    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
-        f"lightyard: error: teacher.path {tmp_path} lacks config.json, vocab.txt, model.safetensors; expected layout: "
+    with pytest.raises(ConfigError) as err:  # (the command line prints a ConfigError as one line, exit 2: tests/test_config.py)
+        train("vocab_kd", [f"teacher.path={tmp_path}"])
+    assert str(err.value) == (
+        f"teacher.path {tmp_path} lacks config.json, vocab.txt, model.safetensors; expected layout: "
         "<folder>/config.json (a BERT config), <folder>/model.safetensors (or pytorch_model.bin), <folder>/vocab.txt"
-    ]
+    )
     from pipelines.vocab_kd.module import VocabKDModule
 
     (tmp_path / "gutenberg").mkdir()  # a corpus folder without text files: refused before any run opens
