@@ -1,10 +1,9 @@
 """iiot_sic_aloha: closed forms, simulator vs analysis vs the per-slot reference, bad input, a full run."""
 
 import math
-
-import numpy as np
 import re
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
