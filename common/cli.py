@@ -173,41 +173,122 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """Every registered pipeline on its embedded default, quick preset; then the runs table."""
-    from common.registry import all_pipelines
-    from common.runner import train
-    from common.tables import markdown_table
-    from common.tracking import project_tracking_uri
+def _demo_in_process(names: list[str], overrides: list[str]) -> list[dict]:
+    """One pipeline after another in this process (``--workers 1``)."""
+    from common.runner import RunInterrupted, train
 
-    from common.runner import RunInterrupted
-
-    rows, run_ids = [], []
-    for pipeline in all_pipelines():
-        if pipeline.name.startswith("_") or (args.pipelines and pipeline.name not in args.pipelines):
-            continue
-        print(f"\n=== {pipeline.name}: {pipeline.description}", flush=True)
+    rows = []
+    for name in names:
         start = time.time()
         try:
-            result = train(pipeline.name, ["preset=demo" if _has_preset(pipeline.name, "demo") else "preset=quick", *args.overrides])[0]
+            result = train(name, [_demo_preset(name), *overrides])[0]
             status, run_id = result.status, result.run_id
         except (ConfigError, RunInterrupted):
             raise
         except Exception as err:  # one pipeline failing does not hide the others; the exit code says so
-            status, run_id = (
-                f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}",
-                getattr(err, "lightyard_run_id", "–"),
-            )
-        run_ids.append(run_id)
-        rows.append({"pipeline": pipeline.name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)})
+            first = str(err).splitlines()[0][:120] if str(err) else ""
+            status, run_id = f"FAILED: {type(err).__name__}: {first}", getattr(err, "lightyard_run_id", "–")
+        rows.append({"pipeline": name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)})
+    return rows
+
+
+def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs: Path) -> list[dict]:
+    """``workers`` pipelines at a time, each a ``lightyard train`` child process with its console in ``logs/<name>.log``;
+    a line per pipeline as it ends. A bad override (a config error in a child) stops them all and is one line here."""
+    import re
+    import subprocess
+
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    logs.mkdir(parents=True, exist_ok=True)
+    queue, running, rows = list(names), {}, {}
+    previous = signal.signal(signal.SIGTERM, stop)  # a SIGTERM to the demo ends the children's runs too
+    try:
+        while queue or running:
+            while queue and len(running) < workers:
+                name = queue.pop(0)
+                log = open(logs / f"{name}.log", "w")
+                command = [sys.executable, "-m", "common.cli", "train", name, _demo_preset(name), *overrides]
+                running[name] = (
+                    subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL),
+                    log,
+                    time.time(),
+                )
+            for name, (proc, log, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                text = (logs / f"{name}.log").read_text(errors="replace")
+                lines = [line for line in text.splitlines() if line.strip()]
+                error = next((line for line in reversed(lines) if line.startswith("lightyard: ")), None)
+                if proc.returncode == 2 and error and error.startswith("lightyard: error: "):
+                    raise ConfigError(error.removeprefix("lightyard: error: "))
+                found = re.findall(r"^\|\s*([0-9a-f]{32})\s*\|\s*([A-Z]+)\s*\|", text, re.M)
+                run_id, status = found[-1] if found else ("–", "FAILED")
+                if proc.returncode != 0:
+                    why = (error or (lines[-1] if lines else "no output")).removeprefix("lightyard: ").removeprefix("failed: ")
+                    status = f"FAILED: {why[:160]}"
+                    run_id = next(iter(re.findall(r"MLflow run ([0-9a-f]{32})", why)), run_id)
+                rows[name] = {"pipeline": name, "status": status, "run_id": run_id, "seconds": round(time.time() - start, 1)}
+                print(
+                    f"{'done' if status == 'FINISHED' else 'FAILED'}  {name:<16} {rows[name]['seconds']:6.1f} s   (console: {logs / name}.log)",
+                    flush=True,
+                )
+            time.sleep(0.2)
+    finally:  # Ctrl+C, SIGTERM or a config error: the children end their runs (KILLED) before we leave
+        for proc, _log, _ in running.values():
+            proc.terminate()
+        for proc, log, _ in running.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        signal.signal(signal.SIGTERM, previous)
+    return [rows[name] for name in names]
+
+
+def _demo_preset(name: str) -> str:
+    return "preset=demo" if _has_preset(name, "demo") else "preset=quick"
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Every registered pipeline on its embedded default, demo (else quick) preset; then the runs table."""
+    from common.config import lightyard_home
+    from common.registry import all_pipelines
+    from common.tables import markdown_table
+    from common.tracking import project_tracking_uri
+
+    registered = [p.name for p in all_pipelines() if not p.name.startswith("_")]
+    unknown = [name for name in args.pipelines or [] if name not in registered]
+    if unknown:
+        raise ConfigError(f"unknown pipeline '{unknown[0]}' in --pipelines (overrides go before it); registered: {', '.join(registered)}")
+    names = [name for name in registered if not args.pipelines or name in args.pipelines]
+    workers = args.workers if args.workers is not None else min(2, os.cpu_count() or 1)
+    if workers < 1:
+        raise ConfigError(f"--workers must be ≥ 1, got {workers}")
+    started = time.time()
+    if workers == 1:
+        for name in names:
+            print(f"\n=== {name}", flush=True)
+        rows = _demo_in_process(names, list(args.overrides))
+    else:
+        print(f"{len(names)} pipelines, {workers} at a time (each with one CPU thread): {', '.join(names)}", flush=True)
+        logs = Path(lightyard_home()) / "outputs" / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S")
+        rows = _demo_in_children(names, list(args.overrides), workers, logs)
     print()
     print(
         markdown_table(
             rows,
-            title="Demo runs (each a short run; `lightyard train <pipeline>` runs the quick preset, preset=paper the paper's settings)",
+            title=f"Demo runs, {time.time() - started:.0f} s in all (each a short run; `lightyard train <pipeline>` runs the quick preset, preset=paper the paper's settings)",
         )
     )
     uri = project_tracking_uri()
+    run_ids = [row["run_id"] for row in rows]
     own = [row for row in run_rows(uri, limit=max(50, 5 * len(rows))) if row["run_id"] in run_ids]
     print(markdown_table(own, title=f"In MLflow ({uri})"))
     print("See them in the browser: lightyard ui   (then open http://127.0.0.1:5000)")
@@ -278,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="every pipeline on its embedded data (demo-sized runs), then the runs table")
     p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")
     p.add_argument("--pipelines", nargs="+", help="only these pipelines")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="pipelines at once, each in its own process (default: 2 where there are 2 cores; 1 runs them in this process)",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 

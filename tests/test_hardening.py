@@ -93,6 +93,16 @@ def test_demo_exits_non_zero_when_a_pipeline_fails_and_lists_only_its_runs(home)
     assert out.returncode == 1
     assert "| toy      | FAILED: RuntimeError: toy crash" in out.stdout
     assert "earlier" not in out.stdout
+    assert "console: " in out.stdout and list((home / "outputs" / "demo").glob("*/toy.log"))  # each pipeline's console kept
+
+
+def test_demo_with_a_bad_override_is_one_line_from_its_children(home, capsys):
+    from common.cli import main
+
+    assert main(["demo", "trainer.max_epochs=x", "--workers", "2", "--pipelines", "toy"]) == 2
+    assert capsys.readouterr().err.strip() == "lightyard: error: config key 'trainer.max_epochs' expects int, got 'x' (str)"
+    assert main(["demo", "--pipelines", "toy", "trainer.max_epochs=2"]) == 2  # an override after --pipelines is not a pipeline
+    assert "unknown pipeline 'trainer.max_epochs=2' in --pipelines (overrides go before it)" in capsys.readouterr().err
 
 
 def test_a_huge_sweep_says_its_size_and_asks_for_yes(home):
