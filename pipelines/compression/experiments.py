@@ -37,7 +37,7 @@ def latency_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     torch.set_num_threads(int(b.thread))
     torch.manual_seed(0)
     size = int(b.image_size)
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (OmegaConf.to_container(b.kwargs) or {}).items()}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (OmegaConf.to_container(b.kwargs) if b.kwargs else {}).items()}
     fp32 = create_timm_model(b.model, num_classes=1000, **kwargs).eval()
     x = torch.randn(1, 3, size, size)
     calibration = [torch.randn(4, 3, size, size) for _ in range(b.calibration_batches)]

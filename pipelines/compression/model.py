@@ -430,10 +430,15 @@ def to_bytes(obj: Any) -> bytes:
 
 
 def exported_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
-    """The model as a ``torch.export`` program (``.pt2``), the format the runs ship (MLflow's ``serialization_format``)."""
+    """The model as a ``torch.export`` program (``.pt2``, any batch size), the format the runs ship (MLflow's
+    ``serialization_format``)."""
     buffer = io.BytesIO()
+    if not isinstance(model, torch.fx.GraphModule):
+        model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    example = torch.cat([example, example]) if len(example) == 1 else example  # a batch of 1 would specialise the size
     with quiet(), torch.no_grad():
-        torch.export.save(torch.export.export(model.eval() if not isinstance(model, torch.fx.GraphModule) else model, (example,)), buffer)
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), buffer)
     return buffer.getvalue()
 
 

@@ -411,6 +411,8 @@ def _peak_memory(program: bytes, batch: int, size: int, threads: int) -> float:
     reset_peak_rss()
     start = read_peak_rss()
     with quiet():
+        import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  (registers the q/dq ops an int8 program holds)
+
         module = torch.export.load(io.BytesIO(program)).module()
         with torch.no_grad():
             module(torch.randn(batch, 3, size, size))
@@ -483,10 +485,17 @@ class CompressionExperiment(NonGradientExperiment):
         metrics.update(measure(variant, ctx))
         base_size = len(exported_bytes(baseline, ctx.example(1))) / MB
         metrics["size_ratio"] = base_size / metrics["size_mb"]
-        shown = ", ".join(
-            f"{k} {v:.4g}" for k, v in metrics.items() if k in ("top1", "top1_drop", "params", "size_mb", "macs_m", "p50_ms", "throughput")
+        timing = (
+            f", p50 {metrics['p50_ms']:.3f} ms, {metrics['throughput']:.0f} img/s at batch {cfg.measure.batch}"
+            if "p50_ms" in metrics
+            else ""
         )
-        print(f"{technique}: {shown}", flush=True)
+        print(
+            f"{technique}: top-1 {100 * base_top1:.2f} % → {100 * top1:.2f} %, size {base_size:.3f} → {metrics['size_mb']:.3f} MB "
+            f"(÷{metrics['size_ratio']:.2f}), {metrics['params'] / 1e6:.3f} M values ({metrics['nonzero_params'] / 1e6:.3f} M nonzero), "
+            f"{metrics['macs_m']:.1f} MMACs{timing}",
+            flush=True,
+        )
         if tracker is not None:
             tracker.set_tags({"compression.family": TECHNIQUES[technique][0]})
         return metrics
