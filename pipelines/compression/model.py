@@ -124,7 +124,7 @@ def export_module(model: nn.Module, example: torch.Tensor, min_batch: int = 1) -
     """``torch.export`` with a dynamic batch dimension (calibration, evaluation and timing use different batch sizes)."""
     batch = torch.export.Dim("batch", min=min_batch, max=1 << 16)
     with quiet():
-        return torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}).module()
+        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
 
 
 def x86_quantizer(qat: bool = False):
@@ -438,7 +438,7 @@ def exported_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     example = torch.cat([example, example]) if len(example) == 1 else example  # a batch of 1 would specialise the size
     with quiet(), torch.no_grad():
-        torch.export.save(torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}), buffer)
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), buffer)
     return buffer.getvalue()
 
 

@@ -323,5 +323,5 @@ def test_bench_smoke_reports_same_run_ratios(home):
     assert (result.status, result.total) == ("FINISHED", 1), result.report
     (child,) = _children(result)
     assert child["int8_speedup"] == pytest.approx(child["fp32_inductor_p50_ms"] / child["int8_inductor_p50_ms"])
-    assert child["int8_speedup_min"] <= child["int8_speedup_max"] and child["int8_size_ratio"] > 2
+    assert child["int8_speedup_min"] <= child["int8_speedup_max"] and child["int8_size_ratio"] > 1
     assert child["sparsity"] == pytest.approx(0.5, abs=0.01) and child["pruned_params_ratio"] > 2
