@@ -65,8 +65,8 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 def _masks(shape: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
     n = len(shape)
     coords = torch.arange(size, dtype=torch.float32)
-    cx, cy = (size / 2 + (torch.rand(n, generator=g) - 0.5) * size * 0.4 for _ in range(2))
-    r = size * (0.22 + 0.12 * torch.rand(n, generator=g))
+    cx, cy = (size / 2 + (torch.rand(n, generator=g) - 0.5) * size * 0.25 for _ in range(2))
+    r = size * (0.3 + 0.1 * torch.rand(n, generator=g))
     dx = (coords[None, None, :] - cx[:, None, None]) / r[:, None, None]
     dy = (coords[None, :, None] - cy[:, None, None]) / r[:, None, None]
     d = (dx**2 + dy**2).sqrt()
@@ -95,7 +95,7 @@ def generated_split(labels: torch.Tensor, size: int, g: torch.Generator) -> torc
     b = torch.where((a - b).abs().sum(1, keepdim=True) < 0.6, 1 - a, b)
     foreground = fill * a + (1 - fill) * b
     background = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    image = mask * foreground + (1 - mask) * (0.2 + 0.6 * background) + 0.08 * torch.randn(n, 3, size, size, generator=g)
+    image = mask * foreground + (1 - mask) * (0.3 + 0.4 * background) + 0.04 * torch.randn(n, 3, size, size, generator=g)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
