@@ -91,7 +91,7 @@ def fit(
     desc: str = "fit",
 ) -> list[float]:
     """SGD (Nesterov momentum 0.9) with a per-step cosine schedule for ``epochs`` (fractions allowed) over the training
-    split; cross-entropy, or Hinton's KD loss against ``teacher``. ``on_step(step, total)`` runs before each step (pruning
+    split (bf16 autocast on CUDA); cross-entropy, or Hinton's KD loss against ``teacher``. ``on_step(step, total)`` runs before each step (pruning
     schedules). Returns the mean loss per epoch."""
     from tqdm import tqdm
 
@@ -119,13 +119,14 @@ def fit(
             y = task.train.labels[idx].to(device)
             if on_step is not None:
                 on_step(step, total)
-            logits = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = kd_loss(logits, target, y, cfg.kd.temperature, cfg.kd.alpha)
-            else:
-                loss = F.cross_entropy(logits, y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # bf16 on GPUs
+                logits = model(x).float()
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x).float()
+                    loss = kd_loss(logits, target, y, cfg.kd.temperature, cfg.kd.alpha)
+                else:
+                    loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
