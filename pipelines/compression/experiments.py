@@ -186,19 +186,21 @@ def claims(means: dict[str, dict[str, float]]) -> list[dict]:
             f"int8 static: top-1 {-100 * d:+.2f} points, size ÷{r:.2f}",
             d <= 0.01 and r >= 3.5,
         )
-    u, b = get("prune_unstructured", "p50_ms"), base.get("p50_ms")
-    if u is not None and b is not None:
+    # speed-ups are each child's own: the variant against the baseline in the same process (latency across processes
+    # drifts by more than these effects at 32 px)
+    u = get("prune_unstructured", "speedup")
+    if u is not None:
         add(
             "unstructured sparsity is hard to exploit on CPUs",
-            f"50 % sparse p50 {u:.3f} ms vs dense {b:.3f} ms ({b / u:.2f}×); dense size ÷{get('prune_unstructured', 'size_ratio'):.2f}",
-            b / u < 1.1,
+            f"50 % sparse: {u:.2f}× the dense baseline's speed (same run); dense size ÷{get('prune_unstructured', 'size_ratio'):.2f}",
+            u < 1.1,
         )
-    s = get("prune_structured", "p50_ms")
-    if s is not None and b is not None:
+    s = get("prune_structured", "speedup")
+    if s is not None:
         add(
             "structured pruning removes real work",
-            f"50 % channels: {b / s:.2f}× faster, top-1 {-100 * get('prune_structured', 'top1_drop'):+.2f} points (target ≥ 1.6×, ≥ −2)",
-            b / s >= 1.6 and get("prune_structured", "top1_drop") <= 0.02,
+            f"50 % channels: {s:.2f}× faster (same run), top-1 {-100 * get('prune_structured', 'top1_drop'):+.2f} points (target ≥ 1.6×, ≥ −2)",
+            s >= 1.6 and get("prune_structured", "top1_drop") <= 0.02,
         )
     for t, label in (("depthwise", "depthwise-separable"), ("low_rank", "low-rank (SVD)")):
         if t in means and "macs_m" in base:
@@ -206,17 +208,17 @@ def claims(means: dict[str, dict[str, float]]) -> list[dict]:
             add(
                 f"compact convolutions / factorisation: fewer operations at high accuracy ({label})",
                 f"MACs ×{macs:.2f}, params ×{means[t]['params'] / base['params']:.2f}, top-1 {-100 * drop:+.2f} points"
-                + (f", p50 ×{means[t]['p50_ms'] / b:.2f}" if "p50_ms" in means[t] and b else ""),
+                + (f", {means[t]['speedup']:.2f}× faster (same run)" if "speedup" in means[t] else ""),
                 macs < 1 and drop <= 0.02,
             )
-    if "nas" in means and "student" in means and b is not None and "p50_ms" in means["nas"]:
+    if "nas" in means and "student" in means and "speedup" in means["nas"]:
         # the fair rival of a searched small net is a hand-scaled small net trained as long (the student), not the baseline
         n, st = means["nas"], means["student"]
         add(
             "NAS: a better small network than a hand-designed one under a device budget",
-            f"winner: {100 * n['top1']:.2f} % at {n['p50_ms']:.3f} ms, {n['params'] / 1e6:.3f} M params; hand-scaled student "
-            f"{100 * st['top1']:.2f} % at {st.get('p50_ms', float('nan')):.3f} ms, {st['params'] / 1e6:.3f} M (baseline {100 * base['top1']:.2f} % at {b:.3f} ms)",
-            n["top1"] > st["top1"] and n["p50_ms"] < b,
+            f"winner: {100 * n['top1']:.2f} % at {n['p50_ms']:.3f} ms ({n['speedup']:.2f}× the baseline), {n['params'] / 1e6:.3f} M params; "
+            f"hand-scaled student {100 * st['top1']:.2f} % ({st['params'] / 1e6:.3f} M); baseline {100 * base['top1']:.2f} %",
+            n["top1"] > st["top1"] and n["speedup"] > 1,
         )
     if "kd" in means and "student" in means:
         gain = means["kd"]["top1"] - means["student"]["top1"]

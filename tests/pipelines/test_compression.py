@@ -3,6 +3,7 @@ transformation against hand counts on tiny models, int8 (PT2E) logits close to f
 Tucker exact at full rank, the pruning schedule, the MnasNet reward and the KD loss, the latency harness, loaders on
 real-format fixtures, one-line errors, and a smoke run of train / reproduce / bench."""
 
+import math
 import pickle
 import re
 import zipfile
@@ -298,6 +299,7 @@ def test_train_smoke_int4_is_smaller_and_reuses_the_cached_baseline(home):
     (first,) = train("compression", ["preset=smoke", "technique=int4_weight"])
     m = first.metrics
     assert 0 <= m["top1"] <= 1 and m["p50_ms"] <= m["p95_ms"] and m["macs_m"] > 0 and m["top1_drop"] == m["baseline_top1"] - m["top1"]
+    assert m["speedup"] > 0 and math.isfinite(m["speedup"])  # measured against the baseline in this run
     cached = list((home / "cache" / "compression").glob("baseline-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
