@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -87,3 +88,21 @@ def require_files(root: str | Path, names: list[str], layout: str) -> Path:
     if missing:
         raise ConfigError(f"dataset folder {root} lacks {', '.join(missing)}; expected layout: {layout}")
     return root
+
+
+NUMPY_ARRAYS = frozenset(
+    {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+)
+
+
+def load_pickle(file, allowed: frozenset[tuple[str, str]] = NUMPY_ARRAYS, encoding: str = "bytes") -> Any:
+    """A pickle from a user's data folder (CIFAR's batches, Planetoid's files) with only ``allowed`` classes: plain
+    containers and numpy arrays by default, never code. Anything else raises ``pickle.UnpicklingError``."""
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) not in allowed:
+                raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+            return super().find_class(module, name)
+
+    return Restricted(file, encoding=encoding).load()

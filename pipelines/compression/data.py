@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 from common.config import ConfigError
-from common.data import require_files, require_folder
+from common.data import load_pickle, require_files, require_folder
 
 TREE_LAYOUT = "<root>/{train,test}/<class>/*.{jpg,png} (ImageFolder) or <root>/{train,test}.zip holding that tree"
 CIFAR_LAYOUT = f"<root>/cifar-10-batches-py/{{data_batch_1..5,test_batch}} (python batches), or {TREE_LAYOUT}"
@@ -113,22 +112,6 @@ def generated_task(d: DictConfig) -> Task:
 
 
 # -- real data ---------------------------------------------------------------------------------------------------------------------
-class _Arrays(pickle.Unpickler):
-    """CIFAR's pickles hold dicts of numpy arrays, lists and bytes; nothing else is unpickled (no code from a data folder)."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
 def _batches(folder: Path) -> tuple[dict, list[str]]:
     files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     require_files(folder, files["train"] + files["test"], CIFAR_LAYOUT)
@@ -138,7 +121,7 @@ def _batches(folder: Path) -> tuple[dict, list[str]]:
         for name in names:
             try:
                 with open(folder / name, "rb") as f:
-                    batch = _Arrays(f, encoding="bytes").load()
+                    batch = load_pickle(f)
                 xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(batch[b"labels"]))
             except Exception as err:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 from common.config import ConfigError
-from common.data import make_loader, require_files
+from common.data import NUMPY_ARRAYS, load_pickle, make_loader, require_files
 
 # name → (PyG class, sub-folder of the root that holds raw/, split-file prefix)
 REAL = {
@@ -191,30 +190,19 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
                 raise _fail(path, f"{key} must be {n} zeros/ones (one per node), got shape {mask.shape}")
 
 
-class _ArraysOnly(pickle.Unpickler):
-    """Unpickles numpy arrays, scipy sparse matrices and plain containers only: Planetoid's files are pickles, and a
-    pickle from a user's folder could otherwise run code when PyG loads it."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("collections", "defaultdict"),
-        ("builtins", "list"),
-        ("builtins", "set"),
-        ("builtins", "dict"),
-        ("scipy.sparse.csr", "csr_matrix"),
-        ("scipy.sparse._csr", "csr_matrix"),
-        ("scipy.sparse._csr", "csr_array"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        return super().find_class(module, name)
+# Planetoid's files are pickles: numpy arrays, scipy sparse matrices and plain containers only (a pickle from a user's
+# folder could otherwise run code when PyG loads it)
+PLANETOID_PICKLES = NUMPY_ARRAYS | {
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("collections", "defaultdict"),
+    ("builtins", "list"),
+    ("builtins", "set"),
+    ("builtins", "dict"),
+    ("scipy.sparse.csr", "csr_matrix"),
+    ("scipy.sparse._csr", "csr_matrix"),
+    ("scipy.sparse._csr", "csr_array"),
+}
 
 
 def validate_planetoid(raw: Path, prefix: str) -> None:
@@ -223,7 +211,7 @@ def validate_planetoid(raw: Path, prefix: str) -> None:
         path = raw / f"ind.{prefix}.{part}"
         try:
             with open(path, "rb") as f:
-                value = _ArraysOnly(f, encoding="latin1").load()
+                value = load_pickle(f, PLANETOID_PICKLES, encoding="latin1")
         except Exception as err:
             raise _fail(path, f"is not a Planetoid array file ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
         sizes[part] = len(value) if part == "graph" else value.shape[0]

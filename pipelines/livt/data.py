@@ -17,7 +17,6 @@ import hashlib
 import uuid
 import io
 import math
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import make_loader, require_files, require_folder
+from common.data import load_pickle, make_loader, require_files, require_folder
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -158,26 +157,10 @@ CIFAR_BATCHES = {
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
-class _Arrays(pickle.Unpickler):
-    """CIFAR's pickles hold dicts of numpy arrays, lists and bytes; nothing else is unpickled (no code from a data folder)."""
-
-    ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
 def _read_batch(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return _Arrays(f, encoding="bytes").load()
+            return load_pickle(f)
     except Exception as err:
         raise ConfigError(f"{path} is not a readable CIFAR python batch ({type(err).__name__}); expected layout: {CIFAR_LAYOUT}") from None
 

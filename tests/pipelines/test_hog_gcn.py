@@ -243,7 +243,7 @@ def test_planetoid_pickles_that_would_run_code_are_refused(tmp_path):
     write_planetoid(raw, "cora")
     with open(raw / "ind.cora.graph", "wb") as f:
         pickle.dump(_RunsCode(), f)
-    with pytest.raises(ConfigError, match="ind.cora.graph: is not a Planetoid array file .*refusing to load builtins.print"):
+    with pytest.raises(ConfigError, match="ind.cora.graph: is not a Planetoid array file .*refusing to unpickle builtins.print"):
         load_real("cora", tmp_path / "data", tmp_path / "cache")
 
 
