@@ -374,6 +374,19 @@ class StepHooks:
             self.trace.append(event)
 
 
+def _content_d_step(net, zc_x: torch.Tensor, zc_y: torch.Tensor, hooks: StepHooks, clip_norm: float) -> float:
+    """One update of D_c on detached content codes: its loss, backward into D_c alone, DDP average, clipping, step."""
+    hooks.zero_grad("content_d")
+    loss = net.content_discriminator_loss(zc_x, zc_y)
+    hooks.mark("loss:content_d")
+    hooks.backward(loss, inputs=list(net.dis_c.parameters()))
+    hooks.sync("content_d")
+    hooks.clip("content_d", clip_norm)
+    hooks.step("content_d")
+    hooks.mark("step:content_d")
+    return float(loss.detach())
+
+
 def train_iteration(net: DRIT, batch: tuple[Tensor, Tensor, Tensor], iteration: int, seed: int, w: LossWeights, d_iter: int,
                     content_std: float, clip_norm: float, hooks: StepHooks) -> dict[str, float]:  # fmt: skip
     """One iteration of the notes' protocol on a batch (x [2n,C,H,W], y, dataset indices [2n]): the first n images per
@@ -397,15 +410,7 @@ def train_iteration(net: DRIT, batch: tuple[Tensor, Tensor, Tensor], iteration: 
             return logs
         with torch.no_grad():
             zc_x, zc_y = net.enc_c(x_all, "x", noise["c_x"]), net.enc_c(y_all, "y", noise["c_y"])
-        hooks.zero_grad("content_d")
-        loss = net.content_discriminator_loss(zc_x, zc_y)
-        hooks.mark("loss:content_d")
-        hooks.backward(loss, inputs=list(net.dis_c.parameters()))
-        hooks.sync("content_d")
-        hooks.clip("content_d", clip_norm)
-        hooks.step("content_d")
-        hooks.mark("step:content_d")
-        return {"content_d": float(loss.detach())}
+        return {"content_d": _content_d_step(net, zc_x, zc_y, hooks, clip_norm)}
 
     x, y, x2, y2 = x_all[:n], y_all[:n], x_all[n:], y_all[n:]
     ms = w.mode_seeking > 0
@@ -420,15 +425,7 @@ def train_iteration(net: DRIT, batch: tuple[Tensor, Tensor, Tensor], iteration: 
     hooks.mark("step:d")
     logs["d"] = float(loss_d.detach())
     if use_content_d:
-        hooks.zero_grad("content_d")
-        loss_c = net.content_discriminator_loss(t["zc_x"], t["zc_y"])
-        hooks.mark("loss:content_d")
-        hooks.backward(loss_c, inputs=list(net.dis_c.parameters()))
-        hooks.sync("content_d")
-        hooks.clip("content_d", clip_norm)
-        hooks.step("content_d")
-        hooks.mark("step:content_d")
-        logs["content_d"] = float(loss_c.detach())
+        logs["content_d"] = _content_d_step(net, t["zc_x"], t["zc_y"], hooks, clip_norm)
     # every encoder/generator loss before any of their steps
     eg, alone = net.generator_losses(t, x, y, w)
     for name in (*eg, *alone):
