@@ -425,6 +425,8 @@ def quiet_console(verbose: bool) -> None:
     # every library's INFO lines (Lightning's device summary, tips and "configured so 100 %", MLflow's store
     # messages) stop here, whatever handlers the libraries attach when imported; warnings and errors pass
     logging.disable(logging.INFO)
+    # torchao (imported by transformers for vocab_kd's teacher) registers enums torch now handles itself: a WARNING a line
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
