@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -88,6 +89,41 @@ def require_files(root: str | Path, names: list[str], layout: str) -> Path:
     if missing:
         raise ConfigError(f"dataset folder {root} lacks {', '.join(missing)}; expected layout: {layout}")
     return root
+
+
+def check_images(paths) -> None:
+    """Every file's image header, before training starts (a text file named .png, an empty or foreign file would
+    otherwise fail only when a late split is first read, after the training it was meant to evaluate)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018 (the header is parsed here)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            problem = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else " ".join(str(err).split())[:120]
+            raise ConfigError(f"{path}: {problem}; remove or replace the file") from None
+
+
+def require_weights_file(path: str | Path, what: str) -> Path:
+    """A file in torch.save's format (a zip archive), checked before anything runs: torch's own error for anything
+    else is a page that ends by advising ``weights_only=False``, which would run code from the file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{what} {path} is not a PyTorch file (torch.save's zip format): empty, truncated or something else")
+    return path
+
+
+def load_weights(path: str | Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` of a checked file; tensors and plain containers only, errors in one line."""
+    path = require_weights_file(path, what)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a zip that is not a checkpoint, or one holding objects weights_only refuses
+        reason = " ".join(str(err).split())[:160]
+        raise ConfigError(f"{what} {path} does not load as PyTorch weights ({type(err).__name__}: {reason})") from None
 
 
 NUMPY_ARRAYS = frozenset(

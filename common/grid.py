@@ -364,8 +364,6 @@ def parent_run(uri: str, run_id: str):
 def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str, Any]) -> GridResult:
     """Run the points of an earlier grid that have no FINISHED child; stale RUNNING children are marked KILLED first."""
     extra = {k: v for k, v in values.items() if k != "resume"}
-    if any(not k.startswith("launcher.") for k in extra):
-        raise ConfigError(f"resume={parent_id} reruns that grid as it was; only launcher.* may change (got {', '.join(extra)})")
     uri = tracking_uri(compose(pipeline, {}))
     client, run = parent_run(uri, parent_id)
     tags = run.data.tags
@@ -374,6 +372,8 @@ def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str
             f"run {parent_id} is a {tags.get('lightyard.kind', 'train run')} of {tags.get('lightyard.pipeline', '?')}, "
             f"not a {kind} of {pipeline}"
         )
+    if any(not k.startswith("launcher.") for k in extra):
+        raise ConfigError(f"resume={parent_id} reruns that grid as it was; only launcher.* may change (got {', '.join(extra)})")
     if run.info.status == "RUNNING":
         if not mark_stale(client, [run]):
             raise ConfigError(

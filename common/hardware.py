@@ -65,6 +65,13 @@ def check_trainer(trainer_cfg: DictConfig) -> None:
     count = int(devices) if re.fullmatch(r"-?\d+", devices) else None  # Lightning reads "2" as two devices, "0,1" as ids
     if not (devices == "auto" or (count is not None and (count >= 1 or count == -1)) or (len(ids) > 1 and all(i.isdigit() for i in ids))):
         raise ConfigError(f'trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like "0,1"; got {trainer_cfg.devices!r}')
+    for key in ("max_epochs", "max_steps"):  # Lightning reads 0 as "train nothing" and still calls the run finished
+        value = trainer_cfg.get(key)
+        if value is not None and value != -1 and value < 1:
+            raise ConfigError(f"trainer.{key} must be ≥ 1 (or -1: no limit), got {value}")
+    limit = trainer_cfg.get("limit_train_batches")
+    if limit is not None and not (limit > 0 and (limit <= 1 or float(limit).is_integer())):
+        raise ConfigError(f"trainer.limit_train_batches must be a fraction in (0, 1] or a whole number of batches ≥ 1, got {limit}")
     if trainer_cfg.strategy != "auto":
         from lightning.pytorch.strategies import StrategyRegistry
 

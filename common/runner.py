@@ -65,8 +65,9 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
     """Return (config, checkpoint path, run id to reopen or None) for ``resume=target``."""
     path = Path(target)
     if path.suffix == ".ckpt":
-        if not path.is_file():
-            raise ConfigError(f"resume checkpoint {path} does not exist")
+        from common.data import require_weights_file  # (torch: only when a checkpoint is named)
+
+        require_weights_file(path, "resume checkpoint")
         saved = path.parent.parent / "config.yaml"
         if saved.exists():
             cfg = _saved_config(saved, values)
@@ -119,12 +120,33 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
     return _saved_config(run_dir / "config.yaml", values), str(ckpt), target
 
 
+# what a resumed fit can take from the command line: how far and where it runs. The rest (optimizer, model, data)
+# comes back from the checkpoint, so a new value would be recorded but not used
+RESUME_MAY_CHANGE = (
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.accelerator",
+    "threads",
+    "launcher.",
+    "kill_at_step",
+)
+
+
 def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
     """The config a run was started with, plus the overrides given now (except resume/preset)."""
     cfg = OmegaConf.load(path)
-    for key, value in values.items():
-        if key not in {"resume", "preset"}:
-            set_checked(cfg, key, value)
+    changed = [k for k in values if k not in {"resume", "preset"}]
+    fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+    if fixed:
+        raise ConfigError(
+            f"a resumed run keeps its settings (the checkpoint restores them): {', '.join(fixed)} cannot change; "
+            f"only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)} can; start a new run for the rest"
+        )
+    for key in changed:
+        set_checked(cfg, key, values[key])
     return cfg
 
 
@@ -173,10 +195,15 @@ def _fit_lightning(
         raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; checkpoint: {shutdown.checkpoint_path}")
     (checkpoint_dir / "interrupted.ckpt").unlink(missing_ok=True)  # consumed: this fit got to its end
 
+    def scalars() -> dict[str, float]:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+    metrics = scalars()  # trainer.test replaces callback_metrics: the fit's last val/* and best/* would be lost
     has_test = datamodule is not None and _overrides(datamodule, "test_dataloader", pl.LightningDataModule)
     if cfg.test_after_fit and has_test:
         best = "best" if ckpt_cfg.monitor and checkpoint.best_model_path else None
         trainer.test(module, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+        metrics.update(scalars())
     if tracker is not None and cfg.logger.log_model:
         if checkpoint.best_model_path and ckpt_cfg.monitor:  # the best checkpoint's weights, not the last epoch's
             import torch
@@ -186,7 +213,7 @@ def _fit_lightning(
     if tracker is not None and cfg.logger.log_checkpoints:
         for file in sorted(checkpoint_dir.glob("*.ckpt")):
             tracker.log_file(file, "checkpoints")
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    return metrics
 
 
 def _overrides(obj: Any, method: str, base: type) -> bool:
@@ -211,9 +238,25 @@ def stop_on_signals():
         return
     previous = signal.signal(signal.SIGTERM, stop)
     try:
+        if _RECEIVED:  # held by held_signals while the run was being opened: the run exists now, so it can end KILLED
+            raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
         yield
     except KeyboardInterrupt:
         raise RunInterrupted(signal.SIGINT, "stopped by Ctrl+C") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def held_signals():
+    """A SIGTERM while a run is being opened is remembered, not fatal (the process would die with the run RUNNING);
+    :func:`stop_on_signals` raises it once the run exists."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _RECEIVED.append(signum))
+    try:
+        yield
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -248,11 +291,12 @@ def run_one(
     _RECEIVED.clear()
     tracker: Tracker | None = None
     if is_rank_zero:
-        if reopen:
-            tracker = Tracker.reopen(tracking_uri(cfg), reopen)
-        else:
-            tags = {**({"lightyard.resumed_from": ckpt_path} if ckpt_path else {}), **(tags or {})}
-            tracker = Tracker.start(cfg, cfg.run_name or f"{cfg.pipeline}-{cfg.preset}", tags=tags, parent=parent)
+        with held_signals():
+            if reopen:
+                tracker = Tracker.reopen(tracking_uri(cfg), reopen)
+            else:
+                tags = {**({"lightyard.resumed_from": ckpt_path} if ckpt_path else {}), **(tags or {})}
+                tracker = Tracker.start(cfg, cfg.run_name or f"{cfg.pipeline}-{cfg.preset}", tags=tags, parent=parent)
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / tracker.run_id
     else:  # DDP ranks > 0 under torchrun/srun: rank 0's checkpoint folder is broadcast by Lightning
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"

@@ -46,17 +46,23 @@ _READY: set[str] = set()  # stores this process has checked (reachable server, m
 
 def tracking_uri(cfg: DictConfig) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = os.environ["MLFLOW_TRACKING_URI"]
+        uri, source = os.environ["MLFLOW_TRACKING_URI"], "unset MLFLOW_TRACKING_URI"
     elif cfg.logger.tracking_uri:
-        uri = str(cfg.logger.tracking_uri)
+        uri, source = str(cfg.logger.tracking_uri), "drop logger.tracking_uri"
     else:
         mlflow_dir = Path(cfg.paths.mlflow_dir).resolve()
-        mlflow_dir.mkdir(parents=True, exist_ok=True)
-        uri = f"sqlite:///{mlflow_dir / 'mlflow.db'}"
-    return ready(uri)
+        try:
+            mlflow_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ConfigError(
+                f"cannot make the MLflow store folder {mlflow_dir}: a file stands in its path; point LIGHTYARD_HOME "
+                "(or paths.root) at a folder"
+            ) from None
+        uri, source = f"sqlite:///{mlflow_dir / 'mlflow.db'}", ""
+    return ready(uri, source)
 
 
-def ready(uri: str) -> str:
+def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
     """Check a store once per process, before any run uses it: a server must answer within seconds (not
     after MLflow's minutes of retries); a new SQLite store is created under a file lock, since two
     commands migrating the same new database at once fail."""
@@ -73,7 +79,7 @@ def ready(uri: str) -> str:
         except (urllib.error.URLError, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
             raise ConfigError(
-                f"MLflow tracking server {uri} does not answer ({reason}); start it, or unset MLFLOW_TRACKING_URI to log to the local store"
+                f"MLflow tracking server {uri} does not answer ({reason}); start it, or {source} to log to the local store"
             ) from None
     elif uri.startswith("sqlite:///"):
         import fcntl

@@ -78,3 +78,37 @@ def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
     out = lightyard("train", "hog_gcn", f"resume={done.run_id}", env=env)
     assert out.returncode == 2 and "is a run of toy, not of hog_gcn" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_resumed_run_refuses_settings_its_checkpoint_would_override(tmp_path):
+    """Lightning restores the optimizer (and its lr) from the checkpoint: a new model.lr would be recorded, not used."""
+    from omegaconf import OmegaConf
+
+    from common.config import ConfigError
+    from common.runner import _saved_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(OmegaConf.to_yaml(compose("toy")))
+    with pytest.raises(ConfigError, match=r"^a resumed run keeps its settings \(the checkpoint restores them\): model.lr cannot change"):
+        _saved_config(saved, {"resume": "x", "model.lr": 0.5})
+    assert _saved_config(saved, {"resume": "x", "trainer.max_epochs": 9, "launcher.workers": 2}).trainer.max_epochs == 9
+
+
+def test_a_sigterm_while_a_run_opens_is_held_then_ends_it_killed():
+    """Between MLflow creating the run and the handler that ends it KILLED, a SIGTERM used to kill the process outright
+    (the run stayed RUNNING): it is now held and raised once the run exists."""
+    import os
+    import signal
+
+    from common.runner import _RECEIVED, RunInterrupted, held_signals, stop_on_signals
+
+    _RECEIVED.clear()
+    before = signal.getsignal(signal.SIGTERM)
+    with held_signals():
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, in the main thread: remembered, not fatal
+    assert _RECEIVED == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(RunInterrupted, match="stopped by signal 15"):
+        with stop_on_signals():
+            pass
+    assert signal.getsignal(signal.SIGTERM) is before
+    _RECEIVED.clear()

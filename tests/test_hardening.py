@@ -27,6 +27,11 @@ from tests.conftest import ROOT, lightyard, wait_for_run
         ("trainer.devices=0", "trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got '0'"),
         ("trainer.devices=two", "trainer.devices must be auto, a count ≥ 1 (-1: all) or device ids like \"0,1\"; got 'two'"),
         ("trainer.strategy=dpp", "unknown trainer.strategy 'dpp'; valid: auto, ddp, ddp_spawn,"),
+        ("trainer.max_epochs=0", "trainer.max_epochs must be ≥ 1 (or -1: no limit), got 0"),
+        ("trainer.max_steps=0", "trainer.max_steps must be ≥ 1 (or -1: no limit), got 0"),
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches must be a fraction in (0, 1] or a whole number"),
+        ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches must be a fraction in (0, 1] or a whole number"),
+        ("seed=99999999999", "config key 'seed' must be in [0, 4294967295], got 99999999999"),
     ],
 )
 def test_bad_values_are_one_line_before_any_run(override, message):
@@ -151,3 +156,47 @@ def test_a_dataset_root_that_is_a_file_or_missing_says_which(tmp_path):
         require_files(tmp_path / "nope", [], "L")
     with pytest.raises(ConfigError, match="lacks a, b; expected layout: L"):
         require_files(tmp_path, ["a", "b", "train.csv"], "L")
+
+
+def test_a_store_path_through_a_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("LIGHTYARD_HOME", str(tmp_path / "afile"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="a file stands in its path; point LIGHTYARD_HOME"):
+        tracking_uri(compose("toy"))
+
+
+def test_an_unreachable_server_from_the_config_names_the_config_key(home, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="drop logger.tracking_uri to log to the local store"):
+        tracking_uri(compose("toy", {"logger.tracking_uri": "http://127.0.0.1:1"}))
+
+
+def test_a_checkpoint_that_is_not_one_is_refused_before_loading(tmp_path):
+    from common.data import load_weights, require_weights_file
+
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    for name in ("empty.ckpt", "text.ckpt"):
+        with pytest.raises(ConfigError, match="is not a PyTorch file"):
+            require_weights_file(tmp_path / name, "resume checkpoint")
+    with pytest.raises(ConfigError, match="is a folder, not a file"):
+        require_weights_file(tmp_path, "model.checkpoint")
+    import torch
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.pt")
+    assert torch.equal(load_weights(tmp_path / "ok.pt", "model.checkpoint")["w"], torch.ones(2))
+
+
+def test_a_file_that_is_not_an_image_is_named_before_training(tmp_path):
+    from PIL import Image
+
+    from common.data import check_images
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    check_images([tmp_path / "ok.png"])
+    for name in ("text.png", "empty.jpg"):
+        with pytest.raises(ConfigError, match=rf"{name}: not an image PIL can read; remove or replace the file$"):
+            check_images([tmp_path / "ok.png", tmp_path / name])

@@ -226,6 +226,9 @@ def preprocess(data: PairedData, center: bool, normalize_rows: bool, scale: bool
     if scale:
         # top covariance eigenvalue 1 on each side: the alternating scheme leaves the trivial
         # fixed point (P = abᵀ, M = 0) only if ε < λ_max(Σ_x) λ_max(Σ_y), so ε is then on a known scale
+        for name, Z in (("X", X), ("Y", Y)):
+            if float(Z.abs().max()) < 1e-12:  # identical rows: nothing to scale, and nothing to align
+                raise ConfigError(f"{data.name}: every row of {name} is the same after centring (no variation to align)")
         X = X / torch.linalg.eigvalsh(X.T @ X / len(X))[-1].sqrt()
         Y = Y / torch.linalg.eigvalsh(Y.T @ Y / len(Y))[-1].sqrt()
     shared = {}

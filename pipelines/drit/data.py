@@ -156,17 +156,24 @@ def check_channels(named: dict[str, tuple[list[str], list[int]]]) -> int:
     return next(iter(seen))
 
 
-def read_folder(root: str | Path, size: int, limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
-    """``<root>/{trainA,trainB,testA,testB}``: uint8 arrays [n, size, size, C] and the channel count C."""
+def folder_images(root: str | Path) -> dict[str, list[Path]]:
+    """``<root>/{trainA,trainB,testA,testB}``'s image paths: the layout checked (names only, nothing decoded)."""
     root = require_folder(root, FOLDER_LAYOUT)
     missing = [d for d in ("trainA", "trainB", "testA", "testB") if not (root / d).is_dir()]
     if missing:
         raise ConfigError(f"dataset folder {root} lacks {', '.join(missing)}; expected layout: {FOLDER_LAYOUT}")
-    out, named = {}, {}
+    out = {}
     for name in ("trainA", "trainB", "testA", "testB"):
-        paths = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not paths:
+        out[name] = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not out[name]:
             raise ConfigError(f"{root / name} holds no .jpg/.png images; expected layout: {FOLDER_LAYOUT}")
+    return out
+
+
+def read_folder(root: str | Path, size: int, limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """``<root>/{trainA,trainB,testA,testB}``: uint8 arrays [n, size, size, C] and the channel count C."""
+    out, named = {}, {}
+    for name, paths in folder_images(root).items():
         arrays, where, channels = _decode_all([(str(p), p.read_bytes) for p in paths], size, limit)
         named[name] = (where, channels)
         out[name] = arrays
@@ -286,6 +293,10 @@ def check_data(d: DictConfig) -> None:
     if d.name != "generated" and not d.root:
         layout = FOLDER_LAYOUT if d.name == "folder" else CIFAR_LAYOUT
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>; expected layout: {layout}")
+    if d.name == "folder":
+        folder_images(d.root)  # the layout, before a run opens (images are decoded, and checked, in setup)
+    elif d.name != "generated":
+        require_folder(d.root, CIFAR_LAYOUT)
     if d.batch_size < 2 or d.batch_size % 2:
         raise ConfigError(
             f"data.batch_size must be even and >= 2 (the first half of each domain's batch feeds the encoded-attribute path, "

@@ -188,6 +188,8 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
         for key, mask in arrays.items():
             if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
                 raise _fail(path, f"{key} must be {n} zeros/ones (one per node), got shape {mask.shape}")
+            if not mask.any():  # training on no node gives NaN losses and a "finished" run
+                raise _fail(path, f"{key} selects no node; every split needs training, validation and test nodes")
 
 
 # Planetoid's files are pickles: numpy arrays, scipy sparse matrices and plain containers only (a pickle from a user's

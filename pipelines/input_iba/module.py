@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.data import load_weights
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.models import create_timm_model
@@ -122,10 +123,10 @@ def classifier_stage(cfg: DictConfig, task: Task, device: torch.device) -> tuple
     model = build_classifier(cfg, len(task.classes))
     if cfg.model.checkpoint:
         path = Path(cfg.model.checkpoint)
-        if not path.is_file():
-            raise ConfigError(f"model.checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        state = load_weights(path, "model.checkpoint")
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"model.checkpoint {path} holds no state dict (name → tensor); save model.state_dict()")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise ConfigError(f"model.checkpoint {path} does not fit {cfg.model.name}: missing {', '.join(missing[:5])}")

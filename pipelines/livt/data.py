@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import load_pickle, make_loader, require_files, require_folder
+from common.data import check_images, load_pickle, make_loader, require_files, require_folder
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -362,6 +362,7 @@ def _cifar(kind: str) -> Callable:
 def _lists(name: str) -> Callable:
     def build(d: DictConfig, cache_dir: str) -> tuple[dict[str, Source], list[str]]:
         splits = load_split_lists(name, d.root, d.image_root)
+        check_images(path for recs in splits.values() for path, _ in recs)
         classes = max(label for _, label in splits["train"]) + 1
         return (
             {s: Source(np.array([lab for _, lab in recs]), paths=[p for p, _ in recs]) for s, recs in splits.items()},

@@ -169,6 +169,13 @@ class LiVTModule(pl.LightningModule):
             raise ConfigError(
                 f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
             )
+        kwargs = cfg.model.kwargs or {}
+        if "img_size" in kwargs and int(kwargs.img_size) != int(cfg.data.image_size):
+            raise ConfigError(
+                f"data.image_size={cfg.data.image_size} but the ViT is built for model.kwargs.img_size={kwargs.img_size}; set both alike"
+            )
+        if "patch_size" in kwargs and int(cfg.data.image_size) % int(kwargs.patch_size):
+            raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.kwargs.patch_size={kwargs.patch_size}")
         if cfg.augment.mixup > 0 or cfg.augment.cutmix > 0:
             if cfg.data.batch_size % 2:
                 raise ConfigError(

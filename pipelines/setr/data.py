@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import make_loader, require_files
+from common.data import check_images, make_loader, require_files
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -304,6 +304,7 @@ class FilePairs:
     """Lazily read (image path, label path) pairs; ``map_label`` turns raw label values into train ids (255 = ignore)."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], map_label: Callable[[torch.Tensor, Path], torch.Tensor]):
+        check_images(path for pair in pairs for path in pair)
         self.pairs, self.map_label = pairs, map_label
 
     def __len__(self) -> int:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import make_loader, require_files
+from common.data import check_images, make_loader, require_files
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -165,6 +165,7 @@ class ImageFiles(Dataset):
     """(path, label, group) records read lazily with PIL, resized and scaled to [0, 1]."""
 
     def __init__(self, records: list[tuple[Path, int, int]], size: int):
+        check_images(path for path, _, _ in records)
         self.records, self.size = records, size
 
     def __len__(self) -> int:

@@ -123,6 +123,10 @@ def _read_text(path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:  # nine of english_text's files are Latin-1
         text = raw.decode("latin-1")
+    # Latin-1 decodes any bytes: a binary file would train as text. Text has next to no control characters
+    controls = sum(1 for c in text if c < " " and c not in "\n\r\t\f") + text.count("\x7f")
+    if controls > max(2, len(text) // 1000):
+        raise ConfigError(f"{path}: {controls} control characters in {len(text)}: not a text file (binary data?); remove it")
     return text.replace("\r\n", "\n")
 
 

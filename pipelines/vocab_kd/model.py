@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import ConfigError
+from common.data import load_weights
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BERT_BASE_PARAMS = 109_482_240  # BERT-base uncased with its pooler (the paper's "110 M" teacher), for the ratio by arithmetic
@@ -222,12 +223,18 @@ def load_teacher(folder: Path):
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertModel
 
-    config = BertConfig.from_pretrained(str(folder), local_files_only=True)
-    model = BertModel(config, add_pooling_layer=False)
-    state = _read_state(folder)
-    prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
-    body = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(f"{prefix}pooler.")}
-    missing, _ = model.load_state_dict(body, strict=False)
+    try:  # an inconsistent config.json (say, hidden_size not divisible by the heads) or tensors of other shapes
+        config = BertConfig.from_pretrained(str(folder), local_files_only=True)
+        model = BertModel(config, add_pooling_layer=False)
+        state = _read_state(folder)
+        prefix = "bert." if any(k.startswith("bert.") for k in state) else ""
+        body = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(f"{prefix}pooler.")}
+        missing, _ = model.load_state_dict(body, strict=False)
+    except (ValueError, RuntimeError, OSError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"teacher.path {folder} does not load as a BERT model ({type(err).__name__}: {reason})") from None
     missing = [k for k in missing if "position_ids" not in k]
     if missing:
         raise ConfigError(f"teacher weights in {folder} lack {len(missing)} tensors of a BERT model (e.g. {missing[0]})")
@@ -244,7 +251,7 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
             return load_file(str(folder / "model.safetensors"))
         except Exception as err:  # a truncated or foreign file
             raise ConfigError(f"teacher weights {folder}/model.safetensors do not read as safetensors ({type(err).__name__})") from None
-    return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return load_weights(folder / "pytorch_model.bin", "teacher weights")
 
 
 def teacher_mlm_head(teacher) -> nn.Module:

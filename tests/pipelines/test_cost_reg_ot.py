@@ -429,3 +429,11 @@ def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     for a, b in zip(resumed["solver_state"]["potentials"], reference["solver_state"]["potentials"]):
         assert torch.equal(a, b)
     assert resumed["solver_state"]["last_objective"] == reference["solver_state"]["last_objective"]
+
+
+def test_identical_rows_are_named_as_such_not_as_nan():
+    from pipelines.cost_reg_ot.data import PairedData
+
+    pair = PairedData(torch.ones(20, 5, dtype=torch.float64), torch.randn(20, 4, dtype=torch.float64), None, None, None, "scot")
+    with pytest.raises(ConfigError, match=r"^scot: every row of X is the same after centring"):
+        preprocess(pair, center=True, normalize_rows=True, scale=True)

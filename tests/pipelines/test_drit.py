@@ -203,6 +203,12 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
         read_folder(tmp_path, 8)
     with pytest.raises(ConfigError, match="does not exist; expected layout"):
         read_folder(tmp_path / "nowhere", 8)
+    from pipelines.drit.module import DRITModule
+
+    with pytest.raises(ConfigError, match=r"lacks testB; expected layout"):  # before a run opens: the pipeline's check
+        DRITModule.check_config(compose("drit", {"data.name": "folder", "data.root": str(tmp_path)}))
+    with pytest.raises(ConfigError, match=r"^optim.betas must be two numbers \(Adam's β1, β2\), got \[0.5\]$"):
+        DRITModule.check_config(compose("drit", {"optim.betas": [0.5]}))
 
 
 def test_cifar_cat_dog_from_zips(tmp_path):

@@ -228,6 +228,10 @@ class _RunsCode:
             lambda raw: np.savez(raw / "texas_split_0.6_0.2_0.npz", train_mask=np.ones(5), val_mask=np.ones(5), test_mask=np.ones(5)),
             "train_mask must be 12 zeros/ones (one per node), got shape (5,)",
         ),
+        (
+            lambda raw: np.savez(raw / "texas_split_0.6_0.2_2.npz", train_mask=np.zeros(12), val_mask=np.ones(12), test_mask=np.ones(12)),
+            "texas_split_0.6_0.2_2.npz: train_mask selects no node",
+        ),
     ],
 )
 def test_broken_raw_files_are_one_line_naming_the_file(tmp_path, damage, message):

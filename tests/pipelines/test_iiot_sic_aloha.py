@@ -222,7 +222,8 @@ def test_sic_beats_aloha_and_threshold_aloha_at_the_default_setting():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ({"sim.event_prob": 1.5}, "config key 'sim.event_prob' must be in [0, 1], got 1.5"),
+        ({"sim.event_prob": 1.5}, "config key 'sim.event_prob' must be in (0, 1], got 1.5"),
+        ({"sim.event_prob": 0}, "config key 'sim.event_prob' must be in (0, 1], got 0"),
         ({"sim.num_nodes": 0}, "config key 'sim.num_nodes' must be >= 1, got 0"),
         ({"sim.deadline": -1}, "config key 'sim.deadline' must be >= 0, got -1"),
         ({"sim.streams": 0}, "config key 'sim.streams' must be >= 1, got 0"),
@@ -244,7 +245,7 @@ def test_one_rate_per_node_is_checked_against_the_node_count():
 
 def test_a_bad_probability_is_one_line(home):
     """A ConfigError before any run (the command line prints it as one line, exit 2: tests/test_config.py)."""
-    with pytest.raises(ConfigError, match=re.escape("config key 'sim.transmit_prob' must be in [0, 1], got -0.2")):
+    with pytest.raises(ConfigError, match=re.escape("config key 'sim.transmit_prob' must be in (0, 1], got -0.2")):
         train("iiot_sic_aloha", ["sim.transmit_prob=-0.2"])
 
 

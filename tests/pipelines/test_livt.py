@@ -371,3 +371,10 @@ def test_bench_smoke_measures_both_ratios_in_one_run(home):
     assert child["mgp_over_full_token"] == pytest.approx(child["mgp_images_per_s"] / child["full_token_images_per_s"])
     assert child["bal_bce_over_timm_ce"] == pytest.approx(child["bal_bce_images_per_s"] / child["timm_ce_images_per_s"])
     assert (child["visible_tokens"], child["tokens"]) == (4, 16)
+
+
+def test_an_image_size_the_vit_is_not_built_for_is_one_line_before_a_run():
+    from pipelines.livt.module import LiVTModule
+
+    with pytest.raises(ConfigError, match=r"^data.image_size=15 but the ViT is built for model.kwargs.img_size=16; set both alike$"):
+        LiVTModule.check_config(compose("livt", {"preset": "smoke", "data.image_size": 15}))

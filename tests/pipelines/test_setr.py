@@ -349,6 +349,8 @@ def test_train_smoke_logs_metrics_and_the_overlay_panel(home):
     assert {"val/miou", "test/miou", "test_ms/miou", "test/acc", "train/loss_main", "train/loss_aux"} <= set(metrics)
     assert 0 < metrics["test/acc"] and any(k.startswith("test/iou/") for k in metrics)
     assert [a.path for a in client.list_artifacts(result.run_id, "panels")] == ["panels/test_overlay.png"]
+    # the end-of-run table reads the run's result: the fit's last validation survives trainer.test
+    assert result.metrics["val/miou"] == metrics["val/miou"] and result.metrics["test/miou"] == metrics["test/miou"]
 
 
 def test_reproduce_smoke_tabulates_decoders_beside_the_paper(home):

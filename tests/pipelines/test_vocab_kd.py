@@ -196,6 +196,9 @@ def test_text_folder_reads_the_english_text_layout(tmp_path):
     items = passages_of(texts, 3, 0, seed=0)
     assert [(p, label) for p, label in items if label == 1] == [("Fellow citizens of", 1)]
     assert len(passages_of({"a": " ".join(["w"] * 30)}, 3, 4, seed=0)) == 4  # per_label caps the draw
+    (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes(bytes(range(256)) * 40)  # decodes as Latin-1, is not text
+    with pytest.raises(ConfigError, match=r"1793-Washington.txt: \d+ control characters in 10240: not a text file"):
+        read_text_folder(tmp_path)
 
 
 def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
@@ -209,6 +212,18 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
         ConfigError, match=re.escape(f"teacher.path {no_weights} lacks model.safetensors; expected layout: <folder>/config.json")
     ):
         resolve_teacher_path(str(no_weights))
+    import json
+
+    from pipelines.vocab_kd.model import load_teacher
+
+    odd = tmp_path / "odd_teacher"
+    odd.mkdir()
+    for file in tiny_teacher.iterdir():
+        (odd / file.name).write_bytes(file.read_bytes())
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "hidden_size": 10, "num_attention_heads": 3}))
+    with pytest.raises(ConfigError, match=r"does not load as a BERT model \(ValueError: The hidden size \(10\) is not a multiple"):
+        load_teacher(odd)
     with pytest.raises(ConfigError, match="config key 'dual.mix_prob' must be in \\[0, 1\\], got 1.5"):
         compose("vocab_kd", {"dual.mix_prob": 1.5})
     from pipelines.vocab_kd.module import VocabKDModule
