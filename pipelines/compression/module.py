@@ -476,8 +476,17 @@ def measure(variant: Variant, ctx: Context) -> dict[str, float]:
 class CompressionExperiment(NonGradientExperiment):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
+        import timm
+
         check_data(cfg.data)
         check_technique(cfg)
+        if not timm.is_model(cfg.model.name):
+            raise ConfigError(
+                f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models())\""
+            )
+        channels = (cfg.model.kwargs or {}).get("channels")
+        if channels is not None and str(cfg.model.name).startswith("resnet") and len(channels) != 4:
+            raise ConfigError(f"model.kwargs.channels gives one width per ResNet stage: 4 numbers, got {list(channels)}")
 
     def run(self, tracker: Tracker | None) -> dict[str, float]:
         cfg = self.cfg

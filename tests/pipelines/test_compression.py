@@ -287,6 +287,10 @@ def test_bad_input_is_one_line(home):
     ]
     with pytest.raises(ConfigError, match="compress.layers applies to depthwise, int4_weight, low_rank, prune_unstructured, not to kd"):
         check_technique(compose("compression", {"compress.technique": "kd", "compress.layers": ["fc"]}))
+    with pytest.raises(ConfigError, match=r"^unknown timm model 'resnet999'; list them with"):
+        CompressionExperiment.check_config(compose("compression", {"model.name": "resnet999"}))
+    with pytest.raises(ConfigError, match=re.escape("model.kwargs.channels gives one width per ResNet stage: 4 numbers, got [8, 8]")):
+        CompressionExperiment.check_config(compose("compression", {"model.kwargs": {"channels": [8, 8]}}))
 
 
 # -- smoke runs through the command line's path ---------------------------------------------------------------------------------------
