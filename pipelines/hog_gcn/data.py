@@ -8,6 +8,8 @@ splits, one column each, as PyG stores the Geom-GCN splits.
 from __future__ import annotations
 
 import hashlib
+import contextlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -268,15 +270,18 @@ def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
             shutil.rmtree(tmp, ignore_errors=True)
     import torch_geometric.datasets as pyg
 
+    # PyG prints "Processing..."/"Done!" to stderr when it builds its processed/ files: -v shows them
+    quiet = contextlib.nullcontext() if os.environ.get("LIGHTYARD_VERBOSE") else contextlib.redirect_stderr(io.StringIO())
     try:
-        if cls == "WebKB":
-            dataset = pyg.WebKB(str(cache_root), folder)
-        elif cls == "WikipediaNetwork":
-            dataset = pyg.WikipediaNetwork(str(cache_root), folder.split("/")[0], geom_gcn_preprocess=True)
-        elif cls == "Actor":
-            dataset = pyg.Actor(str(cache_root / folder))
-        else:
-            dataset = pyg.Planetoid(str(cache_root), folder.split("/")[0], split="geom-gcn")
+        with quiet:
+            if cls == "WebKB":
+                dataset = pyg.WebKB(str(cache_root), folder)
+            elif cls == "WikipediaNetwork":
+                dataset = pyg.WikipediaNetwork(str(cache_root), folder.split("/")[0], geom_gcn_preprocess=True)
+            elif cls == "Actor":
+                dataset = pyg.Actor(str(cache_root / folder))
+            else:
+                dataset = pyg.Planetoid(str(cache_root), folder.split("/")[0], split="geom-gcn")
     except (ValueError, IndexError, KeyError, RuntimeError, OSError) as err:
         raise ConfigError(f"could not read {name} from {raw} ({type(err).__name__}: {err}); expected layout: {layout(name)}") from None
     data = dataset[0]
