@@ -416,6 +416,8 @@ def quiet_console(verbose: bool) -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stderr.isatty():  # a log file: one progress line every 30 s per bar, not one per update (tqdm reads TQDM_*)
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     if verbose:
         os.environ["LIGHTYARD_VERBOSE"] = "1"
         return

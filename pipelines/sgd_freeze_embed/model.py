@@ -247,7 +247,12 @@ def _pretrain(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch
     steps = p.epochs * (p.n_images // p.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=p.lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(p.seed)
-    bar = tqdm(total=steps, desc=f"stage 1: pretraining {cfg.model.name} on {source_name}", unit="step")
+    bar = tqdm(
+        total=steps,
+        desc=f"stage 1: pretraining {cfg.model.name} on {source_name}",
+        unit="step",
+        disable=not cfg.trainer.enable_progress_bar,
+    )
     correct = seen = 0
     for epoch in range(p.epochs):
         order = torch.randperm(p.n_images, generator=g)
