@@ -10,6 +10,18 @@ from torch import nn
 from common.config import ConfigError
 
 
+def unknown_model(name: str) -> ConfigError:
+    return ConfigError(f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"")
+
+
+def check_timm_name(name: str) -> None:
+    """A timm model name, checked before a run opens (``timm.is_model``: nothing is built)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise unknown_model(name)
+
+
 def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, **kwargs)``; an unknown name or unfitting kwargs is a :class:`ConfigError`."""
     import timm
@@ -18,9 +30,7 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
         return timm.create_model(name, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         if "Unknown model" in str(err):
-            raise ConfigError(
-                f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
-            ) from None
+            raise unknown_model(name) from None
         raise
     except TypeError as err:
         raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None

@@ -27,7 +27,7 @@ from common.config import ConfigError
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.memory import MB, read_peak_rss, reset_peak_rss, run_isolated
-from common.models import create_timm_model
+from common.models import check_timm_name, create_timm_model
 from common.tracking import Tracker
 from pipelines.compression.data import Task, check_data, load_task, normalize
 from pipelines.compression.model import (
@@ -476,14 +476,9 @@ def measure(variant: Variant, ctx: Context) -> dict[str, float]:
 class CompressionExperiment(NonGradientExperiment):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        import timm
-
         check_data(cfg.data)
         check_technique(cfg)
-        if not timm.is_model(cfg.model.name):
-            raise ConfigError(
-                f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models())\""
-            )
+        check_timm_name(cfg.model.name)
         channels = (cfg.model.kwargs or {}).get("channels")
         if channels is not None and str(cfg.model.name).startswith("resnet") and len(channels) != 4:
             raise ConfigError(f"model.kwargs.channels gives one width per ResNet stage: 4 numbers, got {list(channels)}")

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.models import check_timm_name
 from common.tracking import pyplot
 from pipelines.livt.data import LTDataModule, check_data, eval_transform
 from pipelines.livt.model import (
@@ -160,15 +161,10 @@ class LiVTModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Names (dataset, loss, timm model) before any MLflow run starts; ranges are the config's checks."""
-        import timm
-
         check_data(cfg.data)
         if cfg.loss.name not in LOSSES:
             raise ConfigError(f"unknown loss.name '{cfg.loss.name}'; valid: {', '.join(LOSSES)}")
-        if not timm.is_model(cfg.model.name):
-            raise ConfigError(
-                f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
-            )
+        check_timm_name(cfg.model.name)
         kwargs = cfg.model.kwargs or {}
         if "img_size" in kwargs and int(kwargs.img_size) != int(cfg.data.image_size):
             raise ConfigError(

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 from common.config import ConfigError
+from common.models import check_timm_name
 from pipelines.sgd_freeze_embed.data import (
     GENERATED,
     WATERBIRDS_TRAIN_MIX,
@@ -54,14 +55,9 @@ class FineTuneModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Before any MLflow run starts: the optimizer and the timm model name."""
-        import timm
-
         check_optimizer(cfg.optim)
         check_data(cfg.data)
-        if not timm.is_model(cfg.model.name):
-            raise ConfigError(
-                f"unknown timm model '{cfg.model.name}'; list them with: python -c \"import timm; print(timm.list_models('vit*'))\""
-            )
+        check_timm_name(cfg.model.name)
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
