@@ -62,6 +62,18 @@ def lightyard(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
     )
 
 
+def zip_splits(tree: Path, dest: Path, pattern: str = "*.png") -> Path:
+    """``dest/{train,test}.zip`` holding ``tree/<split>/...`` as the CIFAR zips do (paths start with the split)."""
+    import zipfile
+
+    dest.mkdir()
+    for split in ("train", "test"):
+        with zipfile.ZipFile(dest / f"{split}.zip", "w") as archive:
+            for path in sorted((tree / split).rglob(pattern)):
+                archive.write(path, str(path.relative_to(tree)))
+    return dest
+
+
 def wait_for_run(pipeline: str, filter_string: str = "", timeout: float = 120, every: float = 0.5):
     """Poll the test home's MLflow store until a run of ``pipeline`` matching ``filter_string`` exists (a command
     started in the background has got that far); returns the client."""

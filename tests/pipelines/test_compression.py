@@ -6,7 +6,6 @@ real-format fixtures, one-line errors, and a smoke run of train / reproduce / be
 import math
 import pickle
 import re
-import zipfile
 
 import numpy as np
 import pytest
@@ -47,7 +46,7 @@ from pipelines.compression.model import (
     update_masks,
 )
 from pipelines.compression.module import CompressionExperiment, check_technique
-from tests.conftest import lightyard
+from tests.conftest import lightyard, zip_splits
 
 
 class Tiny(nn.Module):
@@ -236,12 +235,7 @@ def test_generated_task_and_cifar_batches_and_imagefolder_zips(tmp_path):
                 path = tree / split / c / f"{i}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (40, 40), (200 if c == "dog" else 10, i, 0)).save(path)
-    zips = tmp_path / "zips"
-    zips.mkdir()
-    for split in ("train", "test"):
-        with zipfile.ZipFile(zips / f"{split}.zip", "w") as archive:
-            for path in sorted((tree / split).rglob("*.png")):
-                archive.write(path, str(path.relative_to(tree)))
+    zips = zip_splits(tree, tmp_path / "zips")
     values = {"data.name": "imagefolder", "data.train_size": 0, "data.test_size": 0, "paths.cache_dir": str(tmp_path / "c")}
     a = load_task(compose("compression", {**values, "data.root": str(tree)}))
     b = load_task(compose("compression", {**values, "data.root": str(zips)}))

@@ -5,7 +5,6 @@ errors, and smoke runs of train / reproduce / bench."""
 import json
 import math
 import re
-import zipfile
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from common.grid import run_experiment
 from common.report import children_rows
 from common.runner import compose, train
 from common.tracking import tracking_uri
+from tests.conftest import zip_splits
 from pipelines.input_iba.data import SHAPES, box_mask, generate, load_cifar10, load_task, read_voc_boxes, shape_mask
 from pipelines.input_iba.model import (
     METHODS,
@@ -250,12 +250,7 @@ def _write_cifar_tree(root, per_class=(3, 2)):
 
 def test_cifar_imagefolder_and_its_zips_read_the_same(tmp_path):
     _write_cifar_tree(tmp_path / "tree")
-    zips = tmp_path / "zips"
-    zips.mkdir()
-    for split in ("train", "test"):
-        with zipfile.ZipFile(zips / f"{split}.zip", "w") as archive:
-            for path in sorted((tmp_path / "tree" / split).rglob("*.jpg")):
-                archive.write(path, str(path.relative_to(tmp_path / "tree")))
+    zips = zip_splits(tmp_path / "tree", tmp_path / "zips", "*.jpg")
     a, names, _ = load_cifar10(tmp_path / "tree", 32, tmp_path / "cache")
     b, _, _ = load_cifar10(zips, 32, tmp_path / "cache")
     assert names == [f"class{c}" for c in range(10)]

@@ -5,7 +5,6 @@ smoke run of train / reproduce / bench."""
 import math
 import pickle
 import re
-import zipfile
 
 import numpy as np
 import pytest
@@ -32,7 +31,7 @@ from pipelines.livt.model import (
     warmup_cosine,
 )
 from pipelines.livt.module import mgp_cache_path, shot_groups
-from tests.conftest import lightyard
+from tests.conftest import lightyard, zip_splits
 
 
 def _sigmoid(v: float) -> float:
@@ -226,12 +225,7 @@ def test_cifar_imagefolder_and_its_zips_read_the_same(tmp_path):
                 path = tree / split / f"class{c}" / f"{i:04d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (32, 32), (10 * c, i, 0)).save(path)
-    zips = tmp_path / "zips"
-    zips.mkdir()
-    for split in ("train", "test"):
-        with zipfile.ZipFile(zips / f"{split}.zip", "w") as archive:
-            for path in sorted((tree / split).rglob("*.png")):
-                archive.write(path, str(path.relative_to(tree)))
+    zips = zip_splits(tree, tmp_path / "zips")
     out = {}
     for root in (tree, zips):
         cfg = compose(
