@@ -60,6 +60,7 @@ def global_rank() -> int:
 def check_trainer(trainer_cfg: DictConfig) -> None:
     """The trainer values that ``checks:`` rules cannot state, refused in one line when the config is composed
     (Lightning's own check comes only after a run has opened)."""
+    resolve_accelerator(str(trainer_cfg.accelerator))  # gpu on a machine without one: refused before a run opens
     devices = str(trainer_cfg.devices).replace(" ", "")
     ids = devices.split(",")
     count = int(devices) if re.fullmatch(r"-?\d+", devices) else None  # Lightning reads "2" as two devices, "0,1" as ids

@@ -77,9 +77,15 @@ def run_isolated(fn, *args: Any) -> Any:
     """``fn(*args)`` in a fresh spawned process (picklable fn and args): peak-RSS measurements on CPU
     need it, since memory freed by one measurement stays in the allocator and hides the next one's growth."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+    # an executor, not a Pool: a worker killed by the kernel (out of memory) raises here instead of hanging forever
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool:
+            raise RuntimeError(f"the measurement process of {fn.__name__} died (killed, most often out of memory)") from None
 
 
 class MemoryProfiler(pl.Callback):

@@ -5,6 +5,7 @@ import sys
 import time
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from common.config import ConfigError
@@ -40,6 +41,12 @@ def test_bad_values_are_one_line_before_any_run(override, message):
     with pytest.raises(ConfigError) as err:
         compose("hog_gcn", sweep_points([override])[0])  # parsed as the command line parses it
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_gpu_on_a_machine_without_one_is_refused_when_composed():
+    with pytest.raises(ConfigError, match="^trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu$"):
+        compose("hog_gcn", {"trainer.accelerator": "gpu"})
 
 
 def test_bad_value_on_the_command_line_leaves_no_run(home):

@@ -190,5 +190,6 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
         "hand_steps_per_s": epochs / hand,
         "lightning_steps_per_s": epochs / lightning,
         "lightning_over_hand": hand / lightning,
+        "lightning_extra_ms_per_step": 1000 * (lightning - hand) / epochs,
         "torch_threads": float(torch.get_num_threads()),
     }

@@ -164,6 +164,10 @@ class HogGCNModule(pl.LightningModule):
                 {**metrics, **self.best, "best_val_acc": self.best_val}, on_step=False, on_epoch=True, batch_size=1, sync_dist=True
             )
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # the same graph every epoch: moved on the first, found on the device after (Lightning would walk it again)
+        return batch if batch.x.device == device else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def configure_optimizers(self):
         return optimizer(self.cfg, self.model)
 
