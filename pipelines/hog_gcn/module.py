@@ -95,11 +95,12 @@ def split_seed(cfg: DictConfig, split: int) -> int:
     return int(cfg.seed) + int(split)
 
 
-def fit_split(cfg: DictConfig, graph: Data, split: int) -> dict[str, float]:
+def fit_split(cfg: DictConfig, graph: Data, split: int, stamps: list[float] | None = None) -> dict[str, float]:
     """Train one model on one split without Lightning's per-epoch overhead (used by reproduce's hundreds of runs).
 
     The same steps as :class:`HogGCNModule` (``training_loss``, ``accuracies``, ``optimizer``) in the same
-    random order, so both give the same model for the same config (tested)."""
+    random order, so both give the same model for the same config (tested). ``stamps``, if given, gets the clock at
+    each epoch's start (the overhead bench's per-step times)."""
     torch.manual_seed(split_seed(cfg, split))
     g = graph.clone()
     for key in ("train_mask", "val_mask", "test_mask"):
@@ -110,6 +111,8 @@ def fit_split(cfg: DictConfig, graph: Data, split: int) -> dict[str, float]:
     best = {"val_acc": -1.0}
     start = time.perf_counter()
     for epoch in range(cfg.trainer.max_epochs):
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         model.train()
         opt.zero_grad()
         training_loss(model, g, epoch, cfg, generator)["loss"].backward()

@@ -371,3 +371,32 @@ def test_throttled_logging_still_finds_the_best_epoch_among_all(home):
     assert every.metrics["best_epoch"] not in (2, 5, 7)  # the best falls on an epoch the throttled run did not log
     for key in ("best_epoch", "test_acc_at_best_val", "best_val_acc"):
         assert third.metrics[key] == every.metrics[key]
+
+
+def test_reproduce_and_bench_smoke(home):
+    """Each experiment of conf/hog_gcn.yaml at preset=smoke: a finished grid whose children logged what the tables read."""
+    from mlflow.tracking import MlflowClient
+
+    from common.grid import run_experiment
+    from common.report import children_rows
+    from common.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+
+    def children(result):
+        return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
+
+    result = run_experiment("reproduce", "hog_gcn", ["preset=smoke"])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 8, 8), result.report
+    points = sorted((c["data.homophily"], c["model.name"], c["data.split"]) for c in children(result))
+    assert points == sorted((h, m, s) for h in (0.1, 0.9) for m in ("mlp", "hog_gcn") for s in (0, 1))
+    homophily = {c["data.homophily"]: c["edge_homophily"] for c in children(result) if c["model.name"] == "mlp"}
+    assert homophily[0.1] < 0.3 < 0.7 < homophily[0.9]  # the generated graphs have the homophily the grid asked for
+    scale = run_experiment("bench", "hog_gcn", ["preset=smoke"])
+    assert (scale.status, scale.total) == ("FINISHED", 1), scale.report
+    overhead = run_experiment("bench", "hog_gcn", ["preset=smoke", "experiment=overhead"])
+    assert (overhead.status, overhead.total) == ("FINISHED", 4), overhead.report
+    for child in children(overhead):  # per-step medians of both loops, and the ratio and difference of the same two
+        hand, lightning = 1 / child["hand_steps_per_s"], 1 / child["lightning_steps_per_s"]
+        assert child["lightning_over_hand"] == pytest.approx(hand / lightning)
+        assert child["lightning_extra_ms_per_step"] == pytest.approx(1000 * (lightning - hand))
