@@ -136,11 +136,15 @@ class HogGCNModule(pl.LightningModule):
         check_model(cfg)
         self.cfg = cfg
         self.model: torch.nn.Module | None = None
-        self.generator = torch.Generator().manual_seed(split_seed(cfg, cfg.data.split))
+        # made in setup, not here: under ddp_spawn the module is pickled to the workers, and a Generator's state
+        # travels as a temporary shared-memory tensor freed before a worker maps it ("unable to resize file")
+        self.generator: torch.Generator | None = None
         self.best_val = -1.0
         self.best: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(split_seed(self.cfg, self.cfg.data.split))
         if self.model is None:
             torch.manual_seed(split_seed(self.cfg, self.cfg.data.split))  # as fit_split: the split's own seed
             self.model = make_model(self.cfg, self.trainer.datamodule.graph)
