@@ -5,11 +5,34 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
 import shutil
+import sys
+import tempfile
 
 
 def java_available() -> bool:
     return shutil.which("java") is not None
+
+
+@contextlib.contextmanager
+def java_stderr_without_counts():
+    """The toolkit's Java tokeniser inherits our stderr (the file descriptor, not sys.stderr) and prints a
+    "PTBTokenizer tokenized N tokens" line on every call; that line is dropped, anything else Java says is passed on."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            rest = re.sub(r"PTBTokenizer tokenized \d+ tokens at [\d.]+ tokens per second\.\n?", "", caught.read())
+            if rest.strip():
+                sys.stderr.write(rest)
 
 
 def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str], meteor: bool = True) -> dict[str, float]:
@@ -26,7 +49,7 @@ def caption_scores(references: dict[str, list[str]], hypotheses: dict[str, str],
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        with contextlib.redirect_stdout(io.StringIO()):  # one Java start for references and hypotheses together
+        with contextlib.redirect_stdout(io.StringIO()), java_stderr_without_counts():  # one Java start for both sides
             both = PTBTokenizer().tokenize(
                 {
                     **{("ref", k): [{"caption": c} for c in v] for k, v in references.items()},

@@ -230,3 +230,16 @@ def test_reproduce_and_bench_smoke(home):
     assert (bench.status, bench.total) == ("FINISHED", 2), bench.report
     rows = children_rows(client, bench.run_id, client.get_run(bench.run_id).info.experiment_id)
     assert all(r["identical"] == 1.0 and r["speedup"] > 0 for r in rows)
+
+
+def test_java_token_count_lines_are_dropped_and_other_stderr_kept(capfd):
+    """The PTB tokeniser's Java process prints a count line per scoring on our stderr; only that line is dropped."""
+    import subprocess
+    import sys
+
+    from pipelines.stg_kd.metrics import java_stderr_without_counts
+
+    script = "import sys; sys.stderr.write('PTBTokenizer tokenized 12 tokens at 153.69 tokens per second.\\nreal problem\\n')"
+    with java_stderr_without_counts():
+        subprocess.run([sys.executable, "-c", script], check=True)
+    assert capfd.readouterr().err == "real problem\n"
