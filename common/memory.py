@@ -85,7 +85,9 @@ def run_isolated(fn, *args: Any) -> Any:
         try:
             return pool.submit(fn, *args).result()
         except BrokenProcessPool:
-            raise RuntimeError(f"the measurement process of {fn.__name__} died (killed, most often out of memory)") from None
+            raise RuntimeError(
+                f"the measurement process of {fn.__name__} died (killed by a signal, e.g. for memory, or failed to start)"
+            ) from None
 
 
 class MemoryProfiler(pl.Callback):

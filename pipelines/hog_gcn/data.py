@@ -331,6 +331,6 @@ class GraphDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         # the whole graph is every epoch's one batch (evaluation follows the step, HogGCNModule.on_train_batch_end):
-        # a list, not a DataLoader, whose iterator is rebuilt every epoch (a fixed cost beside a small graph's
-        # epoch) and draws a base seed from the global RNG, shifting dropout away from fit_split's loop
+        # a one-item iterable, not a DataLoader, whose iterator is rebuilt every epoch (a fixed cost beside a small
+        # graph's epoch) and draws a base seed from the global RNG, shifting dropout away from fit_split's loop
         return OneBatch(self.graph)

@@ -161,7 +161,7 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
     loop of the same steps (``fit_split``), interleaved in this process for ``bench.repeats`` rounds after a warm-up.
 
     A step's time is the clock from one epoch's start to the next (for Lightning: one ``on_train_batch_start`` to
-    the next, so its loops and hooks between steps are counted); each side's speed is its median step over all
+    the next, so its loops and hooks between steps are counted; the last ends at ``on_train_end``); each side's speed is its median step over all
     rounds. The median, not a whole loop's fastest round: on a shared machine a burst of other work lands in some
     rounds of either side, and a loop's total carries every burst it met."""
     import statistics
@@ -177,6 +177,9 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
             self.stamps: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.stamps.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module) -> None:  # the last step's end
             self.stamps.append(time.perf_counter())
 
     def steps(stamps: list[float]) -> list[float]:

@@ -384,6 +384,8 @@ def test_factored_low_rank_cost_gives_the_dense_coupling():
     w = torch.randn(len(G), dtype=F.dtype, generator=torch.Generator().manual_seed(0))
     for chunk in (1, 7, None):  # any chunking gives the row LSE of the whole matrix
         torch.testing.assert_close(_lse(F, G, w, 0.05, chunk), torch.logsumexp(w[None, :] + F @ G.T / 0.05, dim=1))
+    with pytest.raises(ValueError, match="chunk must be a number of rows ≥ 1"):
+        _lse(F, G, w, 0.05, -5)
     torch.testing.assert_close(factored_plan(F, G, factored.f, factored.g, 0.05), dense.P, rtol=0, atol=1e-6)
     torch.testing.assert_close(factored.M, dense.M, rtol=0, atol=1e-6)
     assert factored.history == pytest.approx(dense.history, rel=1e-6)  # the chunked objective is the dense one
