@@ -270,18 +270,18 @@ def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
             shutil.rmtree(tmp, ignore_errors=True)
     import torch_geometric.datasets as pyg
 
+    # PyG's dataset class per REAL entry, given the hashed cache root and the entry's folder
+    readers = {
+        "WebKB": lambda root, folder: pyg.WebKB(str(root), folder),
+        "WikipediaNetwork": lambda root, folder: pyg.WikipediaNetwork(str(root), folder.split("/")[0], geom_gcn_preprocess=True),
+        "Actor": lambda root, folder: pyg.Actor(str(root / folder)),
+        "Planetoid": lambda root, folder: pyg.Planetoid(str(root), folder.split("/")[0], split="geom-gcn"),
+    }
     # PyG prints "Processing..."/"Done!" to stderr when it builds its processed/ files: -v shows them
     quiet = contextlib.nullcontext() if os.environ.get("LIGHTYARD_VERBOSE") else contextlib.redirect_stderr(io.StringIO())
     try:
         with quiet:
-            if cls == "WebKB":
-                dataset = pyg.WebKB(str(cache_root), folder)
-            elif cls == "WikipediaNetwork":
-                dataset = pyg.WikipediaNetwork(str(cache_root), folder.split("/")[0], geom_gcn_preprocess=True)
-            elif cls == "Actor":
-                dataset = pyg.Actor(str(cache_root / folder))
-            else:
-                dataset = pyg.Planetoid(str(cache_root), folder.split("/")[0], split="geom-gcn")
+            dataset = readers[cls](cache_root, folder)
     except (ValueError, IndexError, KeyError, RuntimeError, OSError) as err:
         raise ConfigError(f"could not read {name} from {raw} ({type(err).__name__}: {err}); expected layout: {layout(name)}") from None
     data = dataset[0]
