@@ -135,8 +135,13 @@ def load_pickle(file, allowed: frozenset[tuple[str, str]] = NUMPY_ARRAYS, encodi
     """A pickle from a user's data folder (CIFAR's batches, Planetoid's files) with only ``allowed`` classes: plain
     containers and numpy arrays by default, never code. Anything else raises ``pickle.UnpicklingError``."""
 
+    import _compat_pickle
+
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str):
+            # a Python 2 pickle (Planetoid's) names __builtin__.list: mapped as pickle's own find_class maps it
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
             if (module, name) not in allowed:
                 raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
             return super().find_class(module, name)

@@ -251,6 +251,21 @@ def test_planetoid_pickles_that_would_run_code_are_refused(tmp_path):
         load_real("cora", tmp_path / "data", tmp_path / "cache")
 
 
+def test_planetoid_python2_pickles_load_and_code_is_still_refused(tmp_path):
+    """The real Planetoid files are Python 2 pickles (``__builtin__.list``): the allow-list maps those names as pickle
+    does (the shared Cora was refused before), and a code-running pickle in protocol 2 is still refused."""
+    raw = tmp_path / "data" / "Cora" / "geom-gcn" / "raw"
+    write_planetoid(raw, "cora")
+    with open(raw / "ind.cora.graph", "rb") as f:
+        graph = pickle.load(f)
+    (raw / "ind.cora.graph").write_bytes(pickle.dumps(graph, protocol=2))  # fix_imports writes __builtin__ names
+    assert b"__builtin__" in (raw / "ind.cora.graph").read_bytes()
+    assert load_real("cora", tmp_path / "data", tmp_path / "cache").num_nodes == len(graph)
+    (raw / "ind.cora.graph").write_bytes(pickle.dumps(_RunsCode(), protocol=2))
+    with pytest.raises(ConfigError, match="ind.cora.graph: is not a Planetoid array file .*refusing to unpickle builtins.print"):
+        load_real("cora", tmp_path / "data", tmp_path / "cache2")
+
+
 def test_cache_follows_the_files_contents(tmp_path):
     """Corrected raw files are read again (a new cache), not the stale processed copy of the old ones."""
     raw = tmp_path / "data" / "texas" / "raw"
