@@ -185,6 +185,7 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
     def steps(stamps: list[float]) -> list[float]:
         return [b - a for a, b in zip(stamps, stamps[1:])]
 
+    cfg = with_values(cfg, dict(cfg.bench.overhead_graphs[cfg.bench.graph]))  # names checked in module.check_model
     graph = build_graph(cfg)
     kwargs, _ = trainer_kwargs(cfg.trainer)
     kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
@@ -205,4 +206,6 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
         "lightning_over_hand": hand / lightning,
         "lightning_extra_ms_per_step": 1000 * (lightning - hand),
         "torch_threads": float(torch.get_num_threads()),
+        "nodes": float(graph.num_nodes),
+        "features": float(graph.num_features),
     }

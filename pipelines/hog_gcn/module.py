@@ -25,6 +25,11 @@ def check_model(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid: {', '.join(MODELS)}")
     if cfg.model.hog.lp_labels not in ("train", "pseudo"):
         raise ConfigError(f"model.hog.lp_labels must be train or pseudo, got '{cfg.model.hog.lp_labels}'")
+    unknown = [g for g in cfg.bench.graphs if g not in cfg.bench.overhead_graphs]
+    if unknown or cfg.bench.graph not in cfg.bench.overhead_graphs:
+        raise ConfigError(
+            f"bench.graphs / bench.graph must name entries of bench.overhead_graphs ({', '.join(cfg.bench.overhead_graphs)}), got {unknown or cfg.bench.graph}"
+        )
     if cfg.data.name != "csbm":
         raw_folder(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, before anything runs
 

@@ -409,10 +409,13 @@ def test_reproduce_and_bench_smoke(home):
     assert homophily[0.1] < 0.3 < 0.7 < homophily[0.9]  # the generated graphs have the homophily the grid asked for
     scale = run_experiment("bench", "hog_gcn", ["preset=smoke"])
     assert (scale.status, scale.total) == ("FINISHED", 1), scale.report
-    overhead = run_experiment("bench", "hog_gcn", ["preset=smoke", "experiment=overhead", "bench.repeats=1"])
+    # the second graph only (the default one is the other smoke children's): its settings reach the point
+    overhead = run_experiment("bench", "hog_gcn", ["preset=smoke", "experiment=overhead", "bench.repeats=1", "bench.graphs=[cora_size]"])
     assert (overhead.status, overhead.total) == ("FINISHED", 4), overhead.report
     rows = sorted((c["model.name"], c["threads"], c["torch_threads"]) for c in children(overhead))
     assert [r[:2] for r in rows] == [("gcn", 0), ("gcn", 1), ("hog_gcn", 0), ("hog_gcn", 1)]
+    assert {(c["bench.graph"], c["nodes"], c["features"]) for c in children(overhead)} == {("cora_size", 140, 40)}
+    assert all(c["lightning_steps_per_s"] > 0 for c in children(overhead))
     assert all(torch_threads == 1 for _, threads, torch_threads in rows if threads == 1)  # the point's threads applied
     from pipelines.hog_gcn.experiments import overhead_point
 
