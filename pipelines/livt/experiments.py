@@ -83,6 +83,8 @@ def speed_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
         bal_bce_over_timm_ce=rate["bal_bce"] / rate["timm_ce"],
         visible_tokens=float(int(mae.encoder.patch_embed.num_patches * (1 - m.mask_ratio))),
         tokens=float(mae.encoder.patch_embed.num_patches),
+        decoder_blocks=float(m.decoder_depth),
+        decoder_width=float(m.decoder_dim),
         torch_threads=float(torch.get_num_threads()),
     )
     print(

@@ -359,9 +359,10 @@ def test_reproduce_smoke_runs_the_five_methods_and_tabulates_them(home):
 
 
 def test_bench_smoke_measures_both_ratios_in_one_run(home):
-    result = run_experiment("bench", "livt", ["preset=smoke"])
+    result = run_experiment("bench", "livt", ["preset=smoke", "mgp.decoder_depth=1"])
     assert (result.status, result.total) == ("FINISHED", 1), result.report
     (child,) = _children(result)
+    assert (child["decoder_blocks"], child["decoder_width"]) == (1, compose("livt", {"preset": "smoke"}).mgp.decoder_dim)
     assert child["mgp_over_full_token"] == pytest.approx(child["mgp_images_per_s"] / child["full_token_images_per_s"])
     assert child["bal_bce_over_timm_ce"] == pytest.approx(child["bal_bce_images_per_s"] / child["timm_ce_images_per_s"])
     assert (child["visible_tokens"], child["tokens"]) == (4, 16)
