@@ -191,17 +191,44 @@ def _rule_holds(rule: str, value: Any) -> bool:
     raise ConfigError(f"bad rule {rule!r} in the config's checks: use '> 0', '>= 1', '[0, 1)' or 'one of a|b'")
 
 
+def _list_rule_holds(rule: str, value: Any) -> bool | None:
+    """``non-empty`` and ``length N`` judge a list as a whole (None: not a list rule)."""
+    if rule == "non-empty":
+        return isinstance(value, (list, ListConfig)) and len(value) > 0
+    if rule.startswith("length "):
+        return isinstance(value, (list, ListConfig)) and len(value) == int(rule[len("length ") :])
+    return None
+
+
 def check_ranges(cfg: DictConfig, checks: dict[str, str]) -> None:
-    """Every ``checks`` rule (dotted key → rule) against the composed config; a list is checked element by element;
-    a null value (an optional key left unset) passes."""
-    for key, rule in checks.items():
+    """Every ``checks`` rule (dotted key → rule) against the composed config; a list is checked element by element
+    (``non-empty`` and ``length N`` judge the list itself; rules joined by ``;`` all apply); a null value (an
+    optional key left unset) passes."""
+    for key, rules in checks.items():
         value = OmegaConf.select(cfg, key, default=None)
-        values = list(value) if isinstance(value, (list, ListConfig)) else [value]
-        for item in values:
-            if item is not None and not _rule_holds(str(rule), item):
-                shown = f"{item!r} (in {list(value)})" if isinstance(value, (list, ListConfig)) else repr(item)
-                wording = f"in {rule}" if str(rule).lstrip()[:1] in "[(" else str(rule)
-                raise ConfigError(f"config key '{key}' must be {wording}, got {shown}")
+        if value is None:
+            continue
+        element_rules = []
+        for rule in (r.strip() for r in str(rules).split(";")):
+            holds = _list_rule_holds(rule, value)
+            if holds is None:
+                element_rules.append(rule)
+            elif not holds:
+                shown = list(value) if isinstance(value, (list, ListConfig)) else repr(value)
+                raise ConfigError(
+                    f"config key '{key}' must be a {'non-empty list' if rule == 'non-empty' else f'list of {rule[7:]} values'}, got {shown}"
+                )
+        for rule in element_rules:
+            _check_elements(key, rule, value)
+
+
+def _check_elements(key: str, rule: str, value: Any) -> None:
+    values = list(value) if isinstance(value, (list, ListConfig)) else [value]
+    for item in values:
+        if item is not None and not _rule_holds(rule, item):
+            shown = f"{item!r} (in {list(value)})" if isinstance(value, (list, ListConfig)) else repr(item)
+            wording = f"in {rule}" if rule[:1] in "[(" else rule
+            raise ConfigError(f"config key '{key}' must be {wording}, got {shown}")
 
 
 def _load_yaml(path: Path) -> DictConfig:

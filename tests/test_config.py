@@ -82,3 +82,19 @@ def test_a_mapping_without_a_space_after_the_colon_is_one_line_not_a_silent_key(
         parse_value("{img_size:32, patch_size: 4}")
     with pytest.raises(ConfigError, match="'a:1' reads as one key"):
         parse_value("[{b: {a:1}}]")
+
+
+def test_list_rules_judge_the_list_and_rules_joined_by_semicolons_all_apply():
+    from omegaconf import OmegaConf
+
+    from common.config import check_ranges
+
+    cfg = OmegaConf.create({"a": [], "b": [8], "c": [8, 0], "d": None})
+    check_ranges(cfg, {"d": "non-empty"})  # an optional key left unset passes
+    with pytest.raises(ConfigError, match=r"^config key 'a' must be a non-empty list, got \[\]$"):
+        check_ranges(cfg, {"a": "non-empty; > 0"})
+    with pytest.raises(ConfigError, match=r"^config key 'b' must be a list of 2 values, got \[8\]$"):
+        check_ranges(cfg, {"b": "length 2; >= 1"})
+    with pytest.raises(ConfigError, match=r"^config key 'c' must be >= 1, got 0 \(in \[8, 0\]\)$"):
+        check_ranges(cfg, {"c": "length 2; >= 1"})
+    check_ranges(cfg, {"b": "non-empty; >= 1"})
