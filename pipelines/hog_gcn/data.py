@@ -173,6 +173,16 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
     if len(ends) and (ends.min() < 0 or ends.max() >= n):
         bad = int(ends[(ends < 0) | (ends >= n)][0])
         raise _fail(raw / "out1_graph_edges.txt", f"edge endpoint {bad} is not a node id (the features file has nodes 0..{n - 1})")
+    if labels.max() >= n:  # classes = max label + 1: a stray huge label makes a million-class output layer
+        raise _fail(
+            raw / "out1_node_feature_label.txt",
+            f"label {labels.max()} is not below the node count {n}; labels must be class indices 0..C-1",
+        )
+    validate_splits(raw, prefix, n)
+
+
+def validate_splits(raw: Path, prefix: str, n: int) -> None:
+    """The ten split files: three 0/1 masks of n nodes each, none empty, no node in two of them."""
     for split in SPLITS:
         path = raw / (prefix + split)
         try:
@@ -192,6 +202,10 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
                 raise _fail(path, f"{key} must be {n} zeros/ones (one per node), got shape {mask.shape}")
             if not mask.any():  # training on no node gives NaN losses and a "finished" run
                 raise _fail(path, f"{key} selects no node; every split needs training, validation and test nodes")
+        for a, b in (("train_mask", "val_mask"), ("train_mask", "test_mask"), ("val_mask", "test_mask")):
+            both = np.flatnonzero(arrays[a].astype(bool) & arrays[b].astype(bool))
+            if len(both):  # a test node seen in training scores as if it were held out
+                raise _fail(path, f"{a} and {b} share {len(both)} nodes (first: {both[0]}); the three sets must be disjoint")
 
 
 # Planetoid's files are pickles: numpy arrays, scipy sparse matrices and plain containers only (a pickle from a user's
@@ -219,11 +233,31 @@ def validate_planetoid(raw: Path, prefix: str) -> None:
         except Exception as err:
             raise _fail(path, f"is not a Planetoid array file ({type(err).__name__}: {' '.join(str(err).split())[:120]})") from None
         sizes[part] = len(value) if part == "graph" else value.shape[0]
+        if part == "graph":
+            graph = value
     if sizes["x"] != sizes["y"] or sizes["tx"] != sizes["ty"] or sizes["allx"] != sizes["ally"]:
         raise _fail(raw, f"feature and label files disagree on their row counts ({sizes})")
-    test = _ints(raw / f"ind.{prefix}.test.index", (raw / f"ind.{prefix}.test.index").read_text().split(), "test indices")
+    index_file = raw / f"ind.{prefix}.test.index"
+    test = _ints(index_file, index_file.read_text().split(), "test indices")
     if len(test) != sizes["tx"]:
-        raise _fail(raw / f"ind.{prefix}.test.index", f"has {len(test)} indices for {sizes['tx']} test rows")
+        raise _fail(index_file, f"has {len(test)} indices for {sizes['tx']} test rows")
+    # PyG indexes its arrays with these ids unchecked: an id past the node count corrupts memory (segfault, abort)
+    n = max(sizes["allx"] + sizes["tx"], int(test.max()) + 1 if len(test) else 0)
+    if len(test) and (test.min() < sizes["allx"] or test.max() >= n):
+        raise _fail(index_file, f"test indices must lie in {sizes['allx']}..{n - 1} (after the {sizes['allx']} allx rows)")
+    path = raw / f"ind.{prefix}.graph"
+    if not isinstance(graph, dict):
+        raise _fail(path, f"must hold a dict of node → neighbour list, got {type(graph).__name__}")
+    for node, neighbours in graph.items():
+        ids = [node, *neighbours] if isinstance(neighbours, (list, tuple, set)) else None
+        if ids is None or not all(isinstance(i, (int, np.integer)) and 0 <= i < n for i in ids):
+            bad = (
+                "its neighbours are not a list"
+                if ids is None
+                else f"id {next(i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < n))!r}"
+            )
+            raise _fail(path, f"node {node!r}: {bad} — node ids must be whole numbers 0..{n - 1}")
+    validate_splits(raw, prefix, n)
 
 
 def raw_folder(name: str, root: str | Path | None) -> Path:
@@ -237,6 +271,21 @@ def raw_folder(name: str, root: str | Path | None) -> Path:
     candidates = [Path(root) / sub / folder / "raw" for sub in ("", "heterophily", "planetoid")]
     found = next((c for c in candidates if c.is_dir()), candidates[0])
     return require_files(found, raw_files(name), layout(name))
+
+
+_VALIDATED: set[tuple] = set()  # (folder, its files' sizes and mtimes) already checked in this process
+
+
+def checked_raw(name: str, root: str | Path | None) -> Path:
+    """``raw_folder`` with every file validated, once per process while the files stay unchanged: the command checks
+    them before a run opens and the run's loader finds them checked."""
+    raw = raw_folder(name, root)
+    cls, _, prefix = REAL[name]
+    key = (str(raw.resolve()), tuple((f, (raw / f).stat().st_size, (raw / f).stat().st_mtime_ns) for f in raw_files(name)))
+    if key not in _VALIDATED:
+        validate_planetoid(raw, prefix) if cls == "Planetoid" else validate_geom_gcn(raw, name)
+        _VALIDATED.add(key)
+    return raw
 
 
 def _digest(folder: Path, names: list[str]) -> str:
@@ -255,9 +304,8 @@ def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
     get a new cache, never a stale one.
     """
     name = name.lower()
-    raw = raw_folder(name, root)
+    raw = checked_raw(name, root)
     cls, folder, prefix = REAL[name]
-    validate_planetoid(raw, prefix) if cls == "Planetoid" else validate_geom_gcn(raw, name)
     cache_root = Path(cache_dir) / "graphs" / f"{name}-{_digest(raw, raw_files(name))}"
     cache = cache_root / folder
     if not all((cache / "raw" / f).exists() for f in raw_files(name)):

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from torch_geometric.data import Data
 
 from common.config import ConfigError
-from pipelines.hog_gcn.data import raw_folder
+from pipelines.hog_gcn.data import checked_raw
 from pipelines.hog_gcn.model import MODELS, HOGGCN, build_model, loss_terms
 
 
@@ -31,7 +31,7 @@ def check_model(cfg: DictConfig) -> None:
             f"bench.graphs / bench.graph must name entries of bench.overhead_graphs ({', '.join(cfg.bench.overhead_graphs)}), got {unknown or cfg.bench.graph}"
         )
     if cfg.data.name != "csbm":
-        raw_folder(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, before anything runs
+        checked_raw(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, checked before anything runs
 
 
 def make_model(cfg: DictConfig, graph: Data) -> torch.nn.Module:

@@ -232,6 +232,21 @@ class _RunsCode:
             lambda raw: np.savez(raw / "texas_split_0.6_0.2_2.npz", train_mask=np.zeros(12), val_mask=np.ones(12), test_mask=np.ones(12)),
             "texas_split_0.6_0.2_2.npz: train_mask selects no node",
         ),
+        (
+            lambda raw: np.savez(
+                raw / "texas_split_0.6_0.2_4.npz",
+                train_mask=np.arange(12) < 6,
+                val_mask=(np.arange(12) >= 6) & (np.arange(12) < 9),
+                test_mask=np.arange(12) < 3,
+            ),
+            "texas_split_0.6_0.2_4.npz: train_mask and test_mask share 3 nodes (first: 0); the three sets must be disjoint",
+        ),
+        (
+            lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+                (raw / "out1_node_feature_label.txt").read_text().replace("\t2\n", "\t1000003\n", 1)
+            ),
+            "label 1000003 is not below the node count 12",
+        ),
     ],
 )
 def test_broken_raw_files_are_one_line_naming_the_file(tmp_path, damage, message):
@@ -240,6 +255,24 @@ def test_broken_raw_files_are_one_line_naming_the_file(tmp_path, damage, message
     damage(raw)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_real("texas", tmp_path / "data", tmp_path / "cache")
+
+
+def test_planetoid_ids_past_the_node_count_are_one_line_before_pyg_reads_them(tmp_path):
+    """PyG indexes with the graph's neighbour ids unchecked: one past the node count corrupted memory (abort, segfault)
+    and left the run RUNNING."""
+    raw = tmp_path / "data" / "Cora" / "geom-gcn" / "raw"
+    write_planetoid(raw, "cora")
+    graph = defaultdict(list, {i: [(i + 1) % PLANETOID_N] for i in range(PLANETOID_N)})
+    graph[0].append(99999)
+    with open(raw / "ind.cora.graph", "wb") as f:
+        pickle.dump(graph, f)
+    with pytest.raises(
+        ConfigError, match=re.escape(f"ind.cora.graph: node 0: id 99999 — node ids must be whole numbers 0..{PLANETOID_N - 1}")
+    ):
+        load_real("cora", tmp_path / "data", tmp_path / "cache")
+    (raw / "ind.cora.test.index").write_text("\n".join(str(i) for i in range(PLANETOID_N - 11, PLANETOID_N - 1)) + "\n")
+    with pytest.raises(ConfigError, match=re.escape("test indices must lie in 510..")):
+        load_real("cora", tmp_path / "data", tmp_path / "cache")
 
 
 def test_planetoid_pickles_that_would_run_code_are_refused(tmp_path):
