@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import zipfile
 from pathlib import Path
@@ -89,6 +90,32 @@ def require_files(root: str | Path, names: list[str], layout: str) -> Path:
     if missing:
         raise ConfigError(f"dataset folder {root} lacks {', '.join(missing)}; expected layout: {layout}")
     return root
+
+
+def files_digest(paths, root: str | Path) -> str:
+    """Key of a decoded-data cache: each file's path under ``root`` (its class folder included), size and bytes. An
+    edited, renamed or moved file (a label is often its folder) gives a new key, never a stale cache."""
+    digest = hashlib.sha1()
+    for path in sorted(Path(p) for p in paths):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0".encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def check_labels(where: str | Path, labels, count: int, classes: int) -> None:
+    """One whole-number label in 0..classes-1 per image: a short label list would shift every later label silently."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != count:
+        raise ConfigError(f"{where}: {labels.size} labels for {count} images; every image needs exactly one label")
+    if count and not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"{where}: labels must be whole numbers, got {labels.dtype}")
+    if count and (labels.min() < 0 or labels.max() >= classes):
+        bad = int(labels[(labels < 0) | (labels >= classes)][0])
+        raise ConfigError(f"{where}: label {bad} is outside 0..{classes - 1}")
 
 
 def check_images(paths) -> None:

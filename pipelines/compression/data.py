@@ -13,7 +13,6 @@ stays read-only). ``data.train_size`` / ``data.test_size`` take a fixed-seed ran
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import zipfile
@@ -26,7 +25,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 from common.config import ConfigError
-from common.data import load_pickle, require_files, require_folder
+from common.data import check_labels, files_digest, load_pickle, require_files, require_folder
 
 TREE_LAYOUT = "<root>/{train,test}/<class>/*.{jpg,png} (ImageFolder) or <root>/{train,test}.zip holding that tree"
 CIFAR_LAYOUT = f"<root>/cifar-10-batches-py/{{data_batch_1..5,test_batch}} (python batches), or {TREE_LAYOUT}"
@@ -124,10 +123,14 @@ def _batches(folder: Path) -> tuple[dict, list[str]]:
                     batch = load_pickle(f)
                 xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(batch[b"labels"]))
+            except ConfigError:
+                raise
             except Exception as err:
                 raise ConfigError(
                     f"{folder / name} is not a readable CIFAR-10 batch ({type(err).__name__}); expected layout: {CIFAR_LAYOUT}"
                 ) from None
+        for name, x, y in zip(names, xs, ys):
+            check_labels(folder / name, y, len(x), 10)
         out[split] = (np.concatenate(xs), np.concatenate(ys))
     return out, [str(i) for i in range(10)]
 
@@ -169,16 +172,6 @@ def _tree(root: Path, size: int) -> tuple[dict, list[str]]:
     return out, names
 
 
-def _digest(paths: list[Path]) -> str:
-    digest = hashlib.sha1()
-    for path in sorted(paths):
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 def load_folder(name: str, root: str | Path, size: int, cache_dir: str | Path) -> tuple[dict, list[str], str]:
     """Train and test arrays of ``root`` in whichever layout it holds; returns (arrays, class names, content digest)."""
     layout = CIFAR_LAYOUT if name == "cifar10" else TREE_LAYOUT
@@ -195,7 +188,7 @@ def load_folder(name: str, root: str | Path, size: int, cache_dir: str | Path) -
         read = lambda: _tree(root, size)
         if not sources:
             raise ConfigError(f"dataset folder {root} holds no {name} data; expected layout: {layout}")
-    digest = _digest(sources)
+    digest = files_digest(sources, root)
     cache = Path(cache_dir) / "compression" / f"{name}-{size}-{digest}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:

@@ -14,7 +14,6 @@ Every loader returns a :class:`Task` of uint8 tensors at ``data.image_size``; de
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -29,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from common.data import require_files, require_folder
+from common.data import files_digest, require_files, require_folder
 
 SHAPES = ("plus", "ring", "x", "disc")
 CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg (ImageFolder) or <root>/{train,test}.zip holding that tree"
@@ -170,20 +169,12 @@ def _cifar_split(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndar
     raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {CIFAR_LAYOUT}")
 
 
-def _digest(paths: list[Path]) -> str:
-    h = hashlib.sha1()
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
-
-
 def load_cifar10(root: str | Path, size: int, cache_dir: str | Path) -> tuple[dict[str, Split], list[str], str]:
     """Both splits decoded once into ``<cache>/input_iba/cifar10-<digest>.npz`` (the digest over the files)."""
     root = require_folder(root, CIFAR_LAYOUT)
     sources = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
     sources += sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
-    digest = _digest(sources) + f"-{size}"
+    digest = files_digest(sources, root) + f"-{size}"
     cache = Path(cache_dir) / "input_iba" / f"cifar10-{digest}.npz"
     if cache.is_file():
         z = np.load(cache)
@@ -288,7 +279,7 @@ def imagenet_voc_task(d: DictConfig, cache_dir: str) -> Task:
         masks.append(box_mask(boxes, w, h, size))
     estimation = Split(torch.from_numpy(est_x), torch.from_numpy(est_y).long())
     attribution = Split(torch.from_numpy(att_x), torch.from_numpy(att_y).long(), torch.stack(masks))
-    digest = _digest(sorted(p for p in (root / "images").rglob("*") if p.is_file()))
+    digest = files_digest([p for p in (root / "images").rglob("*") if p.is_file()], root)
     return Task("imagenet_voc", names, estimation, attribution, estimation, attribution, {"name": "imagenet_voc", "digest": digest})
 
 

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, load_pickle, make_loader, require_files, require_folder
+from common.data import check_images, check_labels, files_digest, load_pickle, make_loader, require_files, require_folder
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -173,6 +173,8 @@ def _cifar_batches(folder: Path, kind: str) -> tuple[dict, list[str]]:
         batches = [_read_batch(folder / f) for f in files]
         if any(b"data" not in b or label_key not in b for b in batches):
             raise ConfigError(f"a batch under {folder} lacks 'data' or '{label_key.decode()}'; expected layout: {CIFAR_LAYOUT}")
+        for f, b in zip(files, batches):
+            check_labels(folder / f, b[label_key], len(b[b"data"]), {"cifar10": 10, "cifar100": 100}[kind])
         data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
         if data.ndim != 2 or data.shape[1] != 3072:
             raise ConfigError(f"CIFAR batches under {folder} must hold rows of 3072 bytes (3×32×32), got shape {data.shape}")
@@ -225,17 +227,6 @@ def _cifar_tree(root: Path) -> tuple[dict, list[str]]:
     return {k: v[:2] for k, v in out.items()}, names
 
 
-def _digest(paths: list[Path]) -> str:
-    """Content hash of files (the cache of decoded images follows the data, never a stale copy)."""
-    digest = hashlib.sha1()
-    for path in sorted(paths):
-        digest.update(str(path.name).encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
 def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
     """Balanced CIFAR-10/100 train and test arrays from whichever canonical layout ``root`` holds; decoded images are cached
     under ``cache_dir`` by a hash of the source files (the data folder may be read-only)."""
@@ -251,7 +242,7 @@ def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict
         reader = lambda: _cifar_tree(root)
         if not sources:
             raise ConfigError(f"dataset folder {root} holds no CIFAR data; expected layout: {CIFAR_LAYOUT}")
-    cache = Path(cache_dir) / "livt" / f"{kind}-{_digest(sources)}.npz"
+    cache = Path(cache_dir) / "livt" / f"{kind}-{files_digest(sources, root)}.npz"
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}, [str(n) for n in z["names"]]

@@ -228,6 +228,10 @@ def test_generated_task_and_cifar_batches_and_imagefolder_zips(tmp_path):
     )
     task = load_task(cfg)
     assert len(task.train) == 20 and task.train.images[4, 0, 0, 0] == 2 and task.test.labels.tolist() == [7, 8, 9]
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [7, 8]}))
+    with pytest.raises(ConfigError, match=re.escape("test_batch: 2 labels for 3 images")):  # was: every later label shifted
+        load_task(cfg)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((3, 3072), np.uint8), b"labels": [7, 8, 9]}))
     tree = tmp_path / "tree"
     for split, n in (("train", 3), ("test", 2)):
         for c in ("cat", "dog"):

@@ -206,6 +206,35 @@ def test_cifar10_lt_from_python_batches_follows_the_protocol(tmp_path):
     assert len(list((tmp_path / "cache" / "livt").glob("cifar10-*.npz"))) == 1  # decoded once, reused by content hash
 
 
+@pytest.mark.parametrize(
+    "labels,message",
+    [(list(range(9)) * 2, "18 labels for 20 images"), ([10] + list(range(10)) + list(range(9)), "label 10 is outside 0..9")],
+)
+def test_a_cifar_batch_whose_labels_do_not_fit_its_images_is_one_line(tmp_path, labels, message):
+    """One label short shifted every later label (FINISHED run); a label past the classes failed after training."""
+    _write_cifar10_batches(tmp_path / "cifar-10-batches-py")
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps({b"data": _cifar_images(20, 0).reshape(20, -1), b"labels": labels})
+    )
+    cfg = compose("livt", {"data.name": "cifar10_lt", "data.root": str(tmp_path), "paths.cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match=re.escape(f"test_batch: {message}")):
+        DATASETS["cifar10_lt"](cfg.data, cfg.paths.cache_dir)
+
+
+def test_the_decoded_cache_follows_a_file_moved_to_another_class_folder(tmp_path):
+    """The key hashed names and bytes, not class folders: a relabelled image trained on its old label."""
+    from common.data import files_digest
+
+    for c in ("cat", "dog"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "train" / c / f"{c}0.png")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "train" / "cat" / "x.png")
+    files = lambda: list((tmp_path / "train").glob("*/*"))  # noqa: E731
+    before = files_digest(files(), tmp_path)
+    (tmp_path / "train" / "cat" / "x.png").rename(tmp_path / "train" / "dog" / "x.png")
+    assert files_digest(files(), tmp_path) != before
+
+
 def test_cifar100_lt_from_python_pickles(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
