@@ -230,12 +230,20 @@ def load_domainnet(root: str | Path, source: str, target: str, size: int) -> dic
             if not line.strip():
                 continue
             parts = line.split()
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ConfigError(f"{root / name}:{number}: expected 'relative/path.jpg label', got {line!r}")
+            if len(parts) != 2 or not parts[1].isdigit():  # isdigit: a negative label is refused here too
+                raise ConfigError(f"{root / name}:{number}: expected 'relative/path.jpg label' with a label ≥ 0, got {line!r}")
             records.append((root / parts[0], int(parts[1]), -1))
         return records
 
     train, id_test, ood_test = (read(f) for f in files)
+    classes = max(label for _, label, _ in train) + 1 if train else 0
+    for name, records in zip(files[1:], (id_test, ood_test)):
+        # the head has one output per training label: a label past them is scored as always wrong
+        bad = next((r for r in records if r[1] >= classes), None)
+        if bad is not None:
+            raise ConfigError(
+                f"{root / name}: {bad[0].relative_to(root)} has label {bad[1]}, not among the training labels 0..{classes - 1}"
+            )
     return {
         "train": ImageFiles(train, size),
         "val": ImageFiles(id_test, size),

@@ -258,6 +258,13 @@ def test_domainnet_loader_reads_sentry_split_files(tmp_path):
     (tmp_path / "SENTRY_splits" / "real_test_mini.txt").write_text("real/a.jpg not_a_label\n")
     with pytest.raises(ConfigError, match="expected 'relative/path.jpg label'"):
         load_domainnet(tmp_path, "sketch", "real", 24)
+    # a label past the training labels was scored as always wrong (FINISHED); a negative one failed in training
+    (tmp_path / "SENTRY_splits" / "real_test_mini.txt").write_text("real/class_0/test_0.jpg 7\n")
+    with pytest.raises(ConfigError, match=re.escape("real/class_0/test_0.jpg has label 7, not among the training labels 0..2")):
+        load_domainnet(tmp_path, "sketch", "real", 24)
+    (tmp_path / "SENTRY_splits" / "sketch_train_mini.txt").write_text("sketch/class_0/train_0.jpg -1\n")
+    with pytest.raises(ConfigError, match="sketch_train_mini.txt:1: expected 'relative/path.jpg label' with a label ≥ 0"):
+        load_domainnet(tmp_path, "sketch", "real", 24)
 
 
 def test_imagefolder_loader_living17_style(tmp_path):
