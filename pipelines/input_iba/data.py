@@ -228,6 +228,16 @@ def read_voc_boxes(path: Path) -> tuple[tuple[int, int], list[tuple[str, float, 
         ]
     except (ElementTree.ParseError, TypeError, ValueError):
         raise ConfigError(f"{path} is not a Pascal-VOC annotation (size/width, size/height, object/bndbox/xmin…ymax)") from None
+    # a box outside the image or inverted gives an empty evidence mask, and EHR / pointing of 0 in a finished run
+    if width <= 0 or height <= 0:
+        raise ConfigError(f"{path}: size {width}×{height} must be positive")
+    if not boxes:
+        raise ConfigError(f"{path} holds no object box; every attributed image needs at least one")
+    for name, x0, y0, x1, y1 in boxes:
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ConfigError(
+                f"{path}: box of {name!r} ({x0:g}, {y0:g}, {x1:g}, {y1:g}) must satisfy 0 ≤ min < max ≤ the size {width}×{height}"
+            )
     return (width, height), boxes
 
 
@@ -276,6 +286,11 @@ def imagenet_voc_task(d: DictConfig, cache_dir: str) -> Task:
         if xml is None:
             raise ConfigError(f"no box annotation for {p}: expected {candidates[0]} or {candidates[1]}")
         (w, h), boxes = read_voc_boxes(xml)
+        from PIL import Image
+
+        with Image.open(p) as image:  # header only: the boxes are in the annotation's pixel grid
+            if image.size != (w, h):
+                raise ConfigError(f"{xml}: size {w}×{h} differs from its image {p.name} ({image.size[0]}×{image.size[1]})")
         masks.append(box_mask(boxes, w, h, size))
     estimation = Split(torch.from_numpy(est_x), torch.from_numpy(est_y).long())
     attribution = Split(torch.from_numpy(att_x), torch.from_numpy(att_y).long(), torch.stack(masks))

@@ -298,7 +298,18 @@ def test_imagenet_voc_folder_gives_box_masks_at_the_model_resolution(tmp_path):
     task = load_task(cfg)
     assert task.classes == ["tench", "goldfish"] and task.attribution.labels.tolist() == [0, 0, 1, 1]
     assert task.attribution.evidence.shape == (4, 16, 16) and int(task.attribution.evidence.sum()) == 4 * 64
-    (root / "annotations" / "attribution" / "ILSVRC2012_val_10.xml").unlink()
+    # boxes that give an empty or wrong evidence mask (EHR and pointing 0 in a finished run) are one line each
+    flat = root / "annotations" / "attribution" / "ILSVRC2012_val_10.xml"
+    for (w, h, box), message in (
+        ((64, 48, (wnids[1], 40, 30, 10, 5)), "box of 'n01443537' (40, 30, 10, 5) must satisfy 0 ≤ min < max ≤ the size 64×48"),
+        ((64, 48, (wnids[1], 0, 0, 640, 24)), "box of 'n01443537' (0, 0, 640, 24) must satisfy"),
+        ((0, 48, (wnids[1], 0, 0, 1, 1)), "size 0×48 must be positive"),
+        ((128, 96, (wnids[1], 0, 0, 32, 24)), "size 128×96 differs from its image ILSVRC2012_val_10.JPEG (64×48)"),
+    ):
+        _voc(flat, w, h, [box])
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_task(cfg)
+    flat.unlink()
     with pytest.raises(ConfigError, match="no box annotation for .*ILSVRC2012_val_10.JPEG"):
         load_task(cfg)
     with pytest.raises(
