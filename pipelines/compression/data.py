@@ -126,9 +126,8 @@ def _batches(folder: Path) -> tuple[dict, list[str]]:
             except ConfigError:
                 raise
             except Exception as err:
-                raise ConfigError(
-                    f"{folder / name} is not a readable CIFAR-10 batch ({type(err).__name__}); expected layout: {CIFAR_LAYOUT}"
-                ) from None
+                reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"  # e.g. which pickled class was refused
+                raise ConfigError(f"{folder / name} is not a readable CIFAR-10 batch ({reason}); expected layout: {CIFAR_LAYOUT}") from None
         for name, x, y in zip(names, xs, ys):
             check_labels(folder / name, y, len(x), 10)
         out[split] = (np.concatenate(xs), np.concatenate(ys))

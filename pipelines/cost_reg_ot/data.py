@@ -206,7 +206,10 @@ def check_pair(data: PairedData) -> PairedData:
             continue
         if not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).any(1).sum())
-            raise ConfigError(f"{data.name}: {name} has NaN or infinite values in {bad} rows; clean or impute them first")
+            raise ConfigError(
+                f"{data.name}: {name} has NaN or infinite values in {bad} rows (after loading and preprocessing: values near "
+                f"the float range overflow when centred or scaled); clean or impute them first"
+            )
     if len(data.X) < 2 or len(data.Y) < 2:
         raise ConfigError(f"{data.name}: need at least 2 points on each side, got {len(data.X)} and {len(data.Y)}")
     return data

@@ -164,6 +164,11 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
         if cls == "Actor":  # sparse: the indices of the node's non-zero features
             if any(v < 0 or v != int(v) for v in values):
                 raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: feature indices must be whole numbers ≥ 0")
+            if max(values, default=0) * n > 2**31:  # PyG builds a dense n × (max index + 1) matrix
+                raise _fail(
+                    raw / "out1_node_feature_label.txt",
+                    f"line {number}: feature index {max(values):.0f} is too large for {n} nodes (a dense {n} × {max(values) + 1:.0f} matrix)",
+                )
         else:
             lengths.add(len(values))
     if len(lengths) > 1:

@@ -162,7 +162,8 @@ def _read_batch(path: Path) -> dict:
         with open(path, "rb") as f:
             return load_pickle(f)
     except Exception as err:
-        raise ConfigError(f"{path} is not a readable CIFAR python batch ({type(err).__name__}); expected layout: {CIFAR_LAYOUT}") from None
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"  # e.g. which pickled class was refused
+        raise ConfigError(f"{path} is not a readable CIFAR python batch ({reason}); expected layout: {CIFAR_LAYOUT}") from None
 
 
 def _cifar_batches(folder: Path, kind: str) -> tuple[dict, list[str]]:
