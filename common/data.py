@@ -91,6 +91,18 @@ def require_files(root: str | Path, names: list[str], layout: str) -> Path:
     return root
 
 
+def read_text(path: str | Path, what: str = "text file") -> str:
+    """A user's UTF-8 text file (split list, captions); a file in another encoding is one line naming the file and the
+    first bad byte, not a UnicodeDecodeError after a run opened. A leading BOM (Windows editors) is dropped."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:  # decoded whole, so err.start is the offset in the file
+        raise ConfigError(
+            f"{path}: the {what} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}); save it as UTF-8"
+        ) from None
+
+
 def check_images(paths) -> None:
     """Every file's image header, before training starts (a text file named .png, an empty or foreign file would
     otherwise fail only when a late split is first read, after the training it was meant to evaluate)."""

@@ -207,3 +207,13 @@ def test_a_file_that_is_not_an_image_is_named_before_training(tmp_path):
     for name in ("text.png", "empty.jpg"):
         with pytest.raises(ConfigError, match=rf"{name}: not an image PIL can read; remove or replace the file$"):
             check_images([tmp_path / "ok.png", tmp_path / name])
+
+
+def test_a_text_file_not_in_utf8_names_the_file_and_the_byte(tmp_path):
+    from common.data import read_text
+
+    (tmp_path / "ok.txt").write_bytes("\ufeffcafé 0\n".encode())  # a BOM (Windows editors) is not part of the text
+    assert read_text(tmp_path / "ok.txt", "split list") == "café 0\n"
+    (tmp_path / "latin.txt").write_bytes("a.png 1\ncafé.png 0\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.txt: the split list is not UTF-8 text \(byte 0xe9 at offset 11\); save it as UTF-8$"):
+        read_text(tmp_path / "latin.txt", "split list")

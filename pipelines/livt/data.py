@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, load_pickle, make_loader, require_files, require_folder
+from common.data import check_images, load_pickle, make_loader, read_text, require_files, require_folder
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -277,7 +277,7 @@ SPLIT_LISTS = {  # name → (train list, val list or None, test list)
 def read_split_list(path: Path, image_root: Path) -> list[tuple[Path, int]]:
     """``relative/path label`` per line → [(image path, label)]; a malformed line or a missing image is one line."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "split list").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()

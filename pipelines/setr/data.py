@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, make_loader, require_files
+from common.data import check_images, make_loader, read_text, require_files
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -332,7 +332,7 @@ def load_camvid(root: str | Path) -> dict[str, FilePairs]:
     out = {}
     for split in ("train", "val", "test"):
         pairs = []
-        for number, line in enumerate((root / f"{split}.txt").read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(root / f"{split}.txt", "split list").splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()
@@ -449,7 +449,9 @@ def load_pascal_context(root: str | Path, classes: int = 60) -> dict[str, FilePa
 
     out = {}
     for split in ("train", "val"):
-        names = [n.strip() for n in (root / "ImageSets/SegmentationContext" / f"{split}.txt").read_text().splitlines() if n.strip()]
+        names = [
+            n.strip() for n in read_text(root / "ImageSets/SegmentationContext" / f"{split}.txt", "split list").splitlines() if n.strip()
+        ]
         pairs = [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClassContext" / f"{n}.png") for n in names]
         missing = [p for pair in pairs for p in pair if not p.is_file()]
         if not pairs or missing:
