@@ -105,16 +105,40 @@ def read_text(path: str | Path, what: str = "text file") -> str:
 
 def check_images(paths) -> None:
     """Every file's image header, before training starts (a text file named .png, an empty or foreign file would
-    otherwise fail only when a late split is first read, after the training it was meant to evaluate)."""
+    otherwise fail only when a late split is first read, after the training it was meant to evaluate). A PNG is also
+    verified: every chunk read and its CRC checked, so a truncated or damaged PNG is caught here too (cheap: 1402
+    CamVid-half PNGs take 0.06 s warm, under 4 s from a cold disk); other formats' data is checked at decode."""
     from PIL import Image, UnidentifiedImageError
 
     for path in paths:
+        verifying = False
         try:
             with Image.open(path) as image:
                 image.size  # noqa: B018 (the header is parsed here)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
+                verifying = image.format == "PNG"
+                if verifying:
+                    image.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
+            if verifying:
+                raise ConfigError(CORRUPT.format(path=path)) from None
             problem = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else " ".join(str(err).split())[:120]
             raise ConfigError(f"{path}: {problem}; remove or replace the file") from None
+
+
+CORRUPT = "{path}: image data is truncated or corrupt; replace the file"
+
+
+def load_image(path: str | Path):
+    """A fully decoded PIL image (its file closed); PIL's decode errors, which surface only at ``load()``, as one
+    line naming the file instead of "OSError: image file is truncated" in the middle of a run."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        try:
+            image.load()
+        except (OSError, SyntaxError, EOFError):
+            raise ConfigError(CORRUPT.format(path=path)) from None
+        return image
 
 
 def require_weights_file(path: str | Path, what: str) -> Path:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, load_pickle, make_loader, read_text, require_files, require_folder
+from common.data import check_images, load_image, load_pickle, make_loader, read_text, require_files, require_folder
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -325,8 +325,7 @@ class ImageSet(Dataset):
 
         if self.images is not None:
             return Image.fromarray(self.images[index])
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB")
+        return load_image(self.paths[index]).convert("RGB")
 
     def __getitem__(self, index: int):
         return self.transform(self.pil(index)), int(self.labels[index])
