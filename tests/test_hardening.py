@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +208,33 @@ def test_a_file_that_is_not_an_image_is_named_before_training(tmp_path):
     for name in ("text.png", "empty.jpg"):
         with pytest.raises(ConfigError, match=rf"{name}: not an image PIL can read; remove or replace the file$"):
             check_images([tmp_path / "ok.png", tmp_path / name])
+
+
+def test_a_text_file_not_in_utf8_names_the_file_and_the_byte(tmp_path):
+    from common.data import read_text
+
+    (tmp_path / "ok.txt").write_bytes("\ufeffcafé 0\n".encode())  # a BOM (Windows editors) is not part of the text
+    assert read_text(tmp_path / "ok.txt", "split list") == "café 0\n"
+    (tmp_path / "latin.txt").write_bytes("a.png 1\ncafé.png 0\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.txt: the split list is not UTF-8 text \(byte 0xe9 at offset 11\); save it as UTF-8$"):
+        read_text(tmp_path / "latin.txt", "split list")
+
+
+def test_a_truncated_image_is_named_before_training_or_at_its_decode(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from common.data import check_images, load_image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)  # noise: the data spans many bytes
+    for name in ("ok.png", "ok.jpg"):
+        Image.fromarray(pixels).save(tmp_path / name)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut{Path(name).suffix}").write_bytes(data[:-100])  # a cut download: the header survives
+    check_images([tmp_path / "ok.png", tmp_path / "ok.jpg", tmp_path / "cut.jpg"])  # only a PNG's data is checked here
+    message = r"cut.{ext}: image data is truncated or corrupt; "
+    with pytest.raises(ConfigError, match=message.format(ext="png")):  # PNG: verify() reads every chunk, before the run
+        check_images([tmp_path / "ok.png", tmp_path / "cut.png"])
+    assert load_image(tmp_path / "ok.jpg").size == (32, 32)
+    with pytest.raises(ConfigError, match=message.format(ext="jpg") + "replace the file$"):  # others: when decoded
+        load_image(tmp_path / "cut.jpg")

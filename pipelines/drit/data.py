@@ -136,7 +136,11 @@ def _decode_all(files: list[tuple[str, callable]], size: int, limit: int | None)
     files = files[:limit] if limit else files
     arrays, channels = [], []
     for where, read in files:
-        array, bands = _decode(read(), where, size)
+        try:  # the read, not only the decode: a file can vanish or turn unreadable after the layout was checked
+            data = read()
+        except OSError as err:
+            raise ConfigError(f"{where} cannot be read ({err.strerror or err}); remove or replace it") from None
+        array, bands = _decode(data, where, size)
         arrays.append(array)
         channels.append(bands)
     return arrays, [w for w, _ in files], channels
@@ -165,6 +169,11 @@ def folder_images(root: str | Path) -> dict[str, list[Path]]:
     out = {}
     for name in ("trainA", "trainB", "testA", "testB"):
         out[name] = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        # is_file() is False for a folder, a dangling link and a link loop alike: named here, before a run opens
+        odd = next((p for p in out[name] if not p.is_file()), None)
+        if odd is not None:
+            problem = "a folder" if odd.is_dir() else "a broken or looping symbolic link" if odd.is_symlink() else "not a regular file"
+            raise ConfigError(f"{odd} is {problem}, not an image file; remove it or replace it with the image")
         if not out[name]:
             raise ConfigError(f"{root / name} holds no .jpg/.png images; expected layout: {FOLDER_LAYOUT}")
     return out

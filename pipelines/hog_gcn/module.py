@@ -30,6 +30,8 @@ def check_model(cfg: DictConfig) -> None:
         raise ConfigError(
             f"bench.graphs / bench.graph must name entries of bench.overhead_graphs ({', '.join(cfg.bench.overhead_graphs)}), got {unknown or cfg.bench.graph}"
         )
+    if cfg.data.name == "csbm" and cfg.data.degree >= cfg.data.nodes:  # n·degree/2 edges are drawn: a huge value overflows torch
+        raise ConfigError(f"data.degree (mean degree) must be below data.nodes={cfg.data.nodes}, got {cfg.data.degree}")
     if cfg.data.name != "csbm":
         checked_raw(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, checked before anything runs
 

@@ -29,7 +29,17 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, check_labels, files_digest, load_pickle, make_loader, require_files, require_folder
+from common.data import (
+    check_images,
+    check_labels,
+    files_digest,
+    load_image,
+    load_pickle,
+    make_loader,
+    read_text,
+    require_files,
+    require_folder,
+)
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
 
@@ -269,7 +279,7 @@ SPLIT_LISTS = {  # name → (train list, val list or None, test list)
 def read_split_list(path: Path, image_root: Path) -> list[tuple[Path, int]]:
     """``relative/path label`` per line → [(image path, label)]; a malformed line or a missing image is one line."""
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_text(path, "split list").splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -317,8 +327,7 @@ class ImageSet(Dataset):
 
         if self.images is not None:
             return Image.fromarray(self.images[index])
-        with Image.open(self.paths[index]) as image:
-            return image.convert("RGB")
+        return load_image(self.paths[index]).convert("RGB")
 
     def __getitem__(self, index: int):
         return self.transform(self.pil(index)), int(self.labels[index])

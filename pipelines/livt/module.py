@@ -15,7 +15,7 @@ from common.cache import cache_file, cached
 from common.config import ConfigError
 from common.models import check_timm_name
 from common.tracking import pyplot
-from pipelines.livt.data import LTDataModule, check_data, eval_transform
+from pipelines.livt.data import LTDataModule, check_data, eval_transform, train_transform
 from pipelines.livt.model import (
     LOSSES,
     MaskedAutoencoder,
@@ -170,8 +170,16 @@ class LiVTModule(pl.LightningModule):
             raise ConfigError(
                 f"data.image_size={cfg.data.image_size} but the ViT is built for model.kwargs.img_size={kwargs.img_size}; set both alike"
             )
+        if "patch_size" in kwargs and int(kwargs.patch_size) < 1:
+            raise ConfigError(f"model.kwargs.patch_size must be >= 1, got {kwargs.patch_size}")
         if "patch_size" in kwargs and int(cfg.data.image_size) % int(kwargs.patch_size):
             raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.kwargs.patch_size={kwargs.patch_size}")
+        try:  # timm parses the RandAugment string only when the transform is built: after MGP, without this
+            train_transform(cfg.data, cfg.augment)
+        except (AssertionError, ValueError, KeyError) as err:
+            raise ConfigError(
+                f"augment.randaugment={cfg.augment.randaugment!r} is not a timm policy ({err}); e.g. rand-m9-mstd0.5-inc1, or none"
+            ) from None
         if cfg.augment.mixup > 0 or cfg.augment.cutmix > 0:
             if cfg.data.batch_size % 2:
                 raise ConfigError(

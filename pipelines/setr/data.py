@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, make_loader, require_files
+from common.data import check_images, load_image, make_loader, read_text, require_files
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -269,21 +269,18 @@ class SegmentationSet(Dataset):
 
 # -- real datasets ---------------------------------------------------------------------------------
 def read_image(path: Path) -> torch.Tensor:
-    from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    with Image.open(path) as im:
-        return pil_to_tensor(im.convert("RGB")).float() / 255
+    return pil_to_tensor(load_image(path).convert("RGB")).float() / 255
 
 
 def read_label(path: Path) -> torch.Tensor:
     import numpy as np
-    from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ConfigError(f"label file {path} is {im.mode}, expected a single-channel PNG of class indices")
-        return torch.from_numpy(np.array(im, dtype=np.int64))
+    im = load_image(path)
+    if im.mode not in ("L", "P", "I", "I;16"):
+        raise ConfigError(f"label file {path} is {im.mode}, expected a single-channel PNG of class indices")
+    return torch.from_numpy(np.array(im, dtype=np.int64))
 
 
 def checked_label(label: torch.Tensor, classes: int, path: Path, allowed_ignore: tuple[int, ...] = (IGNORE,)) -> torch.Tensor:
@@ -332,7 +329,7 @@ def load_camvid(root: str | Path) -> dict[str, FilePairs]:
     out = {}
     for split in ("train", "val", "test"):
         pairs = []
-        for number, line in enumerate((root / f"{split}.txt").read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(root / f"{split}.txt", "split list").splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()
@@ -449,7 +446,9 @@ def load_pascal_context(root: str | Path, classes: int = 60) -> dict[str, FilePa
 
     out = {}
     for split in ("train", "val"):
-        names = [n.strip() for n in (root / "ImageSets/SegmentationContext" / f"{split}.txt").read_text().splitlines() if n.strip()]
+        names = [
+            n.strip() for n in read_text(root / "ImageSets/SegmentationContext" / f"{split}.txt", "split list").splitlines() if n.strip()
+        ]
         pairs = [(root / "JPEGImages" / f"{n}.jpg", root / "SegmentationClassContext" / f"{n}.png") for n in names]
         missing = [p for pair in pairs for p in pair if not p.is_file()]
         if not pairs or missing:

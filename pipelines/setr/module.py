@@ -127,8 +127,9 @@ def check_sizes(cfg: DictConfig) -> None:
     """The sliding window against generated images (sizes known from the config); real images are checked on the
     first image of each evaluation split when the data is set up."""
     e, d = cfg.eval, cfg.data
-    if len(e.crop) != 2 or len(e.stride) != 2 or len(d.crop) != 2:
-        raise ConfigError("data.crop, eval.crop and eval.stride take [height, width]")
+    # the pairs' lengths are the conf's checks (length 2); their order only this can see
+    if d.ratio_range[0] > d.ratio_range[1]:
+        raise ConfigError(f"data.ratio_range is [lo, hi] with lo <= hi, got {list(d.ratio_range)}")
     if d.name == "scenes":
         check_window(d.image_size[0], d.image_size[1], e.crop, e.pad)
 

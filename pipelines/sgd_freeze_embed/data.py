@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import check_images, make_loader, require_files
+from common.data import check_images, make_loader, read_text, require_files
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -226,7 +226,7 @@ def load_domainnet(root: str | Path, source: str, target: str, size: int) -> dic
 
     def read(name: str) -> list:
         records = []
-        for number, line in enumerate((root / name).read_text().splitlines(), 1):
+        for number, line in enumerate(read_text(root / name, "split list").splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split()

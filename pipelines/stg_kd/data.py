@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import make_loader, require_files
+from common.data import make_loader, read_text, require_files
 from pipelines.stg_kd.model import BOS, EOS, PAD, SPECIALS, UNK
 
 FOLDER_LAYOUT = (
@@ -262,7 +262,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     inside the frame; one line naming the file and what is wrong."""
     root = require_files(root, ["captions.json", "features_2d", "objects"], FOLDER_LAYOUT)
     try:
-        info = json.loads((root / "captions.json").read_text())
+        info = json.loads(read_text(root / "captions.json", "captions file"))
         videos, sentences = info["videos"], info["sentences"]
         split_of = {str(v["video_id"]): {"validate": "val"}.get(v["split"], v["split"]) for v in videos}
         caps: dict[str, list[str]] = {v: [] for v in split_of}
@@ -290,9 +290,18 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
         if not path.is_file():
             raise ConfigError(f"{path} is missing: {what} of video {path.stem!r}, listed in captions.json")
         try:
-            return np.load(path, allow_pickle=False)
+            loaded = np.load(path, allow_pickle=False)
         except (ValueError, OSError) as err:
             raise ConfigError(f"{path} is not a readable NumPy file ({err})") from None
+        # np.load reads either format whatever the name: an array saved as .npz (or an archive as .npy) fails later, unnamed
+        archive = path.suffix == ".npz"
+        if isinstance(loaded, np.lib.npyio.NpzFile) != archive:
+            if not archive:
+                loaded.close()
+            kind = "an array (np.save's .npy format)" if archive else "an archive (np.savez's .npz format)"
+            expected = "an np.savez archive" if archive else "one np.save array"
+            raise ConfigError(f"{path} holds {kind}; expected {expected} of {what}")
+        return loaded
 
     def check(name: str, array: np.ndarray, path: Path, ndim: int) -> np.ndarray:
         if array.ndim != ndim or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
@@ -320,6 +329,8 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             boxes, feats = check("boxes", z["boxes"], po, 3), check("object features", z["features"], po, 3)
             mask = z["mask"].astype(bool) if "mask" in z else np.ones(boxes.shape[:2], bool)
             size = z["frame_size"].astype(np.float32) if "frame_size" in z else None
+        if size is not None and size.size != 2:
+            raise ConfigError(f"{po}: 'frame_size' has {size.size} values {size.ravel().tolist()}; expected [W, H] in pixels")
         if boxes.shape[-1] != 4 or boxes.shape[:2] != feats.shape[:2] or mask.shape != boxes.shape[:2]:
             raise ConfigError(
                 f"{po}: boxes {boxes.shape}, features {feats.shape} and mask {mask.shape} do not agree ([T, K, 4], [T, K, D], [T, K])"

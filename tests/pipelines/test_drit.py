@@ -196,6 +196,14 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^images of different channel counts: .*gray.png has 1, .*\.png has 3; convert"):
         read_folder(tmp_path, 8)
     (tmp_path / "trainB" / "gray.png").unlink()
+    (tmp_path / "trainA" / "loop.png").symlink_to("loop.png")  # read_bytes raised OSError: too many levels of links
+    with pytest.raises(ConfigError, match=r"trainA/loop.png is a broken or looping symbolic link, not an image file; remove it"):
+        read_folder(tmp_path, 8)
+    (tmp_path / "trainA" / "loop.png").unlink()
+    (tmp_path / "trainB" / "folder.png").mkdir()  # IsADirectoryError, outside the decode's try
+    with pytest.raises(ConfigError, match=r"trainB/folder.png is a folder, not an image file; remove it"):
+        read_folder(tmp_path, 8)
+    (tmp_path / "trainB" / "folder.png").rmdir()
     for p in (tmp_path / "testB").iterdir():
         p.unlink()
     (tmp_path / "testB").rmdir()

@@ -361,6 +361,8 @@ def test_bad_model_name_and_missing_root_are_one_line_errors(home):
         train("hog_gcn", ["model.name=gcnn"])
     with pytest.raises(ConfigError, match=re.escape("needs data.root=<folder>; expected layout: <root>/texas/raw/")):
         train("hog_gcn", ["data.name=texas"])
+    with pytest.raises(ConfigError, match=re.escape("data.degree (mean degree) must be below data.nodes=120, got 1e+30")):
+        train("hog_gcn", ["preset=smoke", "data.degree=1e30"])  # n·degree/2 edges: torch's randint overflowed
 
 
 @pytest.mark.parametrize("model", ["hog_gcn", "gcn"])

@@ -247,6 +247,13 @@ def test_a_bad_probability_is_one_line(home):
     """A ConfigError before any run (the command line prints it as one line, exit 2: tests/test_config.py)."""
     with pytest.raises(ConfigError, match=re.escape("config key 'sim.transmit_prob' must be in (0, 1], got -0.2")):
         train("iiot_sic_aloha", ["sim.transmit_prob=-0.2"])
+    for override, message in (  # each failed after the simulation had run (or, the SNR, as an OverflowError)
+        ("sim.schemes=[]", "config key 'sim.schemes' must be a non-empty list, got []"),
+        ("tune.age_threshold_factors=[]", "config key 'tune.age_threshold_factors' must be a non-empty list, got []"),
+        ("sim.snr_db=1e308", "config key 'sim.snr_db' must be in [-100, 100], got 1e+308"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            train("iiot_sic_aloha", [override])
 
 
 def test_train_logs_metrics_tables_and_figures(home):

@@ -335,6 +335,9 @@ def test_cli_bad_input_is_one_line(home):
         ({"data.name": "imagenet_lt"}, "data.name=imagenet_lt needs data.root=<folder>"),
         ({"loss.name": "focal"}, "unknown loss.name 'focal'; valid: ce, bce, bal_ce, bal_bce"),
         ({"data.batch_size": 15, "augment.mixup": 0.8}, "data.batch_size must be even, got 15"),
+        ({"data.mean": []}, "config key 'data.mean' must be a list of 3 values, got []"),
+        ({"model.kwargs.patch_size": 0}, "model.kwargs.patch_size must be >= 1, got 0"),
+        ({"augment.randaugment": "garbage"}, "augment.randaugment='garbage' is not a timm policy (Unknown AA policy garbage)"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))

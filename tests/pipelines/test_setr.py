@@ -334,6 +334,9 @@ def test_bad_config_values_are_one_line_errors(home):
         ({"model.aux_layers": [3, 12]}, "model.aux_layers has layer index 12, but the ViT has blocks 1..6"),
         ({"model.mla_layers": [0, 2, 4, 6], "model.decoder": "mla"}, "model.mla_layers has layer index 0"),
         ({"model.decoder": "upernet"}, "unknown model.decoder 'upernet'; valid: naive, pup, mla"),
+        ({"eval.ratios": []}, "config key 'eval.ratios' must be a non-empty list, got []"),
+        ({"data.image_size": [8]}, "config key 'data.image_size' must be a list of 2 values, got [8]"),
+        ({"data.ratio_range": [2.0, 0.5]}, "data.ratio_range is [lo, hi] with lo <= hi, got [2.0, 0.5]"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             SETRModule.check_config(compose("setr", values))

@@ -4,6 +4,7 @@ loss against a hand computation, beam 1 = greedy and batched = one clip at a tim
 layout and its one-line errors, and smoke runs of reproduce and bench."""
 
 import json
+import re
 import math
 
 import numpy as np
@@ -204,6 +205,29 @@ def test_folder_bad_inputs_are_one_line_each(tmp_path):
     (empty / "captions.json").write_text(json.dumps(info))
     with pytest.raises(ConfigError, match="video 'v1' has no captions"):
         read_folder(str(empty), cfg(empty))
+    # np.load reads either format whatever the file's name; each mistake below failed deep in the loader, unnamed
+    latin = _fixture(tmp_path / "d")
+    (latin / "captions.json").write_bytes((latin / "captions.json").read_bytes().replace(b"rides", b"rid\xe9s"))
+    with pytest.raises(
+        ConfigError, match=r"captions.json: the captions file is not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8"
+    ):
+        read_folder(str(latin), cfg(latin))
+    fs3 = _fixture(tmp_path / "e")
+    with np.load(fs3 / "objects" / "v1.npz") as z:
+        arrays = dict(z)
+    np.savez(fs3 / "objects" / "v1.npz", **{**arrays, "frame_size": np.array([160, 120, 3])})
+    with pytest.raises(ConfigError, match=re.escape("v1.npz: 'frame_size' has 3 values [160.0, 120.0, 3.0]; expected [W, H] in pixels")):
+        read_folder(str(fs3), cfg(fs3))
+    npy = _fixture(tmp_path / "f")
+    with open(npy / "objects" / "v1.npz", "wb") as f:
+        np.save(f, arrays["boxes"])
+    with pytest.raises(ConfigError, match=re.escape("v1.npz holds an array (np.save's .npy format); expected an np.savez archive")):
+        read_folder(str(npy), cfg(npy))
+    npz = _fixture(tmp_path / "g")
+    with open(npz / "features_2d" / "v2.npy", "wb") as f:
+        np.savez(f, a=np.zeros((5, 6)))
+    with pytest.raises(ConfigError, match=re.escape("v2.npy holds an archive (np.savez's .npz format); expected one np.save array")):
+        read_folder(str(npz), cfg(npz))
 
 
 def test_bad_values_are_one_line(home):
