@@ -23,7 +23,7 @@ from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 from common.config import ConfigError
-from common.data import NUMPY_ARRAYS, load_pickle, require_files
+from common.data import NUMPY_ARRAYS, load_pickle, read_text, require_files
 
 # name → (PyG class, sub-folder of the root that holds raw/, split-file prefix)
 REAL = {
@@ -122,7 +122,7 @@ def _fail(path: Path, problem: str) -> ConfigError:
 def _table(path: Path, columns: int) -> list[list[str]]:
     """Rows of a tab-separated Geom-GCN file after its header line, each checked to have ``columns`` fields."""
     try:
-        lines = path.read_text().splitlines()
+        lines = read_text(path, "table").splitlines()
     except UnicodeDecodeError:
         raise _fail(path, "is not a text file") from None
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
@@ -243,7 +243,7 @@ def validate_planetoid(raw: Path, prefix: str) -> None:
     if sizes["x"] != sizes["y"] or sizes["tx"] != sizes["ty"] or sizes["allx"] != sizes["ally"]:
         raise _fail(raw, f"feature and label files disagree on their row counts ({sizes})")
     index_file = raw / f"ind.{prefix}.test.index"
-    test = _ints(index_file, index_file.read_text().split(), "test indices")
+    test = _ints(index_file, read_text(index_file, "test index list").split(), "test indices")
     if len(test) != sizes["tx"]:
         raise _fail(index_file, f"has {len(test)} indices for {sizes['tx']} test rows")
     # PyG indexes its arrays with these ids unchecked: an id past the node count corrupts memory (segfault, abort)

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from common.data import files_digest, require_files, require_folder
+from common.data import files_digest, read_text, require_files, require_folder
 
 SHAPES = ("plus", "ring", "x", "disc")
 CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg (ImageFolder) or <root>/{train,test}.zip holding that tree"
@@ -268,7 +268,7 @@ def imagenet_voc_task(d: DictConfig, cache_dir: str) -> Task:
         d.root, ["images/estimation", "images/attribution", "annotations/attribution", "imagenet_class_index.json"], VOC_LAYOUT
     )
     try:
-        index = json.loads((root / "imagenet_class_index.json").read_text())
+        index = json.loads(read_text(root / "imagenet_class_index.json", "class index"))
         wnids = {v[0]: int(k) for k, v in index.items()}
         names = [index[str(i)][1] for i in range(len(index))]
     except (ValueError, KeyError, IndexError, TypeError):

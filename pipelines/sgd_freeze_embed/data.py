@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import check_images, make_loader, read_text, require_files
+from common.data import check_images, load_image, make_loader, read_text, require_files
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -172,12 +172,10 @@ class ImageFiles(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
-        from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor, resize
 
         path, label, group = self.records[index]
-        with Image.open(path) as image:
-            x = pil_to_tensor(image.convert("RGB"))
+        x = pil_to_tensor(load_image(path).convert("RGB"))  # a truncated JPEG: one line naming it
         x = resize(x, [self.size, self.size], antialias=True).float() / 255
         return x, label, group
 
