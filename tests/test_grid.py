@@ -102,7 +102,7 @@ def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinis
 def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=30"],
+        [sys.executable, "-m", "common.cli", "reproduce", "toy", "experiment=lr", "trainer.max_epochs=30", "data.n=16"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
