@@ -192,6 +192,7 @@ def test_reproduce_smoke_children_are_train_runs_and_the_report_selects_lr_on_va
     assert ["paper: CLIP ViT-L/14", "93.7 / 82.2", "89.7 / 66.8", "93.7 / 83.0"] in rows  # adamw, sgd, freeze-embed
 
 
+@pytest.mark.slow  # 33 s of a 10-minute suite (three spawned ViT processes); the state ledger it reports: test_optimizer_state_bytes
 def test_bench_smoke_measures_every_optimizer_against_adamw_in_one_run(home):
     result = run_experiment("bench", "sgd_freeze_embed", ["preset=smoke"])
     assert (result.status, result.total) == ("FINISHED", 1), result.report
