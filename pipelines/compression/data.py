@@ -123,8 +123,6 @@ def _batches(folder: Path) -> tuple[dict, list[str]]:
                     batch = load_pickle(f)
                 xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 ys.append(np.asarray(batch[b"labels"]))
-            except ConfigError:
-                raise
             except Exception as err:
                 reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"  # e.g. which pickled class was refused
                 raise ConfigError(f"{folder / name} is not a readable CIFAR-10 batch ({reason}); expected layout: {CIFAR_LAYOUT}") from None

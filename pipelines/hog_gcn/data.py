@@ -7,7 +7,6 @@ splits, one column each, as PyG stores the Geom-GCN splits.
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
 import io
 import os
@@ -23,7 +22,7 @@ from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 from common.config import ConfigError
-from common.data import NUMPY_ARRAYS, load_pickle, read_text, require_files
+from common.data import NUMPY_ARRAYS, files_digest, load_pickle, read_text, require_files
 
 # name → (PyG class, sub-folder of the root that holds raw/, split-file prefix)
 REAL = {
@@ -121,10 +120,7 @@ def _fail(path: Path, problem: str) -> ConfigError:
 
 def _table(path: Path, columns: int) -> list[list[str]]:
     """Rows of a tab-separated Geom-GCN file after its header line, each checked to have ``columns`` fields."""
-    try:
-        lines = read_text(path, "table").splitlines()
-    except UnicodeDecodeError:
-        raise _fail(path, "is not a text file") from None
+    lines = read_text(path, "table").splitlines()  # not UTF-8: one line from read_text
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
     for number, row in enumerate(rows, start=2):
         if len(row) != columns:
@@ -254,14 +250,11 @@ def validate_planetoid(raw: Path, prefix: str) -> None:
     if not isinstance(graph, dict):
         raise _fail(path, f"must hold a dict of node → neighbour list, got {type(graph).__name__}")
     for node, neighbours in graph.items():
-        ids = [node, *neighbours] if isinstance(neighbours, (list, tuple, set)) else None
-        if ids is None or not all(isinstance(i, (int, np.integer)) and 0 <= i < n for i in ids):
-            bad = (
-                "its neighbours are not a list"
-                if ids is None
-                else f"id {next(i for i in ids if not (isinstance(i, (int, np.integer)) and 0 <= i < n))!r}"
-            )
-            raise _fail(path, f"node {node!r}: {bad} — node ids must be whole numbers 0..{n - 1}")
+        if not isinstance(neighbours, (list, tuple, set)):
+            raise _fail(path, f"node {node!r}: its neighbours are not a list — node ids must be whole numbers 0..{n - 1}")
+        bad = next((i for i in (node, *neighbours) if not (isinstance(i, (int, np.integer)) and 0 <= i < n)), None)
+        if bad is not None:
+            raise _fail(path, f"node {node!r}: id {bad!r} — node ids must be whole numbers 0..{n - 1}")
     validate_splits(raw, prefix, n)
 
 
@@ -293,14 +286,6 @@ def checked_raw(name: str, root: str | Path | None) -> Path:
     return raw
 
 
-def _digest(folder: Path, names: list[str]) -> str:
-    digest = hashlib.sha1()
-    for name in sorted(names):
-        digest.update(name.encode())
-        digest.update((folder / name).read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
     """One Geom-GCN benchmark from PyG's raw layout under ``root``, with its ten splits.
 
@@ -311,7 +296,7 @@ def load_real(name: str, root: str | Path, cache_dir: str | Path) -> Data:
     name = name.lower()
     raw = checked_raw(name, root)
     cls, folder, prefix = REAL[name]
-    cache_root = Path(cache_dir) / "graphs" / f"{name}-{_digest(raw, raw_files(name))}"
+    cache_root = Path(cache_dir) / "graphs" / f"{name}-{files_digest([raw / f for f in raw_files(name)], raw)}"
     cache = cache_root / folder
     if not all((cache / "raw" / f).exists() for f in raw_files(name)):
         tmp = cache.parent / f".{cache.name}.{os.getpid()}"  # copy, then rename: a half-copied cache is never used
