@@ -210,3 +210,155 @@ def load_pickle(file, allowed: frozenset[tuple[str, str]] = NUMPY_ARRAYS, encodi
             return super().find_class(module, name)
 
     return Restricted(file, encoding=encoding).load()
+
+
+# -- CIFAR's python batches and ImageFolder trees (read by more than one pipeline; pipelines never import each other) --
+CIFAR_BATCHES = {  # kind → (folder, train batches, test batches, label key, meta file, class-names key, classes)
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        b"labels",
+        "batches.meta",
+        b"label_names",
+        10,
+    ),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names", 100),
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+def _batch_folder(root: Path, kind: str) -> Path:
+    return root / CIFAR_BATCHES[kind][0] if (root / CIFAR_BATCHES[kind][0]).is_dir() else root
+
+
+def cifar_batch_files(root: Path, kind: str) -> list[Path] | None:
+    """``kind``'s python batches under ``root`` (or its canonical subfolder), train then test; None when there are none."""
+    folder, (train, test) = _batch_folder(root, kind), CIFAR_BATCHES[kind][1:3]
+    return [folder / f for f in [*train, *test]] if (folder / train[0]).is_file() else None
+
+
+def _read_batch(path: Path, layout: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            batch = load_pickle(f)
+    except Exception as err:
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"  # e.g. which pickled class was refused
+        raise ConfigError(f"{path} is not a readable CIFAR python batch ({reason}); expected layout: {layout}") from None
+    if not isinstance(batch, dict):
+        raise ConfigError(f"{path} is not a CIFAR python batch (a pickled {type(batch).__name__}, not a dict); expected layout: {layout}")
+    return batch
+
+
+def read_cifar_batches(root: Path, kind: str, layout: str):
+    """{split: (uint8 images N×32×32×3, labels)} and the class names (from the meta file when present) of ``kind``'s
+    python batches under ``root``; every batch's labels checked against its images (a short list would shift the rest)."""
+    import numpy as np
+
+    _, train, test, label_key, meta_file, names_key, classes = CIFAR_BATCHES[kind]
+    folder = require_files(_batch_folder(root, kind), train + test, layout)
+    out = {}
+    for split, files in (("train", train), ("test", test)):
+        xs, ys = [], []
+        for name in files:
+            batch = _read_batch(folder / name, layout)
+            if b"data" not in batch or label_key not in batch:
+                raise ConfigError(f"{folder / name} lacks 'data' or '{label_key.decode()}'; expected layout: {layout}")
+            try:
+                x = np.asarray(batch[b"data"], dtype=np.uint8)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{folder / name}: 'data' is not an array of bytes ({err})") from None
+            if x.ndim != 2 or x.shape[1] != 3072:
+                raise ConfigError(f"{folder / name} must hold rows of 3072 bytes (3×32×32), got shape {x.shape}")
+            check_labels(folder / name, batch[label_key], len(x), classes)
+            xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(batch[label_key]))
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    names = [str(i) for i in range(classes)]
+    if (folder / meta_file).is_file():
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in _read_batch(folder / meta_file, layout).get(names_key, names)]
+        if len(names) != classes:
+            raise ConfigError(f"{folder / meta_file}: {len(names)} class names, {kind} has {classes}")
+    return out, names
+
+
+def image_tree_files(root: Path) -> list[Path]:
+    """The files an ImageFolder tree or its zips under ``root`` consist of (the key of its decoded cache); [] if none."""
+    zips = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
+    return zips + sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
+
+
+def _decode(read, where: str, size: int | None):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    try:  # reading too: a folder or an unreadable file named like an image is the same one line
+        with Image.open(io.BytesIO(read())) as image:
+            image = image.convert("RGB")
+            if size is not None and image.size != (size, size):
+                image = image.resize((size, size), Image.BILINEAR)
+            return np.asarray(image)
+    except Exception:
+        raise ConfigError(f"{where} is not a readable image") from None
+
+
+def read_image_tree(root: Path, layout: str, size: int | None = None):
+    """An ImageFolder ``<root>/{train,test}/<class>/*`` or the zips ``<root>/{train,test}.zip`` holding one:
+    {split: (uint8 images N×H×W×3, labels)} and the class names, one class index (sorted folder names) for both splits;
+    images resized to size × size when ``size`` is given, else all of one size."""
+    import contextlib
+
+    import numpy as np
+
+    out, names = {}, None
+    for split in ("train", "test"):
+        archive = None
+        if (root / split).is_dir():
+            files, where = {p.relative_to(root).as_posix(): p.read_bytes for p in (root / split).glob("*/*")}, str(root)
+        elif (root / f"{split}.zip").is_file():
+            where = str(root / f"{split}.zip")
+            try:
+                archive = zipfile.ZipFile(where)
+            except zipfile.BadZipFile:
+                raise ConfigError(f"{where} is not a readable zip archive; expected layout: {layout}") from None
+            files = {n.rstrip("/"): (lambda n=n, a=archive: a.read(n)) for n in archive.namelist() if not n.endswith("/")}
+        else:
+            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {layout}")
+        with archive or contextlib.nullcontext():
+            entries = sorted(
+                p for p in files if p.count("/") == 2 and p.startswith(f"{split}/") and Path(p).suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not entries:
+                raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
+            split_names = sorted({p.split("/")[1] for p in entries})
+            if names is not None and split_names != names:
+                raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
+            names = split_names
+            images = [_decode(files[p], f"{where}/{p}", size) for p in entries]
+        shapes = sorted({image.shape[:2] for image in images})
+        if len(shapes) > 1:
+            raise ConfigError(
+                f"{where}/{split}: images of {len(shapes)} sizes (e.g. {shapes[0]} and {shapes[-1]}); resize them to one size"
+            )
+        out[split] = (np.stack(images), np.array([names.index(p.split("/")[1]) for p in entries]))
+    return out, names
+
+
+def cached_arrays(cache: Path, read):
+    """``read()``'s ({split: (images, labels)}, class names), kept in the .npz ``cache`` (keyed by its caller: the source
+    files' digest and the settings), written whole or not at all."""
+    import uuid
+
+    import numpy as np
+
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}, [str(n) for n in z["names"]]
+    arrays, names = read()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{uuid.uuid4().hex}.npz")  # not np.random: the global RNG stays untouched
+    np.savez(tmp, names=np.array(names), **{f"{s}_{k}": v for s, (x, y) in arrays.items() for k, v in (("x", x), ("y", y))})
+    tmp.replace(cache)
+    return arrays, names

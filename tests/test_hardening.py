@@ -1,5 +1,6 @@
 """Bad input and faults from a new user's point of view: one line, the right exit code, no run left RUNNING."""
 
+import re
 import subprocess
 import sys
 import time
@@ -238,3 +239,47 @@ def test_a_truncated_image_is_named_before_training_or_at_its_decode(tmp_path):
     assert load_image(tmp_path / "ok.jpg").size == (32, 32)
     with pytest.raises(ConfigError, match=message.format(ext="jpg") + "replace the file$"):  # others: when decoded
         load_image(tmp_path / "cut.jpg")
+
+
+def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zips(tmp_path):
+    """common.data's CIFAR / ImageFolder readers (livt and compression): each fault is one line naming the file."""
+    import pickle
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from common.data import read_cifar_batches, read_image_tree
+
+    tree = tmp_path / "tree"
+    for split in ("train", "test"):
+        for c, size in (("cat", 8), ("dog", 8)):
+            (tree / split / c).mkdir(parents=True)
+            Image.new("RGB", (size, size), (9, 9, 9)).save(tree / split / c / "0.png")
+    arrays, names = read_image_tree(tree, "L")
+    assert names == ["cat", "dog"] and arrays["train"][0].shape == (2, 8, 8, 3) and arrays["test"][1].tolist() == [0, 1]
+    Image.new("RGB", (5, 8)).save(tree / "train" / "dog" / "1.png")
+    with pytest.raises(ConfigError, match=r"train: images of 2 sizes .*resize them to one size"):
+        read_image_tree(tree, "L")
+    assert read_image_tree(tree, "L", size=4)[0]["train"][0].shape == (3, 4, 4, 3)  # resized: one size
+    (tree / "train" / "dog" / "1.png").unlink()
+    (tree / "train" / "dog" / "2.png").mkdir()
+    with pytest.raises(ConfigError, match=re.escape("train/dog/2.png is not a readable image")):
+        read_image_tree(tree, "L")
+    zips = tmp_path / "zips"
+    zips.mkdir()
+    (zips / "train.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    with zipfile.ZipFile(zips / "test.zip", "w"):
+        pass
+    with pytest.raises(ConfigError, match=re.escape("train.zip is not a readable zip archive")):
+        read_image_tree(zips, "L")
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (batches / name).write_bytes(pickle.dumps({b"data": np.full((2, 3072), 7, np.uint8), b"labels": [3, 4]}))
+    (batches / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    arrays, names = read_cifar_batches(tmp_path, "cifar10", "L")
+    assert names[3] == "c3" and arrays["train"][0].shape == (10, 32, 32, 3) and arrays["test"][1].tolist() == [3, 4]
+    (batches / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
+    with pytest.raises(ConfigError, match=re.escape("batches.meta: 2 class names, cifar10 has 10")):
+        read_cifar_batches(tmp_path, "cifar10", "L")

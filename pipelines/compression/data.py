@@ -13,9 +13,7 @@ stays read-only). ``data.train_size`` / ``data.test_size`` take a fixed-seed ran
 
 from __future__ import annotations
 
-import io
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +23,18 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 
 from common.config import ConfigError
-from common.data import check_labels, files_digest, load_pickle, require_files, require_folder
+from common.data import (
+    cached_arrays,
+    cifar_batch_files,
+    files_digest,
+    image_tree_files,
+    read_cifar_batches,
+    read_image_tree,
+    require_folder,
+)
 
 TREE_LAYOUT = "<root>/{train,test}/<class>/*.{jpg,png} (ImageFolder) or <root>/{train,test}.zip holding that tree"
 CIFAR_LAYOUT = f"<root>/cifar-10-batches-py/{{data_batch_1..5,test_batch}} (python batches), or {TREE_LAYOUT}"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 SHAPES = ("disc", "square", "triangle", "cross", "ring")
 FILLS = ("solid", "stripes")
 
@@ -111,94 +116,26 @@ def generated_task(d: DictConfig) -> Task:
 
 
 # -- real data ---------------------------------------------------------------------------------------------------------------------
-def _batches(folder: Path) -> tuple[dict, list[str]]:
-    files = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-    require_files(folder, files["train"] + files["test"], CIFAR_LAYOUT)
-    out = {}
-    for split, names in files.items():
-        xs, ys = [], []
-        for name in names:
-            try:
-                with open(folder / name, "rb") as f:
-                    batch = load_pickle(f)
-                xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys.append(np.asarray(batch[b"labels"]))
-            except Exception as err:
-                reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"  # e.g. which pickled class was refused
-                raise ConfigError(f"{folder / name} is not a readable CIFAR-10 batch ({reason}); expected layout: {CIFAR_LAYOUT}") from None
-        for name, x, y in zip(names, xs, ys):
-            check_labels(folder / name, y, len(x), 10)
-        out[split] = (np.concatenate(xs), np.concatenate(ys))
-    return out, [str(i) for i in range(10)]
-
-
-def _decode(data: bytes, where: str, size: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.BILINEAR)
-            return np.asarray(image).transpose(2, 0, 1)
-    except Exception:
-        raise ConfigError(f"{where} is not a readable image") from None
-
-
-def _tree(root: Path, size: int) -> tuple[dict, list[str]]:
-    out, names = {}, None
-    for split in ("train", "test"):
-        if (root / split).is_dir():
-            files = {str(p.relative_to(root)).replace("\\", "/"): p.read_bytes for p in (root / split).glob("*/*")}
-            where = str(root)
-        elif (root / f"{split}.zip").is_file():
-            archive = zipfile.ZipFile(root / f"{split}.zip")
-            files = {n.rstrip("/"): (lambda n=n, a=archive: a.read(n)) for n in archive.namelist() if not n.endswith("/")}
-            where = str(root / f"{split}.zip")
-        else:
-            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {TREE_LAYOUT}")
-        entries = sorted(p for p in files if p.count("/") == 2 and p.startswith(f"{split}/") and Path(p).suffix.lower() in IMAGE_SUFFIXES)
-        if not entries:
-            raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {TREE_LAYOUT}")
-        split_names = sorted({p.split("/")[1] for p in entries})
-        if names is not None and split_names != names:
-            raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
-        names = split_names
-        images = np.stack([_decode(files[p](), f"{where}/{p}", size) for p in entries])
-        out[split] = (images, np.array([names.index(p.split("/")[1]) for p in entries]))
-    return out, names
-
-
 def load_folder(name: str, root: str | Path, size: int, cache_dir: str | Path) -> tuple[dict, list[str], str]:
-    """Train and test arrays of ``root`` in whichever layout it holds; returns (arrays, class names, content digest)."""
+    """Train and test arrays (N×3×S×S uint8) of ``root`` in whichever layout it holds; returns (arrays, class names,
+    content digest)."""
     layout = CIFAR_LAYOUT if name == "cifar10" else TREE_LAYOUT
     root = require_folder(root, layout)
-    batches = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
-    if name == "cifar10" and (batches / "data_batch_1").is_file():
-        sources, read = (
-            [batches / f for f in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"] if (batches / f).is_file()],
-            lambda: _batches(batches),
-        )
-    else:
-        zips = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
-        sources = zips + sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
-        read = lambda: _tree(root, size)
-        if not sources:
-            raise ConfigError(f"dataset folder {root} holds no {name} data; expected layout: {layout}")
+    batches = cifar_batch_files(root, "cifar10") if name == "cifar10" else None
+    sources = batches or image_tree_files(root)
+    if not sources:
+        raise ConfigError(f"dataset folder {root} holds no {name} data; expected layout: {layout}")
+
+    def read() -> tuple[dict, list[str]]:
+        arrays, names = read_cifar_batches(root, "cifar10", layout) if batches else read_image_tree(root, layout, size)
+        if name == "cifar10" and len(names) != 10:
+            raise ConfigError(f"{root} holds {len(names)} classes, CIFAR-10 has 10; expected layout: {layout}")
+        if arrays["train"][0].shape[1] != size:
+            raise ConfigError(f"{root} holds {arrays['train'][0].shape[1]}-pixel images; set data.image_size={arrays['train'][0].shape[1]}")
+        return {split: (x.transpose(0, 3, 1, 2), y) for split, (x, y) in arrays.items()}, names
+
     digest = files_digest(sources, root)
-    cache = Path(cache_dir) / "compression" / f"{name}-{size}-{digest}.npz"
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as z:
-            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}, [str(n) for n in z["names"]], digest
-    arrays, names = read()
-    if name == "cifar10" and len(names) != 10:
-        raise ConfigError(f"{root} holds {len(names)} classes, CIFAR-10 has 10; expected layout: {layout}")
-    if arrays["train"][0].shape[-1] != size:
-        raise ConfigError(f"{root} holds {arrays['train'][0].shape[-1]}-pixel images; set data.image_size={arrays['train'][0].shape[-1]}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{np.random.randint(1 << 30)}.npz")
-    np.savez(tmp, names=np.array(names), **{f"{s}_{k}": v for s, (x, y) in arrays.items() for k, v in (("x", x), ("y", y))})
-    tmp.replace(cache)
+    arrays, names = cached_arrays(Path(cache_dir) / "compression" / f"{name}-{size}-{digest}-v2.npz", read)  # v2: names from batches.meta
     return arrays, names, digest
 
 

@@ -14,10 +14,7 @@ and iNaturalist 2018 from their split lists (``relative/path label`` per line) o
 from __future__ import annotations
 
 import hashlib
-import uuid
-import io
 import math
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,12 +27,16 @@ from torch.utils.data import Dataset
 
 from common.config import ConfigError
 from common.data import (
+    CIFAR_BATCHES,
+    cached_arrays,
     check_images,
-    check_labels,
+    cifar_batch_files,
     files_digest,
+    image_tree_files,
     load_image,
-    load_pickle,
     make_loader,
+    read_cifar_batches,
+    read_image_tree,
     read_text,
     require_files,
     require_folder,
@@ -160,112 +161,25 @@ CIFAR_LAYOUT = (
     "<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or <root>/cifar-100-python/{train,test,meta} "
     "(the python pickles), or an ImageFolder <root>/{train,test}/<class>/*.{jpg,png}, or its zips <root>/{train,test}.zip"
 )
-CIFAR_BATCHES = {
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", "batches.meta", b"label_names"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"),
-}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-
-
-def _read_batch(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return load_pickle(f)
-    except Exception as err:
-        reason = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"  # e.g. which pickled class was refused
-        raise ConfigError(f"{path} is not a readable CIFAR python batch ({reason}); expected layout: {CIFAR_LAYOUT}") from None
-
-
-def _cifar_batches(folder: Path, kind: str) -> tuple[dict, list[str]]:
-    _, train_files, test_files, label_key, meta_file, names_key = CIFAR_BATCHES[kind]
-    require_files(folder, train_files + test_files, CIFAR_LAYOUT)
-    out = {}
-    for split, files in (("train", train_files), ("test", test_files)):
-        batches = [_read_batch(folder / f) for f in files]
-        if any(b"data" not in b or label_key not in b for b in batches):
-            raise ConfigError(f"a batch under {folder} lacks 'data' or '{label_key.decode()}'; expected layout: {CIFAR_LAYOUT}")
-        for f, b in zip(files, batches):
-            check_labels(folder / f, b[label_key], len(b[b"data"]), {"cifar10": 10, "cifar100": 100}[kind])
-        data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
-        if data.ndim != 2 or data.shape[1] != 3072:
-            raise ConfigError(f"CIFAR batches under {folder} must hold rows of 3072 bytes (3×32×32), got shape {data.shape}")
-        out[split] = (data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), np.concatenate([np.asarray(b[label_key]) for b in batches]))
-    classes = int(out["train"][1].max()) + 1
-    names = [str(i) for i in range(classes)]
-    if (folder / meta_file).is_file():
-        meta = _read_batch(folder / meta_file)
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, names)]
-    return out, names
-
-
-def _decode(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
-    except Exception:
-        raise ConfigError(f"{where} is not a readable image") from None
-
-
-def _image_tree(files: dict[str, Callable[[], bytes]], split: str, where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``files``: relative path '<split>/<class>/<name>' → reader. Classes are the sorted folder names (ImageFolder)."""
-    entries = sorted(p for p in files if p.count("/") == 2 and p.startswith(f"{split}/") and Path(p).suffix.lower() in IMAGE_SUFFIXES)
-    if not entries:
-        raise ConfigError(f"no images under {where}/{split}; expected layout: {CIFAR_LAYOUT}")
-    names = sorted({p.split("/")[1] for p in entries})
-    images = np.stack([_decode(files[p](), f"{where}/{p}") for p in entries])
-    return images, np.array([names.index(p.split("/")[1]) for p in entries]), names
-
-
-def _cifar_tree(root: Path) -> tuple[dict, list[str]]:
-    """An ImageFolder ``<root>/{train,test}/<class>/*`` or the zips ``<root>/{train,test}.zip`` holding one."""
-    out, names = {}, None
-    for split in ("train", "test"):
-        if (root / split).is_dir():
-            files = {str(p.relative_to(root)).replace("\\", "/"): p.read_bytes for p in (root / split).glob("*/*")}
-            out[split] = _image_tree(files, split, str(root))
-        elif (root / f"{split}.zip").is_file():
-            with zipfile.ZipFile(root / f"{split}.zip") as archive:
-                members = {n.rstrip("/"): (lambda n=n: archive.read(n)) for n in archive.namelist() if not n.endswith("/")}
-                out[split] = _image_tree(members, split, str(root / f"{split}.zip"))
-        else:
-            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {CIFAR_LAYOUT}")
-        split_names = out[split][2]
-        if names is not None and split_names != names:
-            raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
-        names = split_names
-    return {k: v[:2] for k, v in out.items()}, names
 
 
 def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
     """Balanced CIFAR-10/100 train and test arrays from whichever canonical layout ``root`` holds; decoded images are cached
     under ``cache_dir`` by a hash of the source files (the data folder may be read-only)."""
     root = require_folder(root, CIFAR_LAYOUT)
-    folder_name = CIFAR_BATCHES[kind][0]
-    batch_root = root / folder_name if (root / folder_name).is_dir() else root
-    train_files = CIFAR_BATCHES[kind][1]
-    if (batch_root / train_files[0]).is_file():
-        sources, reader = [batch_root / f for f in [*train_files, *CIFAR_BATCHES[kind][2]]], lambda: _cifar_batches(batch_root, kind)
-    else:
-        zips = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
-        sources = zips or sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
-        reader = lambda: _cifar_tree(root)
-        if not sources:
-            raise ConfigError(f"dataset folder {root} holds no CIFAR data; expected layout: {CIFAR_LAYOUT}")
-    cache = Path(cache_dir) / "livt" / f"{kind}-{files_digest(sources, root)}.npz"
-    if cache.is_file():
-        with np.load(cache, allow_pickle=False) as z:
-            return {s: (z[f"{s}_x"], z[f"{s}_y"]) for s in ("train", "test")}, [str(n) for n in z["names"]]
-    arrays, names = reader()
-    expected = {"cifar10": 10, "cifar100": 100}[kind]
-    if len(names) != expected:
-        raise ConfigError(f"{root} holds {len(names)} classes, {kind} has {expected}; expected layout: {CIFAR_LAYOUT}")
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{uuid.uuid4().hex}.npz")  # not np.random: the global RNG stays untouched
-    np.savez(tmp, names=np.array(names), **{f"{s}_{k}": v for s, (x, y) in arrays.items() for k, v in (("x", x), ("y", y))})
-    tmp.replace(cache)
-    return arrays, names
+    batches = cifar_batch_files(root, kind)
+    sources = batches or image_tree_files(root)
+    if not sources:
+        raise ConfigError(f"dataset folder {root} holds no CIFAR data; expected layout: {CIFAR_LAYOUT}")
+
+    def read() -> tuple[dict, list[str]]:
+        arrays, names = read_cifar_batches(root, kind, CIFAR_LAYOUT) if batches else read_image_tree(root, CIFAR_LAYOUT)
+        expected = CIFAR_BATCHES[kind][-1]
+        if len(names) != expected:
+            raise ConfigError(f"{root} holds {len(names)} classes, {kind} has {expected}; expected layout: {CIFAR_LAYOUT}")
+        return arrays, names
+
+    return cached_arrays(Path(cache_dir) / "livt" / f"{kind}-{files_digest(sources, root)}.npz", read)
 
 
 # -- ImageNet-LT, Places-LT, iNaturalist 2018: split lists over an image root -------------------------------
