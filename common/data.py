@@ -288,7 +288,7 @@ def image_tree_files(root: Path) -> list[Path]:
     return zips + sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
 
 
-def _decode(read, where: str, size: int | None):
+def decode_image(read, where: str, size: int | None = None):
     import io
 
     import numpy as np
@@ -336,7 +336,7 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             if names is not None and split_names != names:
                 raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
             names = split_names
-            images = [_decode(files[p], f"{where}/{p}", size) for p in entries]
+            images = [decode_image(files[p], f"{where}/{p}", size) for p in entries]
         shapes = sorted({image.shape[:2] for image in images})
         if len(shapes) > 1:
             raise ConfigError(

@@ -14,10 +14,8 @@ Every loader returns a :class:`Task` of uint8 tensors at ``data.image_size``; de
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,16 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from common.data import files_digest, read_text, require_files, require_folder
+from common.data import (
+    cached_arrays,
+    decode_image,
+    files_digest,
+    image_tree_files,
+    read_image_tree,
+    read_text,
+    require_files,
+    require_folder,
+)
 
 SHAPES = ("plus", "ring", "x", "disc")
 CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg (ImageFolder) or <root>/{train,test}.zip holding that tree"
@@ -128,74 +135,18 @@ def generated_task(d: DictConfig) -> Task:
 
 
 # -- CIFAR-10 --------------------------------------------------------------------------------------------------------
-def _decode(data: bytes, size: int, where: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data)).convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise ConfigError(f"{where} is not an image") from None
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def _tree(files: dict[str, Callable[[], bytes]], size: int, where: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``{"<class>/<file>": reader}`` → images, labels (class folders in sorted order), class names."""
-    names = sorted({p.split("/")[0] for p in files})
-    if not names:
-        raise ConfigError(f"{where} holds no <class>/<image> files; expected layout: {CIFAR_LAYOUT}")
-    index = {n: i for i, n in enumerate(names)}
-    keys = sorted(files)
-    images = np.stack([_decode(files[k](), size, f"{where}/{k}") for k in keys])
-    return images, np.array([index[k.split("/")[0]] for k in keys]), names
-
-
-def _cifar_split(root: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    if (root / split).is_dir():
-        paths = sorted(p for p in (root / split).glob("*/*") if p.is_file())
-        return _tree({f"{p.parent.name}/{p.name}": p.read_bytes for p in paths}, size, str(root / split))
-    if (root / f"{split}.zip").is_file():
-        with zipfile.ZipFile(root / f"{split}.zip") as archive:
-            members = {}
-            for info in archive.infolist():
-                parts = info.filename.strip("/").split("/")
-                if info.is_dir() or len(parts) < 2:
-                    continue
-                if parts[0] == split and len(parts) >= 3:
-                    parts = parts[1:]
-                members["/".join(parts[-2:])] = lambda name=info.filename: archive.read(name)
-            return _tree(members, size, str(root / f"{split}.zip"))
-    raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {CIFAR_LAYOUT}")
-
-
 def load_cifar10(root: str | Path, size: int, cache_dir: str | Path) -> tuple[dict[str, Split], list[str], str]:
-    """Both splits decoded once into ``<cache>/input_iba/cifar10-<digest>.npz`` (the digest over the files)."""
+    """Both splits (N×3×S×S uint8) decoded once into ``<cache>/input_iba/cifar10-<digest>-<size>.npz`` (the digest over
+    the files)."""
     root = require_folder(root, CIFAR_LAYOUT)
-    sources = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
-    sources += sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
-    digest = files_digest(sources, root) + f"-{size}"
-    cache = Path(cache_dir) / "input_iba" / f"cifar10-{digest}.npz"
-    if cache.is_file():
-        z = np.load(cache)
-        names = [str(n) for n in z["names"]]
-        out = {s: Split(torch.from_numpy(z[f"{s}_x"]), torch.from_numpy(z[f"{s}_y"]).long()) for s in ("train", "test")}
-        return out, names, digest
-    arrays, names = {}, None
-    for split in ("train", "test"):
-        x, y, split_names = _cifar_split(root, split, size)
-        if names is not None and split_names != names:
-            raise ConfigError(f"{root}: train and test class folders differ ({names} vs {split_names})")
-        names, arrays[f"{split}_x"], arrays[f"{split}_y"] = split_names, x, y
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, names=np.array(names), **arrays)
-    tmp.replace(cache)
-    return (
-        {s: Split(torch.from_numpy(arrays[f"{s}_x"]), torch.from_numpy(arrays[f"{s}_y"]).long()) for s in ("train", "test")},
-        names,
-        digest,
-    )
+    digest = files_digest(image_tree_files(root), root) + f"-{size}"
+
+    def read() -> tuple[dict, list[str]]:
+        arrays, names = read_image_tree(root, CIFAR_LAYOUT, size)
+        return {split: (x.transpose(0, 3, 1, 2), y) for split, (x, y) in arrays.items()}, names
+
+    arrays, names = cached_arrays(Path(cache_dir) / "input_iba" / f"cifar10-{digest}.npz", read)
+    return {s: Split(torch.from_numpy(x), torch.from_numpy(y).long()) for s, (x, y) in arrays.items()}, names, digest
 
 
 def cifar_task(d: DictConfig, cache_dir: str) -> Task:
@@ -259,7 +210,7 @@ def _images(folder: Path, wnids: dict[str, int], size: int) -> tuple[list[Path],
     unknown = sorted({p.parent.name for p in paths} - set(wnids))
     if unknown:
         raise ConfigError(f"{folder}: class folder {unknown[0]} is not in imagenet_class_index.json")
-    images = np.stack([_decode(p.read_bytes(), size, str(p)) for p in paths])
+    images = np.stack([decode_image(p.read_bytes, str(p), size).transpose(2, 0, 1) for p in paths])
     return paths, images, np.array([wnids[p.parent.name] for p in paths])
 
 
