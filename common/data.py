@@ -285,10 +285,12 @@ def read_cifar_batches(root: Path, kind: str, layout: str):
 def image_tree_files(root: Path) -> list[Path]:
     """The files an ImageFolder tree or its zips under ``root`` consist of (the key of its decoded cache); [] if none."""
     zips = [root / f"{s}.zip" for s in ("train", "test") if (root / f"{s}.zip").is_file() and not (root / s).is_dir()]
-    return zips + sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*"))
+    return zips + sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*") if p.is_file())
 
 
 def decode_image(read, where: str, size: int | None = None):
+    """``read()``'s bytes as an RGB uint8 array H×W×3 (resized to size × size if given); any failure one line naming
+    ``where``."""
     import io
 
     import numpy as np

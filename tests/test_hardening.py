@@ -249,7 +249,7 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
     import numpy as np
     from PIL import Image
 
-    from common.data import read_cifar_batches, read_image_tree
+    from common.data import image_tree_files, read_cifar_batches, read_image_tree
 
     tree = tmp_path / "tree"
     for split in ("train", "test"):
@@ -266,6 +266,7 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
     (tree / "train" / "dog" / "2.png").mkdir()
     with pytest.raises(ConfigError, match=re.escape("train/dog/2.png is not a readable image")):
         read_image_tree(tree, "L")
+    assert (tree / "train" / "dog" / "2.png") not in image_tree_files(tree)  # the cache key reads files only
     zips = tmp_path / "zips"
     zips.mkdir()
     (zips / "train.zip").write_bytes(b"PK\x03\x04 not really a zip")
