@@ -49,7 +49,7 @@ class MlflowRunLogger(Logger):
 
 
 class GracefulShutdown(pl.Callback):
-    """On SIGINT or SIGTERM, finish the current batch, write ``interrupted.ckpt`` and stop.
+    """On SIGINT, SIGTERM or SIGHUP, finish the current batch, write ``interrupted.ckpt`` and stop.
 
     The checkpoint is written after the batch's optimizer step, with the loops' progress and the
     (stateful) dataloader's position, so a resumed run continues exactly where this one stopped.
@@ -67,7 +67,9 @@ class GracefulShutdown(pl.Callback):
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        from common.runner import stop_signals
+
+        for signum in (signal.SIGINT, *stop_signals()):
             try:
                 self._previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): nothing to install

@@ -136,8 +136,10 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     from common.tables import markdown_table
     from common.tracking import project_tracking_uri
 
-    if args.limit < 1:
-        raise ConfigError(f"--limit must be ≥ 1, got {args.limit}")
+    if not 1 <= args.limit <= 50000:  # MLflow's own cap on one search
+        raise ConfigError(f"--limit must be in 1..50000, got {args.limit}")
+    if args.stale and (args.pipeline or args.limit != 20):
+        raise ConfigError("--stale checks every run of the store; give it alone (without --pipeline or --limit)")
     if args.pipeline:
         from common.registry import get
 
@@ -165,6 +167,10 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     with socket.socket() as probe:
         try:
             probe.bind((args.host, args.port))
+        except socket.gaierror as err:  # the host, not the port
+            raise ConfigError(
+                f"cannot serve on {args.host} ({err.strerror}); give --host an address of this machine (default 127.0.0.1)"
+            ) from None
         except OSError as err:
             raise ConfigError(f"cannot serve on {args.host}:{args.port} ({err.strerror}); pick another with --port") from None
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -432,7 +438,11 @@ def quiet_console(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # -v and --yes anywhere (argparse takes them only before the command / after the overrides); no override has
+    # these spellings (an override always holds '=')
+    verbose, yes = [a for a in argv if a in ("-v", "--verbose")], [a for a in argv if a == "--yes"]
+    args = build_parser().parse_args(verbose + [a for a in argv if a not in ("-v", "--verbose", "--yes")] + yes)
     quiet_console(args.verbose or os.environ.get("LIGHTYARD_VERBOSE", "") not in {"", "0"})
     from common.runner import RunInterrupted, debug_enabled
 

@@ -23,7 +23,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def lightyard_home() -> str:
     """Where stores, outputs and caches live: ``$LIGHTYARD_HOME``, else ``~/.lightyard`` (never the current folder,
     so runs started from different places share one store and one cache)."""
-    return os.environ.get("LIGHTYARD_HOME") or str(Path.home() / ".lightyard")
+    home = os.environ.get("LIGHTYARD_HOME")  # a relative one is resolved once, so child processes share it
+    return str(Path(home).expanduser().resolve()) if home else str(Path.home() / ".lightyard")
 
 
 OmegaConf.register_resolver("lightyard_home", lightyard_home, replace=True)
@@ -43,10 +44,11 @@ def _type_name(value: Any) -> str:
 
 def _checked_value(key: str, default: Any, value: Any) -> Any:
     """Return ``value`` if it fits the type of ``default``; raise ConfigError otherwise."""
+    if isinstance(value, str) and value == "" or value is None and default is not None:  # `key=`: never a default
+        kind = f"{_type_name(default)}, default {default!r}" if default is not None else "default null"
+        raise ConfigError(f"config key '{key}' needs a value ({kind}); got an empty one")
     if default is None:
         return value
-    if value is None or value == "":  # `key=` on the command line: an empty value is never a default
-        raise ConfigError(f"config key '{key}' needs a value ({_type_name(default)}, default {default!r}); got an empty one")
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, int):
@@ -84,7 +86,9 @@ def merge_checked(schema: DictConfig, update: dict | DictConfig, path: str = "")
             raise _unknown_key(path, key, schema)
         full = f"{path}.{key}" if path else str(key)
         node = schema._get_node(key)
-        if isinstance(node, DictConfig) and isinstance(value, (dict, DictConfig)) and value:
+        if isinstance(node, DictConfig) and isinstance(value, (dict, DictConfig)):
+            if not value and len(node):  # {} would wipe the section's keys, which the code reads
+                raise ConfigError(f"'{full}' is a section: set its keys ({full}.{next(iter(node))}=…), not the whole of it to {{}}")
             merge_checked(node, value, full)
             continue
         if OmegaConf.is_interpolation(schema, key):
@@ -99,9 +103,16 @@ def set_checked(cfg: DictConfig, dotted_key: str, value: Any) -> None:
     *parents, leaf = dotted_key.split(".")
     node, path = cfg, ""
     for part in parents:
+        full = f"{path}.{part}" if path else part
+        if part in node and isinstance(node[part], ListConfig):  # a.list.0=…
+            raise ConfigError(f"'{full}' is a list; set it whole ({full}=[…])")
         if part not in node or not isinstance(node[part], DictConfig):
             raise _unknown_key(path, part, node)
-        node, path = node[part], f"{path}.{part}" if path else part
+        node, path = node[part], full
+    base = leaf.partition("[")[0]
+    if base != leaf and base in node and isinstance(node[base], ListConfig):  # a.list[0]=…
+        full = f"{path}.{base}" if path else base
+        raise ConfigError(f"'{full}' is a list; set it whole ({full}=[…])")
     merge_checked(node, {leaf: value}, path)
 
 
@@ -115,10 +126,15 @@ def with_values(cfg: DictConfig, values: dict[str, Any]) -> DictConfig:
 
 def parse_value(text: str) -> Any:
     """Parse one override value with OmegaConf's grammar (``1e-3`` is a float, ``[1,2]`` a list)."""
+    import yaml
+
+    if not text.strip():
+        return ""  # `key=`: refused by the key's check, which knows its type and default
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"cannot parse value {text!r}: {str(err).splitlines()[0]}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # yaml's own: an unclosed [ { or quote
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"cannot parse value {text!r}: {problem} (close every bracket and quote)") from None
     _check_mapping_keys(value, text)
     return value
 
@@ -156,13 +172,16 @@ def _split_top_level_commas(text: str) -> list[str]:
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, list[Any]]]:
     """``["a.b=1", "c=x,y"]`` → ``[("a.b", [1]), ("c", ["x", "y"])]``; a comma list is a sweep axis."""
-    parsed = []
+    parsed: dict[str, list[Any]] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key=value (for example trainer.max_epochs=3)")
-        parsed.append((key.strip(), [parse_value(part) for part in _split_top_level_commas(raw)]))
-    return parsed
+        if key in parsed:  # the last would win silently (and repeat a sweep's runs)
+            raise ConfigError(f"config key '{key}' is given twice; give it once (a sweep: {key}=a,b)")
+        parsed[key] = [parse_value(part) for part in _split_top_level_commas(raw)]
+    return list(parsed.items())
 
 
 def sweep_points(overrides: list[str]) -> list[dict[str, Any]]:
@@ -275,6 +294,8 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     cfg.pipeline = pipeline
 
     preset = values.pop("preset", cfg.get("preset"))
+    if preset == "":
+        raise ConfigError(f"preset needs a value: one of {', '.join(presets.keys())}")
     if preset is not None:
         if preset not in presets:
             raise ConfigError(f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}")

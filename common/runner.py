@@ -138,6 +138,8 @@ RESUME_MAY_CHANGE = (
 def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
     """The config a run was started with, plus the overrides given now (except resume/preset)."""
     cfg = OmegaConf.load(path)
+    if "preset" in values and values["preset"] != cfg.get("preset"):
+        raise ConfigError(f"a resumed run keeps its preset ({cfg.get('preset')}); leave preset= out")
     changed = [k for k in values if k not in {"resume", "preset"}]
     fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
     if fixed:
@@ -225,7 +227,7 @@ _RECEIVED: list[int] = []  # signals stop_on_signals turned into RunInterrupted 
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGTERM and Ctrl+C raise :class:`RunInterrupted` inside this block (main thread only), so
+    """SIGTERM, SIGHUP and Ctrl+C raise :class:`RunInterrupted` inside this block (main thread only), so
     whatever runs there (data setup, stage-1 pretraining, a grid) ends KILLED instead of dying RUNNING.
     Lightning's fit replaces the SIGTERM handler for its loop with the graceful one (finish the batch)."""
 
@@ -236,7 +238,7 @@ def stop_on_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in stop_signals()}
     try:
         if _RECEIVED:  # held by held_signals while the run was being opened: the run exists now, so it can end KILLED
             raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
@@ -244,7 +246,8 @@ def stop_on_signals():
     except KeyboardInterrupt:
         raise RunInterrupted(signal.SIGINT, "stopped by Ctrl+C") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
@@ -254,11 +257,18 @@ def held_signals():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _RECEIVED.append(signum))
+    previous = {signum: signal.signal(signum, lambda signum, frame: _RECEIVED.append(signum)) for signum in stop_signals()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_signals() -> list[int]:
+    """SIGTERM, and SIGHUP (a closed terminal or a dropped ssh) unless it is ignored (``nohup``: the run goes on)."""
+    hangup = getattr(signal, "SIGHUP", None)  # (not on Windows)
+    return [signal.SIGTERM] + ([hangup] if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN else [])
 
 
 def _run_non_gradient(cfg: DictConfig, run: Callable[[DictConfig, Tracker | None], dict], tracker: Tracker | None) -> dict[str, float]:

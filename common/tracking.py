@@ -58,8 +58,15 @@ def tracking_uri(cfg: DictConfig) -> str:
                 f"cannot make the MLflow store folder {mlflow_dir}: a file stands in its path; point LIGHTYARD_HOME "
                 "(or paths.root) at a folder"
             ) from None
+        except OSError as err:
+            raise ConfigError(
+                f"cannot make the MLflow store folder {mlflow_dir} ({err.strerror}); point LIGHTYARD_HOME at a writable folder"
+            ) from None
         uri, source = f"sqlite:///{mlflow_dir / 'mlflow.db'}", ""
     return ready(uri, source)
+
+
+SERVER_STORES = {"postgresql", "mysql", "mssql", "databricks", "databricks-uc"}  # tracking stores besides http(s) and sqlite
 
 
 def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
@@ -87,9 +94,20 @@ def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
         from mlflow.tracking import MlflowClient
 
         db = Path(uri[len("sqlite:///") :])
-        with open(db.parent / ".mlflow.db.lock", "w") as lock:
+        if not db.parent.is_dir():
+            raise ConfigError(f"MLflow store {uri}: folder {db.parent.resolve()} does not exist; create it, or {source}")
+        try:
+            lock = open(db.parent / ".mlflow.db.lock", "w")
+        except OSError as err:
+            raise ConfigError(f"MLflow store {uri}: cannot write in {db.parent.resolve()} ({err.strerror}); or {source}") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the schema migration of a new store runs once, here
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    elif uri.partition("://")[0].split("+")[0] not in SERVER_STORES:  # MLflow's own error is a page, or minutes later
+        raise ConfigError(
+            f"MLflow tracking URI {uri!r} is not one we can use: give http(s)://host:port (a server), sqlite:///<file>.db or "
+            f"a database URI ({', '.join(sorted(SERVER_STORES))}://…); plain folders are refused by MLflow 3; or {source}"
+        )
     _READY.add(uri)
     return uri
 

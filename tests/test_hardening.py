@@ -35,6 +35,14 @@ from tests.conftest import ROOT, lightyard, wait_for_run
         ("trainer.limit_train_batches=0", "trainer.limit_train_batches must be a fraction in (0, 1] or a whole number"),
         ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches must be a fraction in (0, 1] or a whole number"),
         ("seed=99999999999", "config key 'seed' must be in [0, 4294967295], got 99999999999"),
+        ("preset=", "preset needs a value: one of quick, demo, paper"),  # was: no preset applied, recorded as quick
+        ("resume=", "config key 'resume' needs a value (default null); got an empty one"),  # was: a new run
+        ("experiment=", "config key 'experiment' needs a value (default null)"),  # was: the default grid, 300 runs
+        ("model={}", "'model' is a section: set its keys (model.name=…)"),
+        ("model.hog.hidden.0=32", "'model.hog.hidden' is a list; set it whole (model.hog.hidden=[…])"),
+        ("model.hog.hidden[0]=32", "'model.hog.hidden' is a list; set it whole (model.hog.hidden=[…])"),
+        ("trainer.max_epochs=[1", "cannot parse value '[1': "),  # was: yaml's ParserError, several lines
+        ("data.name='csbm", 'cannot parse value "\'csbm": '),
     ],
 )
 def test_bad_values_are_one_line_before_any_run(override, message):
@@ -43,6 +51,31 @@ def test_bad_values_are_one_line_before_any_run(override, message):
     with pytest.raises(ConfigError) as err:
         compose("hog_gcn", sweep_points([override])[0])  # parsed as the command line parses it
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_key_given_twice_bad_store_uris_and_a_new_preset_on_resume_are_one_line(tmp_path, capsys, monkeypatch):
+    from common.cli import main
+    from common.config import sweep_points
+    from common.runner import _saved_config
+    from common.tracking import ready
+
+    with pytest.raises(ConfigError, match=re.escape("config key 'seed' is given twice; give it once (a sweep: seed=a,b)")):
+        sweep_points(["seed=1,2", "seed=3"])  # was: two runs of seed=3
+    for uri, message in (
+        ("foo://x", "MLflow tracking URI 'foo://x' is not one we can use"),
+        ("garbage", "MLflow tracking URI 'garbage' is not one we can use"),
+        (f"sqlite:///{tmp_path}/missing/x.db", f"folder {tmp_path}/missing does not exist"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            ready(uri)
+    (tmp_path / "config.yaml").write_text("preset: quick\nseed: 0\n")
+    with pytest.raises(ConfigError, match=re.escape("a resumed run keeps its preset (quick); leave preset= out")):
+        _saved_config(tmp_path / "config.yaml", {"resume": "x", "preset": "smoke"})
+    assert _saved_config(tmp_path / "config.yaml", {"resume": "x", "preset": "quick"}).seed == 0
+    # -v and --yes anywhere among the overrides (argparse alone: "unrecognized arguments")
+    monkeypatch.setenv("LIGHTYARD_VERBOSE", "")  # -v sets it for this process: restored after the test
+    assert main(["train", "hog_gcn", "-v", "trainer.max_epochs=0", "--yes", "seed=1"]) == 2
+    assert "lightyard: error: trainer.max_epochs must be ≥ 1" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
