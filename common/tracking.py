@@ -101,7 +101,18 @@ def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
         except OSError as err:
             raise ConfigError(f"MLflow store {uri}: cannot write in {db.parent.resolve()} ({err.strerror}); or {source}") from None
         with lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # the schema migration of a new store runs once, here
+            deadline = time.monotonic() + 120  # the schema migration of a new store runs once, here
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:  # another command holds it: migrating, or stopped (Ctrl+Z) while it did
+                    if time.monotonic() > deadline:
+                        raise ConfigError(
+                            f"MLflow store {uri} stayed locked by another command for 2 minutes (one stopped with Ctrl+Z?); "
+                            "let it finish, or stop it"
+                        ) from None
+                    time.sleep(0.2)
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     elif uri.partition("://")[0].split("+")[0] not in SERVER_STORES:  # MLflow's own error is a page, or minutes later
         raise ConfigError(
