@@ -122,7 +122,7 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
             {
                 "run_id": info.run_id,
                 "pipeline": data.tags.get("lightyard.pipeline", "?"),
-                "run_name": info.run_name,
+                "run_name": info.run_name if len(info.run_name or "") <= 60 else info.run_name[:59] + "…",  # one table row a line
                 "status": info.status,
                 "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
                 "duration_s": round((end - info.start_time) / 1000, 1),
