@@ -317,3 +317,21 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
     (batches / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
     with pytest.raises(ConfigError, match=re.escape("batches.meta: 2 class names, cifar10 has 10")):
         read_cifar_batches(tmp_path, "cifar10", "L")
+
+
+def test_a_hangup_ends_a_run_like_sigterm_unless_nohup_ignores_it():
+    """A closed terminal (SIGHUP) killed the process with the run left RUNNING; under nohup it must not stop the run."""
+    import signal
+
+    from common.runner import _RECEIVED, RunInterrupted, stop_on_signals, stop_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        assert stop_signals() == [signal.SIGTERM, signal.SIGHUP]
+        with pytest.raises(RunInterrupted, match="stopped by signal 1"), stop_on_signals():
+            signal.raise_signal(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup
+        assert stop_signals() == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+        _RECEIVED.clear()  # what the handler noted for the run that would have ended
