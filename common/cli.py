@@ -60,7 +60,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _with_yes(args: argparse.Namespace) -> list[str]:
-    return [*args.overrides, "launcher.allow_large=true"] if args.yes else list(args.overrides)
+    given = any(o.partition("=")[0].strip() == "launcher.allow_large" for o in args.overrides)
+    return [*args.overrides, "launcher.allow_large=true"] if args.yes and not given else list(args.overrides)
 
 
 def _print_results(results) -> None:
@@ -187,7 +188,7 @@ def _demo_in_process(names: list[str], overrides: list[str]) -> list[dict]:
     for name in names:
         start = time.time()
         try:
-            result = train(name, [_demo_preset(name), *overrides])[0]
+            result = train(name, _demo_overrides(name, overrides))[0]
             status, run_id = result.status, result.run_id
         except (ConfigError, RunInterrupted):
             raise
@@ -260,7 +261,7 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
                 sys.stdout.flush()
                 sys.stderr.flush()
                 proc = context.Process(
-                    target=_demo_child, args=(["train", name, _demo_preset(name), *overrides], str(logs / f"{name}.log"))
+                    target=_demo_child, args=(["train", name, *_demo_overrides(name, overrides)], str(logs / f"{name}.log"))
                 )
                 proc.start()
                 running[name] = (proc, time.time())
@@ -296,6 +297,12 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
                 proc.join()
         signal.signal(signal.SIGTERM, previous)
     return [rows[name] for name in names]
+
+
+def _demo_overrides(name: str, overrides: list[str]) -> list[str]:
+    """The demo's preset unless the user gave one (a key given twice is refused)."""
+    given = any(o.partition("=")[0].strip() == "preset" for o in overrides)
+    return list(overrides) if given else [_demo_preset(name), *overrides]
 
 
 def _demo_preset(name: str) -> str:

@@ -23,8 +23,8 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 def lightyard_home() -> str:
     """Where stores, outputs and caches live: ``$LIGHTYARD_HOME``, else ``~/.lightyard`` (never the current folder,
     so runs started from different places share one store and one cache)."""
-    home = os.environ.get("LIGHTYARD_HOME")  # a relative one is resolved once, so child processes share it
-    return str(Path(home).expanduser().resolve()) if home else str(Path.home() / ".lightyard")
+    home = os.environ.get("LIGHTYARD_HOME")  # a relative one is made absolute (the runs record where they live)
+    return str(Path(home).expanduser().absolute()) if home else str(Path.home() / ".lightyard")
 
 
 OmegaConf.register_resolver("lightyard_home", lightyard_home, replace=True)
@@ -87,10 +87,12 @@ def merge_checked(schema: DictConfig, update: dict | DictConfig, path: str = "")
         full = f"{path}.{key}" if path else str(key)
         node = schema._get_node(key)
         if isinstance(node, DictConfig) and isinstance(value, (dict, DictConfig)):
-            if not value and len(node):  # {} would wipe the section's keys, which the code reads
+            if value:
+                merge_checked(node, value, full)
+                continue
+            if not path and len(node):  # model={}: a top-level section's keys are read by the code
                 raise ConfigError(f"'{full}' is a section: set its keys ({full}.{next(iter(node))}=…), not the whole of it to {{}}")
-            merge_checked(node, value, full)
-            continue
+            # a nested {} replaces the mapping (model.kwargs={}: the constructor's defaults), below
         if OmegaConf.is_interpolation(schema, key):
             default = None  # the type of an interpolated default is whatever it points at
         else:
@@ -132,9 +134,9 @@ def parse_value(text: str) -> Any:
         return ""  # `key=`: refused by the key's check, which knows its type and default
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
-    except (OmegaConfBaseException, yaml.YAMLError) as err:  # yaml's own: an unclosed [ { or quote
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # yaml's own: an unclosed [ { or quote, a stray @ or `
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"cannot parse value {text!r}: {problem} (close every bracket and quote)") from None
+        raise ConfigError(f"cannot parse value {text!r}: {problem} (close brackets and quotes; quote a value with : @ or `)") from None
     _check_mapping_keys(value, text)
     return value
 
@@ -294,7 +296,7 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     cfg.pipeline = pipeline
 
     preset = values.pop("preset", cfg.get("preset"))
-    if preset == "":
+    if preset in ("", None):
         raise ConfigError(f"preset needs a value: one of {', '.join(presets.keys())}")
     if preset is not None:
         if preset not in presets:

@@ -225,7 +225,7 @@ CIFAR_BATCHES = {  # kind → (folder, train batches, test batches, label key, m
     ),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names", 100),
 }
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # what PIL decodes
 
 
 def _batch_folder(root: Path, kind: str) -> Path:
@@ -273,7 +273,7 @@ def read_cifar_batches(root: Path, kind: str, layout: str):
             check_labels(folder / name, batch[label_key], len(x), classes)
             xs.append(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             ys.append(np.asarray(batch[label_key]))
-        out[split] = (np.concatenate(xs), np.concatenate(ys))
+        out[split] = (np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys))
     names = [str(i) for i in range(classes)]
     if (folder / meta_file).is_file():
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in _read_batch(folder / meta_file, layout).get(names_key, names)]
@@ -325,13 +325,23 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
                 archive = zipfile.ZipFile(where)
             except zipfile.BadZipFile:
                 raise ConfigError(f"{where} is not a readable zip archive; expected layout: {layout}") from None
-            files = {n.rstrip("/"): (lambda n=n, a=archive: a.read(n)) for n in archive.namelist() if not n.endswith("/")}
+            # a member <split>/<class>/<file> as the CIFAR zips hold it, or <class>/<file>, or under a prefix folder
+            files = {
+                f"{split}/{'/'.join(n.split('/')[-2:])}": (lambda n=n, a=archive: a.read(n))
+                for n in archive.namelist()
+                if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split)
+            }
         else:
             raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {layout}")
         with archive or contextlib.nullcontext():
-            entries = sorted(
-                p for p in files if p.count("/") == 2 and p.startswith(f"{split}/") and Path(p).suffix.lower() in IMAGE_SUFFIXES
-            )
+            placed = [p for p in files if p.count("/") == 2 and p.startswith(f"{split}/")]
+            entries = sorted(p for p in placed if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if len(entries) < len(placed):  # said, not silently dropped
+                other = sorted(set(placed) - set(entries))
+                print(
+                    f"{where}/{split}: skipped {len(other)} files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} (e.g. {other[0]})",
+                    flush=True,
+                )
             if not entries:
                 raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
             split_names = sorted({p.split("/")[1] for p in entries})
@@ -346,6 +356,14 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             )
         out[split] = (np.stack(images), np.array([names.index(p.split("/")[1]) for p in entries]))
     return out, names
+
+
+def channels_first(arrays: dict) -> dict:
+    """{split: (N×H×W×3, labels)} → {split: (N×3×H×W, labels)}, C-contiguous: a first (decoding) run and a later
+    (cached) one must hand the model the same memory layout, or convolutions round differently."""
+    import numpy as np
+
+    return {split: (np.ascontiguousarray(x.transpose(0, 3, 1, 2)), y) for split, (x, y) in arrays.items()}
 
 
 def cached_arrays(cache: Path, read):

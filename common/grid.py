@@ -346,7 +346,10 @@ def _grid_record(client: Any, parent_id: str) -> dict:
         try:
             path = client.download_artifacts(parent_id, "grid.json", tmp)
         except Exception:
-            parent = client.get_run(parent_id).data.tags.get("mlflow.parentRunId")  # a child: name its parent
+            try:  # a child: name its parent
+                parent = client.get_run(parent_id).data.tags.get("mlflow.parentRunId")
+            except Exception:
+                parent = None
             hint = f"; its parent is {parent} (lightyard report {parent})" if parent else ""
             raise ConfigError(f"run {parent_id} has no grid.json: it is not the parent run of a reproduce or bench{hint}") from None
         return json.loads(Path(path).read_text())

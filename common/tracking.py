@@ -66,7 +66,7 @@ def tracking_uri(cfg: DictConfig) -> str:
     return ready(uri, source)
 
 
-SERVER_STORES = {"postgresql", "mysql", "mssql", "databricks", "databricks-uc"}  # tracking stores besides http(s) and sqlite
+SERVER_STORES = {"postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc"}  # tracking stores besides http(s) and sqlite
 
 
 def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
@@ -101,7 +101,7 @@ def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
         except OSError as err:
             raise ConfigError(f"MLflow store {uri}: cannot write in {db.parent.resolve()} ({err.strerror}); or {source}") from None
         with lock:
-            deadline = time.monotonic() + 120  # the schema migration of a new store runs once, here
+            deadline = time.monotonic() + 600  # the schema migration of a new store runs once, here
             while True:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -109,15 +109,18 @@ def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
                 except BlockingIOError:  # another command holds it: migrating, or stopped (Ctrl+Z) while it did
                     if time.monotonic() > deadline:
                         raise ConfigError(
-                            f"MLflow store {uri} stayed locked by another command for 2 minutes (one stopped with Ctrl+Z?); "
-                            "let it finish, or stop it"
+                            f"MLflow store {uri}: its lock ({db.parent / '.mlflow.db.lock'}) stayed held by another command for "
+                            "10 minutes (one stopped with Ctrl+Z?); let it finish, or stop it"
                         ) from None
                     time.sleep(0.2)
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    elif uri.partition("://")[0].split("+")[0] not in SERVER_STORES:  # MLflow's own error is a page, or minutes later
+    elif uri.partition("://")[0].split("+")[0] not in SERVER_STORES and not (
+        (uri.startswith("file:") or "://" not in uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
+    ):  # a folder store, which MLflow 3 takes only when told to  # MLflow's own error is a page, or minutes later
         raise ConfigError(
             f"MLflow tracking URI {uri!r} is not one we can use: give http(s)://host:port (a server), sqlite:///<file>.db or "
-            f"a database URI ({', '.join(sorted(SERVER_STORES))}://…); plain folders are refused by MLflow 3; or {source}"
+            f"a database URI ({', '.join(sorted(SERVER_STORES))}://…); MLflow 3 refuses plain folders unless "
+            f"MLFLOW_ALLOW_FILE_STORE=true; or {source}"
         )
     _READY.add(uri)
     return uri

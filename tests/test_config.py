@@ -98,3 +98,21 @@ def test_list_rules_judge_the_list_and_rules_joined_by_semicolons_all_apply():
     with pytest.raises(ConfigError, match=r"^config key 'c' must be >= 1, got 0 \(in \[8, 0\]\)$"):
         check_ranges(cfg, {"c": "length 2; >= 1"})
     check_ranges(cfg, {"b": "non-empty; >= 1"})
+
+
+def test_every_preset_of_every_pipeline_composes():
+    """A config rule must not refuse what the shipped presets set (paper presets clear model.kwargs with {})."""
+    from omegaconf import OmegaConf
+
+    from common import registry
+    from common.config import CONF_DIR
+    from common.runner import compose
+
+    for pipeline in registry.all_pipelines():
+        presets = OmegaConf.load(pipeline.config or CONF_DIR / f"{pipeline.name}.yaml").get("presets") or {}
+        assert presets, pipeline.name
+        for preset in presets:
+            cfg = compose(pipeline.name, {"preset": preset})
+            assert cfg.preset == preset
+            if presets[preset].get("model", {}).get("kwargs") == {}:  # {} clears the mapping, not merges nothing
+                assert cfg.model.kwargs == {}, (pipeline.name, preset)

@@ -282,7 +282,7 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
     import numpy as np
     from PIL import Image
 
-    from common.data import image_tree_files, read_cifar_batches, read_image_tree
+    from common.data import channels_first, image_tree_files, read_cifar_batches, read_image_tree
 
     tree = tmp_path / "tree"
     for split in ("train", "test"):
@@ -291,6 +291,14 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
             Image.new("RGB", (size, size), (9, 9, 9)).save(tree / split / c / "0.png")
     arrays, names = read_image_tree(tree, "L")
     assert names == ["cat", "dog"] and arrays["train"][0].shape == (2, 8, 8, 3) and arrays["test"][1].tolist() == [0, 1]
+    assert channels_first(arrays)["train"][0].flags["C_CONTIGUOUS"]  # a decoding run and a cached one: one layout
+    flat = tmp_path / "flat"  # zips of <class>/<file> (no split folder inside) read the same
+    flat.mkdir()
+    for split in ("train", "test"):
+        with zipfile.ZipFile(flat / f"{split}.zip", "w") as archive:
+            for path in sorted((tree / split).rglob("*.png")):
+                archive.write(path, f"{path.parent.name}/{path.name}")
+    assert all((a == b).all() for a, b in zip(read_image_tree(flat, "L")[0]["train"], arrays["train"]))
     Image.new("RGB", (5, 8)).save(tree / "train" / "dog" / "1.png")
     with pytest.raises(ConfigError, match=r"train: images of 2 sizes .*resize them to one size"):
         read_image_tree(tree, "L")
@@ -313,7 +321,12 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
         (batches / name).write_bytes(pickle.dumps({b"data": np.full((2, 3072), 7, np.uint8), b"labels": [3, 4]}))
     (batches / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     arrays, names = read_cifar_batches(tmp_path, "cifar10", "L")
-    assert names[3] == "c3" and arrays["train"][0].shape == (10, 32, 32, 3) and arrays["test"][1].tolist() == [3, 4]
+    assert (
+        arrays["train"][0].flags["C_CONTIGUOUS"]
+        and names[3] == "c3"
+        and arrays["train"][0].shape == (10, 32, 32, 3)
+        and arrays["test"][1].tolist() == [3, 4]
+    )
     (batches / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a", b"b"]}))
     with pytest.raises(ConfigError, match=re.escape("batches.meta: 2 class names, cifar10 has 10")):
         read_cifar_batches(tmp_path, "cifar10", "L")

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from common.config import ConfigError
 from common.data import (
     cached_arrays,
+    channels_first,
     cifar_batch_files,
     files_digest,
     image_tree_files,
@@ -132,7 +133,7 @@ def load_folder(name: str, root: str | Path, size: int, cache_dir: str | Path) -
             raise ConfigError(f"{root} holds {len(names)} classes, CIFAR-10 has 10; expected layout: {layout}")
         if arrays["train"][0].shape[1] != size:
             raise ConfigError(f"{root} holds {arrays['train'][0].shape[1]}-pixel images; set data.image_size={arrays['train'][0].shape[1]}")
-        return {split: (x.transpose(0, 3, 1, 2), y) for split, (x, y) in arrays.items()}, names
+        return channels_first(arrays), names
 
     digest = files_digest(sources, root)
     arrays, names = cached_arrays(Path(cache_dir) / "compression" / f"{name}-{size}-{digest}-v2.npz", read)  # v2: names from batches.meta

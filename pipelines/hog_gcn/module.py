@@ -32,6 +32,11 @@ def check_model(cfg: DictConfig) -> None:
         )
     if cfg.data.name == "csbm" and cfg.data.degree >= cfg.data.nodes:  # n·degree/2 edges are drawn: a huge value overflows torch
         raise ConfigError(f"data.degree (mean degree) must be below data.nodes={cfg.data.nodes}, got {cfg.data.degree}")
+    if cfg.callbacks.checkpoint.monitor:  # its metrics reach Lightning only at the last epoch (HogGCNModule.on_train_batch_end)
+        raise ConfigError(
+            "hog_gcn keeps the best epoch itself (every epoch: best_val_acc, test_acc_at_best_val); "
+            f"leave callbacks.checkpoint.monitor null (got {cfg.callbacks.checkpoint.monitor})"
+        )
     if cfg.data.name != "csbm":
         checked_raw(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, checked before anything runs
 
@@ -182,7 +187,8 @@ class HogGCNModule(pl.LightningModule):
             self.best = {"best_epoch": float(self.current_epoch), "test_acc_at_best_val": acc["test_acc"]}
         metrics.update(self.best, best_val_acc=self.best_val)
         epoch, trainer = self.current_epoch, self.trainer
-        if epoch + 1 == trainer.max_epochs or trainer.should_stop:  # the last: the run's summary (callback_metrics)
+        last = epoch + 1 == trainer.max_epochs or trainer.should_stop or 0 < trainer.max_steps <= trainer.global_step
+        if last:  # the run's summary (callback_metrics)
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
         elif (epoch + 1) % trainer.log_every_n_steps == 0:  # on every rank: the mean is a collective
             # every trainer.log_every_n_steps epochs (Lightning's own knob) straight to the logger, as self.log
@@ -192,8 +198,8 @@ class HogGCNModule(pl.LightningModule):
             values = {
                 k: float(reduce(torch.as_tensor(v, device=self.device, dtype=torch.float32), reduce_op="mean")) for k, v in metrics.items()
             }
-            if self.logger is not None:
-                self.logger.log_metrics({**values, "epoch": epoch}, step=epoch)
+            for logger in self.loggers:
+                logger.log_metrics({**values, "epoch": epoch}, step=epoch)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         # the same graph every epoch: moved on the first, found on the device after (Lightning would walk it again)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from common.config import ConfigError
 from common.data import (
     cached_arrays,
+    channels_first,
     decode_image,
     files_digest,
     image_tree_files,
@@ -143,7 +144,7 @@ def load_cifar10(root: str | Path, size: int, cache_dir: str | Path) -> tuple[di
 
     def read() -> tuple[dict, list[str]]:
         arrays, names = read_image_tree(root, CIFAR_LAYOUT, size)
-        return {split: (x.transpose(0, 3, 1, 2), y) for split, (x, y) in arrays.items()}, names
+        return channels_first(arrays), names
 
     arrays, names = cached_arrays(Path(cache_dir) / "input_iba" / f"cifar10-{digest}.npz", read)
     return {s: Split(torch.from_numpy(x), torch.from_numpy(y).long()) for s, (x, y) in arrays.items()}, names, digest
