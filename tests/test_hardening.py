@@ -61,6 +61,10 @@ def test_a_key_given_twice_bad_store_uris_and_a_new_preset_on_resume_are_one_lin
 
     with pytest.raises(ConfigError, match=re.escape("config key 'seed' is given twice; give it once (a sweep: seed=a,b)")):
         sweep_points(["seed=1,2", "seed=3"])  # was: two runs of seed=3
+    from common.cli import _demo_overrides
+
+    assert _demo_overrides("hog_gcn", ["preset=smoke"]) == ["preset=smoke"]  # the user's preset, not also the demo's
+    assert _demo_overrides("hog_gcn", ["seed=1"]) == ["preset=demo", "seed=1"]
     for uri, message in (
         ("foo://x", "MLflow tracking URI 'foo://x' is not one we can use"),
         ("garbage", "MLflow tracking URI 'garbage' is not one we can use"),
