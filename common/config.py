@@ -44,7 +44,7 @@ def _type_name(value: Any) -> str:
 
 def _checked_value(key: str, default: Any, value: Any) -> Any:
     """Return ``value`` if it fits the type of ``default``; raise ConfigError otherwise."""
-    if isinstance(value, str) and value == "" or value is None and default is not None:  # `key=`: never a default
+    if (isinstance(value, str) and value == "") or (value is None and default is not None):  # `key=`: never a default
         kind = f"{_type_name(default)}, default {default!r}" if default is not None else "default null"
         raise ConfigError(f"config key '{key}' needs a value ({kind}); got an empty one")
     if default is None:
@@ -298,11 +298,10 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     preset = values.pop("preset", cfg.get("preset"))
     if preset in ("", None):
         raise ConfigError(f"preset needs a value: one of {', '.join(presets.keys())}")
-    if preset is not None:
-        if preset not in presets:
-            raise ConfigError(f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}")
-        merge_checked(cfg, presets[preset])
-        cfg.preset = preset
+    if preset not in presets:
+        raise ConfigError(f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}")
+    merge_checked(cfg, presets[preset])
+    cfg.preset = preset
     for key, value in {**fabric_run_values(), **values}.items():
         set_checked(cfg, key, value)
     try:

@@ -116,7 +116,7 @@ def ready(uri: str, source: str = "unset MLFLOW_TRACKING_URI") -> str:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     elif uri.partition("://")[0].split("+")[0] not in SERVER_STORES and not (
         (uri.startswith("file:") or "://" not in uri) and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
-    ):  # a folder store, which MLflow 3 takes only when told to  # MLflow's own error is a page, or minutes later
+    ):  # (a folder store MLflow 3 takes only when told to); MLflow's own error for the rest is a page, or minutes later
         raise ConfigError(
             f"MLflow tracking URI {uri!r} is not one we can use: give http(s)://host:port (a server), sqlite:///<file>.db or "
             f"a database URI ({', '.join(sorted(SERVER_STORES))}://…); MLflow 3 refuses plain folders unless "
