@@ -30,7 +30,21 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from common.registry import all_pipelines
     from common.tables import markdown_table
 
-    print(markdown_table([{"pipeline": p.name, "description": p.description} for p in all_pipelines()]))
+    rows = []
+    for p in all_pipelines():
+        cfg = _pipeline_yaml(p.name)
+        experiments = cfg.get("experiments") or {}
+        by_command = {c: [n for n, e in experiments.items() if e.get("command", "reproduce") == c] for c in ("reproduce", "bench")}
+        rows.append(
+            {
+                "pipeline": p.name,
+                "presets (preset=)": ", ".join(cfg.get("presets") or {}),
+                "reproduce experiments": ", ".join(by_command["reproduce"]) or "-",
+                "bench experiments": ", ".join(by_command["bench"]) or "-",
+                "description": p.description,
+            }
+        )
+    print(markdown_table(rows))
     return 0
 
 
@@ -348,13 +362,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(row["status"] == "FINISHED" for row in rows) else 1
 
 
-def _has_preset(pipeline: str, preset: str) -> bool:
+def _pipeline_yaml(pipeline: str):
+    """The pipeline's own config file as written (presets and experiments not applied)."""
     from common.config import _load_yaml
     from common.registry import get
 
     path = get(pipeline).config
-    cfg = _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
-    return preset in (cfg.get("presets") or {})
+    return _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
+
+
+def _has_preset(pipeline: str, preset: str) -> bool:
+    return preset in (_pipeline_yaml(pipeline).get("presets") or {})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="one run, or a sweep over comma-separated values",
         description="Train (or simulate) one pipeline; every run is logged to MLflow.",
+        epilog="pipelines, their presets and experiments: lightyard list",
     )
     p.add_argument("pipeline")
     p.add_argument("overrides", nargs="*", help=overrides_help)
@@ -384,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "the pipeline's bench grid: speed/memory, one child run per point, same-run ratios"),
         ("reproduce", "the pipeline's experiment grid: one child run per point, tables beside the paper's numbers"),
     ):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, epilog="pipelines, their presets and experiments: lightyard list")
         p.add_argument("pipeline")
         p.add_argument("overrides", nargs="*", help=overrides_help)
         p.add_argument("--yes", action="store_true", help="run a grid larger than launcher.max_points")
@@ -474,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug_enabled():
             raise
         message = " ".join(str(err).split())[:500]
+        if isinstance(err, MemoryError) or "can't allocate memory" in message or "out of memory" in message.lower():
+            message = f"{message or 'out of memory'} (the settings need more memory than this machine has: lower the sizes)"
         run_id = getattr(err, "lightyard_run_id", None)
         where = f"traceback.txt in MLflow run {run_id}; " if run_id else ""
         print(f"lightyard: failed: {type(err).__name__}: {message} ({where}LIGHTYARD_DEBUG=1 prints the traceback)", file=sys.stderr)

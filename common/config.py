@@ -9,6 +9,7 @@ whose message is one line saying what to fix.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 from pathlib import Path
@@ -57,6 +58,10 @@ def _checked_value(key: str, default: Any, value: Any) -> Any:
         # an int where a float is expected is fine (lr=1 is 1.0); it keeps its type for Lightning's
         # int-or-fraction arguments such as limit_train_batches
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, str) and value.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            ok, value = True, float(value.replace(".", ""))  # YAML reads nan/inf as strings; the range check below refuses them
+        if ok and not math.isfinite(value):  # no setting takes nan or inf; lr=inf would train to nan silently
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
     elif isinstance(default, str):
         if isinstance(value, (int, float, bool)):  # precision=32 parses as an int
             value = str(value)

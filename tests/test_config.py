@@ -30,6 +30,13 @@ def test_wrong_type_names_key_value_and_expected_type():
     assert compose("toy", {"model.lr": 1}).model.lr == 1  # int is fine where a float is expected
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", float("inf"), float("nan")])
+def test_a_non_finite_number_is_refused_for_every_float_key(value):
+    # lr=inf trained silently to a chance-level "FINISHED" run; YAML reads nan/inf as strings, .inf as a float
+    with pytest.raises(ConfigError, match=r"config key 'model.lr' must be a finite number, got -?(nan|inf)$"):
+        compose("toy", {"model.lr": value})
+
+
 def test_unknown_preset_and_pipeline():
     with pytest.raises(ConfigError, match="valid presets: quick, paper"):
         compose("toy", {"preset": "huge"})

@@ -83,6 +83,19 @@ def test_a_key_given_twice_bad_store_uris_and_a_new_preset_on_resume_are_one_lin
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_out_of_memory_says_to_lower_the_sizes(monkeypatch, capsys):
+    import common.cli
+
+    def exhausted(args):
+        raise MemoryError  # Python's own carries no message: the line said only "MemoryError: "
+
+    monkeypatch.setattr(common.cli, "_cmd_train", exhausted)
+    monkeypatch.delenv("LIGHTYARD_DEBUG", raising=False)
+    assert common.cli.main(["train", "toy"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightyard: failed: MemoryError: out of memory (the settings need more memory") and "\n" not in err
+
+
 def test_gpu_on_a_machine_without_one_is_refused_when_composed():
     with pytest.raises(ConfigError, match="^trainer.accelerator=gpu but no CUDA device is visible; use trainer.accelerator=cpu$"):
         compose("hog_gcn", {"trainer.accelerator": "gpu"})

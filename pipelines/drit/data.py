@@ -27,12 +27,11 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import make_loader, require_folder
+from common.data import IMAGE_SUFFIXES, make_loader, require_folder
 
 DATASETS = ("generated", "folder", "cifar_cat_dog")
 FOLDER_LAYOUT = "<root>/trainA, <root>/trainB, <root>/testA, <root>/testB holding .jpg/.png images (A = domain X, B = domain Y)"
 CIFAR_LAYOUT = "<root>/{train,test}/{cat,dog}/*.jpg (an ImageFolder tree) or its zips <root>/{train,test}.zip"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 # -- the embedded domains -------------------------------------------------------------------------------------------
 BACKGROUND = {"x": (0.10, 0.12, 0.25), "y": (0.92, 0.86, 0.70)}  # RGB in [0, 1]

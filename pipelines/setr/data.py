@@ -476,11 +476,21 @@ def class_names(name: str) -> tuple[str, ...]:
     return names if isinstance(names, tuple) else tuple(f"class_{i}" for i in range(names))
 
 
+GENERATED_MAX_GIB = 8
+
+
 def check_data(d: DictConfig) -> None:
     if d.name not in DATASETS:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "scenes" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+    if d.name == "scenes":  # held in memory: float32 RGB + int64 labels, 20 bytes a pixel
+        gib = (d.n_train + d.n_val + d.n_test) * d.image_size[0] * d.image_size[1] * 20 / 2**30
+        if gib > GENERATED_MAX_GIB:
+            raise ConfigError(
+                f"the generated scenes (data.n_train + n_val + n_test images of data.image_size={list(d.image_size)}) would take "
+                f"{gib:.1f} GiB of memory (at most {GENERATED_MAX_GIB}); lower them"
+            )
 
 
 class SegDataModule(pl.LightningDataModule):

@@ -134,6 +134,21 @@ def check_sizes(cfg: DictConfig) -> None:
         check_window(d.image_size[0], d.image_size[1], e.crop, e.pad)
 
 
+MAX_TOKENS = 16384  # a window's tokens (ViT-L/16 at 2048²); attention is quadratic in them: beyond, memory runs out, not time
+
+
+def check_tokens(cfg: DictConfig, patch: int) -> None:
+    """A training crop or sliding window so large that one forward cannot fit: refused before any run opens."""
+    for key in ("data.crop", "eval.crop"):
+        h, w = OmegaConf.select(cfg, key)
+        tokens = (h // patch) * (w // patch)
+        if tokens > MAX_TOKENS:
+            raise ConfigError(
+                f"{key}={[h, w]} gives {tokens} tokens a window at patch size {patch} (at most {MAX_TOKENS}: attention is "
+                f"quadratic in them); lower {key}"
+            )
+
+
 class SETRModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
@@ -142,7 +157,8 @@ class SETRModule(pl.LightningModule):
         check_data(cfg.data)
         check_sizes(cfg)
         with torch.device("meta"):
-            build_model(OmegaConf.merge(cfg, {"model": {"checkpoint": None}}), len(class_names(cfg.data.name)))
+            model = build_model(OmegaConf.merge(cfg, {"model": {"checkpoint": None}}), len(class_names(cfg.data.name)))
+        check_tokens(cfg, model.encoder.patch_size)
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

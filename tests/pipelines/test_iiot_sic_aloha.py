@@ -224,7 +224,8 @@ def test_sic_beats_aloha_and_threshold_aloha_at_the_default_setting():
     [
         ({"sim.event_prob": 1.5}, "config key 'sim.event_prob' must be in (0, 1], got 1.5"),
         ({"sim.event_prob": 0}, "config key 'sim.event_prob' must be in (0, 1], got 0"),
-        ({"sim.num_nodes": 0}, "config key 'sim.num_nodes' must be >= 1, got 0"),
+        ({"sim.num_nodes": 0}, "config key 'sim.num_nodes' must be in [1, 1000000], got 0"),
+        ({"sim.num_nodes": 10**8}, "config key 'sim.num_nodes' must be in [1, 1000000], got 100000000"),
         ({"sim.deadline": -1}, "config key 'sim.deadline' must be >= 0, got -1"),
         ({"sim.streams": 0}, "config key 'sim.streams' must be >= 1, got 0"),
         ({"sim.chunk_slots": 0}, "config key 'sim.chunk_slots' must be >= 1, got 0"),
