@@ -133,6 +133,21 @@ def _read_labels(path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+# the real pairs of ../shared/data/singlecell in SCOT's layout: (folder, X, Y, X labels, Y labels, normalise rows)
+REAL = {
+    "scGEM": ("scGEM", "scGEM_expression.csv", "scGEM_methylation.csv", "scGEM_typeExpression.txt", "scGEM_typeMethylation.txt", False),
+    "SNARE-seq": ("SNARE", "SNAREseq_atac_feat.npy", "SNAREseq_rna_feat.npy", "SNAREseq_atac_types.txt", "SNAREseq_rna_types.txt", True),
+}
+
+
+def real_folder(real_root: str | None, name: str) -> Path:
+    """The folder of real pair ``name`` under ``reproduce.real_root``, its files checked (names only: before any run)."""
+    if not real_root:
+        raise ConfigError(f"dataset {name} needs reproduce.real_root=<folder> holding {', '.join(f[0] for f in REAL.values())}/")
+    folder, *files, _ = REAL[name]
+    return require_files(Path(real_root) / folder, list(files), SCOT_LAYOUT)
+
+
 def load_scot(
     root: str | Path,
     x_file: str,

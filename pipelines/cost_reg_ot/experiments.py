@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,12 +19,14 @@ from common.report import mean_std
 from common.tables import markdown_table
 from common.tracking import Tracker, pyplot
 from pipelines.cost_reg_ot.data import (
+    REAL,
     PairedData,
     build_pair,
     load_scot,
     multiomics_pair,
     planted_pair,
     preprocess,
+    real_folder,
 )
 from pipelines.cost_reg_ot.model import (
     BASELINES,
@@ -38,11 +39,6 @@ from pipelines.cost_reg_ot.model import (
 )
 from pipelines.cost_reg_ot.module import evaluate
 
-# the real pairs of ../shared/data/singlecell in SCOT's layout: (folder, X, Y, X labels, Y labels, normalise rows)
-REAL = {
-    "scGEM": ("scGEM", "scGEM_expression.csv", "scGEM_methylation.csv", "scGEM_typeExpression.txt", "scGEM_typeMethylation.txt", False),
-    "SNARE-seq": ("SNARE", "SNAREseq_atac_feat.npy", "SNAREseq_rna_feat.npy", "SNAREseq_atac_types.txt", "SNAREseq_rna_types.txt", True),
-}
 GENERATED = {
     "planted": lambda d, seed: planted_pair(d.n, d.informative, d.nuisance, d.dy, d.extra_nonzeros, d.clusters, d.noise, seed),
     "multiomics": lambda d, seed: multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, 0.1, seed),
@@ -50,10 +46,8 @@ GENERATED = {
 
 
 def _real(cfg: DictConfig, name: str) -> tuple[PairedData, bool]:
-    if not cfg.reproduce.real_root:
-        raise ConfigError(f"dataset {name} needs reproduce.real_root=<folder> holding {', '.join(f[0] for f in REAL.values())}/")
     folder, xf, yf, xl, yl, rows = REAL[name]
-    return load_scot(Path(cfg.reproduce.real_root) / folder, xf, yf, xl, yl, name), rows
+    return load_scot(real_folder(cfg.reproduce.real_root, name), xf, yf, xl, yl, name), rows
 
 
 def _pair(cfg: DictConfig) -> PairedData:
@@ -144,7 +138,7 @@ def reference_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float
     """scGEM as the reference code runs it (centred, unscaled; its ε, iterations, Sinkhorn threshold and λ):
     the share of exactly-zero entries of M, and label transfer at every outer iteration (a metric history)."""
     r, s = cfg.reproduce.reference_scgem, cfg.solver
-    pair, _ = _real(cfg, "scGEM")
+    pair, _ = _real(cfg, cfg.reproduce.dataset)  # scGEM (the experiment's set)
     data = preprocess(pair, True, False, False)
     curve: list[float] = []
     sol = solve(

@@ -7,7 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from pipelines.cost_reg_ot.data import PairedData
+from pipelines.cost_reg_ot.data import REAL, PairedData, real_folder
 from pipelines.cost_reg_ot.model import (
     REGULARIZERS,
     barycentric_projection,
@@ -90,6 +90,8 @@ class CostRegOTModule(pl.LightningModule):
         valid = (*REGULARIZERS, *BASELINES)
         if cfg.reproduce.method not in valid:
             raise ConfigError(f"unknown reproduce method '{cfg.reproduce.method}'; valid: {', '.join(valid)}")
+        if cfg.reproduce.dataset in REAL:  # a grid point on a real pair: its folder before the parent run opens
+            real_folder(cfg.reproduce.real_root, cfg.reproduce.dataset)
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

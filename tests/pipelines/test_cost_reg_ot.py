@@ -1,5 +1,7 @@
 """cost_reg_ot: prox operators, the GW identity, planted recovery, loaders on real-format fixtures, bad input."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -319,7 +321,7 @@ def test_reproduce_on_scot_fixtures(tmp_path, home):
     """The `real` experiment reads both SCOT folders; `reference_scgem` logs the table (notebook rows beside
     ours), the per-iteration curve, and the zeros that constant features force."""
     from common.grid import run_experiment
-    from pipelines.cost_reg_ot.experiments import REAL
+    from pipelines.cost_reg_ot.data import REAL
 
     rng = np.random.default_rng(0)
     for folder, xf, yf, xl, yl, _ in REAL.values():
@@ -465,3 +467,16 @@ def test_factored_sinkhorn_memory_stays_at_a_chunk():
     from common.memory import run_isolated
 
     assert run_isolated(_factored_sinkhorn_peak_mb, 4000) < 40
+
+
+def test_a_real_pair_without_its_folder_is_one_line_before_the_parent_run(tmp_path):
+    """`reproduce cost_reg_ot experiment=real` without reproduce.real_root opened a parent and six FAILED children."""
+    from pipelines.cost_reg_ot.module import CostRegOTModule
+
+    for root, message in (
+        (None, "dataset scGEM needs reproduce.real_root=<folder> holding scGEM, SNARE/"),
+        (str(tmp_path), f"{tmp_path / 'scGEM'}"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            CostRegOTModule.check_config(compose("cost_reg_ot", {"reproduce.dataset": "scGEM", "reproduce.real_root": root}))
+    CostRegOTModule.check_config(compose("cost_reg_ot", {"reproduce.dataset": "planted"}))  # generated: no folder needed
