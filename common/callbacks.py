@@ -184,6 +184,52 @@ class RngState(pl.Callback):
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class TrainingDiverged(RuntimeError):
+    """A training loss turned nan or inf: the run ends FAILED instead of FINISHED with a broken model's test metrics."""
+
+
+class FiniteLoss(pl.Callback):
+    """Fails the run on a nan/inf training loss: the step's returned loss every ``log_every_n_steps`` batches (no
+    device sync on other steps), and at the epoch's end every logged ``train*loss*`` value (every ``train*`` value of a
+    manually optimised module, whose steps return none). Each decision is a collective: all DDP ranks stop together."""
+
+    def __init__(self) -> None:
+        self.every, self.batches = 1, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.every = max(1, trainer.log_every_n_steps)
+
+    def _stop_if(self, trainer, bad: list[str]) -> None:
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            where = ", ".join(bad) or "a training loss on another rank"
+            raise TrainingDiverged(
+                f"training diverged: {where} at step {trainer.global_step} (epoch {trainer.current_epoch}); lower the learning rate or check the data"
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import torch
+
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.batches += 1  # (not batch_idx: a full-batch graph's epochs are all batch 0)
+        if (self.batches - 1) % self.every or not isinstance(loss, torch.Tensor):
+            return
+        value = loss.detach().float()
+        self._stop_if(trainer, [] if bool(torch.isfinite(value).all()) else [f"the loss is {value.flatten()[0].item()}"])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import torch
+
+        bad = [
+            f"{k} is {float(v)}"
+            for k, v in sorted(trainer.callback_metrics.items())
+            if k.startswith("train")
+            and ("loss" in k or not pl_module.automatic_optimization)  # a manual step's logs are its losses (drit: train/d, train/eg)
+            and getattr(v, "numel", lambda: 0)() == 1
+            and not torch.isfinite(v).item()
+        ]
+        self._stop_if(trainer, bad)
+
+
 class KillAtStep(pl.Callback):
     """Fault injection for resume tests (``kill_at_step=N``): SIGTERM to this process after optimizer step N
     (after batch N for a manually optimised module, whose step count is its own)."""

@@ -233,9 +233,12 @@ def _batch_folder(root: Path, kind: str) -> Path:
 
 
 def cifar_batch_files(root: Path, kind: str) -> list[Path] | None:
-    """``kind``'s python batches under ``root`` (or its canonical subfolder), train then test; None when there are none."""
-    folder, (train, test) = _batch_folder(root, kind), CIFAR_BATCHES[kind][1:3]
-    return [folder / f for f in [*train, *test]] if (folder / train[0]).is_file() else None
+    """``kind``'s python batches under ``root`` (or its canonical subfolder), train then test, and the meta file when
+    there is one (the class names come from it: part of a cache's key); None when there are no batches."""
+    folder, (train, test), meta = _batch_folder(root, kind), CIFAR_BATCHES[kind][1:3], CIFAR_BATCHES[kind][4]
+    if not (folder / train[0]).is_file():
+        return None
+    return [folder / f for f in [*train, *test]] + ([folder / meta] if (folder / meta).is_file() else [])
 
 
 def _read_batch(path: Path, layout: str) -> dict:

@@ -159,7 +159,7 @@ def _fit_lightning(
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from common.callbacks import FitProgressBar, GracefulShutdown, KillAtStep, MlflowRunLogger, RngState
+    from common.callbacks import FiniteLoss, FitProgressBar, GracefulShutdown, KillAtStep, MlflowRunLogger, RngState
     from common.freezing import freeze_when_built
     from common.hardware import trainer_kwargs
     from common.memory import MemoryProfiler
@@ -180,7 +180,9 @@ def _fit_lightning(
         enable_version_counter=False,  # the run folder is ours: last.ckpt is the latest
     )
     shutdown = GracefulShutdown(checkpoint_dir)
-    callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState()] + ([FitProgressBar()] if cfg.trainer.enable_progress_bar else [])
+    callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState(), FiniteLoss()] + (
+        [FitProgressBar()] if cfg.trainer.enable_progress_bar else []
+    )
     if cfg.kill_at_step >= 0:
         callbacks.append(KillAtStep(cfg.kill_at_step))
     if cfg.callbacks.memory_profiler:
@@ -195,6 +197,11 @@ def _fit_lightning(
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if shutdown.received is not None:
         raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; checkpoint: {shutdown.checkpoint_path}")
+    if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0:  # Lightning skips the fit with a notice
+        raise ConfigError(
+            "the training set gives no batch (a batch size larger than the training set with drop_last, or a limit of 0 "
+            "batches): nothing was trained; lower the batch size or use more training data"
+        )
     (checkpoint_dir / "interrupted.ckpt").unlink(missing_ok=True)  # consumed: this fit got to its end
 
     def scalars() -> dict[str, float]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from common.config import ConfigError
 from common.runner import train
 from common.tracking import tracking_uri
 from common.runner import compose
@@ -51,6 +52,22 @@ def test_crash_ends_failed_with_the_error_logged(home):
     assert run.info.status == "FAILED"
     assert "toy crash" in run.data.tags["error"]
     assert "traceback.txt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_a_diverged_loss_or_no_training_batch_ends_failed_not_finished(home):
+    """lr=1e12 trained to a nan loss and no batch at all (batch larger than the set) trained nothing; both FINISHED with
+    test metrics of a broken model."""
+    from common.callbacks import TrainingDiverged
+
+    with pytest.raises(
+        TrainingDiverged, match=r"^training diverged: the loss is (nan|inf) at step \d+ \(epoch 0\); lower the learning rate"
+    ):
+        train("toy", ["model.lr=1e30", "trainer.max_epochs=1", "trainer.log_every_n_steps=1"])
+    with pytest.raises(ConfigError, match=r"^the training set gives no batch .*nothing was trained; lower the batch size"):
+        train("toy", ["data.n=0", "trainer.max_epochs=1"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    runs = client.search_runs([client.get_experiment_by_name("lightyard/toy").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
 
 
 def test_resume_with_unknown_run_id_is_one_clear_line(home, capsys):

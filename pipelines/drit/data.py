@@ -14,6 +14,7 @@ portrait as distributed); ``data.name=cifar_cat_dog`` takes the cat and dog clas
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import zipfile
@@ -263,9 +264,18 @@ class UnpairedDataModule(pl.LightningDataModule):
         self.channels = 3
 
     def identity(self) -> dict:
-        """What the data is (for cache keys): its settings and, for real data, the root."""
+        """What the data is (for cache keys): its settings and, for real data, a digest of the decoded images (a changed
+        or corrected folder at the same path must not meet a classifier trained on the old one)."""
         d = self.cfg.data
-        return {k: d[k] for k in ("name", "root", "load_size", "n_train", "n_test", "seed", "max_images")}
+        out = {k: d[k] for k in ("name", "root", "load_size", "n_train", "n_test", "seed", "max_images")}
+        if d.name != "generated":
+            self.setup()
+            digest = hashlib.sha1()
+            for key in sorted(self.arrays):
+                digest.update(f"{key}{self.arrays[key].shape}".encode())
+                digest.update(np.ascontiguousarray(self.arrays[key]).data)
+            out["content"] = digest.hexdigest()[:12]
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.arrays is not None:

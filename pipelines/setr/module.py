@@ -130,6 +130,11 @@ def check_sizes(cfg: DictConfig) -> None:
     # the pairs' lengths are the conf's checks (length 2); their order only this can see
     if d.ratio_range[0] > d.ratio_range[1]:
         raise ConfigError(f"data.ratio_range is [lo, hi] with lo <= hi, got {list(d.ratio_range)}")
+    for where, crop, stride in (("eval", e.crop, e.stride), ("bench", cfg.bench.crop, cfg.bench.stride)):
+        if any(s > c for s, c in zip(stride, crop)):  # pixels between windows would get no logits (0/0, then class 0)
+            raise ConfigError(
+                f"{where}.stride={list(stride)} is larger than {where}.crop={list(crop)}: windows would leave pixels uncovered; set {where}.stride <= {where}.crop"
+            )
     if d.name == "scenes":
         check_window(d.image_size[0], d.image_size[1], e.crop, e.pad)
 

@@ -219,6 +219,18 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
         DRITModule.check_config(compose("drit", {"optim.betas": [0.5]}))
 
 
+def test_the_classifier_cache_key_follows_the_images_not_the_folder_name(tmp_path):
+    """The domain classifier is cached by the data's identity: new images at the same path give a new key."""
+    for name in ("trainA", "trainB", "testA", "testB"):
+        (tmp_path / name).mkdir()
+        _png(tmp_path / name / "0.png", 3, value=100 if name.endswith("A") else 200)
+    cfg = compose("drit", {"data.name": "folder", "data.root": str(tmp_path), "data.load_size": 12, "data.crop_size": 12})
+    before = UnpairedDataModule(cfg).identity()
+    assert before == UnpairedDataModule(cfg).identity()  # the same files: the same key
+    _png(tmp_path / "trainA" / "0.png", 3, value=200)  # the folder edited in place (A and B now alike)
+    assert UnpairedDataModule(cfg).identity()["content"] != before["content"]
+
+
 def test_cifar_cat_dog_from_zips(tmp_path):
     for split in ("train", "test"):
         with zipfile.ZipFile(tmp_path / f"{split}.zip", "w") as archive:

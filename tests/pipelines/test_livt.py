@@ -204,6 +204,10 @@ def test_cifar10_lt_from_python_batches_follows_the_protocol(tmp_path):
     assert all(labels[i] == y for i, y in zip(index, train.labels))
     assert sources["test"].labels.tolist() == list(range(10)) * 2
     assert len(list((tmp_path / "cache" / "livt").glob("cifar10-*.npz"))) == 1  # decoded once, reused by content hash
+    # the class names come from batches.meta: a new meta file is a new key, never the old names (or a wrong one accepted)
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"x"] * 9}))
+    with pytest.raises(ConfigError, match=re.escape("batches.meta: 9 class names, cifar10 has 10")):
+        DATASETS["cifar10_lt"](cfg.data, cfg.paths.cache_dir)
 
 
 @pytest.mark.parametrize(

@@ -337,6 +337,7 @@ def test_bad_config_values_are_one_line_errors(home):
         ({"eval.ratios": []}, "config key 'eval.ratios' must be a non-empty list, got []"),
         ({"data.image_size": [8]}, "config key 'data.image_size' must be a list of 2 values, got [8]"),
         ({"data.ratio_range": [2.0, 0.5]}, "data.ratio_range is [lo, hi] with lo <= hi, got [2.0, 0.5]"),
+        ({"eval.stride": [128, 16]}, "eval.stride=[128, 16] is larger than eval.crop=[64, 64]: windows would leave pixels uncovered"),
         # sizes that would exhaust memory (a native OOM kill leaves the run RUNNING), refused before the run
         ({"eval.crop": [2048, 2048]}, "eval.crop=[2048, 2048] gives 65536 tokens a window at patch size 8 (at most 16384"),
         ({"data.image_size": [2000, 3000]}, "would take 64.4 GiB of memory (at most 8); lower them"),
