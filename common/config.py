@@ -203,7 +203,9 @@ _BOUND = re.compile(r"^\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
 def _rule_holds(rule: str, value: Any) -> bool:
-    """``> 0``, ``>= 1``, ``[0, 1)``, ``(0, inf)``, ``one of a|b|c`` against one value."""
+    """``> 0``, ``>= 1``, ``[0, 1)``, ``(0, inf)``, ``one of a|b|c``, ``integer`` against one value."""
+    if rule == "integer":  # sizes and counts inside a list (a list's element types are not checked otherwise)
+        return isinstance(value, int) and not isinstance(value, bool)
     if rule.startswith("one of "):
         return str(value) in [v.strip() for v in rule[len("one of ") :].split("|")]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -214,7 +216,7 @@ def _rule_holds(rule: str, value: Any) -> bool:
     if match := _RANGE.match(rule):
         lo, hi = float(match.group(2)), float(match.group(3))
         return (value >= lo if match.group(1) == "[" else value > lo) and (value <= hi if match.group(4) == "]" else value < hi)
-    raise ConfigError(f"bad rule {rule!r} in the config's checks: use '> 0', '>= 1', '[0, 1)' or 'one of a|b'")
+    raise ConfigError(f"bad rule {rule!r} in the config's checks: use '> 0', '>= 1', '[0, 1)', 'one of a|b' or 'integer'")
 
 
 def _list_rule_holds(rule: str, value: Any) -> bool | None:
@@ -253,7 +255,7 @@ def _check_elements(key: str, rule: str, value: Any) -> None:
     for item in values:
         if item is not None and not _rule_holds(rule, item):
             shown = f"{item!r} (in {list(value)})" if isinstance(value, (list, ListConfig)) else repr(item)
-            wording = f"in {rule}" if rule[:1] in "[(" else rule
+            wording = f"in {rule}" if rule[:1] in "[(" else "an integer" if rule == "integer" else rule
             raise ConfigError(f"config key '{key}' must be {wording}, got {shown}")
 
 

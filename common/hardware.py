@@ -83,6 +83,14 @@ def check_trainer(trainer_cfg: DictConfig) -> None:
             )
 
 
+def check_manual_step(trainer_cfg: DictConfig, what: str) -> None:
+    """A module that steps its optimizers itself: Lightning refuses gradient clipping and accumulation for it, but
+    only once the fit starts (the run open); refused here, before."""
+    for key, neutral in (("gradient_clip_val", (None, 0)), ("accumulate_grad_batches", (1,))):
+        if trainer_cfg.get(key) not in neutral:
+            raise ConfigError(f"trainer.{key} does not apply to {what}; leave it unset")
+
+
 def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
     """Lightning Trainer arguments from ``cfg.trainer``, with accelerator and precision resolved."""
     kwargs = dict(trainer_cfg)

@@ -30,6 +30,16 @@ def test_wrong_type_names_key_value_and_expected_type():
     assert compose("toy", {"model.lr": 1}).model.lr == 1  # int is fine where a float is expected
 
 
+def test_the_integer_rule_judges_each_element_of_a_list():
+    from common.config import check_ranges
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"size": [32.5, 48], "ok": [32, 48]})
+    check_ranges(cfg, {"ok": "length 2; integer; >= 1"})
+    with pytest.raises(ConfigError, match=r"^config key 'size' must be an integer, got 32.5 \(in \[32.5, 48\]\)$"):
+        check_ranges(cfg, {"size": "length 2; integer; >= 1"})  # setr's TypeError deep in torch.ones, after the run opened
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", float("inf"), float("nan")])
 def test_a_non_finite_number_is_refused_for_every_float_key(value):
     # lr=inf trained silently to a chance-level "FINISHED" run; YAML reads nan/inf as strings, .inf as a float

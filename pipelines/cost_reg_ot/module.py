@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
+from common.hardware import check_manual_step
 from pipelines.cost_reg_ot.data import REAL, PairedData, real_folder
 from pipelines.cost_reg_ot.model import (
     REGULARIZERS,
@@ -90,6 +91,7 @@ class CostRegOTModule(pl.LightningModule):
         valid = (*REGULARIZERS, *BASELINES)
         if cfg.reproduce.method not in valid:
             raise ConfigError(f"unknown reproduce method '{cfg.reproduce.method}'; valid: {', '.join(valid)}")
+        check_manual_step(cfg.trainer, "cost_reg_ot's closed-form prox updates")
         if cfg.reproduce.dataset in REAL:  # a grid point on a real pair: its folder before the parent run opens
             real_folder(cfg.reproduce.real_root, cfg.reproduce.dataset)
 

@@ -18,6 +18,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.hardware import check_manual_step
 from common.tracking import pyplot
 from pipelines.drit.data import UnpairedDataModule, check_data, layout_iou, layout_mask, to_unit
 from pipelines.drit.model import (
@@ -112,6 +113,15 @@ class DRITModule(pl.LightningModule):
                 f"model.content_dis_layers={cfg.model.content_dis_layers} halves the {side}×{side} content code to "
                 f"{max(side >> cfg.model.content_dis_layers, 1)}×{max(side >> cfg.model.content_dis_layers, 1)}; use at most {max(int(math.log2(side)) - 1, 0)} at crop {cfg.data.crop_size}"
             )
+        side = cfg.data.crop_size  # the image discriminators: scale i sees the crop pooled i times, each layer halves it
+        for scale in range(cfg.model.dis_scales):
+            side = side if scale == 0 else -(-side // 2)
+            if side >> (cfg.model.dis_layers - 1) < 2:  # a 4×4 stride-2 convolution needs 2 pixels (with its padding)
+                raise ConfigError(
+                    f"model.dis_layers={cfg.model.dis_layers} with model.dis_scales={cfg.model.dis_scales} halves the crop "
+                    f"({cfg.data.crop_size} px) below the discriminator's kernel at scale {scale + 1}; lower them or raise data.crop_size"
+                )
+        check_manual_step(cfg.trainer, "drit's hand-stepped GAN updates")
         if cfg.metrics.samples < 2:
             raise ConfigError(f"metrics.samples must be >= 2 (diversity compares outputs pairwise), got {cfg.metrics.samples}")
 

@@ -6,6 +6,7 @@ mIoU, per-class IoU and pixel accuracy from torchmetrics, accumulated over the w
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from common.config import ConfigError
+from common.data import load_weights, require_weights_file
 from pipelines.setr.data import SegDataModule, check_data, class_names
 from pipelines.setr.model import (
     IGNORE_INDEX,
@@ -64,23 +66,32 @@ def build_model(cfg: DictConfig, classes: int) -> SETR:
     return model
 
 
+def check_checkpoint(path: str) -> Path:
+    """model.checkpoint's file, before any run: a .safetensors file or torch.save's format."""
+    file = Path(path).expanduser()
+    if file.suffix == ".safetensors" and not file.is_file():
+        raise ConfigError(f"model.checkpoint {file} does not exist (a .safetensors file or a torch state dict of the timm ViT)")
+    return file if file.suffix == ".safetensors" else require_weights_file(file, "model.checkpoint")
+
+
 def load_encoder_weights(model: SETR, path: str) -> None:
     """Local ViT weights (safetensors or a torch state dict, read with weights_only=True); the position embedding is
     interpolated to the model's grid (bilinear, as the official pos_embed_interp)."""
-    from pathlib import Path
-
     from pipelines.setr.model import interpolate_pos_embed
 
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"model.checkpoint {file} does not exist (a .safetensors file or a torch state dict of the timm ViT)")
+    file = check_checkpoint(path)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(file))
+        try:
+            state = load_file(str(file))
+        except Exception as err:
+            raise ConfigError(f"model.checkpoint {file} is not a readable .safetensors file ({' '.join(str(err).split())[:120]})") from None
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state))
+        state = load_weights(file, "model.checkpoint")
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.checkpoint {file} holds a {type(state).__name__}, not a state dict of the timm ViT")
     vit = model.encoder.vit
     if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
         prefix = model.encoder.prefix
@@ -164,6 +175,8 @@ class SETRModule(pl.LightningModule):
         with torch.device("meta"):
             model = build_model(OmegaConf.merge(cfg, {"model": {"checkpoint": None}}), len(class_names(cfg.data.name)))
         check_tokens(cfg, model.encoder.patch_size)
+        if cfg.model.checkpoint:
+            check_checkpoint(cfg.model.checkpoint)
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

@@ -5,6 +5,7 @@ optimisation against one process with the doubled batch, and a smoke run of trai
 
 import io
 import math
+import re
 import zipfile
 
 import lightning.pytorch as pl
@@ -217,6 +218,13 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
         DRITModule.check_config(compose("drit", {"data.name": "folder", "data.root": str(tmp_path)}))
     with pytest.raises(ConfigError, match=r"^optim.betas must be two numbers \(Adam's β1, β2\), got \[0.5\]$"):
         DRITModule.check_config(compose("drit", {"optim.betas": [0.5]}))
+    for values, message in (
+        ({"model.dis_layers": 10}, "model.dis_layers=10 with model.dis_scales=3 halves the crop (32 px) below the discriminator's kernel"),
+        ({"trainer.gradient_clip_val": 1.0}, "trainer.gradient_clip_val does not apply to drit's hand-stepped GAN updates"),
+        ({"trainer.accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches does not apply"),
+    ):  # each was Lightning's or torch's error after the run had opened
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            DRITModule.check_config(compose("drit", values))
 
 
 def test_the_classifier_cache_key_follows_the_images_not_the_folder_name(tmp_path):

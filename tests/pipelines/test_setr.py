@@ -380,3 +380,29 @@ def test_bench_smoke_compares_batched_and_window_by_window_sliding(home):
     # smoke: memory is measured in this process (bench.isolate=false), where freed memory may hide growth: present only
     assert child["slide_windows"] == 3 and child["train_images_per_s"] > 0 and {"train_peak_mb", "slide_batched_peak_mb"} <= set(child)
     assert child["slide_batched_images_per_s"] > 0 and child["slide_speedup"] > 0
+
+
+def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_path):
+    """model.checkpoint: a timm ViT state dict at another grid loads with E_pos interpolated; a pickle, a missing file
+    or a state dict of another network is one line before anything runs (torch's own error was a page)."""
+    import pickle
+
+    from pipelines.setr.module import SETRModule, build_model
+
+    cfg = compose("setr", {"preset": "smoke"})
+    source = build_model(compose("setr", {"preset": "smoke", "model.kwargs.img_size": 64}), 19)  # an 8×8 grid, not 4×4
+    torch.save({"state_dict": source.encoder.vit.state_dict()}, tmp_path / "vit.pt")
+    model = build_model(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / "vit.pt")}), 19)
+    assert torch.equal(model.encoder.vit.blocks[0].attn.qkv.weight, source.encoder.vit.blocks[0].attn.qkv.weight)
+    assert model.encoder.vit.pos_embed.shape == build_model(cfg, 19).encoder.vit.pos_embed.shape
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"a": 1}))
+    torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pt")
+    for name, message in (
+        ("plain.pt", "is not a PyTorch file (torch.save's zip format)"),
+        ("missing.pt", "does not exist"),
+        ("missing.safetensors", "does not exist"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            SETRModule.check_config(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / name)}))
+    with pytest.raises(ConfigError, match=r"other.pt do not fit VisionTransformer: \d+ missing"):
+        build_model(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / "other.pt")}), 19)
