@@ -127,7 +127,7 @@ class FitProgressBar(ProgressBar):
         total = trainer.estimated_stepping_batches
         self._bar = tqdm(
             total=None if total == float("inf") else int(total),
-            initial=trainer.global_step,
+            initial=self._done(trainer, pl_module),
             desc=f"fit {pl_module.__class__.__name__}",
             unit="step",
             dynamic_ncols=True,
@@ -137,12 +137,20 @@ class FitProgressBar(ProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._bar is not None:
-            self._bar.n = trainer.global_step
+            self._bar.n = self._done(trainer, pl_module)
             metrics = {
                 k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"
             }
             self._bar.set_postfix(epoch=trainer.current_epoch, **dict(list(metrics.items())[:4]), refresh=False)
             self._bar.refresh() if self._bar.n == self._bar.total else self._bar.update(0)
+
+    @staticmethod
+    def _done(trainer, pl_module) -> int:
+        """Steps so far: optimizer steps, or batches for a module that steps itself (its global_step counts its own
+        optimizer calls, or none: cost_reg_ot's bar ended at 0/100), the unit estimated_stepping_batches counts."""
+        if pl_module.automatic_optimization:
+            return trainer.global_step
+        return trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._bar is not None:

@@ -479,9 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunInterrupted as stop:
         if not stop.resumable:
-            print(
-                f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; this pipeline keeps no checkpoint: rerun it)", file=sys.stderr
-            )
+            print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; {stop.why_not}: rerun it)", file=sys.stderr)
         else:
             again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
             print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)

@@ -307,10 +307,15 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
         raise ConfigError(f"preset needs a value: one of {', '.join(presets.keys())}")
     if preset not in presets:
         raise ConfigError(f"unknown preset '{preset}' for {pipeline}; valid presets: {', '.join(presets.keys()) or '(none)'}")
+    # keys whose default is null take null again on the command line, also where the preset set them
+    nullable = {k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if v is None}
     merge_checked(cfg, presets[preset])
     cfg.preset = preset
     for key, value in {**fabric_run_values(), **values}.items():
-        set_checked(cfg, key, value)
+        if value is None and key in nullable:
+            OmegaConf.update(cfg, key, None, merge=False)
+        else:
+            set_checked(cfg, key, value)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:

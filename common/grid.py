@@ -39,7 +39,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common.config import ConfigError, flatten, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
-from common.runner import RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
+from common.runner import _RECEIVED, RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
 from common.tracking import Heartbeat, Tracker, mark_stale, tracking_uri
 
 STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
@@ -301,6 +301,11 @@ def _run_grid(kind: str, cfg: DictConfig, name: str, todo: list[Child], parent: 
         raise
     except BaseException as err:
         heartbeat.stop()
+        if _RECEIVED:  # our signal, wrapped on its way up (a child's config being composed: OmegaConf's error)
+            stop = RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
+            stop.pipeline, stop.run_id, stop.command, stop.resumable = cfg.pipeline, parent.run_id, kind, True
+            parent.end("KILLED", error=str(stop))
+            raise stop from None
         _fail(parent, err)
         raise
     heartbeat.stop()

@@ -30,13 +30,16 @@ from common.tracking import Heartbeat, Tracker, stale_reason, start_system_metri
 class RunInterrupted(Exception):
     """Raised after a run was stopped by a signal and marked KILLED."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, signum: int | str, message: str | None = None):
+        if message is None:  # a library re-raising it as type(err)(text) (OmegaConf does): keep it an interruption
+            signum, message = (_RECEIVED[-1] if _RECEIVED else signal.SIGTERM), str(signum)
         super().__init__(message)
         self.signum = signum
         self.run_id = ""
         self.pipeline = ""
         self.command = "train"
         self.resumable = True
+        self.why_not = "this pipeline keeps no checkpoint"  # said when not resumable
 
 
 @dataclass
@@ -352,6 +355,8 @@ def run_one(
                 metrics = _fit_lightning(cfg, pipeline, tracker, run_dir, ckpt_path)
     except RunInterrupted as stop:
         stop.pipeline = cfg.pipeline
+        if stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):  # stopped in data setup, say
+            stop.resumable, stop.why_not = False, "it was stopped before its first checkpoint"
         if tracker is not None:
             stop.run_id = tracker.run_id
             tracker.log_metrics({"duration_s": time.time() - start})
@@ -437,6 +442,7 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     parent_cfg = configs[0]
     parent = Tracker.start(parent_cfg, parent_cfg.run_name or f"{pipeline_name}-sweep", tags={"lightyard.sweep": ",".join(swept)})
     parent.log_text(OmegaConf.to_yaml(parent_cfg), "config.yaml")
+    print(f"sweep parent run {parent.run_id} (its child runs carry mlflow.parentRunId; `lightyard runs` lists them)", flush=True)
     results, status = [], "FINISHED"
     try:
         for i, (point, cfg) in enumerate(zip(points, configs)):

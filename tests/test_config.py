@@ -30,6 +30,14 @@ def test_wrong_type_names_key_value_and_expected_type():
     assert compose("toy", {"model.lr": 1}).model.lr == 1  # int is fine where a float is expected
 
 
+def test_a_key_whose_default_is_null_takes_null_back_over_its_preset():
+    # input_iba's smoke preset sets data.train_size=64; its documented default null ("all but the estimation images")
+    # was refused as an empty value
+    assert compose("input_iba", {"preset": "smoke", "data.train_size": None}).data.train_size is None
+    with pytest.raises(ConfigError, match=r"config key 'data.image_size' needs a value \(int, default 16\); got an empty one"):
+        compose("input_iba", {"preset": "smoke", "data.image_size": None})  # never null: still refused
+
+
 def test_the_integer_rule_judges_each_element_of_a_list():
     from common.config import check_ranges
     from omegaconf import OmegaConf

@@ -124,6 +124,29 @@ def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
     assert "4 of 4 child runs to run" in resumed.stdout  # the killed child had no checkpoint yet: it reruns
 
 
+def test_a_signal_wrapped_by_a_library_between_children_still_ends_the_parent_killed(home, monkeypatch):
+    """SIGTERM while a child's config was composed: OmegaConf re-raised our RunInterrupted as type(err)(text), a
+    TypeError, so the parent ended FAILED with "RunInterrupted.__init__() missing 1 required positional argument"."""
+    import common.grid
+    from common.runner import _RECEIVED, RunInterrupted
+
+    def composing(*args, **kwargs):
+        _RECEIVED.append(signal.SIGTERM)
+        raise ConfigError("conf/toy.yaml: something wrapped the signal")
+
+    monkeypatch.setattr(common.grid, "run_child", composing)
+    try:
+        with pytest.raises(RunInterrupted) as stop:
+            run_experiment("reproduce", "toy", ["experiment=lr"])
+    finally:
+        _RECEIVED.clear()  # this process's record of signals: the next test starts without one
+    assert stop.value.signum == signal.SIGTERM and stop.value.resumable and stop.value.command == "reproduce"
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    assert client.get_run(stop.value.run_id).info.status == "KILLED"
+    assert RunInterrupted("stopped").signum == signal.SIGTERM  # one argument, as a library re-raises it: still a signal
+    assert str(RunInterrupted("stopped")) == "stopped"
+
+
 def test_sigterm_during_a_grid_ends_parent_and_running_child_killed(home):
     env = {**os.environ, "LIGHTYARD_HOME": str(home)}
     process = subprocess.Popen(

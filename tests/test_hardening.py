@@ -202,6 +202,24 @@ def test_sigterm_during_data_setup_ends_killed_not_running(home):
     assert process.returncode == 143, stderr[-2000:]
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
+    # a resume hint only where there is a checkpoint to resume from (else resume= failed: "left no checkpoint")
+    assert ("continue with: lightyard train hog_gcn resume=" in stderr) != ("stopped before its first checkpoint: rerun it" in stderr)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_says_rerun_not_resume(home, monkeypatch, capsys):
+    import signal
+
+    import tests.toy.module
+    from common.cli import main
+    from common.runner import RunInterrupted
+
+    def setup_interrupted(self, cfg):
+        raise RunInterrupted(signal.SIGTERM, "stopped by signal 15")  # as stop_on_signals raises it during data setup
+
+    monkeypatch.setattr(tests.toy.module.ToyData, "__init__", setup_interrupted)
+    assert main(["train", "toy"]) == 143
+    err = capsys.readouterr().err
+    assert "marked KILLED; it was stopped before its first checkpoint: rerun it" in err and "resume=" not in err
 
 
 def test_a_dataset_root_that_is_a_file_or_missing_says_which(tmp_path):

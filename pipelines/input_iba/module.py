@@ -39,6 +39,7 @@ from pipelines.input_iba.model import (
     mask_iou,
     pointing_game,
     sensitivity_n,
+    spatial,
 )
 
 LABELS = {
@@ -201,7 +202,11 @@ def check_model(cfg: DictConfig, classes: int = 4) -> None:
     hook = LatentHook(model, cfg.iba.layer)
     try:
         with torch.no_grad():
-            hook.latent(torch.zeros(1, 3, size, size))
+            latent = hook.latent(torch.zeros(1, 3, size, size))
+        try:  # a map or a token grid (was found only after two baselines had run)
+            spatial(latent)
+        except ConfigError as err:
+            raise ConfigError(f"iba.layer='{cfg.iba.layer}' gives a {err}") from None
     except (RuntimeError, AssertionError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"data.image_size={size} does not fit the classifier {cfg.model.name}: {first}") from None

@@ -174,6 +174,14 @@ class LiVTModule(pl.LightningModule):
             raise ConfigError(f"model.kwargs.patch_size must be >= 1, got {kwargs.patch_size}")
         if "patch_size" in kwargs and int(cfg.data.image_size) % int(kwargs.patch_size):
             raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.kwargs.patch_size={kwargs.patch_size}")
+        if "embed_dim" in kwargs and int(kwargs.embed_dim) % int(kwargs.get("num_heads", 1)):
+            raise ConfigError(
+                f"model.kwargs.embed_dim={kwargs.embed_dim} is not a multiple of model.kwargs.num_heads={kwargs.get('num_heads')}"
+            )
+        for key in ("mgp.crop_scale", "augment.crop_scale"):  # lengths and ranges are the config's checks
+            lo, hi = OmegaConf.select(cfg, key)
+            if lo > hi:
+                raise ConfigError(f"{key} is [min, max] of RandomResizedCrop's area, min <= max; got {[lo, hi]}")
         try:  # timm parses the RandAugment string only when the transform is built: after MGP, without this
             train_transform(cfg.data, cfg.augment)
         except (AssertionError, ValueError, KeyError) as err:

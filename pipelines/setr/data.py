@@ -484,6 +484,8 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "scenes" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+    if d.name != "scenes":  # the layout and every listed file, before a run opens (names only: nothing decoded)
+        REAL[d.name][0](d.root)
     if d.name == "scenes":  # held in memory: float32 RGB + int64 labels, 20 bytes a pixel
         gib = (d.n_train + d.n_val + d.n_test) * d.image_size[0] * d.image_size[1] * 20 / 2**30
         if gib > GENERATED_MAX_GIB:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -264,10 +266,18 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     try:
         info = json.loads(read_text(root / "captions.json", "captions file"))
         videos, sentences = info["videos"], info["sentences"]
-        split_of = {str(v["video_id"]): {"validate": "val"}.get(v["split"], v["split"]) for v in videos}
+        split_of: dict[str, str] = {}
+        for v in videos:
+            vid, split = str(v["video_id"]), {"validate": "val"}.get(v["split"], v["split"])
+            if split_of.setdefault(vid, split) != split:  # silently the last one: a test video could train
+                raise ConfigError(
+                    f"{root / 'captions.json'}: video {vid!r} is listed in both {split_of[vid]!r} and {split!r}; give each video one split"
+                )
         caps: dict[str, list[str]] = {v: [] for v in split_of}
         for s in sentences:
-            caps.setdefault(str(s["video_id"]), []).append(str(s["caption"]))
+            if not isinstance(s["caption"], str):  # null became the word "None"
+                raise ConfigError(f"{root / 'captions.json'}: a caption of video {s['video_id']!r} is {s['caption']!r}, not text")
+            caps.setdefault(str(s["video_id"]), []).append(s["caption"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ConfigError(f"{root / 'captions.json'} is not in the expected shape ({err}); expected layout: {FOLDER_LAYOUT}") from None
     unknown = sorted(set(split_of.values()) - set(SPLITS))
@@ -291,8 +301,8 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             raise ConfigError(f"{path} is missing: {what} of video {path.stem!r}, listed in captions.json")
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as err:
-            raise ConfigError(f"{path} is not a readable NumPy file ({err})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated .npz is a BadZipFile
+            raise ConfigError(f"{path} is not a readable NumPy file ({type(err).__name__}: {err})") from None
         # np.load reads either format whatever the name: an array saved as .npz (or an archive as .npy) fails later, unnamed
         archive = path.suffix == ".npz"
         if isinstance(loaded, np.lib.npyio.NpzFile) != archive:
@@ -326,9 +336,13 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
         with load(po, "object boxes and features") as z:
             if "boxes" not in z or "features" not in z:
                 raise ConfigError(f"{po} lacks 'boxes' or 'features' (has {', '.join(z.files)}); expected layout: {FOLDER_LAYOUT}")
-            boxes, feats = check("boxes", z["boxes"], po, 3), check("object features", z["features"], po, 3)
-            mask = z["mask"].astype(bool) if "mask" in z else np.ones(boxes.shape[:2], bool)
-            size = z["frame_size"].astype(np.float32) if "frame_size" in z else None
+            try:  # members are read (and decompressed) only here: a damaged one fails here
+                members = {k: z[k] for k in ("boxes", "features", "mask", "frame_size") if k in z}
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                raise ConfigError(f"{po} is not a readable NumPy archive ({type(err).__name__}: {err})") from None
+            boxes, feats = check("boxes", members["boxes"], po, 3), check("object features", members["features"], po, 3)
+            mask = members["mask"].astype(bool) if "mask" in members else np.ones(boxes.shape[:2], bool)
+            size = members["frame_size"].astype(np.float32) if "frame_size" in members else None
         if size is not None and size.size != 2:
             raise ConfigError(f"{po}: 'frame_size' has {size.size} values {size.ravel().tolist()}; expected [W, H] in pixels")
         if boxes.shape[-1] != 4 or boxes.shape[:2] != feats.shape[:2] or mask.shape != boxes.shape[:2]:

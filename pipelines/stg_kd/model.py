@@ -213,7 +213,9 @@ def greedy_decode(captioner: Captioner, src: torch.Tensor, max_len: int) -> torc
     tokens = torch.full((len(src), 1), BOS, dtype=torch.long, device=src.device)
     done = torch.zeros(len(src), dtype=torch.bool, device=src.device)
     for _ in range(max_len):
-        nxt = captioner.decode(memory, None, tokens)[:, -1].argmax(-1)
+        logits = captioner.decode(memory, None, tokens)[:, -1]
+        logits[:, BOS] = float("-inf")  # never a word (an undertrained model can still rank it first)
+        nxt = logits.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], 1)
         done |= nxt == EOS
@@ -236,6 +238,7 @@ def beam_search(captioner: Captioner, src: torch.Tensor, beam: int, max_len: int
     lengths = torch.zeros(b * beam, device=device)
     for _ in range(max_len):
         logp = captioner.decode(memory, None, tokens)[:, -1].float().log_softmax(-1)
+        logp[:, BOS] = float("-inf")  # never a word
         vocab = logp.shape[-1]
         logp[done] = float("-inf")
         logp[done, PAD] = 0.0

@@ -326,6 +326,8 @@ def test_bad_input_is_one_line():
     message = str(err.value)
     assert message.startswith("unknown layer 'layer9' of ResNet; valid: conv1, conv1.0,") and "layer1, layer1.0" in message
     assert "\n" not in message
+    with pytest.raises(ConfigError, match=re.escape("iba.layer='fc' gives a latent of shape (1, 4): need (B, C, h, w) or tokens")):
+        check_model(compose("input_iba", {"iba.layer": "fc"}))
     with pytest.raises(ConfigError, match=re.escape("config key 'iba.beta' must be >= 0, got -1.0")):
         compose("input_iba", {"iba.beta": -1.0})
     with pytest.raises(ConfigError, match=re.escape("config key 'input.beta' must be >= 0, got -2.0")):

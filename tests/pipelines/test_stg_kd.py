@@ -228,11 +228,32 @@ def test_folder_bad_inputs_are_one_line_each(tmp_path):
         np.savez(f, a=np.zeros((5, 6)))
     with pytest.raises(ConfigError, match=re.escape("v2.npy holds an archive (np.savez's .npz format); expected one np.save array")):
         read_folder(str(npz), cfg(npz))
+    cut = _fixture(tmp_path / "h")  # half an archive: zipfile's BadZipFile, with no file named
+    (cut / "objects" / "v1.npz").write_bytes((cut / "objects" / "v1.npz").read_bytes()[:300])
+    with pytest.raises(ConfigError, match=r"v1.npz is not a readable NumPy file \(BadZipFile: "):
+        read_folder(str(cut), cfg(cut))
+    twice = _fixture(tmp_path / "i")  # the last listing won: a test video trained
+    info = json.loads((twice / "captions.json").read_text())
+    info["videos"].append({"video_id": "v3", "split": "train"})
+    (twice / "captions.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=re.escape("video 'v3' is listed in both 'test' and 'train'; give each video one split")):
+        read_folder(str(twice), cfg(twice))
+    info["videos"].pop()
+    info["sentences"][0]["caption"] = None  # became the word "None"
+    (twice / "captions.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=re.escape("a caption of video 'v1' is None, not text")):
+        read_folder(str(twice), cfg(twice))
 
 
 def test_bad_values_are_one_line(home):
     with pytest.raises(ConfigError, match="config key 'model.variant' must be one of scene|object|fused|stg_kd, got 'teacher'"):
         compose("stg_kd", {"model.variant": "teacher"})
+    from pipelines.stg_kd.module import STGKDModule
+
+    with pytest.raises(
+        ConfigError, match=re.escape("decode.max_len=12 is longer than the captions the decoder is built for (data.max_words=1)")
+    ):
+        STGKDModule.check_config(compose("stg_kd", {"data.max_words": 1}))  # was a tensor size mismatch after training
     with pytest.raises(ConfigError, match=r"data.name=folder needs data.root=<folder>; expected layout: <root>/captions.json"):
         train("stg_kd", ["preset=smoke", "data.name=folder"])  # the pipeline's own check, before any run starts
     assert not MlflowClient(tracking_uri=tracking_uri(compose("stg_kd"))).search_experiments(filter_string="name LIKE '%stg_kd%'")
