@@ -26,6 +26,9 @@ EPILOG = """examples:
 """
 
 
+PRESET_ORDER = {"smoke": 0, "demo": 1, "quick": 2, "paper": 3}  # by size; a pipeline's own presets after them
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from common.registry import all_pipelines
     from common.tables import markdown_table
@@ -38,7 +41,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "pipeline": p.name,
-                "presets (preset=)": ", ".join(cfg.get("presets") or {}),
+                "presets (preset=)": ", ".join(sorted(cfg.get("presets") or {}, key=lambda n: (PRESET_ORDER.get(n, 9), n))),
                 "reproduce experiments": ", ".join(by_command["reproduce"]) or "-",
                 "bench experiments": ", ".join(by_command["bench"]) or "-",
                 "description": p.description,
@@ -188,7 +191,21 @@ def _cmd_ui(args: argparse.Namespace) -> int:
             ) from None
         except OSError as err:
             raise ConfigError(f"cannot serve on {args.host}:{args.port} ({err.strerror}); pick another with --port") from None
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    # one worker: a local UI for one person (MLflow's default of 4 took ~35 s to answer on 2 cores)
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
     print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl+C stops it", flush=True)
     os.execv(sys.executable, command)
     return 0
@@ -395,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="pipelines, their presets and experiments: lightyard list",
     )
     p.add_argument("pipeline")
-    p.add_argument("overrides", nargs="*", help=overrides_help)
+    p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
     p.add_argument("--yes", action="store_true", help="run a sweep larger than launcher.max_points")
     p.set_defaults(func=_cmd_train)
 
@@ -405,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text, epilog="pipelines, their presets and experiments: lightyard list")
         p.add_argument("pipeline")
-        p.add_argument("overrides", nargs="*", help=overrides_help)
+        p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
         p.add_argument("--yes", action="store_true", help="run a grid larger than launcher.max_points")
         p.set_defaults(func=_cmd_entry)
 

@@ -17,7 +17,7 @@ def test_list_shows_pipelines_with_descriptions():
     assert result.returncode == 0
     assert "| toy " in result.stdout and "tiny MLP classifier" in result.stdout
     toy = next(line for line in result.stdout.splitlines() if line.startswith("| toy "))
-    assert "quick, paper" in toy  # its presets, from conf/toy.yaml
+    assert "| quick, paper " in toy  # its presets, from conf/toy.yaml, smallest first
 
 
 def test_runs_on_an_empty_store(home):
