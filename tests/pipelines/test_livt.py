@@ -342,6 +342,11 @@ def test_cli_bad_input_is_one_line(home):
         ({"data.mean": []}, "config key 'data.mean' must be a list of 3 values, got []"),
         ({"model.kwargs.patch_size": 0}, "model.kwargs.patch_size must be >= 1, got 0"),
         ({"augment.randaugment": "garbage"}, "augment.randaugment='garbage' is not a timm policy (Unknown AA policy garbage)"),
+        # found by a fuzz of the command line: each was silently ignored, or failed after the run had opened
+        ({"data.root": "/tmp"}, "data.root=/tmp is set but data.name=generated reads no folder"),
+        ({"data.classes": 29}, "data.classes=29 is more than the generated set has (28 shape × texture pairs)"),
+        ({"mgp.crop_scale": [0.9, 0.1]}, "mgp.crop_scale is [min, max] of RandomResizedCrop's area, min <= max; got [0.9, 0.1]"),
+        ({"model.kwargs.embed_dim": 97}, "model.kwargs.embed_dim=97 is not a multiple of model.kwargs.num_heads=3"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
