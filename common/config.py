@@ -223,8 +223,8 @@ def _list_rule_holds(rule: str, value: Any) -> bool | None:
     """``non-empty`` and ``length N`` judge a list as a whole (None: not a list rule)."""
     if rule == "non-empty":
         return isinstance(value, (list, ListConfig)) and len(value) > 0
-    if rule.startswith("length "):
-        return isinstance(value, (list, ListConfig)) and len(value) == int(rule[len("length ") :])
+    if rule.startswith("length "):  # "length 3", or "length 1|3" (one value for every channel, or one each)
+        return isinstance(value, (list, ListConfig)) and len(value) in {int(n) for n in rule[len("length ") :].split("|")}
     return None
 
 
@@ -243,8 +243,9 @@ def check_ranges(cfg: DictConfig, checks: dict[str, str]) -> None:
                 element_rules.append(rule)
             elif not holds:
                 shown = list(value) if isinstance(value, (list, ListConfig)) else repr(value)
+                lengths = rule[len("length ") :].replace("|", " or ")
                 raise ConfigError(
-                    f"config key '{key}' must be a {'non-empty list' if rule == 'non-empty' else f'list of {rule[7:]} values'}, got {shown}"
+                    f"config key '{key}' must be a {'non-empty list' if rule == 'non-empty' else f'list of {lengths} values'}, got {shown}"
                 )
         for rule in element_rules:
             _check_elements(key, rule, value)

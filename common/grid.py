@@ -283,6 +283,7 @@ def _run_grid(kind: str, cfg: DictConfig, name: str, todo: list[Child], parent: 
     uri = parent.uri
     heartbeat = Heartbeat(parent)
     status = "FINISHED"
+    _RECEIVED.clear()  # one recorded earlier in this process (an API caller's last run) is not this grid's
     try:
         with stop_on_signals():
             print(

@@ -46,6 +46,9 @@ def test_the_integer_rule_judges_each_element_of_a_list():
     check_ranges(cfg, {"ok": "length 2; integer; >= 1"})
     with pytest.raises(ConfigError, match=r"^config key 'size' must be an integer, got 32.5 \(in \[32.5, 48\]\)$"):
         check_ranges(cfg, {"size": "length 2; integer; >= 1"})  # setr's TypeError deep in torch.ones, after the run opened
+    check_ranges(OmegaConf.create({"mean": [0.5]}), {"mean": "length 1|3"})  # one value for every channel, or one each
+    with pytest.raises(ConfigError, match=r"^config key 'mean' must be a list of 1 or 3 values, got \[0.5, 0.5\]$"):
+        check_ranges(OmegaConf.create({"mean": [0.5, 0.5]}), {"mean": "length 1|3"})
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-Infinity", float("inf"), float("nan")])

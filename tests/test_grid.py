@@ -134,15 +134,23 @@ def test_a_signal_wrapped_by_a_library_between_children_still_ends_the_parent_ki
         _RECEIVED.append(signal.SIGTERM)
         raise ConfigError("conf/toy.yaml: something wrapped the signal")
 
+    def broken(*args, **kwargs):
+        raise RuntimeError("the launcher broke")
+
     monkeypatch.setattr(common.grid, "run_child", composing)
     try:
         with pytest.raises(RunInterrupted) as stop:
+            run_experiment("reproduce", "toy", ["experiment=lr"])
+        monkeypatch.setattr(common.grid, "run_child", broken)  # the signal above is still recorded: not this grid's
+        with pytest.raises(RuntimeError, match="the launcher broke"):
             run_experiment("reproduce", "toy", ["experiment=lr"])
     finally:
         _RECEIVED.clear()  # this process's record of signals: the next test starts without one
     assert stop.value.signum == signal.SIGTERM and stop.value.resumable and stop.value.command == "reproduce"
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     assert client.get_run(stop.value.run_id).info.status == "KILLED"
+    statuses = sorted(r.info.status for r in client.search_runs([client.get_experiment_by_name("lightyard/toy").experiment_id]))
+    assert statuses == ["FAILED", "KILLED"]  # the second grid failed for its own reason
     assert RunInterrupted("stopped").signum == signal.SIGTERM  # one argument, as a library re-raises it: still a signal
     assert str(RunInterrupted("stopped")) == "stopped"
 

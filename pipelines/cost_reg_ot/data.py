@@ -133,6 +133,11 @@ def _read_labels(path: Path) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+# the generated pairs of reproduce.dataset (and the bench's data.source)
+GENERATED = {
+    "planted": lambda d, seed: planted_pair(d.n, d.informative, d.nuisance, d.dy, d.extra_nonzeros, d.clusters, d.noise, seed),
+    "multiomics": lambda d, seed: multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, 0.1, seed),
+}
 # the real pairs of ../shared/data/singlecell in SCOT's layout: (folder, X, Y, X labels, Y labels, normalise rows)
 REAL = {
     "scGEM": ("scGEM", "scGEM_expression.csv", "scGEM_methylation.csv", "scGEM_typeExpression.txt", "scGEM_typeMethylation.txt", False),

@@ -19,12 +19,11 @@ from common.report import mean_std
 from common.tables import markdown_table
 from common.tracking import Tracker, pyplot
 from pipelines.cost_reg_ot.data import (
+    GENERATED,
     REAL,
     PairedData,
     build_pair,
     load_scot,
-    multiomics_pair,
-    planted_pair,
     preprocess,
     real_folder,
 )
@@ -38,11 +37,6 @@ from pipelines.cost_reg_ot.model import (
     uniform_weights,
 )
 from pipelines.cost_reg_ot.module import evaluate
-
-GENERATED = {
-    "planted": lambda d, seed: planted_pair(d.n, d.informative, d.nuisance, d.dy, d.extra_nonzeros, d.clusters, d.noise, seed),
-    "multiomics": lambda d, seed: multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, 0.1, seed),
-}
 
 
 def _real(cfg: DictConfig, name: str) -> tuple[PairedData, bool]:
@@ -138,7 +132,7 @@ def reference_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float
     """scGEM as the reference code runs it (centred, unscaled; its ε, iterations, Sinkhorn threshold and λ):
     the share of exactly-zero entries of M, and label transfer at every outer iteration (a metric history)."""
     r, s = cfg.reproduce.reference_scgem, cfg.solver
-    pair, _ = _real(cfg, cfg.reproduce.dataset)  # scGEM (the experiment's set)
+    pair, _ = _real(cfg, "scGEM")
     data = preprocess(pair, True, False, False)
     curve: list[float] = []
     sol = solve(

@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from common.config import ConfigError
 from common.hardware import check_manual_step
-from pipelines.cost_reg_ot.data import REAL, PairedData, real_folder
+from pipelines.cost_reg_ot.data import GENERATED, REAL, PairedData, real_folder
 from pipelines.cost_reg_ot.model import (
     REGULARIZERS,
     barycentric_projection,
@@ -92,6 +92,10 @@ class CostRegOTModule(pl.LightningModule):
         if cfg.reproduce.method not in valid:
             raise ConfigError(f"unknown reproduce method '{cfg.reproduce.method}'; valid: {', '.join(valid)}")
         check_manual_step(cfg.trainer, "cost_reg_ot's closed-form prox updates")
+        if cfg.reproduce.dataset not in (*GENERATED, *REAL):
+            raise ConfigError(f"unknown reproduce.dataset '{cfg.reproduce.dataset}'; valid: {', '.join([*GENERATED, *REAL])}")
+        if cfg.get("experiment") == "reference_scgem" and cfg.reproduce.dataset != "scGEM":
+            raise ConfigError("experiment reference_scgem runs the reference code's scGEM setting; leave reproduce.dataset out")
         if cfg.reproduce.dataset in REAL:  # a grid point on a real pair: its folder before the parent run opens
             real_folder(cfg.reproduce.real_root, cfg.reproduce.dataset)
 

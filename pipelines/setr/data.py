@@ -479,12 +479,12 @@ def class_names(name: str) -> tuple[str, ...]:
 GENERATED_MAX_GIB = 8
 
 
-def check_data(d: DictConfig) -> None:
+def check_data(d: DictConfig, files: bool = True) -> None:
     if d.name not in DATASETS:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "scenes" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
-    if d.name != "scenes":  # the layout and every listed file, before a run opens (names only: nothing decoded)
+    if d.name != "scenes" and files:  # the layout and every listed file, before a run opens (names only: nothing decoded)
         REAL[d.name][0](d.root)
     if d.name == "scenes":  # held in memory: float32 RGB + int64 labels, 20 bytes a pixel
         gib = (d.n_train + d.n_val + d.n_test) * d.image_size[0] * d.image_size[1] * 20 / 2**30
@@ -508,7 +508,7 @@ class SegDataModule(pl.LightningDataModule):
         if self.splits is not None:
             return
         d = self.cfg.data
-        check_data(d)
+        check_data(d, files=False)  # the files are listed just below
         seed = self.cfg.seed if d.seed is None else d.seed
         crop = tuple(d.crop)
         scale = tuple(d.train_scale) if d.train_scale else None

@@ -54,7 +54,7 @@ class STGKDModule(pl.LightningModule):
     def check_config(cls, cfg: DictConfig) -> None:
         check_model(cfg.model)
         check_data(cfg.data)
-        if cfg.decode.max_len > cfg.data.max_words:  # the decoder's positions cover data.max_words + 1 tokens
+        if cfg.decode.max_len > cfg.data.max_words:  # no longer than the captions it learnt (its positions end soon after)
             raise ConfigError(
                 f"decode.max_len={cfg.decode.max_len} is longer than the captions the decoder is built for "
                 f"(data.max_words={cfg.data.max_words}); set decode.max_len <= data.max_words"

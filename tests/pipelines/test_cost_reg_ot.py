@@ -480,5 +480,9 @@ def test_a_real_pair_without_its_folder_is_one_line_before_the_parent_run(tmp_pa
         with pytest.raises(ConfigError, match=re.escape(message)):
             CostRegOTModule.check_config(compose("cost_reg_ot", {"reproduce.dataset": "scGEM", "reproduce.real_root": root}))
     CostRegOTModule.check_config(compose("cost_reg_ot", {"reproduce.dataset": "planted"}))  # generated: no folder needed
+    with pytest.raises(ConfigError, match=re.escape("unknown reproduce.dataset 'scgem'; valid: planted, multiomics, scGEM, SNARE-seq")):
+        CostRegOTModule.check_config(compose("cost_reg_ot", {"reproduce.dataset": "scgem"}))  # was a KeyError in each child
+    with pytest.raises(ConfigError, match="experiment reference_scgem runs the reference code's scGEM setting"):
+        CostRegOTModule.check_config(compose("cost_reg_ot", {"experiment": "reference_scgem", "reproduce.dataset": "SNARE-seq"}))
     with pytest.raises(ConfigError, match="trainer.gradient_clip_val does not apply to cost_reg_ot's closed-form prox updates"):
         CostRegOTModule.check_config(compose("cost_reg_ot", {"trainer.gradient_clip_val": 0.5}))  # was Lightning's, after the run opened
