@@ -77,7 +77,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _with_yes(args: argparse.Namespace) -> list[str]:
-    given = any(o.partition("=")[0].strip() == "launcher.allow_large" for o in args.overrides)
+    given = _given(args.overrides, "launcher.allow_large")
     return [*args.overrides, "launcher.allow_large=true"] if args.yes and not given else list(args.overrides)
 
 
@@ -330,10 +330,14 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
     return [rows[name] for name in names]
 
 
+def _given(overrides: list[str], key: str) -> bool:
+    """Does the user set ``key`` among the overrides (a key given twice is refused, so ours gives way)?"""
+    return any(o.partition("=")[0].strip() == key for o in overrides)
+
+
 def _demo_overrides(name: str, overrides: list[str]) -> list[str]:
     """The demo's preset unless the user gave one (a key given twice is refused)."""
-    given = any(o.partition("=")[0].strip() == "preset" for o in overrides)
-    return list(overrides) if given else [_demo_preset(name), *overrides]
+    return list(overrides) if _given(overrides, "preset") else [_demo_preset(name), *overrides]
 
 
 def _demo_preset(name: str) -> str:

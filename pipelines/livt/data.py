@@ -140,9 +140,8 @@ def draw_images(labels: torch.Tensor, g: torch.Generator, size: int = 32) -> tor
 
 
 def generated_lt(classes: int, n_max: int, rho: float, n_test: int, seed: int, size: int = 32) -> tuple[dict, list[str]]:
-    """{'train': (images uint8 [N, H, W, 3], labels), 'test': balanced} and the class names."""
-    if classes > MAX_GENERATED_CLASSES:
-        raise ConfigError(f"data.classes={classes} is more than the generated set has ({MAX_GENERATED_CLASSES} shape × texture pairs)")
+    """{'train': (images uint8 [N, H, W, 3], labels), 'test': balanced} and the class names (``classes`` checked by
+    check_data)."""
     g = torch.Generator().manual_seed(seed)
     counts = lt_counts(n_max, classes, rho)
     if min(counts) < 1:

@@ -259,6 +259,9 @@ def _sample_frames(array: np.ndarray, frames: int) -> np.ndarray:
     return array[np.linspace(0, len(array) - 1, frames).round().astype(int)]
 
 
+NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # a truncated .npz is a BadZipFile
+
+
 def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     """Read and check the whole folder before training: every captioned video's files, their shapes, finiteness, boxes
     inside the frame; one line naming the file and what is wrong."""
@@ -301,7 +304,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             raise ConfigError(f"{path} is missing: {what} of video {path.stem!r}, listed in captions.json")
         try:
             loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # a truncated .npz is a BadZipFile
+        except NUMPY_READ_ERRORS as err:
             raise ConfigError(f"{path} is not a readable NumPy file ({type(err).__name__}: {err})") from None
         # np.load reads either format whatever the name: an array saved as .npz (or an archive as .npy) fails later, unnamed
         archive = path.suffix == ".npz"
@@ -338,7 +341,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
                 raise ConfigError(f"{po} lacks 'boxes' or 'features' (has {', '.join(z.files)}); expected layout: {FOLDER_LAYOUT}")
             try:  # members are read (and decompressed) only here: a damaged one fails here
                 members = {k: z[k] for k in ("boxes", "features", "mask", "frame_size") if k in z}
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+            except NUMPY_READ_ERRORS as err:
                 raise ConfigError(f"{po} is not a readable NumPy archive ({type(err).__name__}: {err})") from None
             boxes, feats = check("boxes", members["boxes"], po, 3), check("object features", members["features"], po, 3)
             mask = members["mask"].astype(bool) if "mask" in members else np.ones(boxes.shape[:2], bool)
