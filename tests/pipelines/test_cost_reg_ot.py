@@ -18,6 +18,7 @@ from pipelines.cost_reg_ot.model import (
     gw_inner_product_objective,
     initial_map,
     objective,
+    map_sinkhorn,
     objective_from_potentials,
     prox,
     sinkhorn,
@@ -63,6 +64,26 @@ def test_absorbed_sinkhorn_matches_log_domain_at_small_eps():
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.002])  # the scaling Sinkhorn, and (C/ε spans thousands) its log-domain fallback
+def test_map_sinkhorn_takes_pots_iterates(eps):
+    """The outer iteration's Sinkhorn (kernel from one GEMM, POT's stopping test on reused mat-vecs) gives the plan
+    and potentials of sinkhorn (POT) on C_M, cold and warm-started, and its sums are the plan's."""
+    data = preprocess(planted_pair(n=60, seed=4), True, False, True)
+    a, b = torch.full((60,), 1 / 60, dtype=torch.float64), torch.full((60,), 1 / 60, dtype=torch.float64)
+    M = initial_map(data.X.shape[1], data.Y.shape[1], data.X) * 40
+    potentials = None
+    for _ in range(3):
+        P, (log_u, log_v), (rows, columns) = map_sinkhorn(data.X, data.Y, a, b, M, eps, potentials, max_iter=300)
+        expected, (exp_u, exp_v) = sinkhorn(a, b, cost_matrix(data.X, data.Y, M), eps, potentials, max_iter=300)
+        torch.testing.assert_close(P, expected, rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(log_u, exp_u, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(log_v, exp_v, rtol=1e-10, atol=1e-9)
+        torch.testing.assert_close(rows, P.sum(1), rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(columns, P.sum(0), rtol=1e-9, atol=1e-15)
+        potentials = (log_u, log_v)
+        M = prox(cross_moment(data.X, data.Y, P), "l1", 0.01)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.002])  # the scaling Sinkhorn, and (C/ε spans thousands) its log-domain fallback
 def test_objective_read_off_the_potentials_is_the_direct_one(eps):
     """Each outer iteration's objective comes from A(P), the potentials and P's marginals (no n × m cost rebuild)."""
     data = preprocess(planted_pair(n=50, seed=2), True, False, True)
@@ -74,7 +95,9 @@ def test_objective_read_off_the_potentials_is_the_direct_one(eps):
         A = cross_moment(data.X, data.Y, P)
         M_next = prox(A, "l1", 0.01)
         direct = objective(data.X, data.Y, a, b, M_next, P, eps, "l1", 0.01)
-        assert objective_from_potentials(A, M, M_next, P, a, b, potentials, eps, "l1", 0.01) == pytest.approx(direct, rel=1e-12, abs=1e-14)
+        assert objective_from_potentials(A, M, M_next, (P.sum(1), P.sum(0)), a, b, potentials, eps, "l1", 0.01) == pytest.approx(
+            direct, rel=1e-12, abs=1e-14
+        )
         M = M_next
 
 
