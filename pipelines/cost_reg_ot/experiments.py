@@ -251,9 +251,9 @@ def lowrank_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     sinkhorn_iter = int(b.lowrank_sinkhorn_iter or cfg.solver.sinkhorn_iter)
     out = {"n": float(n), "sinkhorn_cap": float(sinkhorn_iter)}
     for path in ("factored", "dense"):
-        if path == "dense" and 4 * n * n * 8 > b.dense_budget_gb * 2**30:  # cost, reduced cost, kernel, plan
+        if path == "dense" and n * n * 8 > b.dense_budget_gb * 2**30:  # the kernel, refilled as the plan
             print(
-                f"  n={n}: dense path skipped (needs ≥ {4 * n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})",
+                f"  n={n}: dense path skipped (needs ≥ {n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})",
                 flush=True,
             )
             continue

@@ -188,8 +188,8 @@ def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000
     K = XM.new_empty(n, m) if out is None or out.shape != (n, m) or out.dtype != XM.dtype else out
     if warmstart is None:
         torch.mm(XM, Y.T, out=K)  # −C
-        f = -K.max(1).values  # row minima of C, then column minima of C − f
-        g = -(K + f[:, None]).max(0).values
+        f = -K.max(1).values  # row minima of C, then column minima of C − f (K is refilled below)
+        g = -K.add_(f[:, None]).max(0).values
     else:
         f, g = eps * warmstart[0], eps * warmstart[1]
     torch.mm(torch.cat([XM / eps, f[:, None] / eps, XM.new_ones(n, 1)], 1), torch.cat([Y, Y.new_ones(m, 1), g[:, None] / eps], 1).T, out=K)
