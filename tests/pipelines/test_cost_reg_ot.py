@@ -63,6 +63,15 @@ def test_absorbed_sinkhorn_matches_log_domain_at_small_eps():
     assert torch.allclose(warm, cold, atol=1e-5) and torch.allclose(warm.sum(0), b, atol=1e-5)
 
 
+def test_a_map_thresholded_to_zero_converges():
+    """M = 0 is a fixed point on centred data (P = abᵀ, A(abᵀ) = 0): its objective is float64 rounding around 0,
+    which the stopping test must not read as progress (it ran to max_iter before the floor)."""
+    data = preprocess(planted_pair(n=80, seed=1), True, False, True)
+    sol = solve(data.X, data.Y, eps=0.05, regularizer="l1", lam=100.0, max_iter=50, tol=1e-6, patience=3)
+    assert bool((sol.M == 0).all()) and abs(sol.history[-1]) < 1e-12
+    assert sol.converged and sol.iterations <= 5
+
+
 @pytest.mark.parametrize("eps", [0.05, 0.002])  # the scaling Sinkhorn, and (C/ε spans thousands) its log-domain fallback
 def test_map_sinkhorn_takes_pots_iterates(eps):
     """The outer iteration's Sinkhorn (kernel from one GEMM, POT's stopping test on reused mat-vecs) gives the plan
