@@ -192,9 +192,8 @@ def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000
     than the GEMM that fills it."""
     XM = X @ M.T
     n, m = XM.shape[0], Y.shape[0]
-    K = XM.new_empty(n, m) if out is None or out.shape != (n, m) or out.dtype != XM.dtype else out
-    if K.device != XM.device:
-        K = XM.new_empty(n, m)
+    reuse = out is not None and out.shape == (n, m) and out.dtype == XM.dtype and out.device == XM.device
+    K = out if reuse else XM.new_empty(n, m)
     if warmstart is None:
         torch.mm(XM, Y.T, out=K)  # −C
         f = -K.max(1).values  # row minima of C, then column minima of C − f (K is refilled below)
