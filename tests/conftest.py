@@ -62,6 +62,32 @@ def lightyard(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
     )
 
 
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command line's ``main`` in this process, its exit code and printed lines as ``lightyard`` returns them:
+    for checks that need no process of their own (a subprocess costs 5-10 s of imports on a 2-core machine)."""
+    import contextlib
+    import io
+
+    from common.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as stop:  # argparse: --help and usage errors
+                code = stop.code if isinstance(stop.code, int) else 2
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return subprocess.CompletedProcess(["lightyard", *args], code, out.getvalue(), err.getvalue())
+
+
 def zip_splits(tree: Path, dest: Path, pattern: str = "*.png") -> Path:
     """``dest/{train,test}.zip`` holding ``tree/<split>/...`` as the CIFAR zips do (paths start with the split)."""
     import zipfile

@@ -5,7 +5,7 @@ from mlflow.tracking import MlflowClient
 
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import lightyard
+from tests.conftest import cli, lightyard
 
 
 def assert_exact_resume(home, pipeline: str, overrides: list[str], kill_at_step: int, total_steps: int) -> tuple[dict, dict]:
@@ -15,11 +15,11 @@ def assert_exact_resume(home, pipeline: str, overrides: list[str], kill_at_step:
     client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
-    resumed = lightyard("train", pipeline, f"resume={run.info.run_id}", env=env)
+    resumed = cli("train", pipeline, f"resume={run.info.run_id}")  # in this process: saves a start-up
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     finished = client.get_run(run.info.run_id)
     assert finished.info.status == "FINISHED" and "error" not in finished.data.tags  # the resume cleared the KILLED error
-    reference = lightyard("train", pipeline, *overrides, "run_name=reference", env=env)
+    reference = cli("train", pipeline, *overrides, "run_name=reference")
     assert reference.returncode == 0, reference.stderr[-2000:]
     (ref,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.info.run_name == "reference"]
     a, b = (

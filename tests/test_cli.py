@@ -1,19 +1,19 @@
 import pytest
 
-from tests.conftest import lightyard
+from tests.conftest import cli
 
 
 def test_help_for_every_command():
-    top = lightyard("--help")
+    top = cli("--help")
     assert top.returncode == 0
     for command in ("list", "train", "runs", "ui", "bench", "reproduce", "demo"):
         assert command in top.stdout
-        sub = lightyard(command, "--help")
+        sub = cli(command, "--help")
         assert sub.returncode == 0 and "usage: lightyard " + command in sub.stdout
 
 
 def test_list_shows_pipelines_with_descriptions():
-    result = lightyard("list")
+    result = cli("list")
     assert result.returncode == 0
     assert "| toy " in result.stdout and "tiny MLP classifier" in result.stdout
     toy = next(line for line in result.stdout.splitlines() if line.startswith("| toy "))
@@ -21,7 +21,7 @@ def test_list_shows_pipelines_with_descriptions():
 
 
 def test_runs_on_an_empty_store(home):
-    result = lightyard("runs", env={"LIGHTYARD_HOME": str(home)})
+    result = cli("runs")
     assert result.returncode == 0 and "(no rows)" in result.stdout
 
 

@@ -2,7 +2,7 @@ import pytest
 
 from common.config import ConfigError, parse_overrides, sweep_points, with_values
 from common.runner import compose
-from tests.conftest import lightyard
+from tests.conftest import cli
 
 
 def test_base_pipeline_preset_and_override_merge():
@@ -81,7 +81,7 @@ def test_override_parsing_and_sweep_grid():
     ],
 )
 def test_cli_bad_input_prints_one_line_and_exits_nonzero(override, expected):
-    result = lightyard("train", "toy", override)
+    result = cli("train", "toy", override)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr

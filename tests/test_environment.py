@@ -1,7 +1,7 @@
 """The lock file against pyproject.toml (offline), and what `lightyard env` prints."""
 
 from common.environment import LOCK_FILE, check_lock
-from tests.conftest import lightyard
+from tests.conftest import cli
 
 LOCK = """\
 numpy==2.1.0 \\
@@ -43,7 +43,7 @@ def test_lock_check_fails_on_a_changed_pin_an_added_package_or_a_missing_lock(tm
 
 def test_the_projects_lock_matches_its_pyproject_and_env_prints_it():
     assert LOCK_FILE.is_file() and check_lock() == []
-    out = lightyard("env")
+    out = cli("env")
     lines = dict(line.split(None, 1) for line in out.stdout.splitlines()[:8] if line.strip())
     assert out.returncode == 0 and len(lines["lock"]) == 12 and lines["python"].startswith("3.11")
     assert "# installed packages" in out.stdout and "\ntorch==" in out.stdout

@@ -8,7 +8,7 @@ from common.config import ConfigError
 from common.runner import train
 from common.tracking import tracking_uri
 from common.runner import compose
-from tests.conftest import lightyard
+from tests.conftest import cli, lightyard
 
 
 def _last_weights(home, run_id):
@@ -30,7 +30,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
     assert last_line.endswith(f"continue with: lightyard train toy resume={run.info.run_id})")
     assert (home / "outputs" / "toy" / run.info.run_id / "checkpoints" / "interrupted.ckpt").is_file()
 
-    resumed = lightyard("train", "toy", f"resume={run.info.run_id}", env=env)
+    resumed = cli("train", "toy", f"resume={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"  # the resumed training logged into the same run
@@ -88,13 +88,11 @@ def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, 
     )
 
 
-@pytest.mark.slow  # 23 s of a 10-minute suite (three command-line runs)
 def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
-    env = {"LIGHTYARD_HOME": str(home)}
     (done,) = train("toy", ["trainer.max_epochs=1"])
-    out = lightyard("train", "toy", f"resume={done.run_id}", env=env)
+    out = cli("train", "toy", f"resume={done.run_id}")
     assert out.returncode == 2 and f"run {done.run_id} is FINISHED; nothing to resume" in out.stderr
-    out = lightyard("train", "hog_gcn", f"resume={done.run_id}", env=env)
+    out = cli("train", "hog_gcn", f"resume={done.run_id}")
     assert out.returncode == 2 and "is a run of toy, not of hog_gcn" in out.stderr
     assert "Traceback" not in out.stderr
 

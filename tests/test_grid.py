@@ -15,7 +15,7 @@ from common.grid import expand, plan, run_experiment
 from common.report import build_table
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import ROOT, lightyard, wait_for_run
+from tests.conftest import ROOT, cli, lightyard, wait_for_run
 
 
 def _client():
@@ -81,7 +81,7 @@ def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinis
     statuses = {json.loads(c.data.tags["lightyard.point"])["seed"]: c.info.status for c in _children(client, parent.info.run_id)}
     assert statuses == {0: "FINISHED", 1: "FAILED", 2: "KILLED"}  # the crash did not stop the grid; seed 3 never started
 
-    resumed = lightyard("reproduce", "toy", f"resume={parent.info.run_id}", env=env)
+    resumed = cli("reproduce", "toy", f"resume={parent.info.run_id}")
     assert resumed.returncode == 1, resumed.stderr[-2000:]  # seed 1 crashes again, by construction
     assert "1 of 4 child runs failed" in resumed.stderr
     children = _children(client, parent.info.run_id)
@@ -95,7 +95,7 @@ def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinis
     assert sum(1 for c in by_seed[1] if c.data.tags.get("lightyard.superseded")) == 1
     parent = client.get_run(parent.info.run_id)
     assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith("1 of 4 child runs failed")
-    report = lightyard("report", parent.info.run_id, env=env)
+    report = cli("report", parent.info.run_id)
     assert report.returncode == 0 and "| 3    |" in report.stdout and "| 1    |" not in report.stdout
 
 
@@ -114,12 +114,12 @@ def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
     process.wait()
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert {r.info.status for r in runs} == {"RUNNING"} and len(runs) == 2  # the parent and one child, left as ghosts
-    stale = lightyard("runs", "--stale", env={"LIGHTYARD_HOME": str(home)})
+    stale = cli("runs", "--stale")
     assert stale.returncode == 0 and stale.stdout.count("| KILLED") == 2, stale.stdout
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
     assert "stale: process" in client.get_run(parent.info.run_id).data.tags["error"]
-    resumed = lightyard("reproduce", "toy", f"resume={parent.info.run_id}", "launcher.workers=1", env={"LIGHTYARD_HOME": str(home)})
+    resumed = cli("reproduce", "toy", f"resume={parent.info.run_id}", "launcher.workers=1")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "4 of 4 child runs to run" in resumed.stdout  # the killed child had no checkpoint yet: it reruns
 

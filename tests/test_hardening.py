@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from common.config import ConfigError
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import ROOT, lightyard, wait_for_run
+from tests.conftest import ROOT, cli, lightyard, wait_for_run
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_gpu_on_a_machine_without_one_is_refused_when_composed():
 
 
 def test_bad_value_on_the_command_line_leaves_no_run(home):
-    out = lightyard("train", "hog_gcn", "data.homophily=1.5", env={"LIGHTYARD_HOME": str(home)})
+    out = cli("train", "hog_gcn", "data.homophily=1.5")
     assert out.returncode == 2 and out.stderr.strip() == "lightyard: error: config key 'data.homophily' must be in [0, 1], got 1.5"
     client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -119,7 +119,7 @@ def test_bad_yaml_in_a_config_file_is_one_line(tmp_path, monkeypatch):
 
 def test_unreachable_tracking_server_fails_in_seconds_with_one_line(home):
     start = time.time()
-    out = lightyard("train", "toy", env={"LIGHTYARD_HOME": str(home), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    out = cli("train", "toy", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert time.time() - start < 15
     assert out.returncode == 2
     assert out.stderr.strip().startswith("lightyard: error: MLflow tracking server http://127.0.0.1:9 does not answer")
@@ -139,7 +139,7 @@ def test_two_commands_on_a_new_store_both_succeed(fresh_home):
 def test_ui_refuses_a_bad_or_busy_port_with_one_line(home):
     import socket
 
-    out = lightyard("ui", "--port", "99999", env={"LIGHTYARD_HOME": str(home)})
+    out = cli("ui", "--port", "99999")
     assert out.returncode == 2 and out.stderr.strip() == "lightyard: error: --port must be in 1..65535, got 99999"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -170,13 +170,7 @@ def test_demo_with_a_bad_override_is_one_line_from_its_children(home, capsys):
 
 
 def test_a_huge_sweep_says_its_size_and_asks_for_yes(home):
-    out = lightyard(
-        "train",
-        "toy",
-        "model.hidden=" + ",".join(map(str, range(1, 201))),
-        "data.n=" + ",".join(map(str, range(10, 60))),
-        env={"LIGHTYARD_HOME": str(home)},
-    )
+    out = cli("train", "toy", "model.hidden=" + ",".join(map(str, range(1, 201))), "data.n=" + ",".join(map(str, range(10, 60))))
     assert out.returncode == 2
     assert out.stderr.strip() == ("lightyard: error: this sweep has 10000 points (over launcher.max_points=1000); add --yes to run it")
 

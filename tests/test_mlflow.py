@@ -113,9 +113,9 @@ def test_dataset_digest_follows_the_data_not_the_name(home, tmp_path):
 
 
 def test_log_model_without_an_exportable_model_is_one_line(home):
-    from tests.conftest import lightyard
+    from tests.conftest import cli
 
-    out = lightyard("train", "hog_gcn", "logger.log_model=true", env={"LIGHTYARD_HOME": str(home)})
+    out = cli("train", "hog_gcn", "logger.log_model=true")
     assert out.returncode == 2 and out.stderr.strip() == (
         "lightyard: error: logger.log_model=true but hog_gcn's module exports no model (a LightningModule's model_for_export()); "
         "set logger.log_model=false"

@@ -46,7 +46,7 @@ from pipelines.compression.model import (
     update_masks,
 )
 from pipelines.compression.module import CompressionExperiment, check_technique
-from tests.conftest import lightyard, zip_splits
+from tests.conftest import cli, zip_splits
 
 
 class Tiny(nn.Module):
@@ -279,7 +279,7 @@ def test_bad_input_is_one_line(home):
         match=r"compress.layers names 'layer9.conv1', which resnet18 does not have; its conv/linear layers: conv1, layer1.0.conv1",
     ):
         CompressionExperiment.check_config(compose("compression", {"compress.technique": "low_rank", "compress.layers": ["layer9.conv1"]}))
-    out = lightyard("train", "compression", "prune.sparsity=1.2")
+    out = cli("train", "compression", "prune.sparsity=1.2")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
         "lightyard: error: config key 'prune.sparsity' must be in [0, 1), got 1.2"
     ]

@@ -26,7 +26,7 @@ from pipelines.cost_reg_ot.model import (
     transport_map,
 )
 from pipelines.cost_reg_ot.module import evaluate, foscttm
-from tests.conftest import lightyard
+from tests.conftest import cli
 
 A = torch.tensor([[3.0, -0.5, 0.2], [-2.0, 1.5, -0.1]], dtype=torch.float64)
 
@@ -231,7 +231,7 @@ def test_nan_input_and_bad_epsilon(tmp_path):
     cfg = compose("cost_reg_ot", {"data.source": "scot", "data.root": str(tmp_path / "nan"), "data.x_file": xf, "data.y_file": yf})
     with pytest.raises(ConfigError, match="X has NaN or infinite values in 1 rows"):
         build_pair(cfg)
-    result = lightyard("train", "cost_reg_ot", "solver.eps=0")
+    result = cli("train", "cost_reg_ot", "solver.eps=0")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "lightyard: error: config key 'solver.eps' must be > 0, got 0"
 

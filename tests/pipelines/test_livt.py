@@ -31,7 +31,7 @@ from pipelines.livt.model import (
     warmup_cosine,
 )
 from pipelines.livt.module import mgp_cache_path, shot_groups
-from tests.conftest import lightyard, zip_splits
+from tests.conftest import cli, zip_splits
 
 
 def _sigmoid(v: float) -> float:
@@ -331,7 +331,7 @@ def test_bad_ratios_are_one_line_config_errors(override, expected):
 
 
 def test_cli_bad_input_is_one_line(home):
-    out = lightyard("train", "livt", "data.rho=0.5")
+    out = cli("train", "livt", "data.rho=0.5")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == ["lightyard: error: config key 'data.rho' must be >= 1, got 0.5"]
     from pipelines.livt.module import LiVTModule
 

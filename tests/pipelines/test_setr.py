@@ -44,7 +44,7 @@ from pipelines.setr.model import (
     window_origins,
 )
 from pipelines.setr.module import SegmentationMetrics
-from tests.conftest import lightyard
+from tests.conftest import cli
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
 
@@ -344,7 +344,7 @@ def test_bad_config_values_are_one_line_errors(home):
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             SETRModule.check_config(compose("setr", values))
-    out = lightyard("train", "setr", "model.aux_layers=[3,12]")
+    out = cli("train", "setr", "model.aux_layers=[3,12]")
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and "model.aux_layers has layer index 12" in lines[0], out.stderr
 
