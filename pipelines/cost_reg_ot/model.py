@@ -306,7 +306,7 @@ def factored_step(
     A, rows, cols = torch.zeros_like(M), torch.zeros_like(a), torch.zeros_like(b)
     chunk = chunk or chunk_rows(len(G), F.element_size())
     for i, P in _plan_chunks(F, G, log_u, log_v, eps, chunk):
-        A += Y.T @ (P.T @ X[i : i + chunk])
+        A += ((X[i : i + chunk].T @ P) @ Y).T  # as cross_moment: Pᵀ as a GEMM's left factor is ~4× slower
         rows[i : i + chunk] = P.sum(1)
         cols += P.sum(0)
     new = prox(A, regularizer, lam, rank)
