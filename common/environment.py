@@ -32,6 +32,12 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def cudnn_version(code: int) -> str:
+    """torch's integer as cuDNN's version: 9.x packs major·10000 + minor·100 + patch (92400 = 9.24.0), 8.x major·1000."""
+    major, rest = divmod(code, 10000 if code >= 90000 else 1000)
+    return "{}.{}.{}".format(major, *divmod(rest, 100))
+
+
 @functools.lru_cache(maxsize=1)
 def environment_tags() -> dict[str, str]:
     import torch
@@ -42,7 +48,7 @@ def environment_tags() -> dict[str, str]:
         "lightyard.env.python": platform.python_version(),
         "lightyard.env.torch": torch.__version__,
         "lightyard.env.cuda": torch.version.cuda or "none (CPU build)",
-        "lightyard.env.cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "lightyard.env.cudnn": cudnn_version(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
         "lightyard.env.accelerator": torch.cuda.get_device_name(0) if cuda else f"cpu: {_cpu_name()}",
         "lightyard.env.platform": platform.platform(),
     }

@@ -1,6 +1,6 @@
 """The lock file against pyproject.toml (offline), and what `lightyard env` prints."""
 
-from common.environment import LOCK_FILE, check_lock
+from common.environment import LOCK_FILE, check_lock, cudnn_version
 from tests.conftest import cli
 
 LOCK = """\
@@ -47,3 +47,7 @@ def test_the_projects_lock_matches_its_pyproject_and_env_prints_it():
     lines = dict(line.split(None, 1) for line in out.stdout.splitlines()[:8] if line.strip())
     assert out.returncode == 0 and len(lines["lock"]) == 12 and lines["python"].startswith("3.11")
     assert "# installed packages" in out.stdout and "\ntorch==" in out.stdout
+
+
+def test_cudnn_version_reads_both_packings():
+    assert [cudnn_version(v) for v in (92400, 90100, 8907, 8600)] == ["9.24.0", "9.1.0", "8.9.7", "8.6.0"]
