@@ -42,7 +42,7 @@ def latency_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     x = torch.randn(1, 3, size, size)
     calibration = [torch.randn(4, 3, size, size) for _ in range(b.calibration_batches)]
     int8 = pt2e_static_int8(copy.deepcopy(fp32), calibration)
-    pruned = prune_channels(fp32, float(b.channels), x, ["fc"])
+    pruned = prune_channels(fp32, float(b.channels), x, ["fc"], key="bench.channels")
     sparse = copy.deepcopy(fp32)
     modules = add_masks(sparse)
     sparsity = update_masks(modules, float(b.sparsity))

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from common.config import ConfigError
+
 
 # -- imports with their noise silenced ----------------------------------------------------------------------------------
 @contextlib.contextmanager
@@ -263,11 +265,28 @@ def sparse_bytes(model: nn.Module) -> int:
     return len(to_bytes(state))
 
 
-def prune_channels(model: nn.Module, ratio: float, example: torch.Tensor, ignore: list[str]) -> nn.Module:
+def check_channel_ratio(model: nn.Module, ratio: float, ignore: list[str], key: str) -> None:
+    """torch-pruning keeps ``int(width · (1 − ratio))`` channels of a group and silently skips a group that would keep
+    none, so a ratio past ``1 − 1/width`` of the narrowest prunable layer prunes less than asked (at 0.99, nothing)."""
+    widths = {
+        n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in ignore
+    }
+    name, width = min(widths.items(), key=lambda item: item[1])
+    if ratio > 0 and int(width * (1 - ratio)) < 1:
+        most = math.floor((1 - 1 / width) * 1e4) / 1e4
+        raise ConfigError(
+            f"{key}={ratio} would remove every channel of {name} ({width}), which torch-pruning then skips: use at most {most} for this model"
+        )
+
+
+def prune_channels(model: nn.Module, ratio: float, example: torch.Tensor, ignore: list[str], key: str = "prune.channels") -> nn.Module:
     """Structured pruning through torch-pruning's dependency graph: rank channel groups by the L2 norm of their filters
     and remove the lowest ``ratio`` of them with every coupled input channel, BN entry and residual partner."""
     import torch_pruning as tp
 
+    check_channel_ratio(model, ratio, ignore, key)
     model = copy.deepcopy(model).eval()
     ignored = [model.get_submodule(n) for n in ignore]
     pruner = tp.pruner.MagnitudePruner(

@@ -45,6 +45,7 @@ from pipelines.compression.model import (
     latency,
     mnas_reward,
     nvml_energy,
+    check_channel_ratio,
     prune_channels,
     pt2e_convert,
     pt2e_prepare_qat,
@@ -385,6 +386,10 @@ def check_technique(cfg: DictConfig, classes: int = 10) -> None:
     technique = cfg.compress.technique
     if technique not in TECHNIQUES:
         raise ConfigError(f"unknown compress.technique '{technique}'; valid: {', '.join(TECHNIQUES)}")
+    if technique == "prune_structured":
+        with quiet():
+            model = build_model(cfg.model, classes)
+        check_channel_ratio(model, float(cfg.prune.channels), [classifier_name(model)], "prune.channels")
     layers = layer_names(cfg)
     if not layers:
         return

@@ -144,6 +144,21 @@ def test_structured_pruning_removes_the_channels_and_the_model_still_runs():
     assert all(any(torch.equal(row, full[kept]) for full in model.conv2.weight) for row in pruned.conv2.weight)
 
 
+def test_a_channel_ratio_that_would_empty_a_layer_is_refused_not_skipped():
+    """torch-pruning skips a group that would keep no channel: 0.99 of 8 channels pruned nothing, silently."""
+    model, x = _tiny(), torch.randn(1, 3, 8, 8)
+    assert prune_channels(model, 0.875, x, ["fc"]).conv1.weight.shape[0] == 1  # 1 − 1/8: one channel of eight kept
+    message = (
+        r"^prune.channels=0.9 would remove every channel of conv1 \(8\), which torch-pruning then skips: use at most 0.875 for this model$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        prune_channels(model, 0.9, x, ["fc"])
+    with pytest.raises(
+        ConfigError, match=r"^prune.channels=0.99 would remove every channel of layer1.0.conv1 \(8\)"
+    ):  # the smoke model, before any run
+        check_technique(compose("compression", {"preset": "smoke", "compress.technique": "prune_structured", "prune.channels": 0.99}))
+
+
 # -- compact convolutions and factorisation ---------------------------------------------------------------------------------------
 def test_depthwise_separable_and_factorisations_count_by_hand_and_svd_tucker_are_exact_at_full_rank():
     conv = nn.Conv2d(8, 16, 3, padding=1)
