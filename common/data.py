@@ -291,6 +291,23 @@ def image_tree_files(root: Path) -> list[Path]:
     return zips + sorted(p for s in ("train", "test") if (root / s).is_dir() for p in (root / s).glob("*/*") if p.is_file())
 
 
+def eight_bit(image, where: str):
+    """An 8-bit PIL image: Pillow's convert clips 16-bit grayscale ('I;16') at 255, so it is scaled (÷ 257) first, and
+    a palette image is expanded to RGB(A) (its one band is 'P', an index, not a gray level); 32-bit integer and float
+    images are refused (their range is unknown)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I;16"):
+        return Image.fromarray((np.asarray(image).astype(np.uint32) // 257).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        kind = "integer" if image.mode == "I" else "float"
+        raise ConfigError(f"{where} is a 32-bit {kind} image; convert it to 8 bits per channel")
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+    return image
+
+
 def decode_image(read, where: str, size: int | None = None):
     """``read()``'s bytes as an RGB uint8 array H×W×3 (resized to size × size if given); any failure one line naming
     ``where``."""
@@ -301,10 +318,12 @@ def decode_image(read, where: str, size: int | None = None):
 
     try:  # reading too: a folder or an unreadable file named like an image is the same one line
         with Image.open(io.BytesIO(read())) as image:
-            image = image.convert("RGB")
+            image = eight_bit(image, where).convert("RGB")
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR)
             return np.asarray(image)
+    except ConfigError:
+        raise
     except Exception:
         raise ConfigError(f"{where} is not a readable image") from None
 

@@ -377,3 +377,30 @@ def test_a_hangup_ends_a_run_like_sigterm_unless_nohup_ignores_it():
     finally:
         signal.signal(signal.SIGHUP, previous)
         _RECEIVED.clear()  # what the handler noted for the run that would have ended
+
+
+def test_sixteen_bit_and_palette_images_decode_to_their_pixels_not_white_or_gray(tmp_path):
+    """Pillow's convert clipped 16-bit gray at 255 (an image of mean 254.5) and drit read a palette's index band as gray."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from common.data import decode_image
+    from pipelines.drit.data import _decode
+
+    def png(image, kind: str = "PNG") -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, kind)
+        return buffer.getvalue()
+
+    gray16 = png(Image.fromarray(np.array([[0, 257 * 100], [257 * 200, 65535]], np.uint16)))
+    assert decode_image(lambda: gray16, "g.png")[..., 0].tolist() == [[0, 100], [200, 255]]
+    assert _decode(gray16, "g.png", 2)[0][..., 0].tolist() == [[0, 100], [200, 255]]
+    red = png(Image.new("RGB", (2, 2), (255, 0, 0)).convert("P"))
+    assert decode_image(lambda: red, "p.png")[0, 0].tolist() == [255, 0, 0]
+    array, bands = _decode(red, "p.png", 2)
+    assert bands == 3 and array[0, 0].tolist() == [255, 0, 0]
+    wide = png(Image.fromarray(np.full((2, 2), 1 << 20, np.int32), "I"), "TIFF")
+    with pytest.raises(ConfigError, match=r"^w.png is a 32-bit integer image; convert it to 8 bits per channel$"):
+        decode_image(lambda: wide, "w.png")

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import IMAGE_SUFFIXES, make_loader, require_folder
+from common.data import IMAGE_SUFFIXES, eight_bit, make_loader, require_folder
 
 DATASETS = ("generated", "folder", "cifar_cat_dog")
 FOLDER_LAYOUT = "<root>/trainA, <root>/trainB, <root>/testA, <root>/testB holding .jpg/.png images (A = domain X, B = domain Y)"
@@ -121,12 +121,15 @@ def _decode(data: bytes, where: str, size: int) -> tuple[np.ndarray, int]:
 
     try:
         with Image.open(io.BytesIO(data)) as image:
+            image = eight_bit(image, where)
             bands = len(image.getbands())
             if image.mode not in ("L", "RGB"):
                 image = image.convert("RGB" if bands >= 3 else "L")
                 bands = len(image.getbands())
             image = image.resize((size, size), Image.BICUBIC) if image.size != (size, size) else image
             array = np.asarray(image)
+    except ConfigError:
+        raise
     except Exception:
         raise ConfigError(f"{where} is not a readable image") from None
     return (array[:, :, None] if array.ndim == 2 else array), bands
