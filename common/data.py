@@ -367,6 +367,8 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             if not entries:
                 raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
             split_names = sorted({p.split("/")[1] for p in entries})
+            if len(split_names) < 2:  # (torchmetrics refused it only after training)
+                raise ConfigError(f"{where}/{split} holds one class folder ({split_names[0]}); a classifier needs two or more: {layout}")
             if names is not None and split_names != names:
                 raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
             names = split_names

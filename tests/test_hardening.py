@@ -306,6 +306,7 @@ def test_a_truncated_image_is_named_before_training_or_at_its_decode(tmp_path):
 def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zips(tmp_path):
     """common.data's CIFAR / ImageFolder readers (livt and compression): each fault is one line naming the file."""
     import pickle
+    import shutil
     import zipfile
 
     import numpy as np
@@ -337,6 +338,10 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
     with pytest.raises(ConfigError, match=re.escape("train/dog/2.png is not a readable image")):
         read_image_tree(tree, "L")
     assert (tree / "train" / "dog" / "2.png") not in image_tree_files(tree)  # the cache key reads files only
+    (tree / "train" / "dog" / "2.png").rmdir()
+    shutil.rmtree(tree / "train" / "dog")
+    with pytest.raises(ConfigError, match=re.escape("/train holds one class folder (cat); a classifier needs two or more: L")):
+        read_image_tree(tree, "L")
     zips = tmp_path / "zips"
     zips.mkdir()
     (zips / "train.zip").write_bytes(b"PK\x03\x04 not really a zip")

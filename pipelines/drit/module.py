@@ -105,8 +105,6 @@ class DRITModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         check_data(cfg.data)
-        if len(cfg.optim.betas) != 2:
-            raise ConfigError(f"optim.betas must be two numbers (Adam's β1, β2), got {list(cfg.optim.betas)}")
         side = cfg.data.crop_size // 4
         if side >> cfg.model.content_dis_layers < 2:  # InstanceNorm needs more than one spatial element
             raise ConfigError(

@@ -232,7 +232,7 @@ def clip_features(clips: dict, cnn: FeatureCNN, d: DictConfig, seed: int) -> dic
 def generated_videos(cfg: DictConfig) -> dict[str, dict]:
     """The three splits of the generated clips with their features (the feature CNN trained once on the training split)."""
     d = cfg.data
-    seed = int(cfg.seed if d.seed is None else d.seed)
+    seed = int(d.seed)
     sizes = {"train": d.n_train, "val": d.n_val, "test": d.n_test}
     clips = {split: generate_clips(int(sizes[split]), d, seed * 3 + i) for i, split in enumerate(SPLITS)}
     settings = {
