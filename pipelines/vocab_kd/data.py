@@ -121,7 +121,13 @@ def _read_text(path: Path) -> str:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
-    except UnicodeDecodeError:  # nine of english_text's files are Latin-1
+    except UnicodeDecodeError as err:  # nine of english_text's files are Latin-1
+        # ...but a UTF-8 file with one stray byte would be garbled whole ("café" → "cafÃ©"): valid multi-byte
+        # sequences elsewhere in the file say it is UTF-8
+        if any(c > "\x7f" and c != "\ufffd" for c in raw.decode("utf-8", errors="replace")):
+            raise ConfigError(
+                f"{path}: UTF-8 text with an invalid byte 0x{raw[err.start]:02x} at offset {err.start}; fix that byte or save the file as UTF-8"
+            ) from None
         text = raw.decode("latin-1")
     # Latin-1 decodes any bytes: a binary file would train as text. Text has next to no control characters
     controls = sum(1 for c in text if c < " " and c not in "\n\r\t\f") + text.count("\x7f")

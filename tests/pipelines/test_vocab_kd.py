@@ -199,6 +199,10 @@ def test_text_folder_reads_the_english_text_layout(tmp_path):
     (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes(bytes(range(256)) * 40)  # decodes as Latin-1, is not text
     with pytest.raises(ConfigError, match=r"1793-Washington.txt: \d+ control characters in 10240: not a text file"):
         read_text_folder(tmp_path)
+    # UTF-8 with one stray byte: not read as Latin-1 whole ("café" became "cafÃ©")
+    (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes("café naïve ".encode() + b"\xff" + b" more.")
+    with pytest.raises(ConfigError, match=r"1793-Washington.txt: UTF-8 text with an invalid byte 0xff at offset 13; fix that byte"):
+        read_text_folder(tmp_path)
 
 
 def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
