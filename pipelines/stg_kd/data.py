@@ -53,9 +53,9 @@ SPLITS = ("train", "val", "test")
 
 
 def words(caption: str) -> list[str]:
-    """Lower-cased word tokens (letters, digits, apostrophes inside a word): the training vocabulary's tokenisation. The
+    """Lower-cased word tokens (letters of any script, digits, apostrophes inside a word): the training vocabulary's tokenisation. The
     scores use the COCO toolkit's PTB tokeniser instead (see ``metrics.py``)."""
-    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", caption.lower())
+    return re.findall(r"[^\W_]+(?:'[^\W\d_]+)?", caption.lower())  # letters of any script ("fährt", not "f", "hrt")
 
 
 # -- generated clips ---------------------------------------------------------------------------------------------------
@@ -317,9 +317,10 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
         return loaded
 
     def check(name: str, array: np.ndarray, path: Path, ndim: int) -> np.ndarray:
-        if array.ndim != ndim or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.number):
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)  # not complex, not bool
+        if array.ndim != ndim or 0 in array.shape or not real:
             raise ConfigError(
-                f"{path}: '{name}' has shape {array.shape} and dtype {array.dtype}; expected {ndim} dimensions of numbers, frames first"
+                f"{path}: '{name}' has shape {array.shape} and dtype {array.dtype}; expected {ndim} non-empty dimensions of real numbers, frames first"
             )
         if not np.isfinite(array).all():
             raise ConfigError(f"{path}: '{name}' holds NaN or infinite values")
@@ -346,8 +347,8 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             boxes, feats = check("boxes", members["boxes"], po, 3), check("object features", members["features"], po, 3)
             mask = members["mask"].astype(bool) if "mask" in members else np.ones(boxes.shape[:2], bool)
             size = members["frame_size"].astype(np.float32) if "frame_size" in members else None
-        if size is not None and size.size != 2:
-            raise ConfigError(f"{po}: 'frame_size' has {size.size} values {size.ravel().tolist()}; expected [W, H] in pixels")
+        if size is not None and (size.size != 2 or not (size > 0).all() or not np.isfinite(size).all()):
+            raise ConfigError(f"{po}: 'frame_size' is {size.ravel().tolist()}; expected [W, H], two positive numbers of pixels")
         if boxes.shape[-1] != 4 or boxes.shape[:2] != feats.shape[:2] or mask.shape != boxes.shape[:2]:
             raise ConfigError(
                 f"{po}: boxes {boxes.shape}, features {feats.shape} and mask {mask.shape} do not agree ([T, K, 4], [T, K, D], [T, K])"
@@ -463,6 +464,8 @@ class VideoCaptionDataModule(pl.LightningDataModule):
         d = self.cfg.data
         self.splits = generated_videos(self.cfg) if d.name == "shapes" else read_folder(d.root, d)
         self.vocab = Vocabulary(self.splits["train"]["captions"], int(d.min_word_count))
+        if len(self.vocab) == len(SPECIALS):
+            raise ConfigError(f"data.min_word_count={d.min_word_count} keeps no word of the training captions; lower it")
         self.scene_dim = int(self.splits["train"]["scene"].shape[-1])
         self.object_dim = int(self.splits["train"]["obj_feats"].shape[-1])
         self.frames = int(self.splits["train"]["scene"].shape[1])

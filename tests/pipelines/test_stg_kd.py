@@ -216,8 +216,19 @@ def test_folder_bad_inputs_are_one_line_each(tmp_path):
     with np.load(fs3 / "objects" / "v1.npz") as z:
         arrays = dict(z)
     np.savez(fs3 / "objects" / "v1.npz", **{**arrays, "frame_size": np.array([160, 120, 3])})
-    with pytest.raises(ConfigError, match=re.escape("v1.npz: 'frame_size' has 3 values [160.0, 120.0, 3.0]; expected [W, H] in pixels")):
+    with pytest.raises(ConfigError, match=re.escape("v1.npz: 'frame_size' is [160.0, 120.0, 3.0]; expected [W, H], two positive numbers")):
         read_folder(str(fs3), cfg(fs3))
+    np.savez(fs3 / "objects" / "v1.npz", **{**arrays, "frame_size": np.array([0, 0])})  # boxes ÷ 0: NaN, then "diverged"
+    with pytest.raises(ConfigError, match=re.escape("v1.npz: 'frame_size' is [0.0, 0.0]; expected [W, H], two positive numbers")):
+        read_folder(str(fs3), cfg(fs3))
+    np.savez(fs3 / "objects" / "v1.npz", **arrays)
+    for bad in (np.zeros((5, 6), np.complex64), np.zeros((5, 0))):  # cast to real silently / no scene features at all
+        np.save(fs3 / "features_2d" / "v1.npy", bad)
+        with pytest.raises(
+            ConfigError, match=re.escape(f"v1.npy: 'features_2d' has shape {bad.shape} and dtype {bad.dtype}; expected 2 non-empty")
+        ):
+            read_folder(str(fs3), cfg(fs3))
+    assert words("Ein Hund fährt Rad, l'été 2 Кошка") == ["ein", "hund", "fährt", "rad", "l'été", "2", "кошка"]
     npy = _fixture(tmp_path / "f")
     with open(npy / "objects" / "v1.npz", "wb") as f:
         np.save(f, arrays["boxes"])
