@@ -92,8 +92,10 @@ def latency_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     out["pruned_params_ratio"] = sum(p.numel() for p in fp32.parameters()) / sum(p.numel() for p in pruned.parameters())
     out["sparsity"] = sparsity
     out["torch_threads"] = float(torch.get_num_threads())
+    out["compiled"] = float(bool(b.compile))  # bench.compile=false: the "inductor" columns ran eager
     print(
-        f"{b.thread} threads: fp32 eager {out['fp32_eager_p50_ms']:.2f} ms, inductor {out['fp32_inductor_p50_ms']:.2f} ms, "
+        ("" if b.compile else "NOT COMPILED (bench.compile=false: every 'inductor' time below is eager) ")
+        + f"{b.thread} threads: fp32 eager {out['fp32_eager_p50_ms']:.2f} ms, inductor {out['fp32_inductor_p50_ms']:.2f} ms, "
         f"int8 {out['int8_inductor_p50_ms']:.2f} ms ({out['int8_speedup']:.2f}×, size ÷{out['int8_size_ratio']:.2f}), "
         f"50 % channels {out['pruned_inductor_p50_ms']:.2f} ms ({out['pruned_speedup']:.2f}×), "
         f"50 % sparse {out['sparse_inductor_p50_ms']:.2f} ms ({out['sparse_speedup']:.2f}×)",

@@ -344,3 +344,4 @@ def test_bench_smoke_reports_same_run_ratios(home):
     assert child["int8_speedup"] == pytest.approx(child["fp32_inductor_p50_ms"] / child["int8_inductor_p50_ms"])
     assert child["int8_speedup_min"] <= child["int8_speedup_max"] and child["int8_size_ratio"] > 1
     assert child["sparsity"] == pytest.approx(0.5, abs=0.01) and child["pruned_params_ratio"] > 2
+    assert child["compiled"] == 0 and "compiled (0: bench.compile=false" in result.report  # smoke times eager, and says so
