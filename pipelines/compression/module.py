@@ -484,6 +484,7 @@ class CompressionExperiment(NonGradientExperiment):
         check_data(cfg.data)
         check_technique(cfg)
         check_timm_name(cfg.model.name)
+        check_timm_name(cfg.bench.model)  # (a bench child would fail only once running)
         channels = (cfg.model.kwargs or {}).get("channels")
         if channels is not None and str(cfg.model.name).startswith("resnet") and len(channels) != 4:
             raise ConfigError(f"model.kwargs.channels gives one width per ResNet stage: 4 numbers, got {list(channels)}")

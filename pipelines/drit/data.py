@@ -323,6 +323,8 @@ def check_data(d: DictConfig) -> None:
             f"data.batch_size must be even and >= 2 (the first half of each domain's batch feeds the encoded-attribute path, "
             f"the second half the random-attribute discriminators), got {d.batch_size}"
         )
+    if d.name == "generated" and d.n_train < d.batch_size:  # drop_last: not one training step
+        raise ConfigError(f"data.n_train={d.n_train} is below data.batch_size={d.batch_size}: not one full batch to train on")
     if d.crop_size > d.load_size:
         raise ConfigError(f"data.crop_size={d.crop_size} is larger than data.load_size={d.load_size}")
     if d.crop_size % 4:

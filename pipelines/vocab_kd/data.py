@@ -225,6 +225,23 @@ def collate(items: list[Passage]) -> list[Passage]:
 DATASETS = ("generated", "text_folder")
 
 
+def split_passages(texts: dict[str, str], d: DictConfig) -> dict[str, list[tuple[str, int]]]:
+    """Each label's passages shuffled (``data.seed``) into test, val (``data.eval_fraction`` each) and train."""
+    items = passages_of(texts, d.passage_words, d.per_label, d.seed)
+    rng = random.Random(d.seed)
+    splits = {"train": [], "val": [], "test": []}
+    for label, name in enumerate(texts):
+        mine = [it for it in items if it[1] == label]
+        rng.shuffle(mine)
+        n_eval = max(1, round(d.eval_fraction * len(mine)))
+        if len(mine) < 2 * n_eval + 1:
+            raise ConfigError(f"label '{name}' has only {len(mine)} passages of {d.passage_words} words: too few for train/val/test")
+        splits["test"] += mine[:n_eval]
+        splits["val"] += mine[n_eval : 2 * n_eval]
+        splits["train"] += mine[2 * n_eval :]
+    return splits
+
+
 def check_data(d: DictConfig) -> None:
     if d.name not in DATASETS:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
@@ -236,6 +253,8 @@ def check_data(d: DictConfig) -> None:
             raise ConfigError(f"data.root {root} is not a folder; expected layout: {TEXT_LAYOUT}")
         if not any(p.is_file() for p in root.glob("*/*.txt")):
             raise ConfigError(f"data.root {root} holds no text files; expected layout: {TEXT_LAYOUT}")
+    if d.name == "generated":  # the corpus is the config's: its passages are counted before a run opens (milliseconds)
+        split_passages(generated_corpus(d.books, d.words_per_book, d.seed), d)
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -255,24 +274,9 @@ class TextDataModule(pl.LightningDataModule):
         return read_text_folder(d.root)
 
     def split_items(self) -> dict[str, list[tuple[str, int]]]:
-        d = self.cfg.data
         texts = self.texts()
         self.label_names = list(texts)
-        items = passages_of(texts, d.passage_words, d.per_label, d.seed)
-        rng = random.Random(d.seed)
-        splits = {"train": [], "val": [], "test": []}
-        for label in range(len(texts)):
-            mine = [it for it in items if it[1] == label]
-            rng.shuffle(mine)
-            n_eval = max(1, round(d.eval_fraction * len(mine)))
-            if len(mine) < 2 * n_eval + 1:
-                raise ConfigError(
-                    f"label '{self.label_names[label]}' has only {len(mine)} passages of {d.passage_words} words: too few for train/val/test"
-                )
-            splits["test"] += mine[:n_eval]
-            splits["val"] += mine[n_eval : 2 * n_eval]
-            splits["train"] += mine[2 * n_eval :]
-        return splits
+        return split_passages(texts, self.cfg.data)
 
     def student_tokenizer(self, train_texts: list[str]):
         from tokenizers import BertWordPieceTokenizer

@@ -273,7 +273,7 @@ def test_generated_task_and_cifar_batches_and_imagefolder_zips(tmp_path):
 
 
 # -- bad input: one line where it enters ----------------------------------------------------------------------------------------------
-def test_bad_input_is_one_line(home):
+def test_bad_input_is_one_line(home, tmp_path):
     for key, value, message in (
         ("prune.sparsity", 1.0, "config key 'prune.sparsity' must be in [0, 1), got 1.0"),
         ("prune.sparsity", -0.1, "config key 'prune.sparsity' must be in [0, 1), got -0.1"),
@@ -302,6 +302,14 @@ def test_bad_input_is_one_line(home):
         check_technique(compose("compression", {"compress.technique": "kd", "compress.layers": ["fc"]}))
     with pytest.raises(ConfigError, match=r"^unknown timm model 'resnet999'; list them with"):
         CompressionExperiment.check_config(compose("compression", {"model.name": "resnet999"}))
+    with pytest.raises(ConfigError, match=r"^unknown timm model 'notamodel'; list them with"):  # a bench child's, before it opens
+        CompressionExperiment.check_config(compose("compression", {"bench.model": "notamodel"}))
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"holds CIFAR-10's python batches, 32-pixel images; set data.image_size=32$"):
+        CompressionExperiment.check_config(
+            compose("compression", {"data.name": "cifar10", "data.root": str(tmp_path), "data.image_size": 64})
+        )
     with pytest.raises(ConfigError, match=re.escape("model.kwargs.channels gives one width per ResNet stage: 4 numbers, got [8, 8]")):
         CompressionExperiment.check_config(compose("compression", {"model.kwargs": {"channels": [8, 8]}}))
 

@@ -218,6 +218,8 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
         DRITModule.check_config(compose("drit", {"data.name": "folder", "data.root": str(tmp_path)}))
     with pytest.raises(ConfigError, match=r"^config key 'optim.betas' must be a list of 2 values, got \[0.5\]$"):
         compose("drit", {"optim.betas": [0.5]})
+    with pytest.raises(ConfigError, match=r"^data.n_train=3 is below data.batch_size=4: not one full batch to train on$"):
+        DRITModule.check_config(compose("drit", {"preset": "smoke", "data.n_train": 3}))
     for values, message in (
         ({"model.dis_layers": 10}, "model.dis_layers=10 with model.dis_scales=3 halves the crop (32 px) below the discriminator's kernel"),
         ({"trainer.gradient_clip_val": 1.0}, "trainer.gradient_clip_val does not apply to drit's hand-stepped GAN updates"),

@@ -15,7 +15,7 @@ from common.grid import run_experiment
 from common.report import children_rows
 from common.runner import compose, train
 from common.tracking import tracking_uri
-from pipelines.vocab_kd.data import generated_corpus, label_of, passages_of, read_text_folder
+from pipelines.vocab_kd.data import check_data, generated_corpus, label_of, passages_of, read_text_folder
 from pipelines.vocab_kd.model import (
     IGNORE,
     SharedProjection,
@@ -208,6 +208,8 @@ def test_text_folder_reads_the_english_text_layout(tmp_path):
 def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
     with pytest.raises(ConfigError, match=r"holds no text files; expected layout: <root>/<collection>/\*.txt"):
         read_text_folder(tmp_path)
+    with pytest.raises(ConfigError, match=r"^label 'sea' has only 0 passages of 5000 words: too few for train/val/test$"):
+        check_data(compose("vocab_kd", {"preset": "smoke", "data.passage_words": 5000}).data)  # the generated corpus, before a run
     no_weights = tmp_path / "teacher"
     no_weights.mkdir()
     for name in ("config.json", "vocab.txt"):
