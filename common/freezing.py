@@ -28,19 +28,46 @@ def _matches(name: str, pattern: str) -> bool:
 def freeze(model: torch.nn.Module, patterns: Iterable[str]) -> list[str]:
     """Freeze every parameter matching one of ``patterns``; return the frozen names in order."""
     patterns = list(patterns)
-    names = [name for name, _ in model.named_parameters()]
-    for pattern in patterns:
-        if not any(_matches(name, pattern) for name in names):
-            top = sorted({name.split(".")[0] for name in names})
-            second = sorted({".".join(name.split(".")[:2]) for name in names if name.count(".") >= 2})
-            more = f" (inside: {', '.join(second[:12])}{', …' if len(second) > 12 else ''})" if second else ""
-            raise ConfigError(f"freeze pattern '{pattern}' matches no parameter; top-level modules: {', '.join(top)}{more}")
+    check_patterns([name for name, _ in model.named_parameters()], patterns)
     frozen = []
     for name, param in model.named_parameters():
         if any(_matches(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+def check_patterns(names: list[str], patterns: list[str]) -> None:
+    """Each pattern matches a parameter, or one line listing the modules there are."""
+    for pattern in patterns:
+        if not any(_matches(name, pattern) for name in names):
+            top = sorted({name.split(".")[0] for name in names})
+            second = sorted({".".join(name.split(".")[:2]) for name in names if name.count(".") >= 2})
+            more = f" (inside: {', '.join(second[:12])}{', …' if len(second) > 12 else ''})" if second else ""
+            raise ConfigError(f"freeze pattern '{pattern}' matches no parameter; top-level modules: {', '.join(top)}{more}")
+
+
+def check_before_run(module_cls, cfg) -> None:
+    """``freeze=[…]`` against the parameter names before a run opens, from the module built on the meta device (no
+    memory, no initialisation), or from its ``skeleton(cfg)`` where it builds its network in ``setup`` from the data's
+    sizes (the network with placeholder sizes: the names do not depend on them). Best effort: where neither gives
+    names, the patterns are checked when the model is built (:func:`freeze_when_built`)."""
+    patterns = list(cfg.get("freeze") or [])
+    if not patterns:
+        return
+    try:
+        with torch.device("meta"):
+            skeleton = getattr(module_cls, "skeleton", None)
+            model = skeleton(cfg) if skeleton else module_cls(cfg)
+        names = [name for name, _ in model.named_parameters()]
+    except ConfigError:
+        raise
+    except Exception:  # a module whose construction needs real tensors or files: checked when built
+        return
+    if not names and skeleton:
+        raise ConfigError(f"freeze={patterns} does not apply: {cfg.pipeline} has no parameters trained by gradient")
+    if names:
+        check_patterns(names, patterns)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -410,6 +410,10 @@ def check_run_config(cfg: DictConfig, target: str | None = None) -> None:
     check = getattr(module, "check_config", None)
     if check:
         check(cfg)
+    if not target and cfg.get("freeze"):
+        from common.freezing import check_before_run
+
+        check_before_run(module, cfg)
     if cfg.logger.log_model and (target or not hasattr(module, "model_for_export")):
         what = f"grid point {target}" if target else f"{cfg.pipeline}'s module"
         raise ConfigError(

@@ -99,6 +99,11 @@ class CostRegOTModule(pl.LightningModule):
         if cfg.reproduce.dataset in REAL:  # a grid point on a real pair: its folder before the parent run opens
             real_folder(cfg.reproduce.real_root, cfg.reproduce.dataset)
 
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """No parameter for freeze=[…]: M is a buffer the closed-form prox updates."""
+        return torch.nn.Module()
+
     def __init__(self, cfg: DictConfig):
         super().__init__()
         check_solver(cfg.solver)

@@ -123,6 +123,11 @@ class DRITModule(pl.LightningModule):
         if cfg.metrics.samples < 2:
             raise ConfigError(f"metrics.samples must be >= 2 (diversity compares outputs pairwise), got {cfg.metrics.samples}")
 
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """The parameter names freeze=[…] will see (the network is built in setup, for the data's channels)."""
+        return torch.nn.ModuleDict({"net": build_net(cfg, 3)})
+
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.check_config(cfg)

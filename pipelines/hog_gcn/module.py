@@ -145,6 +145,13 @@ class HogGCNModule(pl.LightningModule):
     def check_config(cls, cfg: DictConfig) -> None:
         check_model(cfg)
 
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """The parameter names freeze=[…] will see (the network is built in setup, sized by the graph): a 3-node path's,
+        on the CPU (building it computes with the edges; tiny)."""
+        with torch.device("cpu"):
+            return torch.nn.ModuleDict({"model": build_model(cfg.model, 2, 2, torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), 3)})
+
     def __init__(self, cfg: DictConfig):
         super().__init__()
         check_model(cfg)

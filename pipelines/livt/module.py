@@ -194,6 +194,11 @@ class LiVTModule(pl.LightningModule):
                     f"mixup/cutmix pair each image with another in its batch: data.batch_size must be even, got {cfg.data.batch_size}"
                 )
 
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """The parameter names freeze=[…] will see (the network is built in setup, for the data's classes)."""
+        return torch.nn.ModuleDict({"model": finetune_vit(cfg.model, 2, cfg.optim.drop_path)})
+
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.check_config(cfg)

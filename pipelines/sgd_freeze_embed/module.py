@@ -20,8 +20,10 @@ from pipelines.sgd_freeze_embed.data import (
     source_domain,
 )
 from pipelines.sgd_freeze_embed.model import (
+    Classifier,
     build_classifier,
     check_optimizer,
+    create_backbone,
     diagnostic_figure,
     embedding_patterns,
     family,
@@ -58,6 +60,11 @@ class FineTuneModule(pl.LightningModule):
         check_optimizer(cfg.optim)
         check_data(cfg.data)
         check_timm_name(cfg.model.name)
+
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """The parameter names freeze=[…] will see (the network is built in setup, after stage 1, for the data's classes)."""
+        return torch.nn.ModuleDict({"model": Classifier(create_backbone(cfg.model), 2, (0.5,) * 3, (0.5,) * 3)})
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

@@ -60,6 +60,11 @@ class STGKDModule(pl.LightningModule):
                 f"(data.max_words={cfg.data.max_words}); set decode.max_len <= data.max_words"
             )
 
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """The parameter names freeze=[…] will see (the network is built in setup, sized by the vocabulary and features)."""
+        return torch.nn.ModuleDict({"model": build_model(cfg, 8, 4, 4, int(cfg.data.frames))})
+
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.cfg = cfg
