@@ -267,17 +267,26 @@ def sparse_bytes(model: nn.Module) -> int:
 
 def check_channel_ratio(model: nn.Module, ratio: float, ignore: list[str], key: str) -> None:
     """torch-pruning keeps ``int(width · (1 − ratio))`` channels of a group and silently skips a group that would keep
-    none, so a ratio past ``1 − 1/width`` of the narrowest prunable layer prunes less than asked (at 0.99, nothing)."""
-    widths = {
-        n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in ignore
-    }
-    name, width = min(widths.items(), key=lambda item: item[1])
-    if ratio > 0 and int(width * (1 - ratio)) < 1:
-        most = math.floor((1 - 1 / width) * 1e4) / 1e4
+    none, so a ratio past ``1 − 1/width`` of the narrowest prunable layer prunes less than asked (at 0.99, nothing).
+    A grouped (not depthwise) conv is pruned per group of ``width / groups`` channels; one-channel layers are never
+    pruned."""
+
+    def width(m: nn.Module) -> int:
+        if isinstance(m, nn.Linear):
+            return m.out_features
+        return m.out_channels // m.groups if 1 < m.groups < m.out_channels else m.out_channels
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in ignore and width(m) > 1}
+    if not layers or ratio <= 0:
+        return
+    name, narrowest = min(((n, width(m)) for n, m in layers.items()), key=lambda item: item[1])
+    if int(narrowest * (1 - ratio)) < 1:
+        most = math.floor((1 - 1 / narrowest) * 1e4) / 1e4
+        while int(narrowest * (1 - most)) < 1:  # (1 − 0.9) · 10 rounds below 1
+            most = round(most - 1e-4, 4)
+        per = " per group" if getattr(layers[name], "groups", 1) > 1 else ""
         raise ConfigError(
-            f"{key}={ratio} would remove every channel of {name} ({width}), which torch-pruning then skips: use at most {most} for this model"
+            f"{key}={ratio} would remove every channel of {name} ({narrowest}{per}), which torch-pruning then skips: use at most {most} for this model"
         )
 
 

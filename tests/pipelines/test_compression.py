@@ -25,6 +25,7 @@ from pipelines.compression.experiments import pareto_front
 from pipelines.compression.model import (
     Int4WeightOnly,
     add_masks,
+    check_channel_ratio,
     count_params,
     cubic_sparsity,
     dequantize_symmetric,
@@ -153,6 +154,12 @@ def test_a_channel_ratio_that_would_empty_a_layer_is_refused_not_skipped():
     )
     with pytest.raises(ConfigError, match=message):
         prune_channels(model, 0.9, x, ["fc"])
+    grouped = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.Conv2d(8, 1, 1))
+    check_channel_ratio(grouped, 0.5, [], "k")  # one of each group's two kept; the one-channel output is never pruned
+    with pytest.raises(ConfigError, match=r"^k=0.6 would remove every channel of 1 \(2 per group\), .*use at most 0.5 for"):
+        check_channel_ratio(grouped, 0.6, [], "k")
+    with pytest.raises(ConfigError, match=r"use at most 0.8999 for"):  # (1 − 0.9) · 10 < 1 in floating point
+        check_channel_ratio(nn.Sequential(nn.Conv2d(3, 10, 1)), 0.95, [], "k")
     with pytest.raises(
         ConfigError, match=r"^prune.channels=0.99 would remove every channel of layer1.0.conv1 \(8\)"
     ):  # the smoke model, before any run
