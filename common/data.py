@@ -292,19 +292,25 @@ def image_tree_files(root: Path) -> list[Path]:
 
 
 def eight_bit(image, where: str):
-    """An 8-bit PIL image: Pillow's convert clips 16-bit grayscale ('I;16') at 255, so it is scaled (÷ 257) first, and
-    a palette image is expanded to RGB(A) (its one band is 'P', an index, not a gray level); 32-bit integer and float
-    images are refused (their range is unknown)."""
+    """An 8-bit PIL image: Pillow's convert clips 16-bit grayscale ('I;16') at 255, so it is scaled (÷ 257) first (an
+    'I' image by its values: 0..255 as is, up to 65535 scaled, beyond refused), and a palette image is expanded to
+    RGB(A), or to L(A) where every palette entry is gray; float images are refused (their range is unknown)."""
     import numpy as np
     from PIL import Image
 
-    if image.mode.startswith("I;16"):
-        return Image.fromarray((np.asarray(image).astype(np.uint32) // 257).astype(np.uint8), "L")
-    if image.mode in ("I", "F"):
-        kind = "integer" if image.mode == "I" else "float"
-        raise ConfigError(f"{where} is a 32-bit {kind} image; convert it to 8 bits per channel")
+    if image.mode.startswith("I"):  # I;16 (16-bit PNG), I (a 16-bit PGM, 32-bit TIFF): by the values' range
+        values = np.asarray(image).astype(np.int64)
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise ConfigError(f"{where} holds integer pixels in {low}..{high}, beyond 16 bits; convert it to 8 bits per channel")
+        return Image.fromarray((values if high <= 255 and not image.mode.startswith("I;16") else values // 257).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise ConfigError(f"{where} is a floating-point image; convert it to 8 bits per channel")
     if image.mode in ("P", "PA"):
-        return image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+        palette = image.getpalette() or []
+        gray = all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))  # a gray GIF
+        alpha = image.mode == "PA" or "transparency" in image.info
+        return image.convert(("LA" if alpha else "L") if gray else ("RGBA" if alpha else "RGB"))
     return image
 
 

@@ -407,8 +407,13 @@ def test_sixteen_bit_and_palette_images_decode_to_their_pixels_not_white_or_gray
     array, bands = _decode(red, "p.png", 2)
     assert bands == 3 and array[0, 0].tolist() == [255, 0, 0]
     wide = png(Image.fromarray(np.full((2, 2), 1 << 20, np.int32), "I"), "TIFF")
-    with pytest.raises(ConfigError, match=r"^w.png is a 32-bit integer image; convert it to 8 bits per channel$"):
-        decode_image(lambda: wide, "w.png")
+    with pytest.raises(ConfigError, match=r"^w.tif holds integer pixels in 1048576..1048576, beyond 16 bits; convert it to 8 bits"):
+        decode_image(lambda: wide, "w.tif")
+    narrow = png(Image.fromarray(np.array([[0, 7], [200, 255]], np.int32), "I"), "TIFF")  # a 32-bit TIFF of 8-bit values
+    assert decode_image(lambda: narrow, "n.tif")[..., 0].tolist() == [[0, 7], [200, 255]]
+    gray_gif = png(Image.new("L", (2, 2), 90).convert("P"), "GIF")  # Pillow opens every GIF as a palette image
+    array, bands = _decode(gray_gif, "g.gif", 2)
+    assert bands == 1 and array[..., 0].tolist() == [[90, 90], [90, 90]]  # one band, as a gray PNG of the same domain
 
 
 @pytest.mark.parametrize("pipeline", ["hog_gcn", "drit", "stg_kd", "livt", "sgd_freeze_embed", "setr", "toy", "cost_reg_ot"])

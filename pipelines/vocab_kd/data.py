@@ -122,9 +122,11 @@ def _read_text(path: Path) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:  # nine of english_text's files are Latin-1
-        # ...but a UTF-8 file with one stray byte would be garbled whole ("café" → "cafÃ©"): valid multi-byte
-        # sequences elsewhere in the file say it is UTF-8
-        if any(c > "\x7f" and c != "\ufffd" for c in raw.decode("utf-8", errors="replace")):
+        # ...but a UTF-8 file with a stray byte would be garbled whole ("café" → "cafÃ©"): valid multi-byte sequences
+        # that outnumber the invalid bytes say it is UTF-8 (Latin-1 text makes one by chance now and then: "à\xa0»")
+        decoded = raw.decode("utf-8", errors="replace")
+        invalid = decoded.count("\ufffd")
+        if sum(1 for c in decoded if c > "\x7f") - invalid >= 3 * invalid:
             raise ConfigError(
                 f"{path}: UTF-8 text with an invalid byte 0x{raw[err.start]:02x} at offset {err.start}; fix that byte or save the file as UTF-8"
             ) from None

@@ -200,9 +200,12 @@ def test_text_folder_reads_the_english_text_layout(tmp_path):
     with pytest.raises(ConfigError, match=r"1793-Washington.txt: \d+ control characters in 10240: not a text file"):
         read_text_folder(tmp_path)
     # UTF-8 with one stray byte: not read as Latin-1 whole ("café" became "cafÃ©")
-    (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes("café naïve ".encode() + b"\xff" + b" more.")
-    with pytest.raises(ConfigError, match=r"1793-Washington.txt: UTF-8 text with an invalid byte 0xff at offset 13; fix that byte"):
+    (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes("café naïve déjà ".encode() + b"\xff" + b" more.")
+    with pytest.raises(ConfigError, match=r"1793-Washington.txt: UTF-8 text with an invalid byte 0xff at offset 20; fix that byte"):
         read_text_folder(tmp_path)
+    # Latin-1 that holds a valid UTF-8 pair by chance ("à\xa0»" is E0 A0 BB) is still Latin-1
+    (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes("« Voilà\xa0» dit-il, Größe 5×².".encode("latin-1"))
+    assert read_text_folder(tmp_path)["inaugural"].endswith("« Voilà\xa0» dit-il, Größe 5×².")
 
 
 def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
