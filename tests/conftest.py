@@ -64,27 +64,37 @@ def lightyard(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The command line's ``main`` in this process, its exit code and printed lines as ``lightyard`` returns them:
-    for checks that need no process of their own (a subprocess costs 5-10 s of imports on a 2-core machine)."""
+    for checks that need no process of their own (a subprocess costs 5-10 s of imports on a 2-core machine). Library
+    loggers' stream handlers (Lightning's, bound to the real stderr) print into the capture too; the environment and
+    logging's disable level that a command sets are restored after it."""
     import contextlib
     import io
+    import logging
 
     from common.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved = {key: os.environ.get(key) for key in env or {}}
+    saved_env, saved_disable = dict(os.environ), logging.root.manager.disable
+    streams = {id(sys.stdout): out, id(sys.stderr): err, id(sys.__stdout__): out, id(sys.__stderr__): err}
+    loggers = [logging.root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    rebound = [(h, h.stream) for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler and id(h.stream) in streams]
     os.environ.update(env or {})
     try:
+        for handler, stream in rebound:
+            handler.setStream(streams[id(stream)])
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main(list(args))
-            except SystemExit as stop:  # argparse: --help and usage errors
-                code = stop.code if isinstance(stop.code, int) else 2
+            except SystemExit as stop:  # argparse (--help, usage errors), as a process would exit
+                code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for handler, stream in rebound:
+            handler.setStream(stream)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        logging.disable(saved_disable)
     return subprocess.CompletedProcess(["lightyard", *args], code, out.getvalue(), err.getvalue())
 
 
