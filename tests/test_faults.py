@@ -78,8 +78,8 @@ def test_resume_with_unknown_run_id_is_one_clear_line(home, capsys):
     assert "neither a .ckpt file nor a run id" in err and "Traceback" not in err
 
 
-# two batches per epoch (the kill lands on an epoch's last batch); one batch per epoch is hog_gcn's resume test (marked slow)
-@pytest.mark.parametrize("batch_size", [pytest.param(64, marks=pytest.mark.slow), 32])
+# one batch per epoch (64) and two (32): the kill lands on an epoch's last batch
+@pytest.mark.parametrize("batch_size", [64, 32])
 def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, batch_size):
     from tests.resume_check import assert_exact_resume
 
