@@ -176,14 +176,20 @@ def _fit_lightning(
     ckpt_cfg = cfg.callbacks.checkpoint
     checkpoint = ModelCheckpoint(
         dirpath=checkpoint_dir,
-        save_last=True,
+        save_last=not ckpt_cfg.monitor,
         monitor=ckpt_cfg.monitor,
         mode=ckpt_cfg.mode,
         every_n_train_steps=ckpt_cfg.every_n_train_steps,
         enable_version_counter=False,  # the run folder is ours: last.ckpt is the latest
     )
+    # with a monitor, Lightning rewrites last.ckpt only when the metric improved (an older epoch's state then stood
+    # as "last": a resume after SIGKILL replayed epochs, and last.ckpt was not the run's end): a second, unmonitored
+    # checkpoint writes it every time, after the monitored one (Lightning keeps checkpoint callbacks in this order)
+    latest = [] if not ckpt_cfg.monitor else [
+        ModelCheckpoint(dirpath=checkpoint_dir, filename="last", every_n_train_steps=ckpt_cfg.every_n_train_steps, enable_version_counter=False)
+    ]  # fmt: skip
     shutdown = GracefulShutdown(checkpoint_dir)
-    callbacks: list[pl.Callback] = [checkpoint, shutdown, RngState(), FiniteLoss()] + (
+    callbacks: list[pl.Callback] = [checkpoint, *latest, shutdown, RngState(), FiniteLoss()] + (
         [FitProgressBar()] if cfg.trainer.enable_progress_bar else []
     )
     if cfg.kill_at_step >= 0:
