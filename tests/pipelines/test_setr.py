@@ -406,3 +406,10 @@ def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_pa
             SETRModule.check_config(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / name)}))
     with pytest.raises(ConfigError, match=r"other.pt do not fit VisionTransformer: \d+ missing"):
         build_model(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / "other.pt")}), 19)
+
+
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
+    """Two epochs of two steps, killed after step 1 (mid-epoch): the resumed weights equal an uninterrupted run's."""
+    from tests.resume_check import assert_exact_resume
+
+    assert_exact_resume(home, "setr", ["preset=smoke", "trainer.max_epochs=2"], kill_at_step=1, total_steps=4)

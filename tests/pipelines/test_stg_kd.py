@@ -299,3 +299,11 @@ def test_java_token_count_lines_are_dropped_and_other_stderr_kept(capfd):
     with java_stderr_without_counts():
         subprocess.run([sys.executable, "-c", script], check=True)
     assert capfd.readouterr().err == "real problem\n"
+
+
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
+    """Two epochs of three steps, killed after step 2; the monitored checkpoint (val/cider) no longer leaves last.ckpt
+    at the best epoch: the resumed and the uninterrupted run both end at step 6 with equal weights."""
+    from tests.resume_check import assert_exact_resume
+
+    assert_exact_resume(home, "stg_kd", ["preset=smoke", "trainer.max_epochs=2"], kill_at_step=2, total_steps=6)
