@@ -149,9 +149,11 @@ def test_ui_refuses_a_bad_or_busy_port_with_one_line(home):
     assert out.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow  # 23 s of a 10-minute suite (a demo run of two pipelines; in-process its table came out otherwise)
 def test_demo_exits_non_zero_when_a_pipeline_fails_and_lists_only_its_runs(home):
+    env = {"LIGHTYARD_HOME": str(home)}
     cli("train", "toy", "trainer.max_epochs=1", "run_name=earlier")  # not the demo's
-    out = cli("demo", "crash_at_step=1", "--pipelines", "toy")
+    out = lightyard("demo", "crash_at_step=1", "--pipelines", "toy", env=env)
     assert out.returncode == 1
     assert "| toy      | FAILED: RuntimeError: toy crash" in out.stdout
     assert "earlier" not in out.stdout

@@ -453,6 +453,7 @@ def test_float_cell_types_are_refused_not_truncated(tmp_path):
     assert _read_labels(tmp_path / "types.txt").tolist() == [1, 2, 3]
 
 
+@pytest.mark.slow  # 11-18 s; the mechanism's exact resume stays in the suite (tests/test_faults.py)
 def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     """Killed after outer iteration 3 of 6 and resumed: the same M as a solve never stopped (the warm-start
     potentials and the convergence count come back with the checkpoint, the loader resumes at iteration 4, whose batch index seeds the stochastic step)."""

@@ -379,6 +379,7 @@ def test_lean_loop_and_lightning_module_train_the_same_model(home, model):
     assert result.metrics["best_val_acc"] == pytest.approx(lean["val_acc"], abs=1e-9)
 
 
+@pytest.mark.slow  # 12-23 s; one-batch epochs stay in the suite (tests/test_faults.py [64])
 def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     """Full-batch: every epoch is one batch, so the interrupt lands on an epoch's last batch; dropout, the L_lp draws
     and the optimizer continue exactly."""

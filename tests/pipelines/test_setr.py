@@ -408,6 +408,7 @@ def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_pa
         build_model(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / "other.pt")}), 19)
 
 
+@pytest.mark.slow  # 12-26 s; stg_kd's (a monitored checkpoint) and the toy's stay in the suite
 def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     """Two epochs of two steps, killed after step 1 (mid-epoch): the resumed weights equal an uninterrupted run's."""
     from tests.resume_check import assert_exact_resume

@@ -369,6 +369,7 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
         cifar_colour_cue(tmp_path / "nope", 4, 4, 0)
 
 
+@pytest.mark.slow  # 11-16 s; exact mid-epoch resume stays in the suite (tests/test_faults.py), this is its timm variant
 def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
     """4 batches per epoch; the interrupt after step 3 lands on the first epoch's last batch."""
     from tests.resume_check import assert_exact_resume
