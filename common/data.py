@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import random
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from common.cache import forked_rngs
 from common.config import ConfigError
 
 
@@ -23,24 +26,27 @@ class EpochShuffleSampler(Sampler[int]):
 
     Lightning calls ``set_epoch`` at each epoch start; the state (epoch, samples yielded) goes into
     checkpoints through StatefulDataLoader, so a run resumed mid-epoch sees exactly the order an
-    uninterrupted run would have seen.
+    uninterrupted run would have seen. ``with_epoch`` yields ``(epoch, index)`` keys for datasets whose random
+    augmentations are seeded per epoch and item (:class:`SeededItems`).
     """
 
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False):
+        self.size, self.seed, self.epoch, self.shuffle, self.with_epoch = size, seed, 0, shuffle, with_epoch
         self._yielded = self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
+    def __iter__(self) -> Iterator:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.size))
         start, self._skip = self._skip, 0
         self._yielded = start
         for index in order[start:]:
             self._yielded += 1
-            yield index
+            yield (self.epoch, index) if self.with_epoch else index
 
     def __len__(self) -> int:
         return self.size
@@ -52,15 +58,54 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch, self._skip = state["epoch"], state["yielded"]
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """One generator seed per (run seed, epoch, item): the same in every process, worker and resume."""
+    return hash((seed, epoch, index)) % 2**63  # (a tuple of ints hashes the same in every process)
+
+
+class SeededItems(Dataset):
+    """Item ``(epoch, i)`` is ``dataset[i]`` drawn with torch's, numpy's and ``random``'s generators seeded by
+    :func:`item_seed`, and the run's own streams restored afterwards.
+
+    For transforms that draw from the global generators (timm's crops and RandAugment): without it an item's
+    augmentation depends on what was drawn before it, and Lightning fetches one batch ahead, so a checkpoint's
+    generator state is a batch past its loader's position and a resumed run augments differently. Loader workers
+    get the epoch with each key (persistent workers never see a dataset attribute set after they started).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        seed = item_seed(self.seed, epoch, index)
+        with forked_rngs():
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            return self.dataset[index]
+
+
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, num_workers: int = 0, **kwargs: Any
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+    item_epochs: bool = False,
+    **kwargs: Any,
 ) -> StatefulDataLoader:
     """A DataLoader whose position goes into Lightning checkpoints.
 
     With :class:`EpochShuffleSampler` that lets a run stopped mid-epoch resume on exactly the
-    batches an uninterrupted run would have seen next.
+    batches an uninterrupted run would have seen next. ``item_epochs``: the dataset is indexed by
+    ``(epoch, index)`` (training sets with per-item seeded augmentation, e.g. :class:`SeededItems`).
     """
-    sampler = EpochShuffleSampler(len(dataset), seed) if shuffle else None
+    use_sampler = shuffle or item_epochs
+    sampler = EpochShuffleSampler(len(dataset), seed, shuffle, with_epoch=item_epochs) if use_sampler else None
     # (a loader's iterator draws its base seed from the global RNG unless given ``generator=``; pipelines whose
     # dropout must not shift by that draw pass their own. Not a default: under ddp_spawn a loader
     # holding a generator made the worker processes abort at exit, 2 runs in 6.)

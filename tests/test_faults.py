@@ -129,3 +129,62 @@ def test_a_sigterm_while_a_run_opens_is_held_then_ends_it_killed():
             pass
     assert signal.getsignal(signal.SIGTERM) is before
     _RECEIVED.clear()
+
+
+class _Draws(torch.utils.data.Dataset):
+    """An item made of draws from the global generators, as timm's augmentations make them."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        return torch.tensor([i, torch.rand(()).item(), random.random(), np.random.rand()], dtype=torch.float64)
+
+
+def _epoch(loader, epoch, skip_batches=0):
+    loader.sampler.set_epoch(epoch)
+    batches = list(loader)
+    return torch.cat(batches[skip_batches:])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_seeded_items_follow_epoch_and_index_not_the_draws_before_them(workers):
+    """Augmentation draws of an item are a function of (seed, epoch, index): the same with loader workers (persistent,
+    so they never see a dataset attribute set after they started), after unrelated draws from the global generators (a
+    prefetched batch's), and after a mid-epoch resume of the loader; they change with the epoch."""
+    import random
+
+    import numpy as np
+
+    from common.data import SeededItems, make_loader
+
+    def loader(seed=0):
+        return make_loader(SeededItems(_Draws(), seed), 2, shuffle=True, seed=seed, num_workers=workers, item_epochs=True)
+
+    reference = make_loader(SeededItems(_Draws(), 0), 2, shuffle=True, item_epochs=True)  # in this process
+    python, numpy = random.getstate(), np.random.get_state()[1].copy()
+    first, second = _epoch(reference, 0), _epoch(reference, 1)
+    # the run's streams untouched (torch's moves by the loader iterator's one base-seed draw, as with any dataset)
+    assert random.getstate() == python and (np.random.get_state()[1] == numpy).all()
+    torch.rand(5), random.random()
+    again = loader()
+    assert torch.equal(_epoch(again, 0), first) and torch.equal(_epoch(again, 1), second)
+    # same items, new draws each epoch and for another seed
+    assert sorted(first[:, 0].tolist()) == sorted(second[:, 0].tolist()) == list(range(6))
+    by_index = lambda x: x[x[:, 0].argsort()]  # noqa: E731
+    assert not torch.equal(by_index(first)[:, 1:], by_index(second)[:, 1:])
+    assert not torch.equal(by_index(_epoch(loader(seed=1), 0))[:, 1:], by_index(first)[:, 1:])
+    # stopped after one batch of epoch 1, the loader's state restored into a new loader: the rest of epoch 1 as before
+    stopped = loader()
+    _epoch(stopped, 0)
+    stopped.sampler.set_epoch(1)
+    iterator = iter(stopped)
+    next(iterator)
+    saved = stopped.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(saved)
+    assert torch.equal(torch.cat(list(resumed)), second[2:])

@@ -227,14 +227,14 @@ def read_cifar_cat_dog(root: str | Path, size: int, limit: int | None = None) ->
 class UnpairedImages(Dataset):
     """Item i: (image of A, image of B, i) as float [C, H, W] in [−1, 1]. A has item i mod |A|; B a fixed random
     permutation (from ``seed``) of its images, so the pairs are unrelated. Training: random crop to ``crop`` (when
-    smaller than the stored size) and horizontal flip, each image independently, drawn from (seed, epoch-free index)."""
+    smaller than the stored size) and horizontal flip, each image independently, drawn from (seed, epoch, i): training
+    items are keyed (epoch, i)."""
 
     def __init__(self, a: np.ndarray, b: np.ndarray, train: bool, crop: int, seed: int, length: str = "max"):
         self.a, self.b = torch.from_numpy(a).permute(0, 3, 1, 2), torch.from_numpy(b).permute(0, 3, 1, 2)
         self.train, self.crop, self.seed = train, crop, seed
         self.order_b = torch.randperm(len(b), generator=torch.Generator().manual_seed(seed))
         self.length = max(len(a), len(b)) if length == "max" else min(len(a), len(b))
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.length
@@ -251,8 +251,11 @@ class UnpairedImages(Dataset):
                 image = image.flip(-1)
         return image.float() / 127.5 - 1
 
-    def __getitem__(self, i: int):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i * 7_919 + self.epoch) if self.train else None
+    def __getitem__(self, key):
+        # training keys are (epoch, i) from the loader's sampler: loader workers and a run resumed mid-epoch draw the
+        # epoch's crops (an attribute set at the epoch's start reached neither)
+        epoch, i = key if self.train else (0, key)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i * 7_919 + epoch) if self.train else None
         a = self._prepare(self.a[i % len(self.a)], g)
         b = self._prepare(self.b[self.order_b[i % len(self.b)]], g)
         return a, b, i
@@ -298,9 +301,16 @@ class UnpairedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         d = self.cfg.data
-        self.train_set = self.dataset("train")
         # drop_last: every step needs a full (even) batch, the first half per domain for each path
-        return make_loader(self.train_set, d.batch_size, shuffle=d.shuffle, seed=self.cfg.seed, num_workers=d.num_workers, drop_last=True)
+        return make_loader(
+            self.dataset("train"),
+            d.batch_size,
+            shuffle=d.shuffle,
+            seed=self.cfg.seed,
+            num_workers=d.num_workers,
+            item_epochs=True,
+            drop_last=True,
+        )
 
     def test_dataloader(self):
         d = self.cfg.data

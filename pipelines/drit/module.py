@@ -194,11 +194,6 @@ class DRITModule(pl.LightningModule):
             trace=self.trace,
         )
 
-    def on_train_epoch_start(self) -> None:
-        train_set = getattr(self.trainer.datamodule, "train_set", None)
-        if train_set is not None:
-            train_set.epoch = self.current_epoch  # new crops and flips every epoch
-
     def training_step(self, batch, batch_idx):
         o = self.cfg.optim
         logs = train_iteration(

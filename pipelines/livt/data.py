@@ -40,6 +40,7 @@ from common.data import (
     read_text,
     require_files,
     require_folder,
+    SeededItems,
 )
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
@@ -407,10 +408,17 @@ class LTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         d = self.cfg.data
-        data = self.sources["train"].dataset(train_transform(d, self.cfg.augment))
+        # timm's augmentations draw from the global generators: seeded per (epoch, item) instead (exact resume, workers)
+        data = SeededItems(self.sources["train"].dataset(train_transform(d, self.cfg.augment)), self.cfg.seed)
         # mixup/cutmix pair up a batch with its flip: an odd last batch is dropped
         return make_loader(
-            data, d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, drop_last=len(data) > d.batch_size
+            data,
+            d.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            num_workers=d.num_workers,
+            item_epochs=True,
+            drop_last=len(data) > d.batch_size,
         )
 
     def val_dataloader(self):

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, load_image, make_loader, read_text, require_files
+from common.data import check_images, item_seed, load_image, make_loader, read_text, require_files
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -243,7 +243,8 @@ def train_transform(
 
 class SegmentationSet(Dataset):
     """Pairs from ``load(i)`` → (image, label); training sets apply ``transform(image, label, generator)``.
-    The augmentation generator is seeded per (seed, epoch, index), so a resumed run draws the same crops."""
+    The augmentation generator is seeded per (seed, epoch, index); training keys are (epoch, index) from the loader's
+    sampler, so loader workers and a run resumed mid-epoch draw the same crops."""
 
     def __init__(
         self,
@@ -254,15 +255,15 @@ class SegmentationSet(Dataset):
         classes: tuple[str, ...] = (),
     ):
         self.size, self.load, self.transform, self.seed, self.classes = size, load, transform, seed, classes
-        self.epoch = 0
 
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        epoch, index = key if self.transform is not None else (0, key)
         image, label = self.load(index)
         if self.transform is not None:
-            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            g = torch.Generator().manual_seed(item_seed(self.seed, epoch, index))
             image, label = self.transform(image, label, g)
         return image, label
 
@@ -534,8 +535,15 @@ class SegDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         d = self.cfg.data
-        self.splits["train"].epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return make_loader(self.splits["train"], d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, drop_last=True)
+        return make_loader(
+            self.splits["train"],
+            d.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            num_workers=d.num_workers,
+            item_epochs=True,
+            drop_last=True,
+        )
 
     def val_dataloader(self):
         return make_loader(self.splits["val"], self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers)

@@ -212,11 +212,6 @@ class SETRModule(pl.LightningModule):
         return multi_scale_inference(self.slide, images, sizes, e.flip)
 
     # -- steps -------------------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, SegDataModule):  # new augmentation draws every epoch (seeded by epoch and index)
-            datamodule.splits["train"].epoch = self.current_epoch
-
     def training_step(self, batch, batch_idx):
         images, labels = batch
         logits, aux = self.model(images, with_aux=True)
