@@ -416,7 +416,7 @@ def test_sixteen_bit_and_palette_images_decode_to_their_pixels_not_white_or_gray
     assert bands == 1 and array[..., 0].tolist() == [[90, 90], [90, 90]]  # one band, as a gray PNG of the same domain
 
 
-@pytest.mark.parametrize("pipeline", ["hog_gcn", "drit", "stg_kd", "livt", "sgd_freeze_embed", "setr", "toy", "cost_reg_ot"])
+@pytest.mark.parametrize("pipeline", ["hog_gcn", "drit", "stg_kd", "livt", "sgd_freeze_embed", "setr", "vocab_kd", "toy", "cost_reg_ot"])
 def test_a_freeze_pattern_that_matches_nothing_is_one_line_before_a_run_opens(home, pipeline):
     """Checked on the module built on the meta device, or on its skeleton where the network is built in setup (it was
     checked only once built: a FAILED run, and sgd_freeze_embed's stage 1 pretrained first)."""

@@ -119,6 +119,19 @@ def probe_accuracy(x_fit, y_fit, x_test, y_test) -> float:
     return float(multiclass_accuracy(pred, y_test, classes, average="micro"))
 
 
+def student_parts(cfg: DictConfig, teacher, vocab_size: int) -> dict[str, torch.nn.Module]:
+    """The student and the modules between it and the teacher, in the order setup registers them."""
+    student = build_student(vocab_size, cfg.student.hidden, teacher.config.num_hidden_layers, cfg.student.head_dim, cfg.data.max_len)
+    parts = {"student": student}
+    e_s, d_t = student.bert.embeddings.word_embeddings, teacher.config.hidden_size
+    if cfg.dual.enabled:
+        parts["mixed"] = MixedEmbedding(teacher.embeddings.word_embeddings, e_s)
+        parts["head_s"] = StudentVocabHead(d_t, e_s)
+    if cfg.proj.enabled:
+        parts["projection"] = SharedProjection(cfg.student.hidden, d_t, cfg.proj.direction)
+    return parts
+
+
 class VocabKDModule(pl.LightningModule):
     """Student (V_s, width d_s) trained with the teacher at once; the teacher's body stays frozen unless
     ``dual.train_teacher`` (CPU budgets: dual training then shapes E_s, the up-projection and the V_s softmax through it)."""
@@ -131,6 +144,17 @@ class VocabKDModule(pl.LightningModule):
             raise ConfigError(f"unknown proj.reading '{cfg.proj.reading}'; valid: {', '.join(READINGS)}")
         if cfg.student.hidden % cfg.student.head_dim:
             raise ConfigError(f"student.hidden={cfg.student.hidden} must be a multiple of student.head_dim={cfg.student.head_dim}")
+
+    @classmethod
+    def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
+        """The parameter names freeze=[…] will see (setup builds the networks for the data's vocabularies): the teacher
+        from its config.json, the student for a placeholder vocabulary, in setup's order (shared tensors keep the name
+        they are first registered under)."""
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig.from_pretrained(str(resolve_teacher_path(cfg.teacher.path)), local_files_only=True)
+        teacher = BertModel(config, add_pooling_layer=False)
+        return torch.nn.ModuleDict({"head_t": teacher_mlm_head(teacher), "teacher": teacher, **student_parts(cfg, teacher, 8)})
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
@@ -152,15 +176,8 @@ class VocabKDModule(pl.LightningModule):
         train_teacher = cfg.dual.enabled and cfg.dual.train_teacher
         for p in [*self.teacher.parameters(), *self.head_t.parameters()]:
             p.requires_grad_(train_teacher)
-        self.student = build_student(self.student_ids.size, cfg.student.hidden, teacher.config.num_hidden_layers,
-                                     cfg.student.head_dim, cfg.data.max_len)  # fmt: skip
-        e_s = self.student.bert.embeddings.word_embeddings
-        d_t = teacher.config.hidden_size
-        if cfg.dual.enabled:
-            self.mixed = MixedEmbedding(teacher.embeddings.word_embeddings, e_s)
-            self.head_s = StudentVocabHead(d_t, e_s)
-        if cfg.proj.enabled:
-            self.projection = SharedProjection(cfg.student.hidden, d_t, cfg.proj.direction)
+        for name, part in student_parts(cfg, teacher, self.student_ids.size).items():
+            setattr(self, name, part)
 
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)

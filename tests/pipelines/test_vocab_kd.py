@@ -281,9 +281,14 @@ def test_train_smoke_logs_metrics_and_caches_the_teacher_head(home, tiny_teacher
     cached = list((home / "cache" / "vocab_kd").glob("mlm-head-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    train("vocab_kd", ["preset=smoke", f"teacher.path={tiny_teacher}", "seed=1", "proj.reading=weights", "proj.direction=down"])
-    assert [p.stat().st_mtime_ns for p in (home / "cache" / "vocab_kd").glob("mlm-head-*.pt")] == [stamp]  # read, not retrained
+    # freeze=[…] passes the check on the skeleton (before the run) and is applied to the networks setup built
+    (frozen,) = train("vocab_kd", ["preset=smoke", f"teacher.path={tiny_teacher}", "seed=1", "proj.reading=weights", "proj.direction=down",
+                                   "freeze=[mixed.up]"])  # fmt: skip
     client = MlflowClient(tracking_uri=tracking_uri(first.config))
+    a, b = (client.get_run(r.run_id).data.metrics for r in (first, frozen))
+    up = compose("vocab_kd", {"preset": "smoke"}).student.hidden * 32 + 32  # d_s → the tiny teacher's 32, weight and bias
+    assert b["memory/frozen_params"] - a["memory/frozen_params"] == up
+    assert [p.stat().st_mtime_ns for p in (home / "cache" / "vocab_kd").glob("mlm-head-*.pt")] == [stamp]  # read, not retrained
     assert client.get_run(first.run_id).data.tags["vocab_kd.teacher_head"] == "trained briefly (checkpoint has none)"
 
 
