@@ -482,6 +482,8 @@ def quiet_console(verbose: bool) -> None:
     logging.disable(logging.INFO)
     # torchao (imported by transformers for vocab_kd's teacher) registers enums torch now handles itself: a WARNING a line
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # MLflow logs a database error with its traceback before raising it; the raised error gets its one line from main
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,6 +516,13 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split())[:500]
         if isinstance(err, MemoryError) or "can't allocate memory" in message or "out of memory" in message.lower():
             message = f"{message or 'out of memory'} (the settings need more memory than this machine has: lower the sizes)"
+        if "database is locked" in message:  # SQLite's busy timeout ran out (5 s)
+            from common.tracking import sqlite_store_hint
+
+            message = (
+                f"the MLflow store {sqlite_store_hint()} is locked by another process writing to it (a stopped or hung "
+                "lightyard or mlflow command on the same store; `fuser <file>` names it): end that process and rerun"
+            )
         run_id = getattr(err, "lightyard_run_id", None)
         where = f"traceback.txt in MLflow run {run_id}; " if run_id else ""
         print(f"lightyard: failed: {type(err).__name__}: {message} ({where}LIGHTYARD_DEBUG=1 prints the traceback)", file=sys.stderr)

@@ -132,6 +132,17 @@ def project_tracking_uri() -> str:
     return tracking_uri(cfg)
 
 
+def sqlite_store_hint() -> str:
+    """The SQLite file a command's store is, for an error message, without opening it (it may be what failed)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri.removeprefix("sqlite:///")
+    try:
+        return str(Path(OmegaConf.load(PROJECT_DIR / "conf" / "base.yaml").paths.mlflow_dir).resolve() / "mlflow.db")
+    except Exception:  # an error message must not fail in turn
+        return "(the sqlite file)"
+
+
 def local_artifact_root(cfg: DictConfig, uri: str) -> str | None:
     """Artifact folder for a local SQLite store; a server decides its own."""
     if not uri.startswith("sqlite:"):

@@ -129,3 +129,24 @@ def test_system_metrics_off_with_one_key(home):
     (result,) = train("toy", ["logger.system_metrics=false", "logger.system_metrics_interval=0.2", "trainer.max_epochs=3"])
     run = MlflowClient(tracking_uri=tracking_uri(compose("toy"))).get_run(result.run_id)
     assert not [k for k in run.data.metrics if k.startswith("system/")] and "val_acc" in run.data.metrics
+
+
+@pytest.mark.slow  # 20-25 s: SQLite's 5 s busy timeout, met by several of MLflow's queries in turn
+def test_a_store_locked_by_another_writer_is_one_line_naming_the_file(home):
+    """A stopped or hung command holding SQLite's write lock: after the busy timeouts (~20 s), one line with the store's
+    file and what to do (was MLflow's logged traceback, then SQLAlchemy's error with the SQL statement)."""
+    import sqlite3
+
+    from tests.conftest import cli
+
+    assert cli("runs").returncode == 0  # the store exists
+    db = home / "mlflow" / "mlflow.db"
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        out = cli("train", "toy", "trainer.max_epochs=1")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"the MLflow store {db} is locked by another process" in out.stderr
