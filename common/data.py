@@ -18,7 +18,7 @@ from common.cache import forked_rngs
 from common.config import ConfigError
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(Sampler):
     """A new permutation every epoch, drawn from (seed, epoch) alone, and a resumable position.
 
     The permutation is the one ``DistributedSampler(shuffle=True, seed=seed)`` draws, which Lightning
@@ -83,7 +83,7 @@ class SeededItems(Dataset):
         epoch, index = key
         seed = item_seed(self.seed, epoch, index)
         with forked_rngs():
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed CUDA's too, which is not forked)
             random.seed(seed)
             np.random.seed(seed % 2**32)
             return self.dataset[index]

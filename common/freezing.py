@@ -7,12 +7,15 @@ them no gradient and optimizers built from :func:`trainable_parameters` keep no 
 
 from __future__ import annotations
 
+import logging
 from fnmatch import fnmatchcase
 from typing import Iterable
 
 import torch
 
 from common.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
@@ -55,15 +58,18 @@ def check_before_run(module_cls, cfg) -> None:
     patterns = list(cfg.get("freeze") or [])
     if not patterns:
         return
+    if not issubclass(module_cls, torch.nn.Module):  # a NonGradientExperiment: the runner trains nothing it could freeze
+        raise ConfigError(
+            f"freeze={patterns} does not apply: {cfg.pipeline} is not trained by the Lightning runner (its experiment builds its own models)"
+        )
+    skeleton = getattr(module_cls, "skeleton", None)
     try:
         with torch.device("meta"):
-            skeleton = getattr(module_cls, "skeleton", None)
             model = skeleton(cfg) if skeleton else module_cls(cfg)
-        names = [name for name, _ in model.named_parameters()]
-    except ConfigError:
-        raise
-    except Exception:  # a module whose construction needs real tensors or files: checked when built
+    except (RuntimeError, NotImplementedError, OSError) as err:  # needs real tensors or files: checked when built
+        log.debug("freeze patterns not checked before the run (%s: %s); checked when the model is built", type(err).__name__, err)
         return
+    names = [name for name, _ in model.named_parameters()]
     if not names and skeleton:
         raise ConfigError(f"freeze={patterns} does not apply: {cfg.pipeline} has no parameters trained by gradient")
     if names:

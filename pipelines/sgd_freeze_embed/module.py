@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from common.config import ConfigError
@@ -64,7 +64,9 @@ class FineTuneModule(pl.LightningModule):
     @classmethod
     def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
         """The parameter names freeze=[…] will see (the network is built in setup, after stage 1, for the data's classes)."""
-        return torch.nn.ModuleDict({"model": Classifier(create_backbone(cfg.model), 2, (0.5,) * 3, (0.5,) * 3)})
+        # the names only: no pretrained weights (preset=paper's would be fetched from the Hub, or fail offline)
+        backbone = create_backbone(OmegaConf.merge(cfg.model, {"pretrained": False}))
+        return torch.nn.ModuleDict({"model": Classifier(backbone, 2, (0.5,) * 3, (0.5,) * 3)})
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
