@@ -160,7 +160,14 @@ class FitProgressBar(ProgressBar):
 
 class RngState(pl.Callback):
     """Random generator states (torch CPU and CUDA, numpy, random) in every checkpoint, restored on resume:
-    dropout, augmentation and sampling continue on the draws an uninterrupted run would have made."""
+    dropout, augmentation and sampling continue on the draws an uninterrupted run would have made.
+
+    Restored at ``on_train_start``, not when the checkpoint is read: by then the fit has built its loaders and made
+    their iterators (each draws a base seed from torch's generator), which an uninterrupted run had done before the
+    checkpoint. After an epoch-end checkpoint it had not yet made the next epoch's: those draws are made again here."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         import random
@@ -179,17 +186,27 @@ class RngState(pl.Callback):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+
+    def on_train_start(self, trainer, pl_module) -> None:
         import random
 
         import numpy as np
         import torch
 
+        state, self._pending = self._pending, None
+        if state is None:
+            return
         torch.set_rng_state(state["torch"])
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+        if trainer.fit_loop.restarted_on_epoch_end or trainer.fit_loop.resumed_on_epoch_end:
+            for loader in trainer.fit_loop._combined_loader.flattened:
+                if isinstance(loader, torch.utils.data.DataLoader) and not (loader.persistent_workers and loader.num_workers):
+                    torch.empty((), dtype=torch.int64).random_()  # the base seed its next epoch's iterator draws
 
 
 class TrainingDiverged(RuntimeError):

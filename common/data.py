@@ -30,8 +30,8 @@ class EpochShuffleSampler(Sampler):
     augmentations are seeded per epoch and item (:class:`SeededItems`).
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False):
-        self.size, self.seed, self.epoch, self.shuffle, self.with_epoch = size, seed, 0, shuffle, with_epoch
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False, epoch: int = 0):
+        self.size, self.seed, self.epoch, self.shuffle, self.with_epoch = size, seed, epoch, shuffle, with_epoch
         self._yielded = self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -55,7 +55,10 @@ class EpochShuffleSampler(Sampler):
         return {"epoch": self.epoch, "yielded": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._skip = state["epoch"], state["yielded"]
+        if state["yielded"] >= self.size:  # saved at an epoch's end: the next iteration is the next epoch, whole
+            self.epoch, self._skip = state["epoch"] + 1, 0
+        else:
+            self.epoch, self._skip = state["epoch"], state["yielded"]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -96,6 +99,7 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     item_epochs: bool = False,
+    epoch: int = 0,
     **kwargs: Any,
 ) -> StatefulDataLoader:
     """A DataLoader whose position goes into Lightning checkpoints.
@@ -103,9 +107,11 @@ def make_loader(
     With :class:`EpochShuffleSampler` that lets a run stopped mid-epoch resume on exactly the
     batches an uninterrupted run would have seen next. ``item_epochs``: the dataset is indexed by
     ``(epoch, index)`` (training sets with per-item seeded augmentation, e.g. :class:`SeededItems`).
+    ``epoch``: the sampler's first epoch, :func:`fit_epoch` for a training loader (a resumed fit creates its
+    loader's iterator before it sets the sampler's epoch, and loader workers start drawing at once).
     """
     use_sampler = shuffle or item_epochs
-    sampler = EpochShuffleSampler(len(dataset), seed, shuffle, with_epoch=item_epochs) if use_sampler else None
+    sampler = EpochShuffleSampler(len(dataset), seed, shuffle, with_epoch=item_epochs, epoch=epoch) if use_sampler else None
     # (a loader's iterator draws its base seed from the global RNG unless given ``generator=``; pipelines whose
     # dropout must not shift by that draw pass their own. Not a default: under ddp_spawn a loader
     # holding a generator made the worker processes abort at exit, 2 runs in 6.)
@@ -117,6 +123,14 @@ def make_loader(
         persistent_workers=num_workers > 0,
         **kwargs,
     )
+
+
+def fit_epoch(datamodule) -> int:
+    """The epoch a training loader starts in, 0 outside a fit: the one Lightning will give the sampler (epochs
+    processed; after a checkpoint saved at an epoch's end that is the next epoch, where ``current_epoch`` still
+    says the saved one until the fit starts)."""
+    trainer = getattr(datamodule, "trainer", None)
+    return int(trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else 0
 
 
 def require_folder(root: str | Path, layout: str) -> Path:

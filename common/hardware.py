@@ -116,3 +116,15 @@ def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tuple
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, out
+
+
+def total_steps(trainer) -> int:
+    """``trainer.estimated_stepping_batches``, for an LR schedule built in ``configure_optimizers``.
+
+    To count them Lightning builds (and starts iterating) the fit's training loader, which in ``configure_optimizers``
+    is before a resumed run's loop state is restored; the fit then keeps that loader and never loads the saved
+    position into it, so a run resumed mid-epoch started its epoch again from the first batch. Dropping the loader
+    makes the fit build it again after the restore, with the saved position and the restored epoch."""
+    total = trainer.estimated_stepping_batches
+    trainer.fit_loop._combined_loader = None  # (private: no public way to ask for the rebuild)
+    return total

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import IMAGE_SUFFIXES, eight_bit, make_loader, require_folder
+from common.data import IMAGE_SUFFIXES, eight_bit, fit_epoch, make_loader, require_folder
 
 DATASETS = ("generated", "folder", "cifar_cat_dog")
 FOLDER_LAYOUT = "<root>/trainA, <root>/trainB, <root>/testA, <root>/testB holding .jpg/.png images (A = domain X, B = domain Y)"
@@ -306,6 +306,7 @@ class UnpairedDataModule(pl.LightningDataModule):
             self.dataset("train"),
             d.batch_size,
             shuffle=d.shuffle,
+            epoch=fit_epoch(self),
             seed=self.cfg.seed,
             num_workers=d.num_workers,
             item_epochs=True,

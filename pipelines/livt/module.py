@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.hardware import total_steps
 from common.models import check_timm_name
 from common.tracking import pyplot
 from pipelines.livt.data import LTDataModule, check_data, eval_transform, train_transform
@@ -326,7 +327,7 @@ class LiVTModule(pl.LightningModule):
         for group in groups:
             group["lr"] = lr * group.pop("lr_scale")
         opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas))
-        total = int(self.trainer.estimated_stepping_batches)
+        total = int(total_steps(self.trainer))
         per_epoch = max(total // max(self.trainer.max_epochs, 1), 1)
         warmup = int(o.warmup_epochs * per_epoch)
         schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: warmup_cosine(t, total, warmup, o.min_lr / lr))

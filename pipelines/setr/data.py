@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, item_seed, load_image, make_loader, read_text, require_files
+from common.data import check_images, fit_epoch, item_seed, load_image, make_loader, read_text, require_files
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -539,6 +539,7 @@ class SegDataModule(pl.LightningDataModule):
             self.splits["train"],
             d.batch_size,
             shuffle=True,
+            epoch=fit_epoch(self),
             seed=self.cfg.seed,
             num_workers=d.num_workers,
             item_epochs=True,

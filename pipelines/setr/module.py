@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from common.config import ConfigError
+from common.hardware import total_steps
 from common.data import load_weights, require_weights_file
 from pipelines.setr.data import SegDataModule, check_data, class_names
 from pipelines.setr.model import (
@@ -271,6 +272,6 @@ class SETRModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt, schedule = make_optimizer(
-            self.model, o.lr, o.momentum, o.weight_decay, o.head_lr_mult, int(self.trainer.estimated_stepping_batches), o.power, o.min_lr
+            self.model, o.lr, o.momentum, o.weight_decay, o.head_lr_mult, int(total_steps(self.trainer)), o.power, o.min_lr
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import check_images, load_image, make_loader, read_text, require_files
+from common.data import check_images, fit_epoch, load_image, make_loader, read_text, require_files
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -461,7 +461,9 @@ class ShiftDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         d = self.cfg.data
-        return make_loader(self.splits["train"], d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers)
+        return make_loader(
+            self.splits["train"], d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, epoch=fit_epoch(self)
+        )
 
     def val_dataloader(self):
         d = self.cfg.data

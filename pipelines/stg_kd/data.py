@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import make_loader, read_text, require_files
+from common.data import fit_epoch, make_loader, read_text, require_files
 from pipelines.stg_kd.model import BOS, EOS, PAD, SPECIALS, UNK
 
 FOLDER_LAYOUT = (
@@ -474,7 +474,9 @@ class VideoCaptionDataModule(pl.LightningDataModule):
         d = self.cfg.data
         data = CaptionSet(self.splits[split], self.vocab, int(d.max_words), pairs=train)
         size = d.batch_size if train else d.eval_batch_size
-        return make_loader(data, size, shuffle=train, seed=int(self.cfg.seed), num_workers=d.num_workers, collate_fn=collate)
+        return make_loader(
+            data, size, shuffle=train, seed=int(self.cfg.seed), epoch=fit_epoch(self), num_workers=d.num_workers, collate_fn=collate
+        )
 
     def train_dataloader(self):
         return self._loader("train", True)

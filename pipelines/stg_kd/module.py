@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
+from common.hardware import total_steps
 from pipelines.stg_kd.data import VideoCaptionDataModule, check_data
 from pipelines.stg_kd.metrics import caption_scores
 from pipelines.stg_kd.model import STGKD, TEST_BRANCH, beam_search, caption_ce, check_variant, greedy_decode, kd_loss
@@ -175,7 +176,7 @@ class STGKDModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim
         opt = torch.optim.AdamW(self.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.98))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = max(int(total_steps(self.trainer)), 1)
         warmup = min(int(o.warmup_steps), total // 2)
         lr = lambda step: (
             (step + 1) / max(warmup, 1) if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached, save_atomic
 from common.config import ConfigError
+from common.hardware import total_steps
 from pipelines.vocab_kd.data import Passage, TextDataModule, check_data
 from pipelines.vocab_kd.model import (
     BERT_BASE_PARAMS,
@@ -343,7 +344,7 @@ class VocabKDModule(pl.LightningModule):
         o = self.cfg.optim
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        total = max(int(total_steps(self.trainer)), 1)
         warmup = int(o.warmup_fraction * total)
 
         def schedule(step: int) -> float:  # linear warmup, then linear decay to 0 (BERT's schedule)

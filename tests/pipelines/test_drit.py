@@ -350,11 +350,15 @@ def test_reproduce_and_bench_smoke(home):
 
 
 @pytest.mark.slow  # ~30 s (the kill, the resume and the reference run); tests/test_faults.py checks the keyed items in the suite
-def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
-    """Killed after batch 3 of 6 (the first epoch's last; the checkpoint lands after batch 4, mid-epoch 2): the resumed
-    weights equal an uninterrupted run's. Before the items were keyed (epoch, i), a run resumed mid-epoch cropped with
-    epoch 0's draws (Lightning skips on_train_epoch_start then) and ended 2e-4 off."""
+@pytest.mark.parametrize("workers,kill_at", [(0, 3), (2, 3), (2, 2)])
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home, workers, kill_at):
+    """Killed after batch 3 of 6 (the first epoch's last; the checkpoint lands after batch 4, mid-epoch 2), or after
+    batch 2 (the checkpoint lands at the first epoch's end): the resumed weights equal an uninterrupted run's, with and
+    without loader workers. Before the items were keyed (epoch, i), a run resumed mid-epoch cropped with epoch 0's draws
+    (Lightning skips on_train_epoch_start then) and ended 2e-4 off; with workers, a loader built for the resumed fit
+    started on the saved epoch, not the next (workers draw the order at once, before Lightning sets the epoch)."""
     from tests.resume_check import assert_exact_resume
 
     # manual optimisation: global_step counts each optimiser's steps (content D, D, then E/G every d_iter-th batch)
-    assert_exact_resume(home, "drit", ["preset=smoke", "trainer.max_epochs=2"], kill_at_step=3, total_steps=10)
+    overrides = ["preset=smoke", "trainer.max_epochs=2", f"data.num_workers={workers}"]
+    assert_exact_resume(home, "drit", overrides, kill_at_step=kill_at, total_steps=10)

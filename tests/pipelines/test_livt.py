@@ -417,10 +417,13 @@ def test_an_image_size_the_vit_is_not_built_for_is_one_line_before_a_run():
 
 
 @pytest.mark.slow  # ~20 s (the kill, the resume and the reference run); tests/test_faults.py checks the seeded items in the suite
-def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
-    """Killed after step 2 of 6 (mid-epoch): the resumed weights equal an uninterrupted run's. Before the training items
-    were seeded per (epoch, index), timm's augmentations drew from the global generators, which Lightning's one-batch
-    prefetch had moved past the checkpoint's loader position, and the resumed run ended 4e-4 off."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home, workers):
+    """Killed after step 3 of 6 (the checkpoint lands after step 4, mid-epoch 2): the resumed weights equal an
+    uninterrupted run's. Before, timm's augmentations drew from the global generators, which Lightning's one-batch
+    prefetch had moved past the checkpoint's loader position (4e-4 off), and the LR schedule's step count had Lightning
+    build the loader before the restore and restart the epoch (common.hardware.total_steps)."""
     from tests.resume_check import assert_exact_resume
 
-    assert_exact_resume(home, "livt", ["preset=smoke", "trainer.max_epochs=2"], kill_at_step=2, total_steps=6)
+    overrides = ["preset=smoke", "trainer.max_epochs=2", f"data.num_workers={workers}"]
+    assert_exact_resume(home, "livt", overrides, kill_at_step=3, total_steps=6)

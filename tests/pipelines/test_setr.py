@@ -410,8 +410,11 @@ def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_pa
 
 
 @pytest.mark.slow  # 12-26 s; stg_kd's (a monitored checkpoint) and the toy's stay in the suite
-def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
-    """Two epochs of two steps, killed after step 1 (mid-epoch): the resumed weights equal an uninterrupted run's."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home, workers):
+    """Two epochs of two steps, killed after step 2 (the checkpoint lands after step 3, mid-epoch 2): the resumed weights
+    equal an uninterrupted run's, with and without loader workers (both failed before common.hardware.total_steps)."""
     from tests.resume_check import assert_exact_resume
 
-    assert_exact_resume(home, "setr", ["preset=smoke", "trainer.max_epochs=2"], kill_at_step=1, total_steps=4)
+    overrides = ["preset=smoke", "trainer.max_epochs=2", f"data.num_workers={workers}"]
+    assert_exact_resume(home, "setr", overrides, kill_at_step=2, total_steps=4)

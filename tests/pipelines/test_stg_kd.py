@@ -301,9 +301,13 @@ def test_java_token_count_lines_are_dropped_and_other_stderr_kept(capfd):
     assert capfd.readouterr().err == "real problem\n"
 
 
-def test_sigterm_and_resume_equal_an_uninterrupted_run(home):
-    """Two epochs of three steps, killed after step 2; the monitored checkpoint (val/cider) no longer leaves last.ckpt
-    at the best epoch: the resumed and the uninterrupted run both end at step 6 with equal weights."""
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_sigterm_and_resume_equal_an_uninterrupted_run(home, workers):
+    """Two epochs of three steps, killed after step 2 (the checkpoint lands at the first epoch's end); the monitored
+    checkpoint (val/cider) no longer leaves last.ckpt at the best epoch: the resumed and the uninterrupted run both end
+    at step 6 with equal weights. The LR schedule counts the steps (common.hardware.total_steps), and the generators
+    are restored after the resumed fit has made its loader's iterator (callbacks.RngState)."""
     from tests.resume_check import assert_exact_resume
 
-    assert_exact_resume(home, "stg_kd", ["preset=smoke", "trainer.max_epochs=2"], kill_at_step=2, total_steps=6)
+    overrides = ["preset=smoke", "trainer.max_epochs=2", f"data.num_workers={workers}"]
+    assert_exact_resume(home, "stg_kd", overrides, kill_at_step=2, total_steps=6)

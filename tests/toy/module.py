@@ -5,8 +5,9 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.data import make_loader
+from common.data import fit_epoch, make_loader
 from common.freezing import trainable_parameters
+from common.hardware import total_steps
 
 
 class ToyModule(pl.LightningModule):
@@ -40,8 +41,14 @@ class ToyModule(pl.LightningModule):
     def configure_optimizers(self):
         m = self.cfg.model
         if m.optimizer == "adamw":
-            return torch.optim.AdamW(trainable_parameters(self), lr=m.lr)
-        return torch.optim.SGD(trainable_parameters(self), lr=m.lr, momentum=m.momentum)
+            opt = torch.optim.AdamW(trainable_parameters(self), lr=m.lr)
+        else:
+            opt = torch.optim.SGD(trainable_parameters(self), lr=m.lr, momentum=m.momentum)
+        if not m.get("decay"):
+            return opt
+        total = total_steps(self.trainer)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / (total + 1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 class ToyData(pl.LightningDataModule):
@@ -56,7 +63,7 @@ class ToyData(pl.LightningDataModule):
 
     def train_dataloader(self):
         d = self.cfg.data
-        return make_loader(self.train_set, d.batch_size, shuffle=d.shuffle, seed=self.cfg.seed)
+        return make_loader(self.train_set, d.batch_size, shuffle=d.shuffle, seed=self.cfg.seed, epoch=fit_epoch(self))
 
     def val_dataloader(self):
         return make_loader(self.train_set, self.cfg.data.n)
