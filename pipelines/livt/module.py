@@ -3,9 +3,11 @@ LightningModule is stage 2, balanced fine-tuning, with top-1 overall and on many
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -42,7 +44,16 @@ def mgp_cache_path(cfg: DictConfig, data: LTDataModule) -> Path:
     fine-tuning seeds share one pretraining)."""
     settings = {k: v for k, v in OmegaConf.to_container(cfg.mgp, resolve=True).items() if k != "enabled"}
     return cache_file(
-        cfg, "livt", "mgp", {"model": OmegaConf.to_container(cfg.model, resolve=True), "mgp": settings, "data": data.identity()}
+        cfg,
+        "livt",
+        "mgp",
+        # "seeds": stage 1 drew from the building run's random/numpy streams before mgp.seed seeded them
+        {
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "mgp": settings,
+            "data": data.identity(),
+            "seeds": "mgp.seed, all streams",
+        },
     )
 
 
@@ -52,7 +63,11 @@ def pretrain_mgp(cfg: DictConfig, data: LTDataModule, device: torch.device) -> d
     from tqdm import tqdm
 
     m = cfg.mgp
+    # timm's crops and flips draw from random (and numpy): all three from mgp.seed, or stage 1 (cached under a key
+    # without the run's seed) would depend on the seed of the run that built it (cached() forks them back afterwards)
     torch.manual_seed(m.seed)
+    random.seed(m.seed)
+    np.random.seed(m.seed)
     mae = build_mae(cfg).to(device)
     from timm.optim import param_groups_weight_decay
 

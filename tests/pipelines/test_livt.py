@@ -365,6 +365,26 @@ def test_mgp_cache_key_follows_the_settings_and_the_data_not_the_run_seed(tmp_pa
     assert key(**{"mgp.mask_ratio": 0.5}) != base and key(**{"data.rho": 5.0}) != base and key(**{"model.kwargs.depth": 2}) != base
 
 
+def test_stage_1_depends_on_mgp_seed_not_on_the_building_runs_streams():
+    """Its cache key leaves the run's seed out, so stage 1 must not draw from the run's random/numpy streams (timm's
+    crops did: the weights depended on which run's seed built the cache)."""
+    import random
+
+    import numpy as np
+
+    from pipelines.livt.module import pretrain_mgp
+
+    cfg = compose("livt", {"preset": "smoke"})
+    data = LTDataModule(cfg)
+    data.setup()
+    states = []
+    for seed in (0, 1):
+        random.seed(seed)
+        np.random.seed(seed)
+        states.append(pretrain_mgp(cfg, data, torch.device("cpu"))["state"])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 # -- smoke runs through the command line's path -------------------------------------------------------------------
 def test_train_smoke_logs_metrics_and_artifacts_and_reuses_stage_1(home):
     (first,) = train("livt", ["preset=smoke"])
