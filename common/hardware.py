@@ -124,7 +124,11 @@ def total_steps(trainer) -> int:
     To count them Lightning builds (and starts iterating) the fit's training loader, which in ``configure_optimizers``
     is before a resumed run's loop state is restored; the fit then keeps that loader and never loads the saved
     position into it, so a run resumed mid-epoch started its epoch again from the first batch. Dropping the loader
-    makes the fit build it again after the restore, with the saved position and the restored epoch."""
-    total = trainer.estimated_stepping_batches
+    makes the fit build it again after the restore, with the saved position and the restored epoch. The dropped
+    loader's draws (its iterator's base seed) are forked away: the run's streams are those of one loader, as before."""
+    from common.cache import forked_rngs
+
+    with forked_rngs():
+        total = trainer.estimated_stepping_batches
     trainer.fit_loop._combined_loader = None  # (private: no public way to ask for the rebuild)
     return total
