@@ -107,8 +107,8 @@ def make_loader(
     With :class:`EpochShuffleSampler` that lets a run stopped mid-epoch resume on exactly the
     batches an uninterrupted run would have seen next. ``item_epochs``: the dataset is indexed by
     ``(epoch, index)`` (training sets with per-item seeded augmentation, e.g. :class:`SeededItems`).
-    ``epoch``: the sampler's first epoch, :func:`fit_epoch` for a training loader (a resumed fit creates its
-    loader's iterator before it sets the sampler's epoch, and loader workers start drawing at once).
+    ``epoch``: the sampler's first epoch (a resumed fit creates its loader's iterator before it sets the sampler's
+    epoch, and loader workers start drawing at once); a datamodule's loaders: :func:`training_loader`, :func:`eval_loader`.
     """
     use_sampler = shuffle or item_epochs
     sampler = EpochShuffleSampler(len(dataset), seed, shuffle, with_epoch=item_epochs, epoch=epoch) if use_sampler else None
@@ -131,6 +131,27 @@ def fit_epoch(datamodule) -> int:
     says the saved one until the fit starts)."""
     trainer = getattr(datamodule, "trainer", None)
     return int(trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else 0
+
+
+def training_loader(datamodule, dataset: Dataset, shuffle: bool = True, item_epochs: bool = False, **kwargs: Any) -> StatefulDataLoader:
+    """A datamodule's training loader: ``data.batch_size``, ``data.num_workers`` and ``seed`` from its config, and
+    the sampler started at :func:`fit_epoch` (here, so that no pipeline can forget it: a resumed fit needs it)."""
+    cfg = datamodule.cfg
+    return make_loader(
+        dataset,
+        cfg.data.batch_size,
+        shuffle=shuffle,
+        seed=int(cfg.seed),
+        num_workers=cfg.data.num_workers,
+        item_epochs=item_epochs,
+        epoch=fit_epoch(datamodule),
+        **kwargs,
+    )
+
+
+def eval_loader(datamodule, dataset: Dataset, **kwargs: Any) -> StatefulDataLoader:
+    """A datamodule's evaluation loader: in order, ``data.eval_batch_size`` and ``data.num_workers`` from its config."""
+    return make_loader(dataset, datamodule.cfg.data.eval_batch_size, num_workers=datamodule.cfg.data.num_workers, **kwargs)
 
 
 def require_folder(root: str | Path, layout: str) -> Path:

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import IMAGE_SUFFIXES, eight_bit, fit_epoch, make_loader, require_folder
+from common.data import IMAGE_SUFFIXES, eight_bit, eval_loader, require_folder, training_loader
 
 DATASETS = ("generated", "folder", "cifar_cat_dog")
 FOLDER_LAYOUT = "<root>/trainA, <root>/trainB, <root>/testA, <root>/testB holding .jpg/.png images (A = domain X, B = domain Y)"
@@ -302,20 +302,10 @@ class UnpairedDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         d = self.cfg.data
         # drop_last: every step needs a full (even) batch, the first half per domain for each path
-        return make_loader(
-            self.dataset("train"),
-            d.batch_size,
-            shuffle=d.shuffle,
-            epoch=fit_epoch(self),
-            seed=self.cfg.seed,
-            num_workers=d.num_workers,
-            item_epochs=True,
-            drop_last=True,
-        )
+        return training_loader(self, self.dataset("train"), shuffle=d.shuffle, item_epochs=True, drop_last=True)
 
     def test_dataloader(self):
-        d = self.cfg.data
-        return make_loader(self.dataset("test"), d.eval_batch_size, num_workers=d.num_workers)
+        return eval_loader(self, self.dataset("test"))
 
 
 def check_data(d: DictConfig) -> None:

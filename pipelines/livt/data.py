@@ -32,16 +32,16 @@ from common.data import (
     check_images,
     cifar_batch_files,
     files_digest,
-    fit_epoch,
     image_tree_files,
     load_image,
-    make_loader,
     read_cifar_batches,
     read_image_tree,
     read_text,
     require_files,
     require_folder,
     SeededItems,
+    eval_loader,
+    training_loader,
 )
 
 # -- the long-tailed protocol ---------------------------------------------------------------------------
@@ -412,21 +412,12 @@ class LTDataModule(pl.LightningDataModule):
         # timm's augmentations draw from the global generators: seeded per (epoch, item) instead (exact resume, workers)
         data = SeededItems(self.sources["train"].dataset(train_transform(d, self.cfg.augment)), self.cfg.seed)
         # mixup/cutmix pair up a batch with its flip: an odd last batch is dropped
-        return make_loader(
-            data,
-            d.batch_size,
-            shuffle=True,
-            epoch=fit_epoch(self),
-            seed=self.cfg.seed,
-            num_workers=d.num_workers,
-            item_epochs=True,
-            drop_last=len(data) > d.batch_size,
-        )
+        return training_loader(self, data, item_epochs=True, drop_last=len(data) > d.batch_size)
 
     def val_dataloader(self):
         d = self.cfg.data
-        return make_loader(self.sources["val"].dataset(eval_transform(d)), d.eval_batch_size, num_workers=d.num_workers)
+        return eval_loader(self, self.sources["val"].dataset(eval_transform(d)))
 
     def test_dataloader(self):
         d = self.cfg.data
-        return make_loader(self.sources["test"].dataset(eval_transform(d)), d.eval_batch_size, num_workers=d.num_workers)
+        return eval_loader(self, self.sources["test"].dataset(eval_transform(d)))

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, fit_epoch, item_seed, load_image, make_loader, read_text, require_files
+from common.data import check_images, eval_loader, item_seed, load_image, read_text, require_files, training_loader
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -534,20 +534,10 @@ class SegDataModule(pl.LightningDataModule):
         }
 
     def train_dataloader(self):
-        d = self.cfg.data
-        return make_loader(
-            self.splits["train"],
-            d.batch_size,
-            shuffle=True,
-            epoch=fit_epoch(self),
-            seed=self.cfg.seed,
-            num_workers=d.num_workers,
-            item_epochs=True,
-            drop_last=True,
-        )
+        return training_loader(self, self.splits["train"], item_epochs=True, drop_last=True)
 
     def val_dataloader(self):
-        return make_loader(self.splits["val"], self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers)
+        return eval_loader(self, self.splits["val"])
 
     def test_dataloader(self):
-        return make_loader(self.splits["test"], self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers)
+        return eval_loader(self, self.splits["test"])

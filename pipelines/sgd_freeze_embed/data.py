@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import check_images, fit_epoch, load_image, make_loader, read_text, require_files
+from common.data import check_images, eval_loader, load_image, read_text, require_files, training_loader
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -460,11 +460,7 @@ class ShiftDataModule(pl.LightningDataModule):
             self.splits = build_splits(self.cfg)
 
     def train_dataloader(self):
-        d = self.cfg.data
-        return make_loader(
-            self.splits["train"], d.batch_size, shuffle=True, seed=self.cfg.seed, num_workers=d.num_workers, epoch=fit_epoch(self)
-        )
+        return training_loader(self, self.splits["train"])
 
     def val_dataloader(self):
-        d = self.cfg.data
-        return [make_loader(self.splits[k], d.eval_batch_size, num_workers=d.num_workers) for k in self.EVAL if k in self.splits]
+        return [eval_loader(self, self.splits[k]) for k in self.EVAL if k in self.splits]

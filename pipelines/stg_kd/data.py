@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import fit_epoch, make_loader, read_text, require_files
+from common.data import eval_loader, read_text, require_files, training_loader
 from pipelines.stg_kd.model import BOS, EOS, PAD, SPECIALS, UNK
 
 FOLDER_LAYOUT = (
@@ -470,22 +470,17 @@ class VideoCaptionDataModule(pl.LightningDataModule):
         self.object_dim = int(self.splits["train"]["obj_feats"].shape[-1])
         self.frames = int(self.splits["train"]["scene"].shape[1])
 
-    def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
-        d = self.cfg.data
-        data = CaptionSet(self.splits[split], self.vocab, int(d.max_words), pairs=train)
-        size = d.batch_size if train else d.eval_batch_size
-        return make_loader(
-            data, size, shuffle=train, seed=int(self.cfg.seed), epoch=fit_epoch(self), num_workers=d.num_workers, collate_fn=collate
-        )
+    def _captions(self, split: str, train: bool) -> CaptionSet:
+        return CaptionSet(self.splits[split], self.vocab, int(self.cfg.data.max_words), pairs=train)
 
     def train_dataloader(self):
-        return self._loader("train", True)
+        return training_loader(self, self._captions("train", True), collate_fn=collate)
 
     def val_dataloader(self):
-        return self._loader("val", False)
+        return eval_loader(self, self._captions("val", False), collate_fn=collate)
 
     def test_dataloader(self):
-        return self._loader("test", False)
+        return eval_loader(self, self._captions("test", False), collate_fn=collate)
 
     def identity(self) -> dict:
         d = self.cfg.data

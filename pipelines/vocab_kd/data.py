@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import fit_epoch, make_loader
+from common.data import eval_loader, training_loader
 from pipelines.vocab_kd.model import SpecialIds, normalise_and_split, resolve_teacher_path, segment_words, train_wordpiece
 
 TEXT_LAYOUT = "<root>/<collection>/*.txt (plain text; e.g. english_text/{gutenberg,inaugural,state_union}/*.txt)"
@@ -316,11 +316,10 @@ class TextDataModule(pl.LightningDataModule):
         return {"train_text": digest, "max_len": self.cfg.data.max_len}
 
     def train_dataloader(self):
-        return make_loader(Passages(self.splits["train"]), self.cfg.data.batch_size, shuffle=True, seed=self.cfg.seed, epoch=fit_epoch(self),
-                           collate_fn=collate, drop_last=True)  # fmt: skip
+        return training_loader(self, Passages(self.splits["train"]), collate_fn=collate, drop_last=True)
 
     def val_dataloader(self):
-        return make_loader(Passages(self.splits["val"]), self.cfg.data.eval_batch_size, collate_fn=collate)
+        return eval_loader(self, Passages(self.splits["val"]), collate_fn=collate)
 
     def test_dataloader(self):
-        return make_loader(Passages(self.splits["test"]), self.cfg.data.eval_batch_size, collate_fn=collate)
+        return eval_loader(self, Passages(self.splits["test"]), collate_fn=collate)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.data import fit_epoch, make_loader
+from common.data import make_loader, training_loader
 from common.freezing import trainable_parameters
 from common.hardware import total_steps
 
@@ -63,7 +63,7 @@ class ToyData(pl.LightningDataModule):
 
     def train_dataloader(self):
         d = self.cfg.data
-        return make_loader(self.train_set, d.batch_size, shuffle=d.shuffle, seed=self.cfg.seed, epoch=fit_epoch(self))
+        return training_loader(self, self.train_set, shuffle=d.shuffle)
 
     def val_dataloader(self):
         return make_loader(self.train_set, self.cfg.data.n)
