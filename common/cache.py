@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import random
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
+
+from common import rng
 
 
 def cache_file(cfg: DictConfig, pipeline: str, stem: str, key: Any) -> Path:
@@ -28,20 +28,6 @@ def save_atomic(obj: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-@contextlib.contextmanager
-def forked_rngs():
-    """torch's, numpy's and ``random``'s streams restored afterwards (timm's RandAugment and crops draw from ``random``)."""
-    import numpy as np
-
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
-
-
 def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> Any:
     """The artifact at ``path``, built first when missing. ``build`` runs under forked RNGs (torch, numpy, random), so a
     run's own random draws do not depend on whether the cache existed (livt's first run, which built stage 1, differed
@@ -49,7 +35,7 @@ def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> An
     wait at a barrier. Read with weights_only=True: only tensors and plain containers."""
     path = Path(path)
     if not path.is_file() and (strategy is None or strategy.global_rank == 0):
-        with forked_rngs():
+        with rng.forked():
             result = build()
         save_atomic(result, path)
         print(f"{what} cached at {path}", flush=True)

@@ -170,39 +170,22 @@ class RngState(pl.Callback):
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        import random
+        from common import rng
 
-        import numpy as np
-        import torch
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss],
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+        return rng.get_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending = state
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import random
-
-        import numpy as np
         import torch
+
+        from common import rng
 
         state, self._pending = self._pending, None
         if state is None:
             return
-        torch.set_rng_state(state["torch"])
-        kind, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        rng.set_state(state)
         if trainer.fit_loop.restarted_on_epoch_end or trainer.fit_loop.resumed_on_epoch_end:
             for loader in trainer.fit_loop._combined_loader.flattened:
                 if isinstance(loader, torch.utils.data.DataLoader) and not (loader.persistent_workers and loader.num_workers):

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from common.cache import forked_rngs
+from common import rng
 from common.config import ConfigError
 
 
@@ -85,7 +85,7 @@ class SeededItems(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         seed = item_seed(self.seed, epoch, index)
-        with forked_rngs():
+        with rng.forked():
             torch.default_generator.manual_seed(seed)  # (torch.manual_seed would reseed CUDA's too, which is not forked)
             random.seed(seed)
             np.random.seed(seed % 2**32)

@@ -126,9 +126,9 @@ def total_steps(trainer) -> int:
     position into it, so a run resumed mid-epoch started its epoch again from the first batch. Dropping the loader
     makes the fit build it again after the restore, with the saved position and the restored epoch. The dropped
     loader's draws (its iterator's base seed) are forked away: the run's streams are those of one loader, as before."""
-    from common.cache import forked_rngs
+    from common import rng
 
-    with forked_rngs():
+    with rng.forked():
         total = trainer.estimated_stepping_batches
     trainer.fit_loop._combined_loader = None  # (private: no public way to ask for the rebuild)
     return total
