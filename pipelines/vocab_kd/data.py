@@ -285,7 +285,8 @@ class TextDataModule(pl.LightningDataModule):
 
         s = self.cfg.student
         key = json.dumps({"texts": hashlib.sha1("\n".join(train_texts).encode()).hexdigest(), "vocab": s.vocab_size,
-                          "alphabet": s.limit_alphabet, "min_frequency": s.min_frequency})  # fmt: skip
+                          "alphabet": s.limit_alphabet, "min_frequency": s.min_frequency,
+                          "trainer": "sorted-continuations"})  # fmt: skip
         folder = Path(self.cfg.paths.cache_dir) / "vocab_kd" / f"vocab-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         if not (folder / "vocab.txt").is_file():
             tokenizer = train_wordpiece(train_texts, s.vocab_size, s.limit_alphabet, s.min_frequency)

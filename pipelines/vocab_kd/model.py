@@ -35,38 +35,51 @@ def normalise_and_split(text: str) -> list[str]:
     return [w for w, _ in BertPreTokenizer().pre_tokenize_str(BertNormalizer(lowercase=True).normalize_str(text))]
 
 
-def alphabet_size(texts: list[str], limit_alphabet: int) -> int:
-    """Distinct characters of the normalised corpus (capped as the trainer caps them): the WordPiece trainer's initial alphabet."""
-    chars = set()
+def alphabet(texts: list[str], limit_alphabet: int) -> tuple[list[str], list[str]]:
+    """The WordPiece trainer's initial alphabet (the ``limit_alphabet`` most frequent characters of the normalised
+    corpus, ties by character) and its ``##`` continuations (those of them that occur inside a word), both in a fixed
+    order."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    inside: set[str] = set()
     for text in texts:
         for word in normalise_and_split(text):
-            chars.update(word)
-    return min(len(chars), limit_alphabet)
+            counts.update(word)
+            inside.update(word[1:])
+    kept = sorted(counts, key=lambda c: (-counts[c], c))[:limit_alphabet]
+    return kept, ["##" + c for c in sorted(inside.intersection(kept))]
 
 
 def train_wordpiece(texts: list[str], vocab_size: int, limit_alphabet: int = 1000, min_frequency: int = 2):
     """The student vocabulary V_s: HF ``tokenizers``' WordPiece trainer (lowercase, ``##`` continuations) on ``texts``.
 
-    ``vocab_size`` counts the special tokens and the initial alphabet (with its ``##`` forms), so it must exceed them."""
+    ``vocab_size`` counts the special tokens and the initial alphabet with its ``##`` forms, so it must exceed them.
+    Deterministic: the trainer gives the ``##`` forms ids in hash-map order, and its merges break count ties by id, so
+    the same text gave different vocabularies in different processes (huggingface/tokenizers#1794). Here they are
+    given ids first, in sorted order (passed as special tokens, which the trainer numbers first; the returned
+    tokenizer has only the real specials), and the alphabet is fixed (``initial_alphabet``, no tie at its cut)."""
     from tokenizers import BertWordPieceTokenizer
 
-    needed = len(SPECIALS) + alphabet_size(texts, limit_alphabet)
+    chars, continuations = alphabet(texts, limit_alphabet)
+    needed = len(SPECIALS) + len(chars) + len(continuations)
     if vocab_size < needed:
         raise ConfigError(
             f"student.vocab_size={vocab_size} is below the alphabet size of the corpus ({needed} = {len(SPECIALS)} special tokens + "
-            f"{needed - len(SPECIALS)} characters); raise student.vocab_size or lower student.limit_alphabet"
+            f"{len(chars)} characters + {len(continuations)} ## forms); raise student.vocab_size or lower student.limit_alphabet"
         )
-    tokenizer = BertWordPieceTokenizer(lowercase=True, strip_accents=None)
-    tokenizer.train_from_iterator(
+    trainer = BertWordPieceTokenizer(lowercase=True, strip_accents=None)
+    trainer.train_from_iterator(
         texts,
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         limit_alphabet=limit_alphabet,
-        special_tokens=SPECIALS,
+        initial_alphabet=chars,
+        special_tokens=SPECIALS + continuations,
         wordpieces_prefix="##",
         show_progress=False,
     )
-    return tokenizer
+    return BertWordPieceTokenizer(trainer.get_vocab(), lowercase=True, strip_accents=None)
 
 
 def segment_words(tokenizer, words: list[str]) -> list[list[int]]:

@@ -175,6 +175,9 @@ class VocabKDModule(pl.LightningModule):
         self.head_t, self.head_loss = teacher_head(cfg, data, teacher, checkpoint_head, self.trainer.strategy.root_device)
         self.teacher = teacher
         train_teacher = cfg.dual.enabled and cfg.dual.train_teacher
+        # a frozen teacher without dropout, whether or not the head was just trained (which left it in eval mode:
+        # Lightning keeps each submodule's mode, so a run that loaded the cached head trained against a dropout teacher)
+        self.teacher.train(train_teacher)
         for p in [*self.teacher.parameters(), *self.head_t.parameters()]:
             p.requires_grad_(train_teacher)
         for name, part in student_parts(cfg, teacher, self.student_ids.size).items():

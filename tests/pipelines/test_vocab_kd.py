@@ -2,8 +2,10 @@
 every layer, the losses against hand computations, loaders on real-format fixtures, one-line errors, the packaged MiniLM
 teacher, and a smoke run of train / reproduce / bench with a tiny random BERT teacher in the real checkpoint layout."""
 
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,10 +71,24 @@ def test_student_tokenizer_round_trips_text_and_respects_its_size():
         assert "".join(tokenizer.id_to_token(i).removeprefix("##") for i in pieces) == word
 
 
+def test_student_vocabulary_is_the_same_in_another_process():
+    """HF's trainer numbered the ## forms in hash-map order, which changes per process: before train_wordpiece fixed
+    their order, 5 processes gave 5 different vocabularies of this corpus (ids or tokens)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import json; from tests.pipelines.test_vocab_kd import TEXTS; from pipelines.vocab_kd.model import train_wordpiece; "
+        "print(json.dumps(train_wordpiece(TEXTS, 150, 100, 2).get_vocab(), sort_keys=True))"
+    )
+    other = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[2])
+    assert json.loads(other.stdout) == train_wordpiece(TEXTS, 150, 100, 2).get_vocab()
+
+
 def test_vocabulary_below_the_alphabet_is_one_line():
     with pytest.raises(ConfigError) as err:
         train_wordpiece(TEXTS, 20, 100, 2)
-    assert re.fullmatch(r"student.vocab_size=20 is below the alphabet size of the corpus \(\d+ = 5 special tokens \+ \d+ characters\); "
+    assert re.fullmatch(r"student.vocab_size=20 is below the alphabet size of the corpus \(\d+ = 5 special tokens \+ \d+ characters \+ \d+ ## forms\); "
                         r"raise student.vocab_size or lower student.limit_alphabet", str(err.value))  # fmt: skip
 
 
@@ -290,6 +306,10 @@ def test_train_smoke_logs_metrics_and_caches_the_teacher_head(home, tiny_teacher
     assert b["memory/frozen_params"] - a["memory/frozen_params"] == up
     assert [p.stat().st_mtime_ns for p in (home / "cache" / "vocab_kd").glob("mlm-head-*.pt")] == [stamp]  # read, not retrained
     assert client.get_run(first.run_id).data.tags["vocab_kd.teacher_head"] == "trained briefly (checkpoint has none)"
+    # the first run built the head cache, this one reads it: the same run (its teacher had dropout on before)
+    (again,) = train("vocab_kd", ["preset=smoke", f"teacher.path={tiny_teacher}"])
+    learnt = lambda metrics: {k: v for k, v in metrics.items() if k.startswith(("train/", "val/", "test/"))}  # noqa: E731
+    assert learnt(client.get_run(again.run_id).data.metrics) == learnt(a) != {}
 
 
 def _children(result):
