@@ -154,6 +154,14 @@ def eval_loader(datamodule, dataset: Dataset, **kwargs: Any) -> StatefulDataLoad
     return make_loader(dataset, datamodule.cfg.data.eval_batch_size, num_workers=datamodule.cfg.data.num_workers, **kwargs)
 
 
+def check_root_is_read(d, embedded: str, names) -> None:
+    """``data.root`` set while ``data.name`` is the embedded default, which reads no folder: the user meant a real set
+    (it trained on the generated data, FINISHED, without a word)."""
+    if d.name == embedded and d.root:
+        others = ", ".join(n for n in names if n != embedded)
+        raise ConfigError(f"data.root={d.root} is set but data.name={embedded} reads no folder; set data.name (one of {others})")
+
+
 def require_folder(root: str | Path, layout: str) -> Path:
     """A dataset folder that exists (and is a folder), or one line saying what it is and the layout expected."""
     root = Path(root)

@@ -74,6 +74,10 @@ def check_before_run(module_cls, cfg) -> None:
         raise ConfigError(f"freeze={patterns} does not apply: {cfg.pipeline} has no parameters trained by gradient")
     if names:
         check_patterns(names, patterns)
+        if all(matches(name, patterns) for name in names):  # (the optimiser would say "empty parameter list" mid-setup)
+            raise ConfigError(
+                f"freeze={patterns} freezes every parameter of {cfg.pipeline}: nothing would train; freeze a part of the model"
+            )
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -417,6 +417,33 @@ def test_sixteen_bit_and_palette_images_decode_to_their_pixels_not_white_or_gray
 
 
 @pytest.mark.parametrize(
+    "pipeline, embedded",
+    [
+        ("setr", "scenes"),
+        ("stg_kd", "shapes"),
+        ("vocab_kd", "generated"),
+        ("compression", "generated"),
+        ("input_iba", "generated"),
+        ("drit", "generated"),
+    ],
+)
+def test_a_data_root_beside_the_embedded_default_is_one_line(home, tmp_path, pipeline, embedded):
+    """(a review's fuzz: the folder was ignored and the run trained on the generated data, FINISHED)"""
+    out = cli("train", pipeline, "preset=smoke", f"data.root={tmp_path}")
+    assert out.returncode == 2 and f"is set but data.name={embedded} reads no folder; set data.name (one of " in out.stderr, out.stderr
+
+
+def test_freezing_every_parameter_is_one_line_before_a_run_opens(home):
+    """(was the optimiser's "empty parameter list" once the run had opened: livt freeze=[model])"""
+    out = cli("train", "toy", "freeze=[embed,head]")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "lightyard: error: freeze=['embed', 'head'] freezes every parameter of toy: nothing would train; freeze a part of the model"
+    ), out.stderr
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize(
     "pipeline",
     [
         "hog_gcn",

@@ -26,6 +26,7 @@ from common.config import ConfigError
 from common.data import (
     cached_arrays,
     channels_first,
+    check_root_is_read,
     cifar_batch_files,
     files_digest,
     image_tree_files,
@@ -165,6 +166,7 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "generated" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder> ({CIFAR_LAYOUT if d.name == 'cifar10' else TREE_LAYOUT})")
+    check_root_is_read(d, "generated", DATASETS)
     if d.name == "cifar10" and int(d.image_size) != 32 and Path(d.root).is_dir() and cifar_batch_files(Path(d.root), "cifar10"):
         raise ConfigError(f"{d.root} holds CIFAR-10's python batches, 32-pixel images; set data.image_size=32")  # before a run opens
 

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import IMAGE_SUFFIXES, eight_bit, eval_loader, require_folder, training_loader
+from common.data import IMAGE_SUFFIXES, check_root_is_read, eight_bit, eval_loader, require_folder, training_loader
 
 DATASETS = ("generated", "folder", "cifar_cat_dog")
 FOLDER_LAYOUT = "<root>/trainA, <root>/trainB, <root>/testA, <root>/testB holding .jpg/.png images (A = domain X, B = domain Y)"
@@ -315,6 +315,7 @@ def check_data(d: DictConfig) -> None:
     if d.name != "generated" and not d.root:
         layout = FOLDER_LAYOUT if d.name == "folder" else CIFAR_LAYOUT
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>; expected layout: {layout}")
+    check_root_is_read(d, "generated", DATASETS)
     if d.name == "folder":
         folder_images(d.root)  # the layout, before a run opens (images are decoded, and checked, in setup)
     elif d.name != "generated":

@@ -374,12 +374,20 @@ class StepHooks:
             self.trace.append(event)
 
 
+def _backward(hooks: StepHooks, loss: torch.Tensor, params, retain_graph: bool = False) -> None:
+    """Backward into the trainable ones of ``params``: ``freeze=[…]`` may have frozen some (they get no gradient, so
+    Adam keeps no state for them) or all of a group (then there is nothing to do)."""
+    inputs = [p for p in params if p.requires_grad]
+    if inputs:
+        hooks.backward(loss, inputs=inputs, retain_graph=retain_graph)
+
+
 def _content_d_step(net, zc_x: torch.Tensor, zc_y: torch.Tensor, hooks: StepHooks, clip_norm: float) -> float:
     """One update of D_c on detached content codes: its loss, backward into D_c alone, DDP average, clipping, step."""
     hooks.zero_grad("content_d")
     loss = net.content_discriminator_loss(zc_x, zc_y)
     hooks.mark("loss:content_d")
-    hooks.backward(loss, inputs=list(net.dis_c.parameters()))
+    _backward(hooks, loss, net.dis_c.parameters())
     hooks.sync("content_d")
     hooks.clip("content_d", clip_norm)
     hooks.step("content_d")
@@ -419,7 +427,7 @@ def train_iteration(net: DRIT, batch: tuple[Tensor, Tensor, Tensor], iteration: 
     hooks.zero_grad("d")
     loss_d = net.discriminator_loss(t, x, y, x2, y2, ms)
     hooks.mark("loss:d")
-    hooks.backward(loss_d, inputs=net.discriminator_parameters())
+    _backward(hooks, loss_d, net.discriminator_parameters())
     hooks.sync("d")
     hooks.step("d")
     hooks.mark("step:d")
@@ -431,8 +439,8 @@ def train_iteration(net: DRIT, batch: tuple[Tensor, Tensor, Tensor], iteration: 
     for name in (*eg, *alone):
         hooks.mark(f"loss:{name}")
     hooks.zero_grad("eg")
-    hooks.backward(sum(eg.values()), inputs=net.encoder_generator_parameters(), retain_graph=True)
-    hooks.backward(sum(alone.values()), inputs=net.content_generator_parameters())
+    _backward(hooks, sum(eg.values()), net.encoder_generator_parameters(), retain_graph=True)
+    _backward(hooks, sum(alone.values()), net.content_generator_parameters())
     hooks.sync("eg")
     hooks.step("eg")
     hooks.mark("step:eg")

@@ -109,7 +109,12 @@ class DRITModule(pl.LightningModule):
         if side >> cfg.model.content_dis_layers < 2:  # InstanceNorm needs more than one spatial element
             raise ConfigError(
                 f"model.content_dis_layers={cfg.model.content_dis_layers} halves the {side}×{side} content code to "
-                f"{max(side >> cfg.model.content_dis_layers, 1)}×{max(side >> cfg.model.content_dis_layers, 1)}; use at most {max(int(math.log2(side)) - 1, 0)} at crop {cfg.data.crop_size}"
+                f"{max(side >> cfg.model.content_dis_layers, 1)}×{max(side >> cfg.model.content_dis_layers, 1)}; "
+                + (
+                    f"use at most {int(math.log2(side)) - 1} at crop {cfg.data.crop_size}"
+                    if side >= 4
+                    else f"data.crop_size={cfg.data.crop_size} is too small for any content discriminator: use at least 16"
+                )
             )
         side = cfg.data.crop_size  # the image discriminators: scale i sees the crop pooled i times, each layer halves it
         for scale in range(cfg.model.dis_scales):
@@ -170,7 +175,7 @@ class DRITModule(pl.LightningModule):
             here there are several, each into a subset of the parameters, so every backward runs outside it)."""
             if not ddp:
                 return
-            params = [p for group in opts[name].optimizer.param_groups for p in group["params"]]
+            params = [p for group in opts[name].optimizer.param_groups for p in group["params"] if p.requires_grad]  # not frozen ones
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
             torch.distributed.all_reduce(flat)
             flat /= self.trainer.world_size

@@ -29,6 +29,7 @@ from common.config import ConfigError
 from common.data import (
     cached_arrays,
     channels_first,
+    check_root_is_read,
     decode_image,
     files_digest,
     image_tree_files,
@@ -264,6 +265,7 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(
             f"data.name={d.name} needs data.root=<folder>; expected layout: {CIFAR_LAYOUT if d.name == 'cifar10' else VOC_LAYOUT}"
         )
+    check_root_is_read(d, "generated", DATASETS)
     if d.name == "generated" and d.object_size > d.image_size:
         raise ConfigError(f"data.object_size={d.object_size} does not fit in data.image_size={d.image_size}")
 

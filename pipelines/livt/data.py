@@ -29,6 +29,7 @@ from common.config import ConfigError
 from common.data import (
     CIFAR_BATCHES,
     cached_arrays,
+    check_root_is_read,
     check_images,
     cifar_batch_files,
     files_digest,
@@ -305,10 +306,7 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "generated" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
-    if d.name == "generated" and d.root:  # read by no loader: the user meant a real set
-        raise ConfigError(
-            f"data.root={d.root} is set but data.name=generated reads no folder; set data.name (one of {', '.join(n for n in DATASETS if n != 'generated')})"
-        )
+    check_root_is_read(d, "generated", DATASETS)
     if d.name == "generated" and d.classes > MAX_GENERATED_CLASSES:
         raise ConfigError(f"data.classes={d.classes} is more than the generated set has ({MAX_GENERATED_CLASSES} shape × texture pairs)")
     if d.name in SPLIT_LISTS:  # the lists' files, paths and labels before a run opens (images are checked at setup)

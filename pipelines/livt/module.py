@@ -194,6 +194,17 @@ class LiVTModule(pl.LightningModule):
             raise ConfigError(
                 f"model.kwargs.embed_dim={kwargs.embed_dim} is not a multiple of model.kwargs.num_heads={kwargs.get('num_heads')}"
             )
+        m = cfg.mgp
+        if m.decoder_dim % m.decoder_heads:
+            raise ConfigError(f"mgp.decoder_dim={m.decoder_dim} is not a multiple of mgp.decoder_heads={m.decoder_heads}")
+        for key, dim in (("mgp.decoder_dim", m.decoder_dim), ("model.kwargs.embed_dim", kwargs.get("embed_dim"))):
+            if dim is not None and int(dim) % 4:  # MGP's fixed 2-D sine-cosine position embeddings: 4 per position
+                raise ConfigError(f"{key}={dim} must be a multiple of 4 (MGP's 2-D sine-cosine position embeddings)")
+        if cfg.metrics.few_below > cfg.metrics.many_above:  # else a class between them would count as both many and few
+            raise ConfigError(
+                f"metrics.few_below={cfg.metrics.few_below} must not exceed metrics.many_above={cfg.metrics.many_above} "
+                "(few < few_below ≤ medium ≤ many_above < many)"
+            )
         for key in ("mgp.crop_scale", "augment.crop_scale"):  # lengths and ranges are the config's checks
             lo, hi = OmegaConf.select(cfg, key)
             if lo > hi:

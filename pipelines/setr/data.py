@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, eval_loader, item_seed, load_image, read_text, require_files, training_loader
+from common.data import check_images, check_root_is_read, eval_loader, item_seed, load_image, read_text, require_files, training_loader
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -485,6 +485,7 @@ def check_data(d: DictConfig, files: bool = True) -> None:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "scenes" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+    check_root_is_read(d, "scenes", DATASETS)
     if d.name != "scenes" and files:  # the layout and every listed file, before a run opens (names only: nothing decoded)
         REAL[d.name][0](d.root)
     if d.name == "scenes":  # held in memory: float32 RGB + int64 labels, 20 bytes a pixel

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import eval_loader, read_text, require_files, training_loader
+from common.data import check_root_is_read, eval_loader, read_text, require_files, training_loader
 from pipelines.stg_kd.model import BOS, EOS, PAD, SPECIALS, UNK
 
 FOLDER_LAYOUT = (
@@ -447,6 +447,7 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"data.name '{d.name}' is not one of shapes (generated), folder (MSVD / MSR-VTT features)")
     if d.name == "folder" and not d.root:
         raise ConfigError(f"data.name=folder needs data.root=<folder>; expected layout: {FOLDER_LAYOUT}")
+    check_root_is_read(d, "shapes", ("shapes", "folder"))
     if d.name == "shapes" and d.frame_size < 3 * d.object_size:
         raise ConfigError(f"data.frame_size {d.frame_size} must be at least 3 × data.object_size ({d.object_size})")
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import eval_loader, training_loader
+from common.data import check_root_is_read, eval_loader, training_loader
 from pipelines.vocab_kd.model import SpecialIds, normalise_and_split, resolve_teacher_path, segment_words, train_wordpiece
 
 TEXT_LAYOUT = "<root>/<collection>/*.txt (plain text; e.g. english_text/{gutenberg,inaugural,state_union}/*.txt)"
@@ -249,6 +249,7 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name == "text_folder" and not d.root:
         raise ConfigError(f"data.name=text_folder needs data.root=<folder>; expected layout: {TEXT_LAYOUT}")
+    check_root_is_read(d, "generated", DATASETS)
     if d.name == "text_folder":  # before any run opens (reading waits for setup)
         root = Path(d.root).expanduser()
         if not root.is_dir():

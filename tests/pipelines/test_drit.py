@@ -264,6 +264,7 @@ def test_bad_input_is_one_line():
         ({"data.name": "horses"}, "unknown data.name 'horses'; valid: generated, folder, cifar_cat_dog"),
         ({"data.crop_size": 14}, r"data.crop_size must be a multiple of 4 \(the content code is H/4 × W/4\), got 14"),
         ({"model.content_dis_layers": 2}, "model.content_dis_layers=2 halves the 4×4 content code to 1×1"),
+        ({"data.crop_size": 12}, "data.crop_size=12 is too small for any content discriminator: use at least 16"),  # (said: at most 0)
     ):
         with pytest.raises(ConfigError, match=message):
             DRITModule.check_config(_cfg(**values))
@@ -325,8 +326,17 @@ def test_train_smoke_logs_metrics_grids_and_caches_the_classifier(home):
     cached = list((home / "cache" / "drit").glob("classifier-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
-    train("drit", ["preset=smoke", "seed=1", "loss.mode_seeking=0"])
+    # freeze=[…] of a whole optimiser group (D_c) and of part of one (G in E+G): no gradient, no Adam state for them
+    (frozen,) = train("drit", ["preset=smoke", "seed=1", "loss.mode_seeking=0", "freeze=[net.gen,net.dis_c]"])
     assert [p.stat().st_mtime_ns for p in (home / "cache" / "drit").glob("classifier-*.pt")] == [stamp]  # read, not rebuilt
+    names = [n for n, _ in DRITModule.skeleton(compose("drit", {"preset": "smoke"})).named_parameters()]
+    ckpt = torch.load(home / "outputs" / "drit" / frozen.run_id / "checkpoints" / "last.ckpt", weights_only=True)
+    # the optimisers' parameter order is the model's (D_c; D; E_c, E_a, G): Adam's state names the indices it holds
+    groups = [
+        [n for n in names if n.startswith(prefixes)] for prefixes in ("net.dis_c.", "net.dis.", ("net.enc_c.", "net.enc_a.", "net.gen."))
+    ]
+    held = [sorted(names_[i] for i in opt["state"]) for names_, opt in zip(groups, ckpt["optimizer_states"])]
+    assert held == [[], sorted(groups[1]), sorted(n for n in groups[2] if not n.startswith("net.gen."))]
 
 
 def _children(result):

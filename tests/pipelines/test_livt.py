@@ -347,6 +347,11 @@ def test_cli_bad_input_is_one_line(home):
         ({"data.classes": 29}, "data.classes=29 is more than the generated set has (28 shape × texture pairs)"),
         ({"mgp.crop_scale": [0.9, 0.1]}, "mgp.crop_scale is [min, max] of RandomResizedCrop's area, min <= max; got [0.9, 0.1]"),
         ({"model.kwargs.embed_dim": 97}, "model.kwargs.embed_dim=97 is not a multiple of model.kwargs.num_heads=3"),
+        # a review's fuzz: timm's assertions after the run had opened, and overlapping shot groups counted silently
+        ({"mgp.decoder_heads": 3}, "mgp.decoder_dim=64 is not a multiple of mgp.decoder_heads=3"),
+        ({"mgp.decoder_dim": 30, "mgp.decoder_heads": 2}, "mgp.decoder_dim=30 must be a multiple of 4"),
+        ({"model.kwargs.embed_dim": 30, "model.kwargs.num_heads": 2}, "model.kwargs.embed_dim=30 must be a multiple of 4"),
+        ({"metrics.many_above": 10, "metrics.few_below": 20}, "metrics.few_below=20 must not exceed metrics.many_above=10"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
