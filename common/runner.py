@@ -112,7 +112,8 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
 
     if isinstance(module, type) and issubclass(module, NonGradientExperiment):
         raise ConfigError(
-            f"{cfg.pipeline} is not trained by gradient and keeps no checkpoint: rerun it (same config, same seed, same result)"
+            f"{cfg.pipeline} runs outside the Lightning runner and keeps no checkpoint to resume from: rerun it "
+            "with the same config and seed (what it cached, such as trained stages, is read again)"
         )
     run_dir = Path(run.data.tags.get("lightyard.run_dir", ""))
     # interrupted.ckpt is the exact mid-epoch state; it is deleted once a fit completes
@@ -121,6 +122,19 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
     if not ckpt.is_file():
         raise ConfigError(f"run {target} left no checkpoint to resume from (looked for {ckpt})")
     return _saved_config(run_dir / "config.yaml", values), str(ckpt), target
+
+
+def _check_progress(cfg: DictConfig, ckpt: str) -> None:
+    """A resumed fit cannot end before its checkpoint's epoch: Lightning refused only after the run had reopened, and
+    the lowered ``trainer.max_epochs``, saved with the run, then broke every later resume of it."""
+    import torch
+
+    epoch = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))  # tensors not read
+    if cfg.trainer.max_epochs not in (None, -1) and cfg.trainer.max_epochs < epoch:
+        raise ConfigError(
+            f"trainer.max_epochs={cfg.trainer.max_epochs} is before the checkpoint's epoch {epoch}; "
+            f"give at least {epoch} (or leave it out to keep the run's)"
+        )
 
 
 # what a resumed fit can take from the command line: how far and where it runs. The rest (optimizer, model, data)
@@ -443,6 +457,7 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         cfg = configs[0]
         if cfg.resume:
             cfg, ckpt, reopen = _find_resume(cfg, str(cfg.resume), points[0])
+            _check_progress(cfg, ckpt)
             return [run_one(cfg, ckpt_path=ckpt, reopen=reopen)]
         return [run_one(cfg)]
 

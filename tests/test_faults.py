@@ -47,6 +47,21 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
         assert torch.equal(resumed_ckpt["state_dict"][name], value), name
 
 
+def test_a_resume_that_would_end_before_its_checkpoint_is_one_line(tmp_path):
+    """(a review's fuzz: Lightning refused after the run had reopened, marked it FAILED, and the lowered value, saved
+    with the run, refused every later resume too)"""
+    from common.runner import _check_progress
+
+    torch.save({"epoch": 68, "global_step": 680}, tmp_path / "last.ckpt")
+    with pytest.raises(ConfigError) as err:
+        _check_progress(compose("toy", {"trainer.max_epochs": 60}), str(tmp_path / "last.ckpt"))
+    assert (
+        str(err.value) == "trainer.max_epochs=60 is before the checkpoint's epoch 68; give at least 68 (or leave it out to keep the run's)"
+    )
+    for fine in (68, 100, -1):
+        _check_progress(compose("toy", {"trainer.max_epochs": fine}), str(tmp_path / "last.ckpt"))
+
+
 def test_crash_ends_failed_with_the_error_logged(home):
     with pytest.raises(RuntimeError, match="toy crash"):
         train("toy", ["crash_at_step=3"])
