@@ -295,8 +295,8 @@ def _pup(vit, classes, depth, aux_layers, mla_layers, channels, head_channels):
 def _mla(vit, classes, depth, aux_layers, mla_layers, channels, head_channels):
     c = vit.embed_dim
     layers = mla_layers or scale_layers(MLA_LAYERS, depth)
-    if len(layers) != 4:
-        raise ConfigError(f"model.mla_layers needs 4 layer numbers (shallow to deep), got {list(layers)}")
+    if len(layers) != 4 or list(layers) != sorted(set(layers)):  # the top-down aggregation runs from the deepest
+        raise ConfigError(f"model.mla_layers needs 4 distinct layer numbers, shallow to deep, got {list(layers)}")
     encoder = ViTEncoder(vit, sorted(set(layers)), keep_cls_token=False)
     return SETR(
         encoder,

@@ -158,6 +158,8 @@ def check_tokens(cfg: DictConfig, patch: int) -> None:
     """A training crop or sliding window so large that one forward cannot fit: refused before any run opens."""
     for key in ("data.crop", "eval.crop"):
         h, w = OmegaConf.select(cfg, key)
+        if h % patch or w % patch:  # the patch embedding would drop the remainder, and the heads upsample ×patch
+            raise ConfigError(f"{key}={[h, w]} is not a multiple of the ViT's patch size {patch}; change one of them")
         tokens = (h // patch) * (w // patch)
         if tokens > MAX_TOKENS:
             raise ConfigError(

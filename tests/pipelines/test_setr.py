@@ -333,6 +333,8 @@ def test_bad_config_values_are_one_line_errors(home):
         ({"eval.pad": False, "eval.crop": [80, 80]}, "sliding window 80×80 is larger than the 64×96 image and eval.pad=false"),
         ({"model.aux_layers": [3, 12]}, "model.aux_layers has layer index 12, but the ViT has blocks 1..6"),
         ({"model.mla_layers": [0, 2, 4, 6], "model.decoder": "mla"}, "model.mla_layers has layer index 0"),
+        ({"model.mla_layers": [2, 1, 2, 1], "model.decoder": "mla"}, "model.mla_layers needs 4 distinct layer numbers, shallow to deep"),
+        ({"model.kwargs.patch_size": 7}, "data.crop=[64, 64] is not a multiple of the ViT's patch size 7"),
         ({"model.decoder": "upernet"}, "unknown model.decoder 'upernet'; valid: naive, pup, mla"),
         ({"eval.ratios": []}, "config key 'eval.ratios' must be a non-empty list, got []"),
         ({"data.image_size": [8]}, "config key 'data.image_size' must be a list of 2 values, got [8]"),
