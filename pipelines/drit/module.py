@@ -240,6 +240,11 @@ class DRITModule(pl.LightningModule):
         self.classifier = classifier.to(self.device)  # registered after the weights were saved: not in checkpoints
         n_test = len(data.dataset("test"))
         subset = min(int(self.cfg.metrics.kid_subset), n_test)
+        if subset < self.cfg.metrics.kid_subset:  # (KID is biased by its subset size: a changed value is said)
+            print(
+                f"notice: metrics.kid_subset={self.cfg.metrics.kid_subset} is more than the {n_test} test images; KID's subsets hold {subset}",
+                flush=True,
+            )
         inception = local_weights(INCEPTION_WEIGHTS) and self.channels == 3
         feature = 2048 if inception else ClassifierFeatures(self.classifier)
         self.eval_metrics = torch.nn.ModuleDict(

@@ -450,6 +450,11 @@ def check_data(d: DictConfig) -> None:
     check_root_is_read(d, "shapes", ("shapes", "folder"))
     if d.name == "shapes" and d.frame_size < 3 * d.object_size:
         raise ConfigError(f"data.frame_size {d.frame_size} must be at least 3 × data.object_size ({d.object_size})")
+    side = -(-d.frame_size // 4)  # FeatureCNN's map: two stride-2 convolutions
+    if d.name == "shapes" and d.scene_grid > side:  # pooling "up" repeats cells: a scene feature grid²/side² times wider
+        raise ConfigError(
+            f"data.scene_grid={d.scene_grid} exceeds the {side}×{side} feature map of a {d.frame_size}-pixel frame; use at most {side}"
+        )
 
 
 class VideoCaptionDataModule(pl.LightningDataModule):

@@ -265,6 +265,10 @@ def test_bad_values_are_one_line(home):
         ConfigError, match=re.escape("decode.max_len=12 is longer than the captions the decoder is built for (data.max_words=1)")
     ):
         STGKDModule.check_config(compose("stg_kd", {"data.max_words": 1}))  # was a tensor size mismatch after training
+    with pytest.raises(
+        ConfigError, match=re.escape("data.scene_grid=50 exceeds the 10×10 feature map of a 40-pixel frame; use at most 10")
+    ):
+        STGKDModule.check_config(compose("stg_kd", {"data.scene_grid": 50}))  # was a run to BLEU 0, FINISHED
     with pytest.raises(ConfigError, match=r"data.name=folder needs data.root=<folder>; expected layout: <root>/captions.json"):
         train("stg_kd", ["preset=smoke", "data.name=folder"])  # the pipeline's own check, before any run starts
     assert not MlflowClient(tracking_uri=tracking_uri(compose("stg_kd"))).search_experiments(filter_string="name LIKE '%stg_kd%'")
