@@ -313,9 +313,11 @@ class TextDataModule(pl.LightningDataModule):
         self.splits = {k: segment_passages(v, self.teacher_tokenizer, self.student_tok, max_len) for k, v in items.items()}
 
     def identity(self) -> dict:
-        """What the teacher's MLM head cache depends on: the training text."""
+        """What the teacher's MLM head cache depends on: the training text, and the student vocabulary (its batches mask
+        whole words of both segmentations, so the draws follow the student's pieces too)."""
         digest = hashlib.sha1("\n".join(p.text for p in self.splits["train"]).encode()).hexdigest()[:16]
-        return {"train_text": digest, "max_len": self.cfg.data.max_len}
+        vocab = hashlib.sha1(json.dumps(self.student_tok.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+        return {"train_text": digest, "max_len": self.cfg.data.max_len, "student_vocab": vocab}
 
     def train_dataloader(self):
         return training_loader(self, Passages(self.splits["train"]), collate_fn=collate, drop_last=True)

@@ -85,6 +85,22 @@ def test_student_vocabulary_is_the_same_in_another_process():
     assert json.loads(other.stdout) == train_wordpiece(TEXTS, 150, 100, 2).get_vocab()
 
 
+def test_teacher_head_cache_is_keyed_by_the_student_vocabulary(home, tiny_teacher):
+    """The head's batches mask whole words of both segmentations (per-token draws), so a head trained beside another
+    student vocabulary is another head: its cache (and the teacher evaluation's) must not be found for this one."""
+    from pipelines.vocab_kd.data import TextDataModule
+    from pipelines.vocab_kd.module import head_cache_path
+
+    def path(**values):
+        # (max_len 64, the default: no passage is cut, so the training text is the same for both vocabularies)
+        cfg = compose("vocab_kd", {"preset": "smoke", "data.max_len": 64, "teacher.path": str(tiny_teacher), **values})
+        data = TextDataModule(cfg)
+        data.setup()
+        return head_cache_path(cfg, data)
+
+    assert path() == path() != path(**{"student.vocab_size": compose("vocab_kd", {"preset": "smoke"}).student.vocab_size - 20})
+
+
 def test_vocabulary_below_the_alphabet_is_one_line():
     with pytest.raises(ConfigError) as err:
         train_wordpiece(TEXTS, 20, 100, 2)
