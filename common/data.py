@@ -154,12 +154,13 @@ def eval_loader(datamodule, dataset: Dataset, **kwargs: Any) -> StatefulDataLoad
     return make_loader(dataset, datamodule.cfg.data.eval_batch_size, num_workers=datamodule.cfg.data.num_workers, **kwargs)
 
 
-def check_root_is_read(d, embedded: str, names) -> None:
-    """``data.root`` set while ``data.name`` is the embedded default, which reads no folder: the user meant a real set
+def check_root_is_read(d, embedded: str | tuple[str, ...], names, key: str = "name") -> None:
+    """``data.root`` set while ``data.<key>`` is a generated set, which reads no folder: the user meant a real set
     (it trained on the generated data, FINISHED, without a word)."""
-    if d.name == embedded and d.root:
-        others = ", ".join(n for n in names if n != embedded)
-        raise ConfigError(f"data.root={d.root} is set but data.name={embedded} reads no folder; set data.name (one of {others})")
+    embedded = (embedded,) if isinstance(embedded, str) else tuple(embedded)
+    if d[key] in embedded and d.root:
+        others = ", ".join(n for n in names if n not in embedded)
+        raise ConfigError(f"data.root={d.root} is set but data.{key}={d[key]} reads no folder; set data.{key} (one of {others})")
 
 
 def require_folder(root: str | Path, layout: str) -> Path:
@@ -168,6 +169,15 @@ def require_folder(root: str | Path, layout: str) -> Path:
     if not root.is_dir():
         problem = "is a file, not a folder" if root.exists() else "does not exist"
         raise ConfigError(f"dataset folder {root} {problem}; expected layout: {layout}")
+    return root
+
+
+def require_image_tree(root: str | Path, layout: str, splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """An ImageFolder tree or its zip per split, checked by name before a run opens (the images are read in setup)."""
+    root = require_folder(root, layout)
+    for split in splits:
+        if not (root / split).is_dir() and not (root / f"{split}.zip").is_file():
+            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {layout}")
     return root
 
 

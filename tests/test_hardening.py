@@ -419,18 +419,57 @@ def test_sixteen_bit_and_palette_images_decode_to_their_pixels_not_white_or_gray
 @pytest.mark.parametrize(
     "pipeline, embedded",
     [
-        ("setr", "scenes"),
-        ("stg_kd", "shapes"),
-        ("vocab_kd", "generated"),
-        ("compression", "generated"),
-        ("input_iba", "generated"),
-        ("drit", "generated"),
+        ("setr", "name=scenes"),
+        ("stg_kd", "name=shapes"),
+        ("vocab_kd", "name=generated"),
+        ("compression", "name=generated"),
+        ("input_iba", "name=generated"),
+        ("drit", "name=generated"),
+        ("hog_gcn", "name=csbm"),
+        ("sgd_freeze_embed", "name=waterbirds"),
+        ("cost_reg_ot", "source=planted"),
     ],
 )
 def test_a_data_root_beside_the_embedded_default_is_one_line(home, tmp_path, pipeline, embedded):
     """(a review's fuzz: the folder was ignored and the run trained on the generated data, FINISHED)"""
     out = cli("train", pipeline, "preset=smoke", f"data.root={tmp_path}")
-    assert out.returncode == 2 and f"is set but data.name={embedded} reads no folder; set data.name (one of " in out.stderr, out.stderr
+    key = embedded.split("=")[0]
+    assert out.returncode == 2 and f"is set but data.{embedded} reads no folder; set data.{key} (one of " in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    "pipeline, args, expected",
+    [
+        ("livt", ["experiment=cifar10_lt", "cifar_root={empty}"], "holds no CIFAR data"),
+        ("compression", ["experiment=cifar10", "root={empty}"], "holds no cifar10 data"),
+        ("input_iba", ["experiment=cifar10", "cifar_root={empty}"], "lacks train/ and train.zip"),
+        ("drit", ["experiment=cifar_cat_dog", "cifar_root={empty}"], "lacks train/ and train.zip"),
+        ("sgd_freeze_embed", ["experiment=cifar", "cifar_root={empty}"], "lacks train, test"),
+        ("stg_kd", ["root={empty}"], "is set but data.name=shapes reads no folder"),  # its `root` once set a key nothing read
+    ],
+)
+def test_reproduce_on_an_empty_data_folder_is_one_line_and_opens_no_run(home, tmp_path, pipeline, args, expected):
+    """(the layout was checked in each child's setup: every child opened, failed alike and stayed FAILED)"""
+    out = cli("reproduce", pipeline, "preset=smoke", *(a.format(empty=tmp_path) for a in args))
+    assert out.returncode == 2 and expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize(
+    "pipeline, name, expected",
+    [
+        ("sgd_freeze_embed", "waterbirds_real", "lacks metadata.csv"),
+        ("sgd_freeze_embed", "domainnet", "lacks SENTRY_splits/sketch_train_mini.txt"),
+        ("sgd_freeze_embed", "imagefolder", "lacks train, val"),
+        ("input_iba", "imagenet_voc", "lacks images/estimation, images/attribution"),
+    ],
+)
+def test_a_real_set_without_its_files_is_refused_before_a_run_opens(home, tmp_path, pipeline, name, expected):
+    out = cli("train", pipeline, "preset=smoke", f"data.name={name}", f"data.root={tmp_path}")
+    assert out.returncode == 2 and expected in out.stderr, out.stderr
+    client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def test_freezing_every_parameter_is_one_line_before_a_run_opens(home):

@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import IMAGE_SUFFIXES, check_root_is_read, eight_bit, eval_loader, require_folder, training_loader
+from common.data import IMAGE_SUFFIXES, check_root_is_read, eight_bit, eval_loader, require_folder, require_image_tree, training_loader
 
 DATASETS = ("generated", "folder", "cifar_cat_dog")
 FOLDER_LAYOUT = "<root>/trainA, <root>/trainB, <root>/testA, <root>/testB holding .jpg/.png images (A = domain X, B = domain Y)"
@@ -319,7 +319,7 @@ def check_data(d: DictConfig) -> None:
     if d.name == "folder":
         folder_images(d.root)  # the layout, before a run opens (images are decoded, and checked, in setup)
     elif d.name != "generated":
-        require_folder(d.root, CIFAR_LAYOUT)
+        require_image_tree(d.root, CIFAR_LAYOUT)
     if d.batch_size < 2 or d.batch_size % 2:
         raise ConfigError(
             f"data.batch_size must be even and >= 2 (the first half of each domain's batch feeds the encoded-attribute path, "

@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from torch_geometric.data import Data
 
 from common.config import ConfigError
-from pipelines.hog_gcn.data import checked_raw
+from common.data import check_root_is_read
+from pipelines.hog_gcn.data import REAL, checked_raw
 from pipelines.hog_gcn.model import MODELS, HOGGCN, build_model, loss_terms
 
 
@@ -37,6 +38,7 @@ def check_model(cfg: DictConfig) -> None:
             "hog_gcn keeps the best epoch itself (every epoch: best_val_acc, test_acc_at_best_val); "
             f"leave callbacks.checkpoint.monitor null (got {cfg.callbacks.checkpoint.monitor})"
         )
+    check_root_is_read(cfg.data, "csbm", ("csbm", *REAL))
     if cfg.data.name != "csbm":
         checked_raw(cfg.data.name, cfg.data.root)  # a real dataset's folder and files, checked before anything runs
 

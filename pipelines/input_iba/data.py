@@ -37,6 +37,7 @@ from common.data import (
     read_text,
     require_files,
     require_folder,
+    require_image_tree,
 )
 
 SHAPES = ("plus", "ring", "x", "disc")
@@ -216,10 +217,11 @@ def _images(folder: Path, wnids: dict[str, int], size: int) -> tuple[list[Path],
     return paths, images, np.array([wnids[p.parent.name] for p in paths])
 
 
+VOC_FILES = ["images/estimation", "images/attribution", "annotations/attribution", "imagenet_class_index.json"]
+
+
 def imagenet_voc_task(d: DictConfig, cache_dir: str) -> Task:
-    root = require_files(
-        d.root, ["images/estimation", "images/attribution", "annotations/attribution", "imagenet_class_index.json"], VOC_LAYOUT
-    )
+    root = require_files(d.root, VOC_FILES, VOC_LAYOUT)
     try:
         index = json.loads(read_text(root / "imagenet_class_index.json", "class index"))
         wnids = {v[0]: int(k) for k, v in index.items()}
@@ -266,6 +268,10 @@ def check_data(d: DictConfig) -> None:
             f"data.name={d.name} needs data.root=<folder>; expected layout: {CIFAR_LAYOUT if d.name == 'cifar10' else VOC_LAYOUT}"
         )
     check_root_is_read(d, "generated", DATASETS)
+    if d.name == "cifar10":  # the layout before a run opens (images are decoded in setup)
+        require_image_tree(d.root, CIFAR_LAYOUT)
+    elif d.name == "imagenet_voc":
+        require_files(d.root, VOC_FILES, VOC_LAYOUT)
     if d.name == "generated" and d.object_size > d.image_size:
         raise ConfigError(f"data.object_size={d.object_size} does not fit in data.image_size={d.image_size}")
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import check_images, eval_loader, load_image, read_text, require_files, training_loader
+from common.data import check_images, check_root_is_read, eval_loader, load_image, read_text, require_files, training_loader
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -183,12 +183,15 @@ class ImageFiles(Dataset):
 WATERBIRDS_LAYOUT = "<root>/metadata.csv (columns img_filename, y, split 0/1/2, place) and the image paths it lists"
 
 
+def waterbirds_root(root: str | Path) -> Path:
+    """The folder holding metadata.csv: ``root`` or WILDS' ``root/waterbirds_v1.0``."""
+    root = Path(root)
+    return root / "waterbirds_v1.0" if (root / "waterbirds_v1.0").is_dir() else root
+
+
 def load_waterbirds(root: str | Path, size: int) -> dict[str, ImageFiles]:
     """WILDS' Waterbirds folder (waterbirds_v1.0): train / val / test with groups y×place."""
-    root = Path(root)
-    if (root / "waterbirds_v1.0").is_dir():
-        root = root / "waterbirds_v1.0"
-    require_files(root, ["metadata.csv"], WATERBIRDS_LAYOUT)
+    root = require_files(waterbirds_root(root), ["metadata.csv"], WATERBIRDS_LAYOUT)
     splits: dict[str, list] = {"train": [], "val": [], "test": []}
     with open(root / "metadata.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -216,11 +219,14 @@ DOMAINNET_LAYOUT = (
 )
 
 
+def domainnet_files(source: str, target: str) -> list[str]:
+    return [f"SENTRY_splits/{source}_train_mini.txt", f"SENTRY_splits/{source}_test_mini.txt", f"SENTRY_splits/{target}_test_mini.txt"]
+
+
 def load_domainnet(root: str | Path, source: str, target: str, size: int) -> dict[str, ImageFiles]:
     """DomainNet, SENTRY's 40-class split files: train and ID test on ``source``, OOD test on ``target``."""
-    root = Path(root)
-    files = [f"SENTRY_splits/{source}_train_mini.txt", f"SENTRY_splits/{source}_test_mini.txt", f"SENTRY_splits/{target}_test_mini.txt"]
-    require_files(root, files, DOMAINNET_LAYOUT)
+    files = domainnet_files(source, target)
+    root = require_files(root, files, DOMAINNET_LAYOUT)
 
     def read(name: str) -> list:
         records = []
@@ -317,14 +323,18 @@ class _Wilds(Dataset):
         return x, int(y), int(self.group_fn(meta)) if self.group_fn else -1
 
 
+WILDS_FOLDERS = {"fmow": "fmow_v1.1", "camelyon17": "camelyon17_v1.0"}
+WILDS_LAYOUT = "<root>/{}/ as WILDS lays it out (metadata csv + images)"
+
+
 def load_wilds(name: str, root: str | Path, size: int) -> dict[str, Dataset]:
     """FMoW (OOD: Africa region of the OOD test, as the reference code) or Camelyon17 via the wilds package."""
     try:
         import wilds
     except ImportError:
         raise ConfigError(f"data.name={name} needs the wilds package: pip install -e '.[datasets]'") from None
-    folder = {"fmow": "fmow_v1.1", "camelyon17": "camelyon17_v1.0"}[name]
-    require_files(root, [folder], f"<root>/{folder}/ as WILDS lays it out (metadata csv + images)")
+    folder = WILDS_FOLDERS[name]
+    require_files(root, [folder], WILDS_LAYOUT.format(folder))
     dataset = wilds.get_dataset(dataset=name, root_dir=str(root), download=False)
     if name == "fmow":
         region = dataset.metadata_fields.index("region")
@@ -346,11 +356,14 @@ def load_wilds(name: str, root: str | Path, size: int) -> dict[str, Dataset]:
     }
 
 
+CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)"
+
+
 def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, size: int = 32, strength: float = 1.0) -> dict[str, Split]:
     """Real images: CIFAR-10 (ImageFolder) animals vs vehicles with a colour tint that agrees with the
     label in 95 % of training images (Waterbirds' mix) and is balanced over the four groups at test.
     ``strength`` scales the tint (1: ±0.35 on the red/blue channels; the config default is 0.3)."""
-    folder = require_files(root, ["train", "test"], "<root>/{train,test}/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)")
+    folder = require_files(root, ["train", "test"], CIFAR_LAYOUT)
     vehicles = {"airplane", "automobile", "ship", "truck"}
     g = torch.Generator().manual_seed(seed)
 
@@ -387,7 +400,7 @@ def cifar_source(root: str | Path, n: int, seed: int) -> Split:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    folder = require_files(root, ["train"], "<root>/train/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)")
+    folder = require_files(root, ["train"], CIFAR_LAYOUT)
     paths = sorted((folder / "train").glob("*/*.jpg"))
     classes = sorted({p.parent.name for p in paths})
     g = torch.Generator().manual_seed(seed)
@@ -405,12 +418,24 @@ GENERATED = ("waterbirds", "domain_shift")
 REAL = ("waterbirds_real", "domainnet", "imagefolder", "fmow", "camelyon17", "cifar10_cue")
 
 
+REQUIRED = {  # a real set → (folder, the files it is read from, layout)
+    "waterbirds_real": lambda d: (waterbirds_root(d.root), ["metadata.csv"], WATERBIRDS_LAYOUT),
+    "domainnet": lambda d: (d.root, domainnet_files(d.source_domain, d.target_domain), DOMAINNET_LAYOUT),
+    "imagefolder": lambda d: (d.root, ["train", "val"], IMAGEFOLDER_LAYOUT),
+    "cifar10_cue": lambda d: (d.root, ["train", "test"], CIFAR_LAYOUT),
+    **{name: lambda d: (d.root, [WILDS_FOLDERS[d.name]], WILDS_LAYOUT.format(WILDS_FOLDERS[d.name])) for name in WILDS_FOLDERS},
+}
+
+
 def check_data(d: DictConfig) -> None:
     """The dataset name, and a folder for the real ones (before any run starts, and where the data is built)."""
     if d.name not in GENERATED + REAL:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(GENERATED + REAL)}")
     if d.name in REAL and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
+    check_root_is_read(d, GENERATED, GENERATED + REAL)
+    if d.name in REQUIRED:  # the files it reads, by name, before a run opens (each grid point's run would fail in setup)
+        require_files(*REQUIRED[d.name](d))
 
 
 def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
