@@ -93,6 +93,22 @@ def test_shortcuts_stand_for_dotted_keys():
     assert cfg.model.lr == 0.25 and "lr" not in cfg and "shortcuts" not in cfg
 
 
+def test_every_shortcut_into_reproduce_or_bench_names_a_key_something_reads():
+    """(stg_kd's `root=` set reproduce.root, which no experiment or code read: a real-data folder ignored silently)"""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    for conf in sorted(Path("conf").glob("*.yaml")):
+        text = conf.read_text()
+        code = "\n".join(p.read_text() for p in Path("pipelines", conf.stem).glob("*.py"))
+        for short, target in (yaml.safe_load(text).get("shortcuts") or {}).items():
+            if target.split(".")[0] in ("reproduce", "bench"):
+                read = "${" + target + "}" in text or re.search(rf"\b{re.escape(target)}\b", code)
+                assert read, f"{conf}: shortcut {short} sets {target}, which no experiment (${{{target}}}) or code reads"
+
+
 def test_with_values_copies_and_checks():
     cfg = compose("toy")
     changed = with_values(cfg, {"model.lr": 0.5, "trainer.max_epochs": 3})
