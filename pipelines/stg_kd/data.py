@@ -172,6 +172,11 @@ class FeatureCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x).mean((2, 3)))
 
+    @staticmethod
+    def map_side(size: int) -> int:
+        """The side of the body's map for a ``size``-pixel input (two stride-2 convolutions, padding 1)."""
+        return -(-size // 4)
+
 
 def _crops(video: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """RoI-aligned crops ``[M, 3, size, size]`` of ``video [M, 3, S, S]`` at ``boxes [M, 4]`` (in [0, 1])."""
@@ -450,7 +455,7 @@ def check_data(d: DictConfig) -> None:
     check_root_is_read(d, "shapes", ("shapes", "folder"))
     if d.name == "shapes" and d.frame_size < 3 * d.object_size:
         raise ConfigError(f"data.frame_size {d.frame_size} must be at least 3 × data.object_size ({d.object_size})")
-    side = -(-d.frame_size // 4)  # FeatureCNN's map: two stride-2 convolutions
+    side = FeatureCNN.map_side(d.frame_size)
     if d.name == "shapes" and d.scene_grid > side:  # pooling "up" repeats cells: a scene feature grid²/side² times wider
         raise ConfigError(
             f"data.scene_grid={d.scene_grid} exceeds the {side}×{side} feature map of a {d.frame_size}-pixel frame; use at most {side}"

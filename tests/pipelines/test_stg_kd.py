@@ -269,6 +269,12 @@ def test_bad_values_are_one_line(home):
         ConfigError, match=re.escape("data.scene_grid=50 exceeds the 10×10 feature map of a 40-pixel frame; use at most 10")
     ):
         STGKDModule.check_config(compose("stg_kd", {"data.scene_grid": 50}))  # was a run to BLEU 0, FINISHED
+    from pipelines.stg_kd.data import FeatureCNN
+
+    cnn = FeatureCNN(4, 2)  # the check's map side is the body's, at odd and even sizes
+    assert [cnn.body(torch.zeros(1, 3, s, s)).shape[-1] for s in (9, 10, 11, 12, 40)] == [
+        FeatureCNN.map_side(s) for s in (9, 10, 11, 12, 40)
+    ]
     with pytest.raises(ConfigError, match=r"data.name=folder needs data.root=<folder>; expected layout: <root>/captions.json"):
         train("stg_kd", ["preset=smoke", "data.name=folder"])  # the pipeline's own check, before any run starts
     assert not MlflowClient(tracking_uri=tracking_uri(compose("stg_kd"))).search_experiments(filter_string="name LIKE '%stg_kd%'")
