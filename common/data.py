@@ -339,6 +339,17 @@ def cifar_batch_files(root: Path, kind: str) -> list[Path] | None:
     return [folder / f for f in [*train, *test]] + ([folder / meta] if (folder / meta).is_file() else [])
 
 
+def image_sources(root: str | Path, layout: str, cifar: str | None = None) -> tuple[Path, list[Path] | None, list[Path]]:
+    """The folder, ``cifar``'s python batches in it (None without) and the files its data is read from (the batches, or
+    an ImageFolder tree or its zips: a decoded cache's key); one line when it holds neither."""
+    root = require_folder(root, layout)
+    batches = cifar_batch_files(root, cifar) if cifar else None
+    sources = batches or image_tree_files(root)
+    if not sources:
+        raise ConfigError(f"dataset folder {root} holds no {f'{cifar} batches or ' if cifar else ''}images; expected layout: {layout}")
+    return root, batches, sources
+
+
 def _read_batch(path: Path, layout: str) -> dict:
     try:
         with open(path, "rb") as f:

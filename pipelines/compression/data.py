@@ -27,12 +27,10 @@ from common.data import (
     cached_arrays,
     channels_first,
     check_root_is_read,
-    cifar_batch_files,
     files_digest,
-    image_tree_files,
+    image_sources,
     read_cifar_batches,
     read_image_tree,
-    require_folder,
 )
 
 TREE_LAYOUT = "<root>/{train,test}/<class>/*.{jpg,png} (ImageFolder) or <root>/{train,test}.zip holding that tree"
@@ -118,23 +116,11 @@ def generated_task(d: DictConfig) -> Task:
 
 
 # -- real data ---------------------------------------------------------------------------------------------------------------------
-def folder_sources(name: str, root: str | Path) -> tuple[Path, list[Path] | None, list[Path]]:
-    """The folder, its CIFAR python batches (or none) and the files the data is read from; one line when it holds
-    neither."""
-    layout = CIFAR_LAYOUT if name == "cifar10" else TREE_LAYOUT
-    root = require_folder(root, layout)
-    batches = cifar_batch_files(root, "cifar10") if name == "cifar10" else None
-    sources = batches or image_tree_files(root)
-    if not sources:
-        raise ConfigError(f"dataset folder {root} holds no {name} data; expected layout: {layout}")
-    return root, batches, sources
-
-
 def load_folder(name: str, root: str | Path, size: int, cache_dir: str | Path) -> tuple[dict, list[str], str]:
     """Train and test arrays (N×3×S×S uint8) of ``root`` in whichever layout it holds; returns (arrays, class names,
     content digest)."""
     layout = CIFAR_LAYOUT if name == "cifar10" else TREE_LAYOUT
-    root, batches, sources = folder_sources(name, root)
+    root, batches, sources = image_sources(root, layout, "cifar10" if name == "cifar10" else None)
 
     def read() -> tuple[dict, list[str]]:
         arrays, names = read_cifar_batches(root, "cifar10", layout) if batches else read_image_tree(root, layout, size)
@@ -177,7 +163,8 @@ def check_data(d: DictConfig) -> None:
     check_root_is_read(d, "generated", DATASETS)
     if d.name == "generated":
         return
-    _, batches, _ = folder_sources(d.name, d.root)  # the layout before a run opens (images are decoded in setup)
+    layout, cifar = (CIFAR_LAYOUT, "cifar10") if d.name == "cifar10" else (TREE_LAYOUT, None)
+    _, batches, _ = image_sources(d.root, layout, cifar)  # the layout before a run opens (images are decoded in setup)
     if batches and int(d.image_size) != 32:
         raise ConfigError(f"{d.root} holds CIFAR-10's python batches, 32-pixel images; set data.image_size=32")  # before a run opens
 

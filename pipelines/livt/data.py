@@ -31,15 +31,13 @@ from common.data import (
     cached_arrays,
     check_root_is_read,
     check_images,
-    cifar_batch_files,
     files_digest,
-    image_tree_files,
+    image_sources,
     load_image,
     read_cifar_batches,
     read_image_tree,
     read_text,
     require_files,
-    require_folder,
     SeededItems,
     eval_loader,
     training_loader,
@@ -165,20 +163,10 @@ CIFAR_LAYOUT = (
 )
 
 
-def cifar_sources(kind: str, root: str | Path) -> tuple[Path, list[Path], list[Path]]:
-    """The folder, its python batches (or none) and the files the data is read from; one line when it holds neither."""
-    root = require_folder(root, CIFAR_LAYOUT)
-    batches = cifar_batch_files(root, kind)
-    sources = batches or image_tree_files(root)
-    if not sources:
-        raise ConfigError(f"dataset folder {root} holds no CIFAR data; expected layout: {CIFAR_LAYOUT}")
-    return root, batches, sources
-
-
 def load_cifar(kind: str, root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
     """Balanced CIFAR-10/100 train and test arrays from whichever canonical layout ``root`` holds; decoded images are cached
     under ``cache_dir`` by a hash of the source files (the data folder may be read-only)."""
-    root, batches, sources = cifar_sources(kind, root)
+    root, batches, sources = image_sources(root, CIFAR_LAYOUT, kind)
 
     def read() -> tuple[dict, list[str]]:
         arrays, names = read_cifar_batches(root, kind, CIFAR_LAYOUT) if batches else read_image_tree(root, CIFAR_LAYOUT)
@@ -318,7 +306,7 @@ def check_data(d: DictConfig) -> None:
     if d.name in SPLIT_LISTS:  # the lists' files, paths and labels before a run opens (images are checked at setup)
         load_split_lists(d.name, d.root, d.image_root)
     elif d.name != "generated":
-        cifar_sources(d.name.removesuffix("_lt"), d.root)
+        image_sources(d.root, CIFAR_LAYOUT, d.name.removesuffix("_lt"))  # the layout (images are decoded in setup)
 
 
 # -- transforms ----------------------------------------------------------------------------------------------

@@ -270,7 +270,7 @@ def test_cifar_imagefolder_and_its_zips_read_the_same(tmp_path):
     assert np.array_equal(a["train"].images, b["train"].images) and np.array_equal(a["train"].labels, b["train"].labels)
     assert np.bincount(a["train"].labels).tolist() == lt_counts(6, 10, 2)
     assert (a["train"].images[:, 0, 0, 0] == 10 * a["train"].labels).all()  # red channel encodes the class folder
-    with pytest.raises(ConfigError, match=r"holds no CIFAR data; expected layout: <root>/cifar-10-batches-py"):
+    with pytest.raises(ConfigError, match=r"holds no cifar10 batches or images; expected layout: <root>/cifar-10-batches-py"):
         DATASETS["cifar10_lt"](compose("livt", {"data.name": "cifar10_lt", "data.root": str(tmp_path)}).data, str(tmp_path / "cache"))
 
 
