@@ -24,7 +24,7 @@ from common import registry
 from common.config import ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
 from common.environment import environment_report, environment_tags
-from common.tracking import Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
+from common.tracking import OPEN_RUNS, Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -212,8 +212,9 @@ def _fit_lightning(
         callbacks.append(MemoryProfiler())
 
     kwargs, notices = trainer_kwargs(cfg.trainer)
-    if tracker is not None and notices:
-        tracker.set_tags({"lightyard.notice": " | ".join(notices)})
+    if tracker is not None:
+        for text in notices:  # (warned already, where trainer_kwargs resolved them)
+            tracker.add_notice(text)
     trainer = pl.Trainer(**kwargs, logger=MlflowRunLogger(tracker), callbacks=callbacks, default_root_dir=str(run_dir))
     if tracker is not None:
         tracker.set_tags({"lightyard.world_size": trainer.world_size, "lightyard.strategy": type(trainer.strategy).__name__})
@@ -348,6 +349,8 @@ def run_one(
         torch.set_num_threads(int(cfg.threads))
     start = time.time()
     heartbeat = Heartbeat(tracker) if tracker is not None else None
+    if tracker is not None:
+        OPEN_RUNS.append(tracker)  # notice() records there
     monitor = None
     try:
         with stop_on_signals():
@@ -407,6 +410,8 @@ def run_one(
     finally:
         if heartbeat is not None:
             heartbeat.stop()
+        if tracker in OPEN_RUNS:
+            OPEN_RUNS.remove(tracker)
         if monitor is not None:
             monitor.finish()
     if tracker is not None:

@@ -14,6 +14,7 @@ import os
 import warnings
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,6 +42,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
+OPEN_RUNS: list[Tracker] = []  # the run this process is inside (run_one's), where notice() records
 _READY: set[str] = set()  # stores this process has checked (reachable server, migrated SQLite schema)
 
 
@@ -159,6 +161,15 @@ def git_state() -> dict[str, str]:
 
     commit = git("rev-parse", "HEAD")
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain"))).lower()}
+
+
+def notice(text: str) -> None:
+    """A setting the run changed or a part of the data it left out, which its numbers depend on (a capped subset, a
+    class a split lacks): said on the console, and kept on the open run's ``lightyard.notice`` tag, where it is seen
+    beside the metrics later (the console is gone by then)."""
+    print(f"notice: {text}", file=sys.stderr, flush=True)
+    if OPEN_RUNS:
+        OPEN_RUNS[-1].add_notice(text)
 
 
 class Tracker:
@@ -311,6 +322,11 @@ class Tracker:
             )
         finally:
             mlflow.end_run(status="RUNNING")
+
+    def add_notice(self, text: str) -> None:
+        """Appends to the run's ``lightyard.notice`` tag (one line per notice)."""
+        before = self.client.get_run(self.run_id).data.tags.get("lightyard.notice")
+        self.set_tags({"lightyard.notice": f"{before}\n{text}" if before else text})
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         assert status in STATUSES, status

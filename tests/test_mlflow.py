@@ -131,6 +131,22 @@ def test_system_metrics_off_with_one_key(home):
     assert not [k for k in run.data.metrics if k.startswith("system/")] and "val_acc" in run.data.metrics
 
 
+def test_notices_are_kept_on_the_run(home, monkeypatch, capsys):
+    """(they were console lines only: a capped KID subset or a class a split lacks was gone with the terminal)"""
+    from common.runner import compose
+    from common.tracking import OPEN_RUNS, notice, tracking_uri
+    from tests.toy.module import ToyModule
+
+    monkeypatch.setattr(ToyModule, "on_fit_start", lambda self: notice("the data lacks a class"), raising=False)
+    (result,) = train("toy", ["trainer.precision=bf16-mixed", "trainer.max_epochs=1"])
+    tags = MlflowClient(tracking_uri=tracking_uri(compose("toy"))).get_run(result.run_id).data.tags
+    assert tags["lightyard.notice"].splitlines() == [
+        "precision bf16-mixed asked for on cpu: running in 32-bit (half precision needs CUDA)",
+        "the data lacks a class",
+    ]
+    assert "notice: the data lacks a class" in capsys.readouterr().err and not OPEN_RUNS  # none recorded after the run
+
+
 @pytest.mark.slow  # 20-25 s: SQLite's 5 s busy timeout, met by several of MLflow's queries in turn
 def test_a_store_locked_by_another_writer_is_one_line_naming_the_file(home):
     """A stopped or hung command holding SQLite's write lock: after the busy timeouts (~20 s), one line with the store's

@@ -19,7 +19,7 @@ from torchmetrics.classification import BinaryAccuracy
 from common.cache import cache_file, cached
 from common.config import ConfigError
 from common.hardware import check_manual_step
-from common.tracking import pyplot
+from common.tracking import notice, pyplot
 from pipelines.drit.data import UnpairedDataModule, check_data, layout_iou, layout_mask, to_unit
 from pipelines.drit.model import (
     DRIT,
@@ -241,10 +241,7 @@ class DRITModule(pl.LightningModule):
         n_test = len(data.dataset("test"))
         subset = min(int(self.cfg.metrics.kid_subset), n_test)
         if subset < self.cfg.metrics.kid_subset:  # (KID is biased by its subset size: a changed value is said)
-            print(
-                f"notice: metrics.kid_subset={self.cfg.metrics.kid_subset} is more than the {n_test} test images; KID's subsets hold {subset}",
-                flush=True,
-            )
+            notice(f"metrics.kid_subset={self.cfg.metrics.kid_subset} is more than the {n_test} test images; KID's subsets hold {subset}")
         inception = local_weights(INCEPTION_WEIGHTS) and self.channels == 3
         feature = 2048 if inception else ClassifierFeatures(self.classifier)
         self.eval_metrics = torch.nn.ModuleDict(

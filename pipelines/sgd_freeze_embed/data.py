@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
 from common.data import check_images, check_root_is_read, eval_loader, load_image, read_text, require_files, training_loader
+from common.tracking import notice
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
 WATERBIRDS_TRAIN_MIX = (3498, 184, 56, 1057)  # groups (y, place): (0,0) (0,1) (1,0) (1,1)
@@ -281,10 +282,8 @@ def load_imagefolder(
                 raise ConfigError(f"{folder} has class folders that train/ lacks ({', '.join(extra)}); every split uses train/'s classes")
             lacking = [name for name in train_classes if name not in folders(split)]
             if lacking:
-                print(
-                    f"notice: {folder} has no images of {len(lacking)} training class(es) ({', '.join(lacking[:5])}); "
-                    "its accuracy covers the others",
-                    flush=True,
+                notice(
+                    f"{folder} has no images of {len(lacking)} training class(es) ({', '.join(lacking[:5])}); its accuracy covers the others"
                 )
             groups = train_classes
         records = []
