@@ -16,6 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from common import rng
 from common.config import ConfigError
+from common.tracking import notice
 
 
 class EpochShuffleSampler(Sampler):
@@ -475,10 +476,7 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             entries = sorted(p for p in placed if Path(p).suffix.lower() in IMAGE_SUFFIXES)
             if len(entries) < len(placed):  # said, not silently dropped
                 other = sorted(set(placed) - set(entries))
-                print(
-                    f"{where}/{split}: skipped {len(other)} files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} (e.g. {other[0]})",
-                    flush=True,
-                )
+                notice(f"{where}/{split}: skipped {len(other)} files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} (e.g. {other[0]})")
             if not entries:
                 raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
             split_names = sorted({p.split("/")[1] for p in entries})

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.memory import MB
 from common.models import create_timm_model
 from common.tables import markdown_table
-from common.tracking import Tracker, pyplot
+from common.tracking import Tracker, pyplot, notice
 from pipelines.compression.model import (
     add_masks,
     exported_bytes,
@@ -93,9 +93,10 @@ def latency_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     out["sparsity"] = sparsity
     out["torch_threads"] = float(torch.get_num_threads())
     out["compiled"] = float(bool(b.compile))  # bench.compile=false: the "inductor" columns ran eager
+    if not b.compile:
+        notice("bench.compile=false: every 'inductor' time of this point ran eager, NOT COMPILED")
     print(
-        ("" if b.compile else "NOT COMPILED (bench.compile=false: every 'inductor' time below is eager) ")
-        + f"{b.thread} threads: fp32 eager {out['fp32_eager_p50_ms']:.2f} ms, inductor {out['fp32_inductor_p50_ms']:.2f} ms, "
+        f"{b.thread} threads: fp32 eager {out['fp32_eager_p50_ms']:.2f} ms, inductor {out['fp32_inductor_p50_ms']:.2f} ms, "
         f"int8 {out['int8_inductor_p50_ms']:.2f} ms ({out['int8_speedup']:.2f}×, size ÷{out['int8_size_ratio']:.2f}), "
         f"50 % channels {out['pruned_inductor_p50_ms']:.2f} ms ({out['pruned_speedup']:.2f}×), "
         f"50 % sparse {out['sparse_inductor_p50_ms']:.2f} ms ({out['sparse_speedup']:.2f}×)",

@@ -17,7 +17,7 @@ from common.config import ConfigError, with_values
 from common.memory import read_peak_rss, reset_peak_rss, run_isolated
 from common.report import mean_std
 from common.tables import markdown_table
-from common.tracking import Tracker, pyplot
+from common.tracking import Tracker, pyplot, notice
 from pipelines.cost_reg_ot.data import (
     GENERATED,
     REAL,
@@ -257,10 +257,7 @@ def lowrank_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     out = {"n": float(n), "sinkhorn_cap": float(sinkhorn_iter)}
     for path in ("factored", "dense"):
         if path == "dense" and n * n * 8 > b.dense_budget_gb * 2**30:  # the kernel, refilled as the plan (POT fallback: more)
-            print(
-                f"  n={n}: dense path skipped (needs ≥ {n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})",
-                flush=True,
-            )
+            notice(f"n={n}: dense path skipped (needs ≥ {n * n * 8 / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})")
             continue
         result = run_isolated(
             _lowrank_run, data.X, data.Y, cfg.solver.eps, cfg.reproduce.rank, b.lowrank_iterations, path == "factored", sinkhorn_iter

@@ -15,7 +15,7 @@ from common.hardware import resolve_accelerator
 from common.memory import read_peak_rss, reset_peak_rss, run_isolated
 from common.report import mean_std
 from common.tables import markdown_table
-from common.tracking import Tracker
+from common.tracking import Tracker, notice
 from pipelines.hog_gcn.data import build_graph, csbm, edge_homophily
 from pipelines.hog_gcn.model import dense_bytes
 from pipelines.hog_gcn.module import fit_split, make_model, optimizer, training_loss
@@ -139,9 +139,8 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     }
     for name, values in variants.items():
         if name == "hog_dense" and dense_bytes(n, 2) > b.dense_budget_gb * 2**30:
-            print(
-                f"n={n}: dense HOG-GCN skipped (needs ≥ {dense_bytes(n, 2) / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})",
-                flush=True,
+            notice(
+                f"n={n}: dense HOG-GCN skipped (needs ≥ {dense_bytes(n, 2) / 2**30:.1f} GiB > bench.dense_budget_gb={b.dense_budget_gb})"
             )
             continue
         result = _time_epochs(with_values(base, values), graph, device, b.epochs)
