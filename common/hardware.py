@@ -91,6 +91,13 @@ def check_manual_step(trainer_cfg: DictConfig, what: str) -> None:
             raise ConfigError(f"trainer.{key} does not apply to {what}; leave it unset")
 
 
+def check_finite_length(trainer_cfg: DictConfig, what: str) -> None:
+    """A schedule over the whole fit (``total_steps``) needs its length: trainer.max_epochs=-1 with no max_steps is
+    endless (an OverflowError once the run had opened)."""
+    if trainer_cfg.max_epochs in (-1, None) and trainer_cfg.max_steps in (-1, None):
+        raise ConfigError(f"{what} needs the fit's length: set trainer.max_epochs or trainer.max_steps (both are -1: no limit)")
+
+
 def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
     """Lightning Trainer arguments from ``cfg.trainer``, with accelerator and precision resolved."""
     kwargs = dict(trainer_cfg)

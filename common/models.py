@@ -32,5 +32,5 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
         if "Unknown model" in str(err):
             raise unknown_model(name) from None
         raise
-    except TypeError as err:
-        raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
+    except (TypeError, AssertionError) as err:  # a keyword it does not take; a value its constructor asserts on
+        raise ConfigError(f"model.kwargs do not fit {name}: {err or type(err).__name__}") from None

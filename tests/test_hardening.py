@@ -512,3 +512,13 @@ def test_a_freeze_pattern_that_matches_nothing_is_one_line_before_a_run_opens(ho
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
     client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+@pytest.mark.parametrize("pipeline", ["setr", "livt", "stg_kd", "vocab_kd"])
+def test_a_schedule_over_an_endless_fit_is_refused_before_a_run_opens(pipeline):
+    """(trainer.max_epochs=-1, no max_steps: an OverflowError from the LR schedule once the run had opened)"""
+    from common.runner import check_run_config
+
+    with pytest.raises(ConfigError, match=r"needs the fit's length: set trainer.max_epochs or trainer.max_steps \(both are -1"):
+        check_run_config(compose(pipeline, {"preset": "smoke", "trainer.max_epochs": -1, "trainer.max_steps": -1}))
+    check_run_config(compose(pipeline, {"preset": "smoke", "trainer.max_epochs": -1, "trainer.max_steps": 2}))

@@ -485,6 +485,8 @@ class CompressionExperiment(NonGradientExperiment):
         check_technique(cfg)
         check_timm_name(cfg.model.name)
         check_timm_name(cfg.bench.model)  # (a bench child would fail only once running)
+        if cfg.compress.technique == "kd":
+            check_timm_name(cfg.kd.student.name)
         channels = (cfg.model.kwargs or {}).get("channels")
         if channels is not None and str(cfg.model.name).startswith("resnet") and len(channels) != 4:
             raise ConfigError(f"model.kwargs.channels gives one width per ResNet stage: 4 numbers, got {list(channels)}")

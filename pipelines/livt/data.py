@@ -215,6 +215,11 @@ def load_split_lists(name: str, root: str | Path, image_root: str | Path | None)
     out = {"train": read_split_list(root / train, images), "test": read_split_list(root / test, images)}
     out["val"] = read_split_list(root / val, images) if val and (root / val).is_file() else out["test"]
     classes = max(label for _, label in out["train"]) + 1
+    if classes < 2:
+        raise ConfigError(f"{root / train} gives one class (label 0); a classifier needs at least 2")
+    missing = sorted(set(range(classes)) - {label for _, label in out["train"]})
+    if missing:  # (found before a run opens: these lists are read by check_data)
+        raise ConfigError(f"{root / train}: labels {missing[:5]} have no training image (labels are 0..{classes - 1})")
     bad = next(((s, lab) for s, recs in out.items() for _, lab in recs if lab >= classes), None)
     if bad:
         raise ConfigError(f"{name} {bad[0]} list has label {bad[1]}, but the train list's labels end at {classes - 1}")

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.hardware import total_steps
+from common.hardware import check_finite_length, total_steps
 from common.models import check_timm_name
 from common.tracking import pyplot
 from pipelines.livt.data import LTDataModule, check_data, eval_transform, train_transform
@@ -177,6 +177,7 @@ class LiVTModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Names (dataset, loss, timm model) before any MLflow run starts; ranges are the config's checks."""
+        check_finite_length(cfg.trainer, "livt's warmup + cosine schedule")
         check_data(cfg.data)
         if cfg.loss.name not in LOSSES:
             raise ConfigError(f"unknown loss.name '{cfg.loss.name}'; valid: {', '.join(LOSSES)}")
@@ -194,6 +195,8 @@ class LiVTModule(pl.LightningModule):
             raise ConfigError(
                 f"model.kwargs.embed_dim={kwargs.embed_dim} is not a multiple of model.kwargs.num_heads={kwargs.get('num_heads')}"
             )
+        with torch.device("meta"):  # a ViT with a class token, and kwargs it takes (no memory, no weights)
+            create_vit(cfg.model, 2, finetune=True)
         m = cfg.mgp
         if m.decoder_dim % m.decoder_heads:
             raise ConfigError(f"mgp.decoder_dim={m.decoder_dim} is not a multiple of mgp.decoder_heads={m.decoder_heads}")

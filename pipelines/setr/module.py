@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from common.config import ConfigError
-from common.hardware import total_steps
+from common.hardware import check_finite_length, total_steps
 from common.data import load_weights, require_weights_file
 from pipelines.setr.data import SegDataModule, check_data, class_names
 from pipelines.setr.model import (
@@ -172,6 +172,7 @@ class SETRModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         """Before any MLflow run starts: names, layer numbers (on a meta-device model: no memory, no time), sizes."""
+        check_finite_length(cfg.trainer, "setr's poly learning-rate schedule")
         check_decoder(cfg.model.decoder)
         check_data(cfg.data)
         check_sizes(cfg)

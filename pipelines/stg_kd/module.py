@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from common.hardware import total_steps
+from common.hardware import check_finite_length, total_steps
 from pipelines.stg_kd.data import VideoCaptionDataModule, check_data
 from pipelines.stg_kd.metrics import caption_scores
 from pipelines.stg_kd.model import STGKD, TEST_BRANCH, beam_search, caption_ce, check_variant, greedy_decode, kd_loss
@@ -53,6 +53,7 @@ def preview_figure(frames: torch.Tensor, boxes: torch.Tensor, mask: torch.Tensor
 class STGKDModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
+        check_finite_length(cfg.trainer, "stg_kd's learning-rate schedule")
         check_model(cfg.model)
         check_data(cfg.data)
         if cfg.decode.max_len > cfg.data.max_words:  # no longer than the captions it learnt (its positions end soon after)

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached, save_atomic
 from common.config import ConfigError
-from common.hardware import total_steps
+from common.hardware import check_finite_length, total_steps
 from pipelines.vocab_kd.data import Passage, TextDataModule, check_data
 from pipelines.vocab_kd.model import (
     BERT_BASE_PARAMS,
@@ -139,6 +139,7 @@ class VocabKDModule(pl.LightningModule):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
+        check_finite_length(cfg.trainer, "vocab_kd's learning-rate schedule")
         check_data(cfg.data)
         resolve_teacher_path(cfg.teacher.path)
         if cfg.proj.reading not in READINGS:

@@ -311,6 +311,8 @@ def test_bad_input_is_one_line(home, tmp_path):
         CompressionExperiment.check_config(compose("compression", {"model.name": "resnet999"}))
     with pytest.raises(ConfigError, match=r"^unknown timm model 'notamodel'; list them with"):  # a bench child's, before it opens
         CompressionExperiment.check_config(compose("compression", {"bench.model": "notamodel"}))
+    with pytest.raises(ConfigError, match=r"^unknown timm model 'nope'; list them with"):  # (was once the run had opened)
+        CompressionExperiment.check_config(compose("compression", {"compress.technique": "kd", "kd.student.name": "nope"}))
     (tmp_path / "cifar-10-batches-py").mkdir()
     (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"holds CIFAR-10's python batches, 32-pixel images; set data.image_size=32$"):

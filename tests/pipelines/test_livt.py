@@ -312,6 +312,13 @@ def test_split_list_datasets_read_their_lists_over_an_image_root(tmp_path, name,
     (lists / files[0]).write_text("only_a_path.jpg\n")
     with pytest.raises(ConfigError, match="expected 'relative/path label'"):
         load_split_lists(name, lists, images)
+    first = "train/n00/" + files[0][:5] + "_0.jpg"  # an image the lists above made
+    (lists / files[0]).write_text(f"{first} 0\n{first} 0\n")  # (was a torchmetrics error once the run had opened)
+    with pytest.raises(ConfigError, match="gives one class \\(label 0\\); a classifier needs at least 2"):
+        load_split_lists(name, lists, images)
+    (lists / files[0]).write_text(f"{first} 0\n{first} 2\n")
+    with pytest.raises(ConfigError, match=re.escape("labels [1] have no training image (labels are 0..2)")):
+        load_split_lists(name, lists, images)
 
 
 # -- bad input: one line, where it enters ---------------------------------------------------------------------
@@ -352,6 +359,10 @@ def test_cli_bad_input_is_one_line(home):
         ({"mgp.decoder_dim": 30, "mgp.decoder_heads": 2}, "mgp.decoder_dim=30 must be a multiple of 4"),
         ({"model.kwargs.embed_dim": 30, "model.kwargs.num_heads": 2}, "model.kwargs.embed_dim=30 must be a multiple of 4"),
         ({"metrics.many_above": 10, "metrics.few_below": 20}, "metrics.few_below=20 must not exceed metrics.many_above=10"),
+        # a later fuzz: a raw IndexError or a timm error after the run had opened, and a ViT without blocks trained
+        ({"optim.betas": [0.9]}, "config key 'optim.betas' must be a list of 2 values, got [0.9]"),
+        ({"model.name": "resnet18"}, "model.kwargs do not fit resnet18: ResNet.__init__() got an unexpected keyword argument 'img_size'"),
+        ({"model.kwargs.depth": 0}, "model.kwargs.depth must be >= 1: a ViT without blocks"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
