@@ -21,7 +21,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from common import registry
-from common.config import ConfigError, load_config, set_checked, sweep_points
+from common.config import CONF_DIR, ConfigError, load_config, set_checked, sweep_points
 from common.hardware import global_rank
 from common.environment import environment_report, environment_tags
 from common.tracking import OPEN_RUNS, Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
@@ -439,6 +439,16 @@ def check_run_config(cfg: DictConfig, target: str | None = None) -> None:
         from common.freezing import check_before_run
 
         check_before_run(module, cfg)
+    from common.experiment import NonGradientExperiment
+
+    if isinstance(module, type) and issubclass(module, NonGradientExperiment):  # (the fit's length was ignored silently)
+        base = OmegaConf.load(CONF_DIR / "base.yaml").trainer
+        for key in ("max_epochs", "max_steps"):
+            if cfg.trainer[key] != base[key]:
+                raise ConfigError(
+                    f"trainer.{key} does not apply: {cfg.pipeline} is not trained by the Lightning runner (its own keys set how "
+                    "long it trains); leave it unset"
+                )
     if cfg.logger.log_model and (target or not hasattr(module, "model_for_export")):
         what = f"grid point {target}" if target else f"{cfg.pipeline}'s module"
         raise ConfigError(

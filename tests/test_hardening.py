@@ -522,3 +522,12 @@ def test_a_schedule_over_an_endless_fit_is_refused_before_a_run_opens(pipeline):
     with pytest.raises(ConfigError, match=r"needs the fit's length: set trainer.max_epochs or trainer.max_steps \(both are -1"):
         check_run_config(compose(pipeline, {"preset": "smoke", "trainer.max_epochs": -1, "trainer.max_steps": -1}))
     check_run_config(compose(pipeline, {"preset": "smoke", "trainer.max_epochs": -1, "trainer.max_steps": 2}))
+
+
+@pytest.mark.parametrize("pipeline, key", [("compression", "max_epochs"), ("input_iba", "max_steps"), ("iiot_sic_aloha", "max_epochs")])
+def test_a_fit_length_for_a_pipeline_the_runner_does_not_fit_is_one_line(pipeline, key):
+    """(trainer.max_epochs=7 on compression ran its own schedule, FINISHED, as if it had been read)"""
+    from common.runner import check_run_config
+
+    with pytest.raises(ConfigError, match=f"^trainer.{key} does not apply: {pipeline} is not trained by the Lightning runner"):
+        check_run_config(compose(pipeline, {"preset": "smoke", f"trainer.{key}": 3}))

@@ -146,6 +146,8 @@ def folder_task(d: DictConfig, cache_dir: str) -> Task:
     splits = {}
     for split, size in (("train", d.train_size), ("test", d.test_size)):
         x, y = arrays[split]
+        if size > len(y):  # (it used them all without a word)
+            raise ConfigError(f"data.{split}_size={size} is more than the {len(y)} {split} images in {d.root}; lower it (0: all)")
         keep = subset(y, size, int(d.seed))
         splits[split] = Split(torch.from_numpy(np.ascontiguousarray(x[keep])), torch.from_numpy(y[keep].astype(np.int64)))
     identity = {k: d[k] for k in ("name", "seed", "train_size", "test_size", "image_size")} | {"files": digest}

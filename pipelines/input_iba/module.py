@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import load_weights
+from common.data import load_weights, require_weights_file
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.models import create_timm_model
@@ -295,6 +295,8 @@ class InputIBAExperiment(NonGradientExperiment):
         check_data(cfg.data)
         methods_of(cfg)
         check_model(cfg)
+        if cfg.model.checkpoint:  # its format (it is loaded once the run opens)
+            require_weights_file(cfg.model.checkpoint, "model.checkpoint")
 
     def run(self, tracker: Tracker | None) -> dict[str, float]:
         cfg = self.cfg

@@ -306,6 +306,8 @@ def check_data(d: DictConfig) -> None:
     if d.name != "generated" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
     check_root_is_read(d, "generated", DATASETS)
+    if d.image_root and d.name not in SPLIT_LISTS:  # (ignored without a word)
+        raise ConfigError(f"data.image_root applies to the split-list sets ({', '.join(SPLIT_LISTS)}), not data.name={d.name}")
     if d.name == "generated" and d.classes > MAX_GENERATED_CLASSES:
         raise ConfigError(f"data.classes={d.classes} is more than the generated set has ({MAX_GENERATED_CLASSES} shape × texture pairs)")
     if d.name in SPLIT_LISTS:  # the lists' files, paths and labels before a run opens (images are checked at setup)

@@ -268,6 +268,8 @@ def test_generated_task_and_cifar_batches_and_imagefolder_zips(tmp_path):
     assert a.classes == ["cat", "dog"] and a.train.images.shape == (6, 3, 32, 32)  # resized to data.image_size
     assert torch.equal(a.train.images, b.train.images) and a.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert int(a.train.images[3, 0].float().mean()) == 200
+    with pytest.raises(ConfigError, match=re.escape("data.train_size=7 is more than the 6 train images in")):  # was all 6, silently
+        load_task(compose("compression", {**values, "data.root": str(tree), "data.train_size": 7}))
     with pytest.raises(ConfigError, match=re.escape("holds no cifar10 batches or images; expected layout: <root>/cifar-10-batches-py/")):
         (folder / "data_batch_1").unlink()
         load_task(

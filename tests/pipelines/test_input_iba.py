@@ -320,7 +320,7 @@ def test_imagenet_voc_folder_gives_box_masks_at_the_model_resolution(tmp_path):
 
 
 # -- bad input: one line, where it enters ---------------------------------------------------------------------------
-def test_bad_input_is_one_line():
+def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as err:
         check_model(compose("input_iba", {"iba.layer": "layer9"}))
     message = str(err.value)
@@ -346,6 +346,9 @@ def test_bad_input_is_one_line():
         compose("input_iba", {"attribution.method": "lime"})
     with pytest.raises(ConfigError, match=re.escape("data.name=cifar10 needs data.root=<folder>")):
         InputIBAExperiment.check_config(compose("input_iba", {"data.name": "cifar10"}))
+    (tmp_path / "weights.pt").write_text("not weights")
+    with pytest.raises(ConfigError, match=r"model.checkpoint .*weights.pt is not a PyTorch file"):  # (was a FAILED run)
+        InputIBAExperiment.check_config(compose("input_iba", {"model.checkpoint": str(tmp_path / "weights.pt")}))
 
 
 def test_bad_layer_is_one_line(home):

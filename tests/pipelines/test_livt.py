@@ -363,6 +363,10 @@ def test_cli_bad_input_is_one_line(home):
         ({"optim.betas": [0.9]}, "config key 'optim.betas' must be a list of 2 values, got [0.9]"),
         ({"model.name": "resnet18"}, "model.kwargs do not fit resnet18: ResNet.__init__() got an unexpected keyword argument 'img_size'"),
         ({"model.kwargs.depth": 0}, "model.kwargs.depth must be >= 1: a ViT without blocks"),
+        (
+            {"data.image_root": "/tmp"},
+            "data.image_root applies to the split-list sets (imagenet_lt, places_lt, inat18), not data.name=generated",
+        ),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
