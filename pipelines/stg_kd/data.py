@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from common.cache import cache_file, cached
 from common.config import ConfigError
 from common.data import check_root_is_read, eval_loader, read_text, require_files, training_loader
+from common.tracking import notice
 from pipelines.stg_kd.model import BOS, EOS, PAD, SPECIALS, UNK
 
 FOLDER_LAYOUT = (
@@ -303,6 +304,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     frames, k_max = int(d.frames), int(d.max_objects)
     out = {split: {"scene": [], "obj_feats": [], "boxes": [], "obj_mask": [], "captions": [], "ids": []} for split in SPLITS}
     dims: dict[str, int] = {}
+    short: list[str] = []  # videos with fewer feature rows than data.frames (rows repeated)
 
     def load(path: Path, what: str) -> np.ndarray:
         if not path.is_file():
@@ -336,6 +338,8 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     for vid, split in sorted(split_of.items()):
         p2 = root / "features_2d" / f"{vid}.npy"
         scene = check("features_2d", load(p2, "2D frame features"), p2, 2)
+        if len(scene) < frames:
+            short.append(vid)
         if has_3d:
             p3 = root / "features_3d" / f"{vid}.npy"
             scene = np.concatenate(
@@ -380,6 +384,10 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
         o["obj_mask"].append(_sample_frames(pad(mask), frames))
         o["captions"].append(caps[vid])
         o["ids"].append(vid)
+    if short:
+        notice(
+            f"{len(short)} of {len(split_of)} videos (e.g. {short[0]!r}) have fewer 2D feature rows than data.frames={frames}: rows repeated"
+        )
     for split in SPLITS:
         if not out[split]["ids"]:
             raise ConfigError(f"{root / 'captions.json'} lists no '{split}' videos; every split needs at least one")

@@ -171,7 +171,7 @@ def _fixture(root, videos=("v1", "v2", "v3"), frames=5, k=3):
     return root
 
 
-def test_folder_loader_reads_the_layout_resamples_frames_and_pads_objects(tmp_path):
+def test_folder_loader_reads_the_layout_resamples_frames_and_pads_objects(tmp_path, capsys):
     root = _fixture(tmp_path / "msvd")
     out = read_folder(str(root), _data_cfg(name="folder", root=str(root), frames=4, max_objects=5))
     assert (
@@ -183,6 +183,10 @@ def test_folder_loader_reads_the_layout_resamples_frames_and_pads_objects(tmp_pa
     assert out["train"]["obj_mask"][0].sum(1).tolist() == [3, 3, 3, 3] and out["train"]["boxes"].max() <= 1
     raw = np.load(root / "features_2d" / "v1.npy")
     assert torch.allclose(out["train"]["scene"][0], torch.from_numpy(raw[[0, 1, 3, 4]]))  # linspace(0, 4, 4) rounded
+    assert "fewer 2D feature rows" not in capsys.readouterr().err
+    out = read_folder(str(root), _data_cfg(name="folder", root=str(root), frames=8, max_objects=5))
+    assert out["train"]["scene"].shape == (1, 8, 6)  # 5 rows spread over 8 frames: repeated, and said
+    assert "3 of 3 videos (e.g. 'v1') have fewer 2D feature rows than data.frames=8: rows repeated" in capsys.readouterr().err
 
 
 def test_folder_bad_inputs_are_one_line_each(tmp_path):
