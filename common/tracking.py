@@ -240,6 +240,9 @@ class Tracker:
 
         params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
         existing = self.client.get_run(self.run_id).data.params
+        changed = {p.key: f"{existing[p.key]} → {p.value}" for p in params if p.key in existing and existing[p.key] != p.value}
+        if changed:  # a resume's new length or devices: params cannot change, so a tag says what the run went on with
+            self.set_tags({f"lightyard.resumed_with.{k}": v for k, v in changed.items()})
         params = [p for p in params if p.key not in existing]  # a resumed run keeps its params
         for start in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[start : start + 100])

@@ -147,6 +147,20 @@ def test_notices_are_kept_on_the_run(home, monkeypatch, capsys):
     assert "notice: the data lacks a class" in capsys.readouterr().err and not OPEN_RUNS  # none recorded after the run
 
 
+def test_a_resume_with_a_new_length_says_so_on_the_run(home):
+    """(params cannot change: a resume with trainer.max_epochs=1 left the run saying 3, and nothing else said otherwise)"""
+    from common.runner import compose
+    from common.tracking import Tracker
+
+    tracker = Tracker.start(compose("toy", {"trainer.max_epochs": 3}), "resumed")
+    tracker.log_config(compose("toy", {"trainer.max_epochs": 3}))
+    tracker.log_config(compose("toy", {"trainer.max_epochs": 5}))  # what run_one logs when it reopens the run
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.data.params["trainer.max_epochs"] == "3" and run.data.tags["lightyard.resumed_with.trainer.max_epochs"] == "3 → 5"
+    assert [k for k in run.data.tags if k.startswith("lightyard.resumed_with.")] == ["lightyard.resumed_with.trainer.max_epochs"]
+    tracker.end("FINISHED")
+
+
 @pytest.mark.slow  # 20-25 s: SQLite's 5 s busy timeout, met by several of MLflow's queries in turn
 def test_a_store_locked_by_another_writer_is_one_line_naming_the_file(home):
     """A stopped or hung command holding SQLite's write lock: after the busy timeouts (~20 s), one line with the store's
