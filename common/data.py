@@ -457,6 +457,9 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
         archive = None
         if (root / split).is_dir():
             files, where = {p.relative_to(root).as_posix(): p.read_bytes for p in (root / split).glob("*/*")}, str(root)
+            loose = [p.name for p in (root / split).iterdir() if p.is_file()]
+            if loose:  # outside any class folder: no label to give them
+                notice(f"{root / split}: skipped {len(loose)} files outside a class folder (e.g. {loose[0]})")
         elif (root / f"{split}.zip").is_file():
             where = str(root / f"{split}.zip")
             try:
@@ -483,7 +486,10 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             if len(split_names) < 2:  # (torchmetrics refused it only after training)
                 raise ConfigError(f"{where}/{split} holds one class folder ({split_names[0]}); a classifier needs two or more: {layout}")
             if names is not None and split_names != names:
-                raise ConfigError(f"{root}: test classes {split_names} differ from train classes {names}")
+                only = [f"{c} only in {'test' if c in split_names else 'train'}" for c in sorted(set(names) ^ set(split_names))]
+                raise ConfigError(
+                    f"{root}: train and test hold different classes ({', '.join(only[:5])}); a class folder without images counts as absent"
+                )
             names = split_names
             images = [decode_image(files[p], f"{where}/{p}", size) for p in entries]
         shapes = sorted({image.shape[:2] for image in images})

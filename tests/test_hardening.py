@@ -303,7 +303,7 @@ def test_a_truncated_image_is_named_before_training_or_at_its_decode(tmp_path):
         load_image(tmp_path / "cut.jpg")
 
 
-def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zips(tmp_path):
+def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zips(tmp_path, capsys):
     """common.data's CIFAR / ImageFolder readers (livt and compression): each fault is one line naming the file."""
     import pickle
     import shutil
@@ -339,6 +339,15 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
         read_image_tree(tree, "L")
     assert (tree / "train" / "dog" / "2.png") not in image_tree_files(tree)  # the cache key reads files only
     (tree / "train" / "dog" / "2.png").rmdir()
+    (tree / "train" / "bird").mkdir()  # an empty class folder (was "test classes [...] differ from train classes [...]")
+    (tree / "test" / "bird").mkdir()
+    (tree / "test" / "bird" / "0.png").write_bytes((tree / "test" / "cat" / "0.png").read_bytes())
+    (tree / "train" / "loose.png").write_bytes(b"")  # outside a class folder: skipped, and said
+    with pytest.raises(ConfigError, match=re.escape("train and test hold different classes (bird only in test); a class folder without")):
+        read_image_tree(tree, "L")
+    assert "train: skipped 1 files outside a class folder (e.g. loose.png)" in capsys.readouterr().err
+    for extra in (tree / "train" / "bird", tree / "test" / "bird", tree / "train" / "loose.png"):
+        shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
     shutil.rmtree(tree / "train" / "dog")
     with pytest.raises(ConfigError, match=re.escape("/train holds one class folder (cat); a classifier needs two or more: L")):
         read_image_tree(tree, "L")
