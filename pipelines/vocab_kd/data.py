@@ -153,14 +153,18 @@ def read_text_folder(root: str | Path) -> dict[str, str]:
     if not files:
         raise ConfigError(f"data.root {root} holds no text files; expected layout: {TEXT_LAYOUT}")
     out: dict[str, list[str]] = {}
+    empty: list[Path] = []
     for path in files:
         text = _read_text(path)
         if text.strip():
             out.setdefault(label_of(path), []).append(text)
+        else:
+            empty.append(path)
     if not out:
         raise ConfigError(f"data.root {root}: every text file is empty; expected layout: {TEXT_LAYOUT}")
     if len(out) < 2:
-        raise ConfigError(f"data.root {root} gives one label ({next(iter(out))}); the book task needs two: {TEXT_LAYOUT}")
+        skipped = f" ({len(empty)} empty files skipped, e.g. {empty[0].relative_to(root)})" if empty else ""
+        raise ConfigError(f"data.root {root} gives one label ({next(iter(out))}){skipped}; the book task needs two: {TEXT_LAYOUT}")
     return {label: "\n".join(texts) for label, texts in sorted(out.items())}
 
 

@@ -238,6 +238,10 @@ def test_text_folder_reads_the_english_text_layout(tmp_path):
     # Latin-1 that holds a valid UTF-8 pair by chance ("à\xa0»" is E0 A0 BB) is still Latin-1
     (tmp_path / "inaugural" / "1793-Washington.txt").write_bytes("« Voilà\xa0» dit-il, Größe 5×².".encode("latin-1"))
     assert read_text_folder(tmp_path)["inaugural"].endswith("« Voilà\xa0» dit-il, Größe 5×².")
+    for path in (tmp_path / "inaugural").iterdir():  # a collection of empty files: the one-label error names them
+        path.write_text(" \n")
+    with pytest.raises(ConfigError, match=r"gives one label \(austen\) \(2 empty files skipped, e.g. inaugural/1789-Washington.txt\)"):
+        read_text_folder(tmp_path)
 
 
 def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
