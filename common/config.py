@@ -287,6 +287,28 @@ def fabric_run_values() -> dict[str, Any]:
     return {k: int(v) if k == "trainer.num_nodes" else v for k, v in values.items()}
 
 
+def _yaml_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, Any], path: str | Path | None = None) -> None:
+    """A key given on the command line where it has no effect: the pipeline file's ``applies`` table names, per key
+    (or ``prefix.``), the settings it needs (``{loss.tau: {loss.name: [bal_ce, bal_bce]}}``). Refused when no run of
+    the command (a sweep's points, a grid's children) meets them; it used to be ignored without a word."""
+    pipeline_cfg = _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
+    applies = pipeline_cfg.get("applies") or {}
+    shortcuts = pipeline_cfg.get("shortcuts") or {}
+    for given in values:
+        key = shortcuts.get(given, given)
+        for rule, needs in applies.items():
+            if not (key == rule or (rule.endswith(".") and key.startswith(rule))):
+                continue
+            if not any(all(OmegaConf.select(c, k) in allowed for k, allowed in needs.items()) for c in configs):
+                wanted = " and ".join(f"{k} is {'/'.join(map(_yaml_text, allowed))}" for k, allowed in needs.items())
+                here = ", ".join(f"{k}={_yaml_text(OmegaConf.select(configs[0], k))}" for k in needs)
+                raise ConfigError(f"{key} has no effect here: it applies when {wanted} ({here}); leave it out")
+
+
 def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str | Path | None = None) -> DictConfig:
     """Compose the resolved config of ``pipeline`` with override ``values`` (``{dotted key: value}``)."""
     values = dict(values or {})
@@ -299,6 +321,7 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     presets = pipeline_cfg.pop("presets", None) or OmegaConf.create({})
     # bare command-line keys that stand for dotted ones (``root=...`` for ``reproduce.root=...``)
     shortcuts = pipeline_cfg.pop("shortcuts", None) or {}
+    pipeline_cfg.pop("applies", None)  # (read by check_applies, over all the runs of a command)
     values = {shortcuts.get(key, key): value for key, value in values.items()}
     cfg = OmegaConf.merge(cfg, pipeline_cfg)
     cfg.pipeline = pipeline

@@ -37,7 +37,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from common.config import ConfigError, flatten, sweep_points
+from common import registry
+from common.config import ConfigError, check_applies, flatten, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
 from common.runner import _RECEIVED, RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
 from common.tracking import Heartbeat, Tracker, mark_stale, tracking_uri
@@ -148,9 +149,10 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
     limit = int(cfg.launcher.max_points)
     if len(children) > limit and not cfg.launcher.allow_large:
         raise ConfigError(f"experiment '{name}' has {len(children)} grid points (over launcher.max_points={limit}); add --yes to run it")
-    for child in children:
-        # a bad point fails here, before the parent run exists
-        check_run_config(compose(pipeline, child.values), spec.get("point"))
+    composed = [compose(pipeline, child.values) for child in children]
+    for child_cfg in composed:  # a bad point fails here, before the parent run exists
+        check_run_config(child_cfg, spec.get("point"))
+    check_applies(pipeline, composed, user, registry.get(pipeline).config)
     return cfg, name, children
 
 

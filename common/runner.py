@@ -21,7 +21,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from common import registry
-from common.config import CONF_DIR, ConfigError, load_config, set_checked, sweep_points
+from common.config import CONF_DIR, ConfigError, check_applies, load_config, set_checked, sweep_points
 from common.hardware import global_rank
 from common.environment import environment_report, environment_tags
 from common.tracking import OPEN_RUNS, Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
@@ -468,6 +468,12 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
     for cfg in configs:
         check_run_config(cfg)
+    check_applies(
+        pipeline_name,
+        configs,
+        {k: v for p in points for k, v in p.items() if k not in ("resume", "preset")},
+        registry.get(pipeline_name).config,
+    )
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:

@@ -109,6 +109,43 @@ def test_every_shortcut_into_reproduce_or_bench_names_a_key_something_reads():
                 assert read, f"{conf}: shortcut {short} sets {target}, which no experiment (${{{target}}}) or code reads"
 
 
+def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
+    """(livt loss.tau with loss.name=ce, compression prune.sparsity with the baseline, …: ran FINISHED, the key ignored)"""
+    from common.config import check_applies
+
+    out = cli("train", "livt", "loss.name=ce", "loss.tau=5")
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "lightyard: error: loss.tau has no effect here: it applies when loss.name is bal_ce/bal_bce (loss.name=ce); leave it out"
+    )
+    vocab = cli("train", "vocab_kd", "dual.enabled=false", "loss.kd_weight=2")
+    assert "it applies when dual.enabled is true (dual.enabled=false)" in vocab.stderr
+    configs = [compose("compression", {"compress.technique": t}) for t in ("baseline", "prune_unstructured")]
+    check_applies("compression", configs, {"prune.sparsity": 0.9})  # a sweep where one point reads it
+    with pytest.raises(ConfigError, match=r"^lowrank.rank_ratio has no effect here: it applies when compress.technique is low_rank"):
+        check_applies("compression", configs, {"lowrank.rank_ratio": 0.5})  # a prefix rule (lowrank.)
+    check_applies("compression", configs, {"technique": "baseline"})  # a shortcut is read as its key
+
+
+def test_every_applies_rule_names_keys_of_its_config():
+    from pathlib import Path
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    for conf in sorted(Path("conf").glob("*.yaml")):
+        rules = yaml.safe_load(conf.read_text()).get("applies") or {}
+        if not rules:
+            continue
+        cfg = compose(conf.stem)
+        absent = object()
+        for key, needs in rules.items():
+            assert OmegaConf.select(cfg, key.rstrip("."), default=absent) is not absent, f"{conf}: {key}"
+            for need, allowed in needs.items():
+                assert OmegaConf.select(cfg, need, default=absent) is not absent and isinstance(allowed, list), (
+                    f"{conf}: {key} needs {need}"
+                )
+
+
 def test_with_values_copies_and_checks():
     cfg = compose("toy")
     changed = with_values(cfg, {"model.lr": 0.5, "trainer.max_epochs": 3})
