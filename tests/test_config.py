@@ -124,6 +124,8 @@ def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
     with pytest.raises(ConfigError, match=r"^lowrank.rank_ratio has no effect here: it applies when compress.technique is low_rank"):
         check_applies("compression", configs, {"lowrank.rank_ratio": 0.5})  # a prefix rule (lowrank.)
     check_applies("compression", configs, {"technique": "baseline"})  # a shortcut is read as its key
+    iba = cli("train", "input_iba", "attribution.method=gradcam", "attribution.methods=[saliency]")
+    assert "attribution.methods has no effect here: it applies when attribution.method is all" in iba.stderr
 
 
 def test_every_applies_rule_names_keys_of_its_config():

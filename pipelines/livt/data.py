@@ -306,6 +306,12 @@ def check_data(d: DictConfig) -> None:
     if d.name != "generated" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
     check_root_is_read(d, "generated", DATASETS)
+    classes = {"generated": d.classes, "cifar10_lt": 10, "cifar100_lt": 100}.get(d.name)
+    if classes and d.n_max is not None and min(lt_counts(int(d.n_max), int(classes), float(d.rho))) < 1:
+        raise ConfigError(  # (was "classes [...] have no training image" once the run had opened)
+            f"data.n_max={d.n_max} with data.rho={d.rho} leaves the rarest of {classes} classes no image "
+            f"(n_min = ⌊n_max / rho⌋); raise data.n_max to at least {math.ceil(d.rho)}"
+        )
     if d.image_root and d.name not in SPLIT_LISTS:  # (ignored without a word)
         raise ConfigError(f"data.image_root applies to the split-list sets ({', '.join(SPLIT_LISTS)}), not data.name={d.name}")
     if d.name == "generated" and d.classes > MAX_GENERATED_CLASSES:

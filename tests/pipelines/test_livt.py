@@ -364,6 +364,10 @@ def test_cli_bad_input_is_one_line(home):
         ({"model.name": "resnet18"}, "model.kwargs do not fit resnet18: ResNet.__init__() got an unexpected keyword argument 'img_size'"),
         ({"model.kwargs.depth": 0}, "model.kwargs.depth must be >= 1: a ViT without blocks"),
         (
+            {"data.n_max": 1},
+            "data.n_max=1 with data.rho=100.0 leaves the rarest of 10 classes no image (n_min = ⌊n_max / rho⌋); raise data.n_max to at least 100",
+        ),
+        (
             {"data.image_root": "/tmp"},
             "data.image_root applies to the split-list sets (imagenet_lt, places_lt, inat18), not data.name=generated",
         ),
