@@ -105,6 +105,12 @@ class DRITModule(pl.LightningModule):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         check_data(cfg.data)
+        start, epochs = cfg.optim.decay_start_epoch, cfg.trainer.max_epochs
+        if start >= 0 and not (epochs or 0) > start:  # (no decay at all, or a division by zero with max_epochs=-1)
+            raise ConfigError(
+                f"optim.decay_start_epoch={start} needs trainer.max_epochs above it (the lr decays from it to the last "
+                f"epoch), got {epochs}; or -1: no decay"
+            )
         side = cfg.data.crop_size // 4
         if side >> cfg.model.content_dis_layers < 2:  # InstanceNorm needs more than one spatial element
             raise ConfigError(

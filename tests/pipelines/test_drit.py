@@ -224,6 +224,11 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
         ({"model.dis_layers": 10}, "model.dis_layers=10 with model.dis_scales=3 halves the crop (32 px) below the discriminator's kernel"),
         ({"trainer.gradient_clip_val": 1.0}, "trainer.gradient_clip_val does not apply to drit's hand-stepped GAN updates"),
         ({"trainer.accumulate_grad_batches": 2}, "trainer.accumulate_grad_batches does not apply"),
+        (
+            {"optim.decay_start_epoch": 5},
+            "optim.decay_start_epoch=5 needs trainer.max_epochs above it (the lr decays from it to the last epoch), got 5",
+        ),  # (no decay, silently)
+        ({"optim.decay_start_epoch": 2, "trainer.max_epochs": -1}, "optim.decay_start_epoch=2 needs trainer.max_epochs above it"),
     ):  # each was Lightning's or torch's error after the run had opened
         with pytest.raises(ConfigError, match=re.escape(message)):
             DRITModule.check_config(compose("drit", values))
