@@ -301,7 +301,8 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
     for given in values:
         key = shortcuts.get(given, given)
         for rule, needs in applies.items():
-            if not (key == rule or (rule.endswith(".") and key.startswith(rule))):
+            # the key itself, a key under a prefix rule (``lowrank.``), or a whole section given at once (``lowrank={…}``)
+            if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")):
                 continue
             if not any(all(OmegaConf.select(c, k) in allowed for k, allowed in needs.items()) for c in configs):
                 wanted = " and ".join(f"{k} is {'/'.join(map(_yaml_text, allowed))}" for k, allowed in needs.items())

@@ -340,6 +340,16 @@ def cifar_batch_files(root: Path, kind: str) -> list[Path] | None:
     return [folder / f for f in [*train, *test]] + ([folder / meta] if (folder / meta).is_file() else [])
 
 
+def check_image_source(root: str | Path, layout: str, cifar: str | None = None) -> list[Path] | None:
+    """By names only, before a run opens (once per grid child: no listing of the images): ``cifar``'s python batches in
+    ``root``, or else an ImageFolder tree or its zip per split; returns the batches, or None."""
+    root = require_folder(root, layout)
+    batches = cifar_batch_files(root, cifar) if cifar else None
+    if not batches:
+        require_image_tree(root, layout)
+    return batches
+
+
 def image_sources(root: str | Path, layout: str, cifar: str | None = None) -> tuple[Path, list[Path] | None, list[Path]]:
     """The folder, ``cifar``'s python batches in it (None without) and the files its data is read from (the batches, or
     an ImageFolder tree or its zips: a decoded cache's key); one line when it holds neither."""
@@ -452,6 +462,7 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
 
     import numpy as np
 
+    root = require_image_tree(root, layout)
     out, names = {}, None
     for split in ("train", "test"):
         archive = None
@@ -460,7 +471,7 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             loose = [p.name for p in (root / split).iterdir() if p.is_file()]
             if loose:  # outside any class folder: no label to give them
                 notice(f"{root / split}: skipped {len(loose)} files outside a class folder (e.g. {loose[0]})")
-        elif (root / f"{split}.zip").is_file():
+        else:  # its zip (require_image_tree)
             where = str(root / f"{split}.zip")
             try:
                 archive = zipfile.ZipFile(where)
@@ -472,8 +483,6 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
                 for n in archive.namelist()
                 if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split)
             }
-        else:
-            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {layout}")
         with archive or contextlib.nullcontext():
             placed = [p for p in files if p.count("/") == 2 and p.startswith(f"{split}/")]
             entries = sorted(p for p in placed if Path(p).suffix.lower() in IMAGE_SUFFIXES)

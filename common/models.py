@@ -33,4 +33,4 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
             raise unknown_model(name) from None
         raise
     except (TypeError, AssertionError) as err:  # a keyword it does not take; a value its constructor asserts on
-        raise ConfigError(f"model.kwargs do not fit {name}: {err or type(err).__name__}") from None
+        raise ConfigError(f"model.kwargs do not fit {name}: {str(err) or type(err).__name__}") from None

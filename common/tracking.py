@@ -165,8 +165,13 @@ def git_state() -> dict[str, str]:
 
 def notice(text: str) -> None:
     """A setting the run changed or a part of the data it left out, which its numbers depend on (a capped subset, a
-    class a split lacks): said on the console, and kept on the open run's ``lightyard.notice`` tag, where it is seen
-    beside the metrics later (the console is gone by then)."""
+    class a split lacks): said on the console by rank 0, and kept on the run's ``lightyard.notice`` tag where the run
+    was opened in this process (the console is gone later). Not kept: notices of ddp_spawn's worker processes (printed
+    only), and data notices of a decoded cache's later reads (said when the data was first read)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     print(f"notice: {text}", file=sys.stderr, flush=True)
     if OPEN_RUNS:
         OPEN_RUNS[-1].add_notice(text)
@@ -327,9 +332,11 @@ class Tracker:
             mlflow.end_run(status="RUNNING")
 
     def add_notice(self, text: str) -> None:
-        """Appends to the run's ``lightyard.notice`` tag (one line per notice)."""
-        before = self.client.get_run(self.run_id).data.tags.get("lightyard.notice")
-        self.set_tags({"lightyard.notice": f"{before}\n{text}" if before else text})
+        """Appends to the run's ``lightyard.notice`` tag (one line per notice; a line already there, as a resume says it
+        again, once)."""
+        lines = (self.client.get_run(self.run_id).data.tags.get("lightyard.notice") or "").splitlines()
+        if text not in lines:
+            self.set_tags({"lightyard.notice": "\n".join([*lines, text])[:5000]})
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
         assert status in STATUSES, status

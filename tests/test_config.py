@@ -1,6 +1,6 @@
 import pytest
 
-from common.config import ConfigError, parse_overrides, sweep_points, with_values
+from common.config import CONF_DIR, ConfigError, parse_overrides, sweep_points, with_values
 from common.runner import compose
 from tests.conftest import cli
 
@@ -96,13 +96,12 @@ def test_shortcuts_stand_for_dotted_keys():
 def test_every_shortcut_into_reproduce_or_bench_names_a_key_something_reads():
     """(stg_kd's `root=` set reproduce.root, which no experiment or code read: a real-data folder ignored silently)"""
     import re
-    from pathlib import Path
 
     import yaml
 
-    for conf in sorted(Path("conf").glob("*.yaml")):
+    for conf in sorted(CONF_DIR.glob("*.yaml")):
         text = conf.read_text()
-        code = "\n".join(p.read_text() for p in Path("pipelines", conf.stem).glob("*.py"))
+        code = "\n".join(p.read_text() for p in (CONF_DIR.parent / "pipelines" / conf.stem).glob("*.py"))
         for short, target in (yaml.safe_load(text).get("shortcuts") or {}).items():
             if target.split(".")[0] in ("reproduce", "bench"):
                 read = "${" + target + "}" in text or re.search(rf"\b{re.escape(target)}\b", code)
@@ -123,18 +122,23 @@ def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
     check_applies("compression", configs, {"prune.sparsity": 0.9})  # a sweep where one point reads it
     with pytest.raises(ConfigError, match=r"^lowrank.rank_ratio has no effect here: it applies when compress.technique is low_rank"):
         check_applies("compression", configs, {"lowrank.rank_ratio": 0.5})  # a prefix rule (lowrank.)
-    check_applies("compression", configs, {"technique": "baseline"})  # a shortcut is read as its key
+    with pytest.raises(ConfigError, match=r"^lowrank has no effect here: it applies when compress.technique is low_rank"):
+        check_applies("compression", configs, {"lowrank": {"rank_ratio": 0.5}})  # a whole section given at once
     iba = cli("train", "input_iba", "attribution.method=gradcam", "attribution.methods=[saliency]")
     assert "attribution.methods has no effect here: it applies when attribution.method is all" in iba.stderr
+    from common.grid import plan
+
+    plan("reproduce", "setr", {"preset": "smoke", "model.aux_layers": [2]})  # the grid's naive and pup children read it
+    with pytest.raises(ConfigError, match=r"^model.aux_layers has no effect here: it applies when model.decoder is naive/pup"):
+        plan("reproduce", "setr", {"preset": "smoke", "reproduce.decoders": ["mla"], "model.aux_layers": [2]})
 
 
 def test_every_applies_rule_names_keys_of_its_config():
-    from pathlib import Path
 
     import yaml
     from omegaconf import OmegaConf
 
-    for conf in sorted(Path("conf").glob("*.yaml")):
+    for conf in sorted(CONF_DIR.glob("*.yaml")):
         rules = yaml.safe_load(conf.read_text()).get("applies") or {}
         if not rules:
             continue

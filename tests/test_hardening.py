@@ -449,8 +449,8 @@ def test_a_data_root_beside_the_embedded_default_is_one_line(home, tmp_path, pip
 @pytest.mark.parametrize(
     "pipeline, args, expected",
     [
-        ("livt", ["experiment=cifar10_lt", "cifar_root={empty}"], "holds no cifar10 batches or images"),
-        ("compression", ["experiment=cifar10", "root={empty}"], "holds no cifar10 batches or images"),
+        ("livt", ["experiment=cifar10_lt", "cifar_root={empty}"], "lacks train/ and train.zip"),
+        ("compression", ["experiment=cifar10", "root={empty}"], "lacks train/ and train.zip"),
         ("input_iba", ["experiment=cifar10", "cifar_root={empty}"], "lacks train/ and train.zip"),
         ("drit", ["experiment=cifar_cat_dog", "cifar_root={empty}"], "lacks train/ and train.zip"),
         ("sgd_freeze_embed", ["experiment=cifar", "cifar_root={empty}"], "lacks train, test"),

@@ -26,6 +26,7 @@ from common.config import ConfigError
 from common.data import (
     cached_arrays,
     channels_first,
+    check_image_source,
     check_root_is_read,
     files_digest,
     image_sources,
@@ -166,8 +167,7 @@ def check_data(d: DictConfig) -> None:
     if d.name == "generated":
         return
     layout, cifar = (CIFAR_LAYOUT, "cifar10") if d.name == "cifar10" else (TREE_LAYOUT, None)
-    _, batches, _ = image_sources(d.root, layout, cifar)  # the layout before a run opens (images are decoded in setup)
-    if batches and int(d.image_size) != 32:
+    if check_image_source(d.root, layout, cifar) and int(d.image_size) != 32:  # the layout (images are decoded in setup)
         raise ConfigError(f"{d.root} holds CIFAR-10's python batches, 32-pixel images; set data.image_size=32")  # before a run opens
 
 

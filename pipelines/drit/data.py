@@ -195,7 +195,7 @@ def read_folder(root: str | Path, size: int, limit: int | None = None) -> tuple[
 
 def read_cifar_cat_dog(root: str | Path, size: int, limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """CIFAR-10 cat (A) ↔ dog (B) from an ImageFolder tree or its zips."""
-    root = require_folder(root, CIFAR_LAYOUT)
+    root = require_image_tree(root, CIFAR_LAYOUT)
     out = {}
     for split in ("train", "test"):
         if (root / split).is_dir():
@@ -204,15 +204,13 @@ def read_cifar_cat_dog(root: str | Path, size: int, limit: int | None = None) ->
                 for c in ("cat", "dog")
             }
             archive = None
-        elif (root / f"{split}.zip").is_file():
+        else:  # its zip (require_image_tree)
             archive = zipfile.ZipFile(root / f"{split}.zip")
             names = sorted(n for n in archive.namelist() if Path(n).suffix.lower() in IMAGE_SUFFIXES)
             lists = {
                 c: [(f"{root / split}.zip:{n}", lambda n=n, archive=archive: archive.read(n)) for n in names if n.split("/")[-2:-1] == [c]]
                 for c in ("cat", "dog")
             }
-        else:
-            raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {CIFAR_LAYOUT}")
         for letter, c in (("A", "cat"), ("B", "dog")):
             if not lists[c]:
                 raise ConfigError(f"no {c} images under {root} for {split}; expected layout: {CIFAR_LAYOUT}")

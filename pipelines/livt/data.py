@@ -30,6 +30,7 @@ from common.data import (
     CIFAR_BATCHES,
     cached_arrays,
     check_root_is_read,
+    check_image_source,
     check_images,
     files_digest,
     image_sources,
@@ -306,11 +307,13 @@ def check_data(d: DictConfig) -> None:
     if d.name != "generated" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
     check_root_is_read(d, "generated", DATASETS)
-    classes = {"generated": d.classes, "cifar10_lt": 10, "cifar100_lt": 100}.get(d.name)
-    if classes and d.n_max is not None and min(lt_counts(int(d.n_max), int(classes), float(d.rho))) < 1:
+    # classes and n_max's default (the class size) of the sets the exponential profile is drawn from
+    classes, n_max = {"generated": (d.classes, GENERATED_N_MAX), "cifar10_lt": (10, 5000), "cifar100_lt": (100, 500)}.get(d.name, (0, 0))
+    n_max = d.n_max or n_max
+    if classes and min(lt_counts(int(n_max), int(classes), float(d.rho))) < 1:
         raise ConfigError(  # (was "classes [...] have no training image" once the run had opened)
-            f"data.n_max={d.n_max} with data.rho={d.rho} leaves the rarest of {classes} classes no image "
-            f"(n_min = ⌊n_max / rho⌋); raise data.n_max to at least {math.ceil(d.rho)}"
+            f"data.n_max={n_max} with data.rho={d.rho} leaves the rarest of {classes} classes no image "
+            f"(n_min = ⌊n_max / rho⌋); raise data.n_max to at least {math.ceil(d.rho)} or lower data.rho"
         )
     if d.image_root and d.name not in SPLIT_LISTS:  # (ignored without a word)
         raise ConfigError(f"data.image_root applies to the split-list sets ({', '.join(SPLIT_LISTS)}), not data.name={d.name}")
@@ -319,7 +322,7 @@ def check_data(d: DictConfig) -> None:
     if d.name in SPLIT_LISTS:  # the lists' files, paths and labels before a run opens (images are checked at setup)
         load_split_lists(d.name, d.root, d.image_root)
     elif d.name != "generated":
-        image_sources(d.root, CIFAR_LAYOUT, d.name.removesuffix("_lt"))  # the layout (images are decoded in setup)
+        check_image_source(d.root, CIFAR_LAYOUT, d.name.removesuffix("_lt"))  # the layout (images are decoded in setup)
 
 
 # -- transforms ----------------------------------------------------------------------------------------------

@@ -328,10 +328,6 @@ def build_setr(
 ) -> SETR:
     """SETR-``decoder`` on ``vit``; ``aux_layers`` / ``mla_layers``: 1-based blocks, None = the paper's scaled to the depth."""
     check_decoder(decoder)
-    if mla_layers and decoder != "mla":  # (each was ignored without a word)
-        raise ConfigError(f"model.mla_layers applies to decoder mla, not {decoder}; leave it []")
-    if aux_layers and decoder == "mla":
-        raise ConfigError("model.aux_layers does not apply to decoder mla (its auxiliary heads read model.mla_layers); leave it []")
     depth = len(vit.blocks)
     if aux_layers:
         check_layers(list(aux_layers), depth, "model.aux_layers")

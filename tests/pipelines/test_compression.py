@@ -270,7 +270,7 @@ def test_generated_task_and_cifar_batches_and_imagefolder_zips(tmp_path):
     assert int(a.train.images[3, 0].float().mean()) == 200
     with pytest.raises(ConfigError, match=re.escape("data.train_size=7 is more than the 6 train images in")):  # was all 6, silently
         load_task(compose("compression", {**values, "data.root": str(tree), "data.train_size": 7}))
-    with pytest.raises(ConfigError, match=re.escape("holds no cifar10 batches or images; expected layout: <root>/cifar-10-batches-py/")):
+    with pytest.raises(ConfigError, match=re.escape("lacks train/ and train.zip; expected layout: <root>/cifar-10-batches-py/")):
         (folder / "data_batch_1").unlink()
         load_task(
             compose(
