@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import require_files
+from common.data import check_root_is_read, require_files
 
 SCOT_LAYOUT = (
     "<root>/<x_file> and <y_file> (.npy, or .csv without header: cells × features, row i of both = cell i), "
@@ -197,13 +197,16 @@ def load_scot(
     return data
 
 
+H5AD_LAYOUT = "<root>/<x_file>.h5ad and <y_file>.h5ad with the same cells in obs"
+
+
 def load_h5ad(root: str | Path, x_file: str, y_file: str, label_key: str) -> PairedData:
     """Two AnnData files with the same cells (obs) in the same order; labels from ``obs[label_key]``."""
     try:
         import anndata
     except ImportError:
         raise ConfigError("data.source=h5ad needs the optional 'anndata' package: pip install -e '.[datasets]'") from None
-    root = require_files(root, [x_file, y_file], "<root>/<x_file>.h5ad and <y_file>.h5ad with the same cells in obs")
+    root = require_files(root, [x_file, y_file], H5AD_LAYOUT)
     ax, ay = anndata.read_h5ad(root / x_file), anndata.read_h5ad(root / y_file)
     if ax.n_obs != ay.n_obs:
         raise ConfigError(f"{root}: {x_file} has {ax.n_obs} cells but {y_file} has {ay.n_obs}; the cells must be paired")
@@ -263,20 +266,28 @@ def preprocess(data: PairedData, center: bool, normalize_rows: bool, scale: bool
     return PairedData(X, Y, data.x_labels, data.y_labels, data.true_map, data.name, **shared)
 
 
+SOURCES = {  # data.source → its pair: generated (the first two) or read from data.root
+    "planted": lambda d, seed: planted_pair(d.n, d.informative, d.nuisance, d.dy, d.extra_nonzeros, d.clusters, d.noise, seed),
+    "multiomics": lambda d, seed: multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, d.noise, seed, d.shared),
+    "scot": lambda d, seed: load_scot(d.root, d.x_file, d.y_file, d.x_labels, d.y_labels, x_shared=d.x_shared, y_shared=d.y_shared),
+    "h5ad": lambda d, seed: load_h5ad(d.root, d.x_file, d.y_file, d.label_key),
+}
+GENERATED_SOURCES = ("planted", "multiomics")
+
+
+def check_source(d: DictConfig) -> None:
+    if d.source not in SOURCES:
+        raise ConfigError(f"unknown data.source '{d.source}'; valid: {', '.join(SOURCES)}")
+    if d.source not in GENERATED_SOURCES and not d.root:
+        layout = SCOT_LAYOUT if d.source == "scot" else H5AD_LAYOUT
+        raise ConfigError(f"data.source={d.source} needs data.root=<folder>; expected layout: {layout}")
+    check_root_is_read(d, GENERATED_SOURCES, SOURCES, key="source")
+
+
 def build_pair(cfg: DictConfig) -> PairedData:
     d = cfg.data
-    if d.source == "planted":
-        data = planted_pair(d.n, d.informative, d.nuisance, d.dy, d.extra_nonzeros, d.clusters, d.noise, cfg.seed)
-    elif d.source == "multiomics":
-        data = multiomics_pair(d.n, d.latent, d.dx, d.dy, d.clusters, d.noise, cfg.seed, d.shared)
-    elif d.source == "scot":
-        if not d.root:
-            raise ConfigError("data.source=scot needs data.root=<folder>; expected layout: " + SCOT_LAYOUT)
-        data = load_scot(d.root, d.x_file, d.y_file, d.x_labels, d.y_labels, x_shared=d.x_shared, y_shared=d.y_shared)
-    elif d.source == "h5ad":
-        data = load_h5ad(d.root, d.x_file, d.y_file, d.label_key)
-    else:
-        raise ConfigError(f"unknown data.source '{d.source}'; valid: planted, multiomics, scot, h5ad")
+    check_source(d)
+    data = SOURCES[d.source](d, cfg.seed)
     return check_pair(preprocess(check_pair(data), d.center, d.normalize_rows, d.scale))
 
 

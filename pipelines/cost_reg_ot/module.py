@@ -7,9 +7,8 @@ import torch
 from omegaconf import DictConfig
 
 from common.config import ConfigError
-from common.data import check_root_is_read
 from common.hardware import check_manual_step
-from pipelines.cost_reg_ot.data import GENERATED, REAL, PairedData, real_folder
+from pipelines.cost_reg_ot.data import GENERATED, REAL, PairedData, check_source, real_folder
 from pipelines.cost_reg_ot.model import (
     REGULARIZERS,
     barycentric_projection,
@@ -89,7 +88,7 @@ class CostRegOTModule(pl.LightningModule):
         from pipelines.cost_reg_ot.model import BASELINES
 
         check_solver(cfg.solver)
-        check_root_is_read(cfg.data, ("planted", "multiomics"), ("planted", "multiomics", "scot", "h5ad"), key="source")
+        check_source(cfg.data)
         valid = (*REGULARIZERS, *BASELINES)
         if cfg.reproduce.method not in valid:
             raise ConfigError(f"unknown reproduce method '{cfg.reproduce.method}'; valid: {', '.join(valid)}")
