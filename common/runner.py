@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import functools
 import os
 import signal
 import threading
@@ -428,6 +429,13 @@ def _fail(tracker: Tracker | None, err: BaseException) -> None:
             err.lightyard_run_id = tracker.run_id  # the command line names the run that holds the traceback
 
 
+@functools.lru_cache(maxsize=1)
+def _base_fit_length() -> dict[str, Any]:
+    """base.yaml's trainer.max_epochs / max_steps (read once: check_run_config runs for every grid child)."""
+    trainer = OmegaConf.load(CONF_DIR / "base.yaml").trainer
+    return {"max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
+
+
 def check_run_config(cfg: DictConfig, target: str | None = None) -> None:
     """What a composed config can still get wrong, before any run opens: the pipeline's own check, and
     ``logger.log_model`` where there is no model to export."""
@@ -442,9 +450,8 @@ def check_run_config(cfg: DictConfig, target: str | None = None) -> None:
     from common.experiment import NonGradientExperiment
 
     if isinstance(module, type) and issubclass(module, NonGradientExperiment):  # (the fit's length was ignored silently)
-        base = OmegaConf.load(CONF_DIR / "base.yaml").trainer
-        for key in ("max_epochs", "max_steps"):
-            if cfg.trainer[key] != base[key]:
+        for key, default in _base_fit_length().items():
+            if cfg.trainer[key] != default:
                 raise ConfigError(
                     f"trainer.{key} does not apply: {cfg.pipeline} is not trained by the Lightning runner (its own keys set how "
                     "long it trains); leave it unset"

@@ -110,6 +110,17 @@ def zip_splits(tree: Path, dest: Path, pattern: str = "*.png") -> Path:
     return dest
 
 
+def assert_no_run(pipeline: str) -> None:
+    """The store of ``pipeline``'s config holds no run at all: a refused command opened nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from common.runner import compose
+    from common.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def wait_for_run(pipeline: str, filter_string: str = "", timeout: float = 120, every: float = 0.5):
     """Poll the test home's MLflow store until a run of ``pipeline`` matching ``filter_string`` exists (a command
     started in the background has got that far); returns the client."""

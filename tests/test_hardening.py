@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from common.config import ConfigError
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import ROOT, cli, lightyard, wait_for_run
+from tests.conftest import ROOT, assert_no_run, cli, lightyard, wait_for_run
 
 
 @pytest.mark.parametrize(
@@ -104,8 +104,7 @@ def test_gpu_on_a_machine_without_one_is_refused_when_composed():
 def test_bad_value_on_the_command_line_leaves_no_run(home):
     out = cli("train", "hog_gcn", "data.homophily=1.5")
     assert out.returncode == 2 and out.stderr.strip() == "lightyard: error: config key 'data.homophily' must be in [0, 1], got 1.5"
-    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert_no_run("hog_gcn")
 
 
 def test_bad_yaml_in_a_config_file_is_one_line(tmp_path, monkeypatch):
@@ -461,8 +460,7 @@ def test_reproduce_on_an_empty_data_folder_is_one_line_and_opens_no_run(home, tm
     """(the layout was checked in each child's setup: every child opened, failed alike and stayed FAILED)"""
     out = cli("reproduce", pipeline, "preset=smoke", *(a.format(empty=tmp_path) for a in args))
     assert out.returncode == 2 and expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
-    client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert_no_run(pipeline)
 
 
 @pytest.mark.parametrize(
@@ -477,8 +475,7 @@ def test_reproduce_on_an_empty_data_folder_is_one_line_and_opens_no_run(home, tm
 def test_a_real_set_without_its_files_is_refused_before_a_run_opens(home, tmp_path, pipeline, name, expected):
     out = cli("train", pipeline, "preset=smoke", f"data.name={name}", f"data.root={tmp_path}")
     assert out.returncode == 2 and expected in out.stderr, out.stderr
-    client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert_no_run(pipeline)
 
 
 def test_freezing_every_parameter_is_one_line_before_a_run_opens(home):
@@ -487,8 +484,7 @@ def test_freezing_every_parameter_is_one_line_before_a_run_opens(home):
     assert out.returncode == 2 and out.stderr.strip() == (
         "lightyard: error: freeze=['embed', 'head'] freezes every parameter of toy: nothing would train; freeze a part of the model"
     ), out.stderr
-    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert_no_run("toy")
 
 
 @pytest.mark.parametrize(
@@ -519,8 +515,7 @@ def test_a_freeze_pattern_that_matches_nothing_is_one_line_before_a_run_opens(ho
         ),
     }.get(pipeline, "freeze pattern 'nope' matches no parameter")
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
-    client = MlflowClient(tracking_uri=tracking_uri(compose(pipeline)))
-    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert_no_run(pipeline)
 
 
 @pytest.mark.parametrize("pipeline", ["setr", "livt", "stg_kd", "vocab_kd"])
