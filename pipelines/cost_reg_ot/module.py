@@ -179,7 +179,21 @@ class CostRegOTModule(pl.LightningModule):
             value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
         else:  # the step model.solve takes, so both give the same (M, P) (tested)
             # the previous plan's buffer takes the next (as model.solve: an n × m allocation per step costs page faults)
-            step = prox_step(X, Y, a, b, self.M, s.eps, s.regularizer, s.lam, s.rank, self._potentials, s.sinkhorn_iter, out=self.P)
+            step = prox_step(
+                X,
+                Y,
+                a,
+                b,
+                self.M,
+                s.eps,
+                s.regularizer,
+                s.lam,
+                s.rank,
+                self._potentials,
+                s.sinkhorn_iter,
+                out=self.P,
+                momentum=s.sinkhorn_momentum,
+            )
             self.M, self.P, self._potentials, value = step.M, step.P, step.potentials, step.objective
         if not torch.isfinite(torch.tensor(value)):
             raise FloatingPointError(f"objective became {value} at iteration {self.global_step}; increase solver.eps")
@@ -191,7 +205,9 @@ class CostRegOTModule(pl.LightningModule):
         self._calm = self._calm + 1 if relatively_unchanged(previous, value, s.tol) else 0
         if self._calm >= s.patience or batch_idx == s.max_iter - 1:
             if s.method == "prox":  # as model.solve: the final plan belongs to the final M
-                self.P, self._potentials = final_plan(X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter, out=self.P)
+                self.P, self._potentials = final_plan(
+                    X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter, out=self.P, momentum=s.sinkhorn_momentum
+                )
             self.log("converged", float(self._calm >= s.patience))
             return self._finish(batch)
         return None
