@@ -452,7 +452,7 @@ def test_a_data_root_beside_the_embedded_default_is_one_line(home, tmp_path, pip
         ("compression", ["experiment=cifar10", "root={empty}"], "lacks train/ and train.zip"),
         ("input_iba", ["experiment=cifar10", "cifar_root={empty}"], "lacks train/ and train.zip"),
         ("drit", ["experiment=cifar_cat_dog", "cifar_root={empty}"], "lacks train/ and train.zip"),
-        ("sgd_freeze_embed", ["experiment=cifar", "cifar_root={empty}"], "lacks train, test"),
+        ("sgd_freeze_embed", ["experiment=cifar", "cifar_root={empty}"], "lacks train/ and train.zip"),
         ("stg_kd", ["root={empty}"], "is set but data.name=shapes reads no folder"),  # its `root` once set a key nothing read
     ],
 )

@@ -26,7 +26,20 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
 from common.config import ConfigError
-from common.data import check_images, check_root_is_read, eval_loader, load_image, read_text, require_files, training_loader
+from common.data import (
+    cached_arrays,
+    check_images,
+    check_root_is_read,
+    eval_loader,
+    files_digest,
+    image_sources,
+    load_image,
+    read_image_tree,
+    read_text,
+    require_files,
+    require_image_tree,
+    training_loader,
+)
 from common.tracking import notice
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond", "hbar", "vbar")
@@ -355,33 +368,36 @@ def load_wilds(name: str, root: str | Path, size: int) -> dict[str, Dataset]:
     }
 
 
-CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg (CIFAR-10 as ImageFolder, unzipped)"
+CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg, or their zips <root>/{train,test}.zip (CIFAR-10 as ImageFolder)"
+VEHICLES = {"airplane", "automobile", "ship", "truck"}
 
 
-def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, size: int = 32, strength: float = 1.0) -> dict[str, Split]:
+def cifar_images(root: str | Path, cache_dir: str | Path, size: int) -> tuple[dict, list[str]]:
+    """CIFAR-10 as ImageFolder, a tree or its zips: {split: (uint8 N×size×size×3, labels)} and the class names (one
+    index for both splits), decoded once and cached under ``cache_dir`` by a hash of the source files and the size."""
+    root, _, sources = image_sources(root, CIFAR_LAYOUT)
+    cache = Path(cache_dir) / "sgd_freeze_embed" / f"cifar10-{size}px-{files_digest(sources, root)}.npz"
+    return cached_arrays(cache, lambda: read_image_tree(root, CIFAR_LAYOUT, size))
+
+
+def cifar_colour_cue(
+    root: str | Path, n_train: int, n_test: int, seed: int, cache_dir: str | Path, size: int = 32, strength: float = 1.0
+) -> dict[str, Split]:
     """Real images: CIFAR-10 (ImageFolder) animals vs vehicles with a colour tint that agrees with the
     label in 95 % of training images (Waterbirds' mix) and is balanced over the four groups at test.
     ``strength`` scales the tint (1: ±0.35 on the red/blue channels; the config default is 0.3)."""
-    folder = require_files(root, ["train", "test"], CIFAR_LAYOUT)
-    vehicles = {"airplane", "automobile", "ship", "truck"}
+    arrays, names = cifar_images(root, cache_dir, size)
     g = torch.Generator().manual_seed(seed)
 
     def load(split: str, n: int, balanced: bool) -> Split:
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-
-        paths = sorted((folder / split).glob("*/*.jpg"))
-        if not paths:
-            raise ConfigError(f"no images under {folder / split}; expected <root>/{split}/<class>/*.jpg")
-        labels_all = torch.tensor([int(p.parent.name not in vehicles) for p in paths])
+        images_all, classes = arrays[split]
+        labels_all = torch.tensor([int(names[c] not in VEHICLES) for c in classes.tolist()])
         mix = torch.ones(4) if balanced else torch.tensor(WATERBIRDS_TRAIN_MIX, dtype=torch.float)
         group = torch.multinomial(mix / mix.sum(), n, replacement=True, generator=g)
         images, labels = torch.empty(n, 3, size, size), group // 2
         for i, grp in enumerate(group.tolist()):
             pool = torch.nonzero(labels_all == grp // 2).flatten()
-            path = paths[int(pool[torch.randint(0, len(pool), (1,), generator=g)])]
-            with Image.open(path) as im:
-                x = pil_to_tensor(im.convert("RGB")).float() / 255
+            x = torch.from_numpy(images_all[int(pool[torch.randint(0, len(pool), (1,), generator=g)])]).permute(2, 0, 1).float() / 255
             tint = strength * (torch.tensor([0.35, 0.0, -0.2]) if grp % 2 == 0 else torch.tensor([-0.2, 0.0, 0.35]))
             images[i] = (x + tint[:, None, None]).clamp(0, 1)
         return Split(images, labels, group)
@@ -394,22 +410,13 @@ def cifar_colour_cue(root: str | Path, n_train: int, n_test: int, seed: int, siz
     }
 
 
-def cifar_source(root: str | Path, n: int, seed: int) -> Split:
+def cifar_source(root: str | Path, n: int, seed: int, cache_dir: str | Path) -> Split:
     """Clean CIFAR-10 training images, 10 classes (stage-1 pretraining for the colour-cue setting)."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor
-
-    folder = require_files(root, ["train"], CIFAR_LAYOUT)
-    paths = sorted((folder / "train").glob("*/*.jpg"))
-    classes = sorted({p.parent.name for p in paths})
-    g = torch.Generator().manual_seed(seed)
-    chosen = [paths[i] for i in torch.randperm(len(paths), generator=g)[:n].tolist()]
-    images = torch.empty(len(chosen), 3, 32, 32)
-    for i, path in enumerate(chosen):
-        with Image.open(path) as im:
-            images[i] = pil_to_tensor(im.convert("RGB")).float() / 255
-    labels = torch.tensor([classes.index(p.parent.name) for p in chosen])
-    return Split(images, labels, torch.full((len(chosen),), -1))
+    arrays, _ = cifar_images(root, cache_dir, 32)
+    images_all, classes = arrays["train"]
+    chosen = torch.randperm(len(images_all), generator=torch.Generator().manual_seed(seed))[:n]
+    images = torch.from_numpy(images_all[chosen.numpy()]).permute(0, 3, 1, 2).float() / 255
+    return Split(images, torch.from_numpy(classes[chosen.numpy()]).long(), torch.full((len(chosen),), -1))
 
 
 # -- datamodule ---------------------------------------------------------------------------------
@@ -417,12 +424,14 @@ GENERATED = ("waterbirds", "domain_shift")
 REAL = ("waterbirds_real", "domainnet", "imagefolder", "fmow", "camelyon17", "cifar10_cue")
 
 
-REQUIRED = {  # a real set → (folder, the files it is read from, layout)
-    "waterbirds_real": lambda d: (waterbirds_root(d.root), ["metadata.csv"], WATERBIRDS_LAYOUT),
-    "domainnet": lambda d: (d.root, domainnet_files(d.source_domain, d.target_domain), DOMAINNET_LAYOUT),
-    "imagefolder": lambda d: (d.root, ["train", "val"], IMAGEFOLDER_LAYOUT),
-    "cifar10_cue": lambda d: (d.root, ["train", "test"], CIFAR_LAYOUT),
-    **{name: lambda d: (d.root, [WILDS_FOLDERS[d.name]], WILDS_LAYOUT.format(WILDS_FOLDERS[d.name])) for name in WILDS_FOLDERS},
+REQUIRED = {  # a real set → a check of the files it is read from, by name, and its layout
+    "waterbirds_real": lambda d: require_files(waterbirds_root(d.root), ["metadata.csv"], WATERBIRDS_LAYOUT),
+    "domainnet": lambda d: require_files(d.root, domainnet_files(d.source_domain, d.target_domain), DOMAINNET_LAYOUT),
+    "imagefolder": lambda d: require_files(d.root, ["train", "val"], IMAGEFOLDER_LAYOUT),
+    "cifar10_cue": lambda d: require_image_tree(d.root, CIFAR_LAYOUT),
+    **{
+        name: lambda d: require_files(d.root, [WILDS_FOLDERS[d.name]], WILDS_LAYOUT.format(WILDS_FOLDERS[d.name])) for name in WILDS_FOLDERS
+    },
 }
 
 
@@ -434,7 +443,7 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
     check_root_is_read(d, GENERATED, GENERATED + REAL)
     if d.name in REQUIRED:  # the files it reads, by name, before a run opens (each grid point's run would fail in setup)
-        require_files(*REQUIRED[d.name](d))
+        REQUIRED[d.name](d)
 
 
 def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
@@ -465,7 +474,8 @@ def build_splits(cfg: DictConfig) -> dict[str, Dataset]:
     if d.name == "imagefolder":
         return load_imagefolder(d.root, d.image_size, list(d.classes_list) or None, list(d.ood_classes) or None)
     if d.name == "cifar10_cue":
-        return {k: v.dataset() for k, v in cifar_colour_cue(d.root, d.n_train, d.n_test, seed, d.image_size, d.cue_strength).items()}
+        splits = cifar_colour_cue(d.root, d.n_train, d.n_test, seed, cfg.paths.cache_dir, d.image_size, d.cue_strength)
+        return {k: v.dataset() for k, v in splits.items()}
     return load_wilds(d.name, d.root, d.image_size)
 
 

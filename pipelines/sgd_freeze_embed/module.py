@@ -49,7 +49,7 @@ def backbone_weights(cfg: DictConfig) -> dict | None:
     if cfg.data.name in GENERATED:
         return pretrained_backbone(cfg, "shapes", source_domain)
     if cfg.data.name == "cifar10_cue":
-        return pretrained_backbone(cfg, "cifar10", lambda n, seed: cifar_source(cfg.data.root, n, seed))
+        return pretrained_backbone(cfg, "cifar10", lambda n, seed: cifar_source(cfg.data.root, n, seed, cfg.paths.cache_dir))
     return None
 
 

@@ -342,13 +342,24 @@ def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
 
 
 def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
+    """The tree, or its zips as ../shared/data/cifar10_jpg holds them (the same draws from either)."""
+    import zipfile
+
     from pipelines.sgd_freeze_embed.data import cifar_colour_cue, cifar_source
 
+    cache, zipped = tmp_path / "cache", tmp_path / "zipped"
+    tmp_path = tmp_path / "tree"
+    zipped.mkdir()
     for split in ("train", "test"):
         for cls, colour in (("airplane", (200, 200, 255)), ("cat", (120, 90, 60))):
             for i in range(3):
                 _png(tmp_path / split / cls / f"{i:04d}.jpg", colour, size=(32, 32))
-    splits = cifar_colour_cue(tmp_path, n_train=40, n_test=40, seed=0)
+        with zipfile.ZipFile(zipped / f"{split}.zip", "w") as z:
+            for path in sorted((tmp_path / split).rglob("*.jpg")):
+                z.write(path, path.relative_to(tmp_path).as_posix())
+    splits = cifar_colour_cue(tmp_path, n_train=40, n_test=40, seed=0, cache_dir=cache)
+    from_zips = cifar_colour_cue(zipped, n_train=40, n_test=40, seed=0, cache_dir=cache)
+    assert all(torch.equal(splits[k].images, from_zips[k].images) and torch.equal(splits[k].groups, from_zips[k].groups) for k in splits)
     train, ood = splits["train"], splits["ood_test"]
     assert train.images.shape == (40, 3, 32, 32) and torch.equal(train.labels, train.groups // 2)
     assert (train.groups == 0).sum() > (train.groups == 1).sum()  # the cue agrees with the label in most training images
@@ -359,14 +370,14 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
         assert red_minus_blue[same & (ood.groups % 2 == 0)].mean() > red_minus_blue[same & (ood.groups % 2 == 1)].mean() + 0.3
     assert set(ood.groups.tolist()) == {0, 1, 2, 3}
     # data.cue_strength scales the tint: at 0 the two tints of one class look the same
-    plain = cifar_colour_cue(tmp_path, n_train=8, n_test=40, seed=0, strength=0.0)["ood_test"]
+    plain = cifar_colour_cue(tmp_path, n_train=8, n_test=40, seed=0, cache_dir=cache, strength=0.0)["ood_test"]
     gap = plain.images[:, 0].mean((1, 2)) - plain.images[:, 2].mean((1, 2))
     same = plain.labels == 0
     assert abs(gap[same & (plain.groups % 2 == 0)].mean() - gap[same & (plain.groups % 2 == 1)].mean()) < 0.02
-    source = cifar_source(tmp_path, 5, 0)
+    source = cifar_source(tmp_path, 5, 0, cache)
     assert source.images.shape == (5, 3, 32, 32) and set(source.labels.tolist()) <= {0, 1}
-    with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg"):
-        cifar_colour_cue(tmp_path / "nope", 4, 4, 0)
+    with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg, or their zips"):
+        cifar_colour_cue(tmp_path / "nope", 4, 4, 0, cache)
 
 
 @pytest.mark.slow  # 11-16 s; exact mid-epoch resume stays in the suite (tests/test_faults.py), this is its timm variant
