@@ -174,8 +174,8 @@ class Step:
 
 
 def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000, tol: float = 1e-6, out=None, momentum: bool = True):
-    """:func:`sinkhorn` for the cost C_M = −(X Mᵀ) Yᵀ: the same iterates as POT's matrix scaling there, in fewer
-    passes over the n × m matrix. Returns the plan, the potentials and the plan's (row, column) sums.
+    """:func:`sinkhorn` for the cost C_M = −(X Mᵀ) Yᵀ (with ``momentum=False`` the same iterates as POT's matrix
+    scaling there) in fewer passes over the n × m matrix. Returns the plan, the potentials and the plan's (row, column) sums.
 
     The scalings start at u = 1, not POT's 1/n: every iterate is POT's times n (u) and 1/n (v), the same plan,
     but the potentials no longer drift by ±log n per outer iteration; drifting, they grow large enough that the KL
@@ -192,11 +192,11 @@ def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000
     than the GEMM that fills it.
 
     ``momentum``: over-relaxed scaling, u ← u^(1−ω)(a/Kv)^ω and v likewise, with OTT-JAX's ``Momentum`` rule
-    (Lehmann et al. 2021): plain iterations up to the check at 20, then ω = 2 / (1 + √(1 − ρ)) from the error's
-    decay rate ρ per iteration between the checks at 10 and 20; back to plain (ω = 1) for the rest of the solve
-    the first time the error rises over ten iterations (from iteration 40 on: the switch itself may raise it for a few). Stops when both marginals are within ``tol`` (plain scaling leaves the rows
-    exact, over-relaxed scaling does not). The same fixed point in fewer iterations (the scaling loop is the solver's
-    time at n = 5000); ``momentum=False`` gives POT's iterates."""
+    (Lehmann et al. 2021): plain iterations up to 20, then ω = 2 / (1 + √(1 − ρ)) from the error's decay rate ρ per
+    iteration between iterations 10 and 20; back to plain (ω = 1) for the rest of the solve the first time the error
+    rises over ten iterations (from iteration 40 on: the switch itself may raise it for a few). Stops when both
+    marginals are within ``tol`` (plain scaling leaves the rows exact, over-relaxed scaling does not). The same fixed
+    point in about half the iterations at n = 5000, where the scaling loop is the solver's time."""
     XM = X @ M.T
     n, m = XM.shape[0], Y.shape[0]
     reuse = out is not None and out.shape == (n, m) and out.dtype == XM.dtype and out.device == XM.device
@@ -211,8 +211,8 @@ def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000
     K.exp_()
     u, v = XM.new_ones(n), XM.new_ones(m)
     KTu = K.T @ u
-    # POT checks every tenth iteration; the over-relaxed loop every one (its stops are early-loop solves of 30-90
-    # iterations, where up to 9 spare iterations showed), and the rate behind ω is read between iterations 10 and 20
+    # POT checks every tenth iteration; the over-relaxed loop checks every one (its solves stop after 30–90 iterations,
+    # where up to 9 spare iterations a solve showed in the time)
     every, omega, errors = 1 if momentum else 10, 1.0, {}
     for iteration in range(max(int(max_iter), 1)):
         v = b / KTu if omega == 1.0 else v.pow(1 - omega).mul_((b / KTu).pow_(omega))
