@@ -194,7 +194,8 @@ def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000
     ``momentum``: over-relaxed scaling, u ← u^(1−ω)(a/Kv)^ω and v likewise, with OTT-JAX's ``Momentum`` rule
     (Lehmann et al. 2021): plain iterations up to 20, then ω = 2 / (1 + √(1 − ρ)) from the error's decay rate ρ per
     iteration between iterations 10 and 20; back to plain (ω = 1) for the rest of the solve the first time the error
-    rises over ten iterations (from iteration 40 on: the switch itself may raise it for a few). Stops when both
+    rises over ten iterations (from iteration 40 on: the switch itself may raise it for a few), and from iteration
+    20's plain iterate if it ever exceeds ten times the error there (diverging, or nan). Stops when both
     marginals are within ``tol`` (plain scaling leaves the rows exact, over-relaxed scaling does not). The same fixed
     point in about half the iterations at n = 5000, where the scaling loop is the solver's time."""
     XM = X @ M.T
@@ -213,19 +214,23 @@ def map_sinkhorn(X, Y, a, b, M, eps: float, warmstart=None, max_iter: int = 2000
     KTu = K.T @ u
     # POT checks every tenth iteration; the over-relaxed loop checks every one (its solves stop after 30–90 iterations,
     # where up to 9 spare iterations a solve showed in the time)
-    every, omega, errors = 1 if momentum else 10, 1.0, {}
+    every, omega, errors, restart = 1 if momentum else 10, 1.0, {}, (u, v, KTu)
     for iteration in range(max(int(max_iter), 1)):
         v = b / KTu if omega == 1.0 else v.pow(1 - omega).mul_((b / KTu).pow_(omega))
         Kv = K @ v
         u = a / Kv if omega == 1.0 else u.pow(1 - omega).mul_((a / Kv).pow_(omega))
         KTu = K.T @ u  # the column sums' mat-vec here, the next v's too
         if iteration % every == 0:
-            error = max(float(torch.linalg.vector_norm(v * KTu - b)), float(torch.linalg.vector_norm(u * Kv - a)))
+            error = float(torch.maximum(torch.linalg.vector_norm(v * KTu - b), torch.linalg.vector_norm(u * Kv - a)))
+            if omega != 1.0 and not error <= 10 * errors[20]:  # over-relaxation diverging (or nan): plain scaling
+                omega, momentum, (u, v, KTu) = 1.0, False, restart  # again, from iteration 20's plain iterate
+                continue
             if error < tol or not math.isfinite(error):  # a scaling that overflowed stays nan: stop at once
                 break
             errors[iteration] = error
             if momentum and iteration == 20:
-                omega = 2 / (1 + math.sqrt(1 - min(errors[20] / errors[10], 0.99) ** 0.1))
+                rate = min(errors[20] / errors[10], 0.99) if errors[10] > 0 else 0.0
+                omega, restart = 2 / (1 + math.sqrt(1 - rate**0.1)), (u, v, KTu)
             elif omega != 1.0 and iteration % 10 == 0 and iteration >= 40 and error > errors[iteration - 10]:
                 omega, momentum = 1.0, False  # overshooting: plain from here on (not before 40: the switch's transient)
     if omega != 1.0:  # end on a plain row scaling, as POT's loop does: exact rows, so the objective read off the

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, TensorDataset
 
@@ -372,12 +373,18 @@ CIFAR_LAYOUT = "<root>/{train,test}/<class>/*.jpg, or their zips <root>/{train,t
 VEHICLES = {"airplane", "automobile", "ship", "truck"}
 
 
-def cifar_images(root: str | Path, cache_dir: str | Path, size: int) -> tuple[dict, list[str]]:
-    """CIFAR-10 as ImageFolder, a tree or its zips: {split: (uint8 N×size×size×3, labels)} and the class names (one
-    index for both splits), decoded once and cached under ``cache_dir`` by a hash of the source files and the size."""
+def cifar_digest(root: str | Path) -> str:
+    """The hash of the CIFAR-10 files under ``root`` (tree or zips): the key of everything built from them."""
     root, _, sources = image_sources(root, CIFAR_LAYOUT)
-    cache = Path(cache_dir) / "sgd_freeze_embed" / f"cifar10-{size}px-{files_digest(sources, root)}.npz"
-    return cached_arrays(cache, lambda: read_image_tree(root, CIFAR_LAYOUT, size))
+    return files_digest(sources, root)
+
+
+def cifar_images(root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
+    """CIFAR-10 as ImageFolder, a tree or its zips: {split: (uint8 N×32×32×3, labels)} and the class names (one index
+    for both splits), decoded once at their own size and cached under ``cache_dir`` by the files' hash."""
+    root = Path(root)
+    cache = Path(cache_dir) / "sgd_freeze_embed" / f"cifar10-{cifar_digest(root)}.npz"
+    return cached_arrays(cache, lambda: read_image_tree(root, CIFAR_LAYOUT))
 
 
 def cifar_colour_cue(
@@ -386,7 +393,7 @@ def cifar_colour_cue(
     """Real images: CIFAR-10 (ImageFolder) animals vs vehicles with a colour tint that agrees with the
     label in 95 % of training images (Waterbirds' mix) and is balanced over the four groups at test.
     ``strength`` scales the tint (1: ±0.35 on the red/blue channels; the config default is 0.3)."""
-    arrays, names = cifar_images(root, cache_dir, size)
+    arrays, names = cifar_images(root, cache_dir)
     g = torch.Generator().manual_seed(seed)
 
     def load(split: str, n: int, balanced: bool) -> Split:
@@ -398,6 +405,8 @@ def cifar_colour_cue(
         for i, grp in enumerate(group.tolist()):
             pool = torch.nonzero(labels_all == grp // 2).flatten()
             x = torch.from_numpy(images_all[int(pool[torch.randint(0, len(pool), (1,), generator=g)])]).permute(2, 0, 1).float() / 255
+            if x.shape[-2:] != (size, size):  # data.image_size: the drawn images only (the cache keeps them at 32 px)
+                x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
             tint = strength * (torch.tensor([0.35, 0.0, -0.2]) if grp % 2 == 0 else torch.tensor([-0.2, 0.0, 0.35]))
             images[i] = (x + tint[:, None, None]).clamp(0, 1)
         return Split(images, labels, group)
@@ -412,8 +421,10 @@ def cifar_colour_cue(
 
 def cifar_source(root: str | Path, n: int, seed: int, cache_dir: str | Path) -> Split:
     """Clean CIFAR-10 training images, 10 classes (stage-1 pretraining for the colour-cue setting)."""
-    arrays, _ = cifar_images(root, cache_dir, 32)
+    arrays, _ = cifar_images(root, cache_dir)
     images_all, classes = arrays["train"]
+    if n > len(images_all):
+        raise ConfigError(f"pretrain.n_images={n} exceeds the {len(images_all)} training images under {root}; lower it")
     chosen = torch.randperm(len(images_all), generator=torch.Generator().manual_seed(seed))[:n]
     images = torch.from_numpy(images_all[chosen.numpy()]).permute(0, 3, 1, 2).float() / 255
     return Split(images, torch.from_numpy(classes[chosen.numpy()]).long(), torch.full((len(chosen),), -1))

@@ -224,13 +224,17 @@ def rescale_patch_input(state: dict[str, torch.Tensor], scale: float) -> dict[st
 
 
 # -- stage 1: pretraining for the embedded default ----------------------------------------------------
-def pretrained_backbone(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch.Tensor]:
+def pretrained_backbone(cfg: DictConfig, source_name: str, make_source, source_files: str = "") -> dict[str, torch.Tensor]:
     """Backbone weights pretrained (AdamW, supervised) on a source domain ``make_source(n, seed)``;
-    cached on disk by a hash of the model, the pretraining settings and the source."""
+    cached on disk by a hash of the model, the pretraining settings and the source (``source_files``: the hash of
+    the files a real source is read from, so other or edited files train a new stage 1)."""
     p = cfg.pretrain
     model_key = {k: OmegaConf.to_container(cfg.model)[k] for k in ("name", "kwargs")}
     settings = {k: v for k, v in OmegaConf.to_container(p).items() if k != "embed_scale"}
-    path = cache_file(cfg, "sgd_freeze_embed", "pretrained", {"model": model_key, "pretrain": settings, "source": source_name})
+    key = {"model": model_key, "pretrain": settings, "source": source_name}
+    if source_files:  # only for real sources: a generated source's cache keeps its key
+        key["files"] = source_files
+    path = cache_file(cfg, "sgd_freeze_embed", "pretrained", key)
     return rescale_patch_input(cached(path, lambda: _pretrain(cfg, source_name, make_source), "stage 1"), p.embed_scale)
 
 

@@ -16,6 +16,7 @@ from pipelines.sgd_freeze_embed.data import (
     WATERBIRDS_TRAIN_MIX,
     ShiftDataModule,
     check_data,
+    cifar_digest,
     cifar_source,
     source_domain,
 )
@@ -49,7 +50,8 @@ def backbone_weights(cfg: DictConfig) -> dict | None:
     if cfg.data.name in GENERATED:
         return pretrained_backbone(cfg, "shapes", source_domain)
     if cfg.data.name == "cifar10_cue":
-        return pretrained_backbone(cfg, "cifar10", lambda n, seed: cifar_source(cfg.data.root, n, seed, cfg.paths.cache_dir))
+        root, cache = cfg.data.root, cfg.paths.cache_dir
+        return pretrained_backbone(cfg, "cifar10", lambda n, seed: cifar_source(root, n, seed, cache), cifar_digest(root))
     return None
 
 

@@ -106,6 +106,18 @@ def test_over_relaxed_sinkhorn_reaches_the_same_plan_sooner():
     assert float(torch.linalg.vector_norm(rows - a)) < 1e-12 and float(torch.linalg.vector_norm(columns - b)) < 1e-12
     assert float(torch.linalg.vector_norm(slow_columns - b)) > 1e-9
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
+    # diverging over-relaxation (ω = 1.75 set while the error is still 0.4; nan by iteration 33) restarts plainly from
+    # iteration 20 and ends where plain scaling does (here: POT's log-domain fallback), never on a diverged plan
+    data = preprocess(planted_pair(n=200, seed=0), True, False, True)
+    a = b = torch.full((200,), 1 / 200, dtype=torch.float64)
+    M = initial_map(data.X.shape[1], data.Y.shape[1], data.X) * 40
+    plain, _, _ = map_sinkhorn(data.X, data.Y, a, b, M, 0.01, None, max_iter=2000, tol=1e-9, momentum=False)
+    over, _, _ = map_sinkhorn(data.X, data.Y, a, b, M, 0.01, None, max_iter=2000, tol=1e-9, momentum=True)
+    torch.testing.assert_close(over, plain, rtol=0, atol=1e-12)
+    # an exact zero error before the rate is read (tol = 0 on two points) keeps plain scaling, no division by zero
+    two = torch.full((2,), 0.5, dtype=torch.float64)
+    P, _, _ = map_sinkhorn(data.X[:2], data.Y[:2], two, two, initial_map(data.X.shape[1], data.Y.shape[1], data.X), 0.05, tol=0.0)
+    assert torch.isfinite(P).all()
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.002])  # the scaling Sinkhorn, and (C/ε spans thousands) its log-domain fallback

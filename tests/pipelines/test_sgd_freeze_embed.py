@@ -376,8 +376,30 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
     assert abs(gap[same & (plain.groups % 2 == 0)].mean() - gap[same & (plain.groups % 2 == 1)].mean()) < 0.02
     source = cifar_source(tmp_path, 5, 0, cache)
     assert source.images.shape == (5, 3, 32, 32) and set(source.labels.tolist()) <= {0, 1}
+    with pytest.raises(ConfigError, match=r"pretrain.n_images=7 exceeds the 6 training images"):  # was an IndexError
+        cifar_source(tmp_path, 7, 0, cache)
+    assert cifar_colour_cue(tmp_path, 4, 4, 0, cache, size=48)["train"].images.shape == (4, 3, 48, 48)  # data.image_size
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg, or their zips"):
         cifar_colour_cue(tmp_path / "nope", 4, 4, 0, cache)
+
+
+def test_cifar_stage_one_is_keyed_by_the_files(tmp_path, monkeypatch):
+    """Other or edited CIFAR files train a new stage 1 (its cache was keyed by the name 'cifar10' alone)."""
+    from pipelines.sgd_freeze_embed import model
+    from pipelines.sgd_freeze_embed.module import backbone_weights
+
+    for split in ("train", "test"):
+        for cls in ("airplane", "cat"):
+            _png(tmp_path / "c" / split / cls / "0000.jpg", (90, 90, 90), size=(32, 32))
+    keys = []
+    monkeypatch.setattr(model, "cached", lambda path, build, what, strategy=None: keys.append(path.name) or {})
+    monkeypatch.setattr(model, "rescale_patch_input", lambda weights, scale: weights)
+    cfg = compose("sgd_freeze_embed", {"preset": "smoke", "data.name": "cifar10_cue", "data.root": str(tmp_path / "c")})
+    backbone_weights(cfg)
+    backbone_weights(cfg)
+    _png(tmp_path / "c" / "train" / "cat" / "0000.jpg", (10, 200, 10), size=(32, 32))
+    backbone_weights(cfg)
+    assert keys[0] == keys[1] != keys[2]
 
 
 @pytest.mark.slow  # 11-16 s; exact mid-epoch resume stays in the suite (tests/test_faults.py), this is its timm variant
