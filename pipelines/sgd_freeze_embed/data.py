@@ -380,8 +380,8 @@ def cifar_digest(root: str | Path) -> str:
 
 
 def cifar_images(root: str | Path, cache_dir: str | Path) -> tuple[dict, list[str]]:
-    """CIFAR-10 as ImageFolder, a tree or its zips: {split: (uint8 N×32×32×3, labels)} and the class names (one index
-    for both splits), decoded once at their own size and cached under ``cache_dir`` by the files' hash."""
+    """CIFAR-10 as ImageFolder, a tree or its zips: {split: (uint8 N×H×W×3, labels)} and the class names (one index
+    for both splits), decoded once at their own size (32 px) and cached under ``cache_dir`` by the files' hash."""
     root = Path(root)
     cache = Path(cache_dir) / "sgd_freeze_embed" / f"cifar10-{cifar_digest(root)}.npz"
     return cached_arrays(cache, lambda: read_image_tree(root, CIFAR_LAYOUT))
@@ -399,6 +399,10 @@ def cifar_colour_cue(
     def load(split: str, n: int, balanced: bool) -> Split:
         images_all, classes = arrays[split]
         labels_all = torch.tensor([int(names[c] not in VEHICLES) for c in classes.tolist()])
+        if labels_all.unique().numel() < 2:  # a task label without images to draw from
+            raise ConfigError(
+                f"{root}/{split} needs vehicle ({', '.join(sorted(VEHICLES))}) and animal class folders, got {', '.join(names)}"
+            )
         mix = torch.ones(4) if balanced else torch.tensor(WATERBIRDS_TRAIN_MIX, dtype=torch.float)
         group = torch.multinomial(mix / mix.sum(), n, replacement=True, generator=g)
         images, labels = torch.empty(n, 3, size, size), group // 2

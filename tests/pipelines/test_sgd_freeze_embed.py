@@ -381,6 +381,11 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
     assert cifar_colour_cue(tmp_path, 4, 4, 0, cache, size=48)["train"].images.shape == (4, 3, 48, 48)  # data.image_size
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg, or their zips"):
         cifar_colour_cue(tmp_path / "nope", 4, 4, 0, cache)
+    for split in ("train", "test"):  # animals only: no vehicle images to draw
+        for cls in ("cat", "dog"):
+            _png(tmp_path / "animals" / split / cls / "0000.jpg", (90, 90, 90), size=(32, 32))
+    with pytest.raises(ConfigError, match="needs vehicle .* and animal class folders, got cat, dog"):
+        cifar_colour_cue(tmp_path / "animals", 4, 4, 0, cache)
 
 
 def test_cifar_stage_one_is_keyed_by_the_files(tmp_path, monkeypatch):
