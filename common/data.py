@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pickle
 import random
@@ -174,12 +175,63 @@ def require_folder(root: str | Path, layout: str) -> Path:
 
 
 def require_image_tree(root: str | Path, layout: str, splits: tuple[str, ...] = ("train", "test")) -> Path:
-    """An ImageFolder tree or its zip per split, checked by name before a run opens (the images are read in setup)."""
+    """An ImageFolder tree or its zip per split, checked by names before a run opens (the images are read in setup):
+    each split readable, two or more class folders holding images, the same classes in every split."""
     root = require_folder(root, layout)
     for split in splits:
         if not (root / split).is_dir() and not (root / f"{split}.zip").is_file():
             raise ConfigError(f"dataset folder {root} lacks {split}/ and {split}.zip; expected layout: {layout}")
+    names = None
+    for split in splits:
+        where, split_names = _split_classes(root, split, layout)
+        if not split_names:
+            raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
+        if len(split_names) < 2:  # (torchmetrics refused it only after training)
+            raise ConfigError(f"{where}/{split} holds one class folder ({split_names[0]}); a classifier needs two or more: {layout}")
+        if names is not None and split_names != names:
+            only = [f"{c} only in {split if c in split_names else splits[0]}" for c in sorted(set(names) ^ set(split_names))]
+            raise ConfigError(
+                f"{root}: {' and '.join(splits)} hold different classes ({', '.join(only[:5])}); a class folder without images counts as absent"
+            )
+        names = split_names
     return root
+
+
+def _zip_members(archive: zipfile.ZipFile, split: str) -> dict[str, str]:
+    """``<split>/<class>/<file>`` → its member: <split>/<class>/<file> as the CIFAR zips hold it, or <class>/<file>, or
+    under a prefix folder."""
+    return {
+        f"{split}/{'/'.join(n.split('/')[-2:])}": n
+        for n in archive.namelist()
+        if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split)
+    }
+
+
+def _open_zip(where: str, layout: str) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(where)
+    except (zipfile.BadZipFile, OSError):
+        raise ConfigError(f"{where} is not a readable zip archive; expected layout: {layout}") from None
+
+
+def _split_classes(root: Path, split: str, layout: str) -> tuple[str, list[str]]:
+    """Where a split is read from and its class folders that hold an image file, by names (the first image found
+    in each folder is enough)."""
+    if (root / split).is_dir():
+        folders = (c for c in (root / split).iterdir() if c.is_dir())
+        return str(root), sorted(c.name for c in folders if any(p.suffix.lower() in IMAGE_SUFFIXES for p in c.iterdir()))
+    where = str(root / f"{split}.zip")
+    stat = (root / f"{split}.zip").stat()
+    return where, list(_zip_classes(where, split, layout, stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=16)
+def _zip_classes(where: str, split: str, layout: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """(keyed by the zip's size and time too: an edited zip is read again) 0.5 s for CIFAR's 50 000 members, and a
+    grid checks every child's data before it opens."""
+    with _open_zip(where, layout) as archive:
+        keys = _zip_members(archive, split)
+    return tuple(sorted({k.split("/")[1] for k in keys if Path(k).suffix.lower() in IMAGE_SUFFIXES}))
 
 
 def require_files(root: str | Path, names: list[str], layout: str) -> Path:
@@ -463,7 +515,7 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
     import numpy as np
 
     root = require_image_tree(root, layout)
-    out, names = {}, None
+    out = {}
     for split in ("train", "test"):
         archive = None
         if (root / split).is_dir():
@@ -473,33 +525,15 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
                 notice(f"{root / split}: skipped {len(loose)} files outside a class folder (e.g. {loose[0]})")
         else:  # its zip (require_image_tree)
             where = str(root / f"{split}.zip")
-            try:
-                archive = zipfile.ZipFile(where)
-            except zipfile.BadZipFile:
-                raise ConfigError(f"{where} is not a readable zip archive; expected layout: {layout}") from None
-            # a member <split>/<class>/<file> as the CIFAR zips hold it, or <class>/<file>, or under a prefix folder
-            files = {
-                f"{split}/{'/'.join(n.split('/')[-2:])}": (lambda n=n, a=archive: a.read(n))
-                for n in archive.namelist()
-                if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split)
-            }
+            archive = _open_zip(where, layout)
+            files = {key: (lambda n=n, a=archive: a.read(n)) for key, n in _zip_members(archive, split).items()}
         with archive or contextlib.nullcontext():
             placed = [p for p in files if p.count("/") == 2 and p.startswith(f"{split}/")]
             entries = sorted(p for p in placed if Path(p).suffix.lower() in IMAGE_SUFFIXES)
             if len(entries) < len(placed):  # said, not silently dropped
                 other = sorted(set(placed) - set(entries))
                 notice(f"{where}/{split}: skipped {len(other)} files that are not {'/'.join(sorted(IMAGE_SUFFIXES))} (e.g. {other[0]})")
-            if not entries:
-                raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
-            split_names = sorted({p.split("/")[1] for p in entries})
-            if len(split_names) < 2:  # (torchmetrics refused it only after training)
-                raise ConfigError(f"{where}/{split} holds one class folder ({split_names[0]}); a classifier needs two or more: {layout}")
-            if names is not None and split_names != names:
-                only = [f"{c} only in {'test' if c in split_names else 'train'}" for c in sorted(set(names) ^ set(split_names))]
-                raise ConfigError(
-                    f"{root}: train and test hold different classes ({', '.join(only[:5])}); a class folder without images counts as absent"
-                )
-            names = split_names
+            names = sorted({p.split("/")[1] for p in entries})  # the same in both splits, two or more (require_image_tree)
             images = [decode_image(files[p], f"{where}/{p}", size) for p in entries]
         shapes = sorted({image.shape[:2] for image in images})
         if len(shapes) > 1:

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -343,10 +344,12 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
     (tree / "test" / "bird" / "0.png").write_bytes((tree / "test" / "cat" / "0.png").read_bytes())
     (tree / "train" / "loose.png").write_bytes(b"")  # outside a class folder: skipped, and said
     with pytest.raises(ConfigError, match=re.escape("train and test hold different classes (bird only in test); a class folder without")):
-        read_image_tree(tree, "L")
+        read_image_tree(tree, "L")  # (by names, before a run opens: require_image_tree)
+    for extra in (tree / "train" / "bird", tree / "test" / "bird"):
+        shutil.rmtree(extra)
+    read_image_tree(tree, "L")
     assert "train: skipped 1 files outside a class folder (e.g. loose.png)" in capsys.readouterr().err
-    for extra in (tree / "train" / "bird", tree / "test" / "bird", tree / "train" / "loose.png"):
-        shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+    (tree / "train" / "loose.png").unlink()
     shutil.rmtree(tree / "train" / "dog")
     with pytest.raises(ConfigError, match=re.escape("/train holds one class folder (cat); a classifier needs two or more: L")):
         read_image_tree(tree, "L")
@@ -460,6 +463,31 @@ def test_reproduce_on_an_empty_data_folder_is_one_line_and_opens_no_run(home, tm
     """(the layout was checked in each child's setup: every child opened, failed alike and stayed FAILED)"""
     out = cli("reproduce", pipeline, "preset=smoke", *(a.format(empty=tmp_path) for a in args))
     assert out.returncode == 2 and expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert_no_run(pipeline)
+
+
+@pytest.mark.parametrize(
+    "pipeline, key",
+    [
+        ("livt", "cifar_root"),
+        ("compression", "root"),
+        ("input_iba", "cifar_root"),
+        ("drit", "cifar_root"),
+        ("sgd_freeze_embed", "cifar_root"),
+    ],
+)
+def test_image_zips_with_a_class_missing_or_broken_are_one_line_and_open_no_run(home, tmp_path, pipeline, key):
+    """Read by names before a run opens (a review's fuzz: found in each child's setup, a FAILED run each)."""
+    experiment = {"livt": "cifar10_lt", "compression": "cifar10", "input_iba": "cifar10", "drit": "cifar_cat_dog"}.get(pipeline, "cifar")
+    for split, classes in (("train", ("cat", "dog", "frog")), ("test", ("cat", "dog"))):
+        with zipfile.ZipFile(tmp_path / f"{split}.zip", "w") as archive:
+            for c in classes:
+                archive.writestr(f"{split}/{c}/0000.jpg", b"")
+    out = cli("reproduce", pipeline, "preset=smoke", f"experiment={experiment}", f"{key}={tmp_path}")
+    assert out.returncode == 2 and "train and test hold different classes (frog only in train)" in out.stderr, out.stderr
+    (tmp_path / "test.zip").write_bytes(b"PK\x03\x04 cut short")
+    out = cli("reproduce", pipeline, "preset=smoke", f"experiment={experiment}", f"{key}={tmp_path}")
+    assert out.returncode == 2 and "test.zip is not a readable zip archive" in out.stderr, out.stderr
     assert_no_run(pipeline)
 
 
