@@ -174,9 +174,12 @@ def require_folder(root: str | Path, layout: str) -> Path:
     return root
 
 
-def require_image_tree(root: str | Path, layout: str, splits: tuple[str, ...] = ("train", "test")) -> Path:
+def require_image_tree(
+    root: str | Path, layout: str, splits: tuple[str, ...] = ("train", "test"), classes: tuple[str, ...] | None = None
+) -> Path:
     """An ImageFolder tree or its zip per split, checked by names before a run opens (the images are read in setup):
-    each split readable, two or more class folders holding images, the same classes in every split."""
+    each split readable, two or more class folders holding images, the same classes in every split; or, for a reader
+    that takes only ``classes`` (others ignored), each of those holding an image in every split."""
     root = require_folder(root, layout)
     for split in splits:
         if not (root / split).is_dir() and not (root / f"{split}.zip").is_file():
@@ -184,6 +187,11 @@ def require_image_tree(root: str | Path, layout: str, splits: tuple[str, ...] = 
     names = None
     for split in splits:
         where, split_names = _split_classes(root, split, layout)
+        if classes is not None:
+            missing = [c for c in classes if c not in split_names]
+            if missing:
+                raise ConfigError(f"no {', '.join(missing)} images under {where}/{split}/; expected layout: {layout}")
+            continue
         if not split_names:
             raise ConfigError(f"no images under {where}/{split}/<class>/; expected layout: {layout}")
         if len(split_names) < 2:  # (torchmetrics refused it only after training)

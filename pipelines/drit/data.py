@@ -195,7 +195,7 @@ def read_folder(root: str | Path, size: int, limit: int | None = None) -> tuple[
 
 def read_cifar_cat_dog(root: str | Path, size: int, limit: int | None = None) -> tuple[dict[str, np.ndarray], int]:
     """CIFAR-10 cat (A) ↔ dog (B) from an ImageFolder tree or its zips."""
-    root = require_image_tree(root, CIFAR_LAYOUT)
+    root = require_image_tree(root, CIFAR_LAYOUT, classes=("cat", "dog"))
     out = {}
     for split in ("train", "test"):
         if (root / split).is_dir():
@@ -317,7 +317,7 @@ def check_data(d: DictConfig) -> None:
     if d.name == "folder":
         folder_images(d.root)  # the layout, before a run opens (images are decoded, and checked, in setup)
     elif d.name != "generated":
-        require_image_tree(d.root, CIFAR_LAYOUT)
+        require_image_tree(d.root, CIFAR_LAYOUT, classes=("cat", "dog"))
     if d.batch_size < 2 or d.batch_size % 2:
         raise ConfigError(
             f"data.batch_size must be even and >= 2 (the first half of each domain's batch feeds the encoded-attribute path, "
