@@ -115,9 +115,6 @@ def beside_paper(children: list[dict], cfg: DictConfig, tracker: Tracker | None)
     """ID test / OOD test averaged over the tasks, each task at its own chosen lr (as the paper averages its
     benchmarks), with the paper's averages over its five benchmarks below."""
     optimizers = list(dict.fromkeys(c["optim.name"] for c in children))
-    fixed_task = OmegaConf.select(cfg, f"experiments.{cfg.experiment}.set.data.name") if cfg.experiment else None
-    for c in children:  # an experiment with one task (cifar) sets data.name instead of making it an axis
-        c.setdefault("data.name", fixed_task)
     tasks = list(dict.fromkeys(str(c["data.name"]) for c in children))
     row = {"model": f"ours: {cfg.model.name} (tasks: {', '.join(tasks)})"}
     for name in optimizers:
