@@ -112,6 +112,7 @@ class CostRegOTModule(pl.LightningModule):
         self.automatic_optimization = False  # the M-update is a closed-form prox, not a gradient step
         self.register_buffer("M", torch.zeros(0, dtype=torch.float64))
         self.P: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None
         self._potentials = None
         self._calm = 0
         self._last_objective: float | None = None
@@ -178,7 +179,8 @@ class CostRegOTModule(pl.LightningModule):
             self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter)
             value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
         else:  # the step model.solve takes, so both give the same (M, P) (tested)
-            # the previous plan's buffer takes the next (as model.solve: an n × m allocation per step costs page faults)
+            # the previous step's n × m buffer takes the next (as model.solve: an n × m allocation per step costs page
+            # faults); P itself is formed by the final plan only
             step = prox_step(
                 X,
                 Y,
@@ -191,10 +193,11 @@ class CostRegOTModule(pl.LightningModule):
                 s.rank,
                 self._potentials,
                 s.sinkhorn_iter,
-                out=self.P,
+                out=self._buffer,
                 momentum=s.sinkhorn_momentum,
+                plan=False,
             )
-            self.M, self.P, self._potentials, value = step.M, step.P, step.potentials, step.objective
+            self.M, self._buffer, self._potentials, value = step.M, step.buffer, step.potentials, step.objective
         if not torch.isfinite(torch.tensor(value)):
             raise FloatingPointError(f"objective became {value} at iteration {self.global_step}; increase solver.eps")
         # manual optimization without a torch optimizer leaves global_step at 0: log by iteration
@@ -206,7 +209,7 @@ class CostRegOTModule(pl.LightningModule):
         if self._calm >= s.patience or batch_idx == s.max_iter - 1:
             if s.method == "prox":  # as model.solve: the final plan belongs to the final M
                 self.P, self._potentials = final_plan(
-                    X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter, out=self.P, momentum=s.sinkhorn_momentum
+                    X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter, out=self._buffer, momentum=s.sinkhorn_momentum
                 )
             self.log("converged", float(self._calm >= s.patience))
             return self._finish(batch)

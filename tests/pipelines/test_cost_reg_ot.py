@@ -15,12 +15,17 @@ from pipelines.cost_reg_ot.model import (
     barycentric_projection,
     cross_moment,
     cost_matrix,
+    exp_gemm,
     gw_inner_product_objective,
     initial_map,
     map_sinkhorn,
     objective,
     objective_from_potentials,
+    optimal_omega,
     prox,
+    prox_step,
+    refit_omega,
+    scaled_cross_moment,
     sinkhorn,
     solve,
     transport_map,
@@ -106,8 +111,8 @@ def test_over_relaxed_sinkhorn_reaches_the_same_plan_sooner():
     assert float(torch.linalg.vector_norm(rows - a)) < 1e-12 and float(torch.linalg.vector_norm(columns - b)) < 1e-12
     assert float(torch.linalg.vector_norm(slow_columns - b)) > 1e-9
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-12)
-    # diverging over-relaxation (ω = 1.75 set while the error is still 0.4; nan by iteration 33) restarts plainly from
-    # iteration 20 and ends where plain scaling does (here: POT's log-domain fallback), never on a diverged plan
+    # diverging over-relaxation (ω set at iteration 10 while the error is still large; nan at 11) restarts plainly from
+    # iteration 10 and ends where plain scaling does (here: POT's log-domain fallback), never on a diverged plan
     data = preprocess(planted_pair(n=200, seed=0), True, False, True)
     a = b = torch.full((200,), 1 / 200, dtype=torch.float64)
     M = initial_map(data.X.shape[1], data.Y.shape[1], data.X) * 40
@@ -118,6 +123,41 @@ def test_over_relaxed_sinkhorn_reaches_the_same_plan_sooner():
     two = torch.full((2,), 0.5, dtype=torch.float64)
     P, _, _ = map_sinkhorn(data.X[:2], data.Y[:2], two, two, initial_map(data.X.shape[1], data.Y.shape[1], data.X), 0.05, tol=0.0)
     assert torch.isfinite(P).all()
+
+
+def test_refit_omega_reads_the_plain_rate_back_from_an_over_relaxed_one():
+    """Young's relation: over-relaxing a plain rate ρ by ω below the optimum decays at the larger root μ of
+    (μ + ω − 1)² = ω²ρμ; refit_omega reads ρ back from μ and gives ρ's optimum. Past the optimum (μ ≤ ω − 1), or
+    without decay, ω stays."""
+    rho, omega = 0.96, 1.4
+    p, q = 2 * (omega - 1) - omega**2 * rho, (omega - 1) ** 2
+    mu = (-p + (p * p - 4 * q) ** 0.5) / 2
+    assert optimal_omega(rho) == pytest.approx(2 / 1.2)
+    assert refit_omega(omega, mu) == pytest.approx(optimal_omega(rho), rel=1e-12)
+    assert refit_omega(1.9, 0.85) == 1.9 and refit_omega(1.4, 1.0) == 1.4
+    assert refit_omega(1.5, 0.5 + 1e-9) == pytest.approx(1.5, abs=1e-4)  # μ at ω − 1: ω was the optimum
+
+
+def test_a_step_without_the_plan_is_the_step_with_it():
+    """prox_step(plan=False) reads A(P) off the kernel and the scalings (P never written): the same map, objective and
+    potentials as forming P; exp_gemm's blocks of rows give exp of the product and its column sums."""
+    data = preprocess(planted_pair(n=60, seed=4), True, False, True)
+    a = b = torch.full((60,), 1 / 60, dtype=torch.float64)
+    M = initial_map(data.X.shape[1], data.Y.shape[1], data.X) * 40
+    with_plan = prox_step(data.X, data.Y, a, b, M, 0.05, "l1", 0.01, 2)
+    without = prox_step(data.X, data.Y, a, b, M, 0.05, "l1", 0.01, 2, plan=False)
+    assert without.P is None and with_plan.P is not None
+    torch.testing.assert_close(without.M, with_plan.M, rtol=1e-12, atol=1e-15)
+    assert without.objective == pytest.approx(with_plan.objective, rel=1e-12)
+    torch.testing.assert_close(without.potentials, with_plan.potentials, rtol=0, atol=0)
+    (K, u, v), _, _ = map_sinkhorn(data.X, data.Y, a, b, M, 0.05, plan=False)
+    P = K.clone().mul_(u[:, None]).mul_(v)
+    torch.testing.assert_close(scaled_cross_moment(data.X, data.Y, K, u, v), cross_moment(data.X, data.Y, P), rtol=1e-12, atol=1e-15)
+    left, right = torch.randn(50, 3, dtype=torch.float64), torch.randn(3, 5000, dtype=torch.float64)  # 13-row blocks
+    out = torch.empty(50, 5000, dtype=torch.float64)
+    sums = exp_gemm(left, right, out)
+    torch.testing.assert_close(out, (left @ right).exp(), rtol=1e-14, atol=0)
+    torch.testing.assert_close(sums, out.sum(0), rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.002])  # the scaling Sinkhorn, and (C/ε spans thousands) its log-domain fallback
