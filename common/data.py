@@ -207,12 +207,17 @@ def require_image_tree(
 
 def _zip_members(archive: zipfile.ZipFile, split: str) -> dict[str, str]:
     """``<split>/<class>/<file>`` → its member: <split>/<class>/<file> as the CIFAR zips hold it, or <class>/<file>, or
-    under a prefix folder."""
+    under a prefix folder. A file lying at the split's root (<split>/<file>) is in no class folder (_loose)."""
     return {
         f"{split}/{'/'.join(n.split('/')[-2:])}": n
         for n in archive.namelist()
-        if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split)
+        if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split) and not _loose(n, split)
     }
+
+
+def _loose(member: str, split: str) -> bool:
+    """<split>/<file>: outside any class folder, as a file directly in a tree's split folder (no label to give it)."""
+    return member.count("/") == 1 and member.startswith(f"{split}/") and not member.endswith("/")
 
 
 def _open_zip(where: str, layout: str) -> zipfile.ZipFile:
@@ -535,6 +540,9 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             where = str(root / f"{split}.zip")
             archive = _open_zip(where, layout)
             files = {key: (lambda n=n, a=archive: a.read(n)) for key, n in _zip_members(archive, split).items()}
+            loose = [n for n in archive.namelist() if _loose(n, split)]
+            if loose:
+                notice(f"{where}: skipped {len(loose)} files outside a class folder (e.g. {loose[0]})")
         with archive or contextlib.nullcontext():
             placed = [p for p in files if p.count("/") == 2 and p.startswith(f"{split}/")]
             entries = sorted(p for p in placed if Path(p).suffix.lower() in IMAGE_SUFFIXES)

@@ -329,6 +329,12 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
             for path in sorted((tree / split).rglob("*.png")):
                 archive.write(path, f"{path.parent.name}/{path.name}")
     assert all((a == b).all() for a, b in zip(read_image_tree(flat, "L")[0]["train"], arrays["train"]))
+    with zipfile.ZipFile(flat / "train.zip", "a") as archive:  # <split>/<file>: no class "train", skipped and said
+        archive.writestr("train/loose.png", (tree / "train" / "cat" / "0.png").read_bytes())
+    capsys.readouterr()
+    arrays_flat, names_flat = read_image_tree(flat, "L")
+    assert names_flat == ["cat", "dog"] and arrays_flat["train"][0].shape == (2, 8, 8, 3)
+    assert "train.zip: skipped 1 files outside a class folder (e.g. train/loose.png)" in capsys.readouterr().err
     Image.new("RGB", (5, 8)).save(tree / "train" / "dog" / "1.png")
     with pytest.raises(ConfigError, match=r"train: images of 2 sizes .*resize them to one size"):
         read_image_tree(tree, "L")
