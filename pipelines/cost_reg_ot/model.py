@@ -229,8 +229,8 @@ def map_sinkhorn(
     K = out if reuse else XM.new_empty(n, m)
     if warmstart is None:
         torch.mm(XM, Y.T, out=K)  # −C
-        f = -K.max(1).values  # row minima of C, then column minima of C − f (K is refilled below)
-        g = -K.add_(f[:, None]).max(0).values
+        f = -K.amax(1)  # row minima of C, then column minima of C − f (K is refilled below)
+        g = -K.add_(f[:, None]).amax(0)  # (amax: max(0) with its indices took 0.25 s at n = 5000)
     else:
         f, g = eps * warmstart[0], eps * warmstart[1]
     left = torch.cat([XM / eps, f[:, None] / eps, XM.new_ones(n, 1)], 1)
