@@ -176,7 +176,7 @@ class CostRegOTModule(pl.LightningModule):
                 generator,
                 *(shared if s.fused > 0 else (None, None)),
             )
-            self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter)
+            self.P, self._potentials = sinkhorn(a, b, cost_matrix(X, Y, self.M), s.eps, self._potentials, s.sinkhorn_iter, s.sinkhorn_tol)
             value = objective(X, Y, a, b, self.M, self.P, s.eps, s.regularizer, s.lam)
         else:  # the step model.solve takes, so both give the same (M, P) (tested)
             # the previous step's n × m buffer takes the next (as model.solve: an n × m allocation per step costs page
@@ -193,6 +193,7 @@ class CostRegOTModule(pl.LightningModule):
                 s.rank,
                 self._potentials,
                 s.sinkhorn_iter,
+                s.sinkhorn_tol,
                 out=self._buffer,
                 momentum=s.sinkhorn_momentum,
                 plan=False,
@@ -209,7 +210,7 @@ class CostRegOTModule(pl.LightningModule):
         if self._calm >= s.patience or batch_idx == s.max_iter - 1:
             if s.method == "prox":  # as model.solve: the final plan belongs to the final M
                 self.P, self._potentials = final_plan(
-                    X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter, out=self._buffer, momentum=s.sinkhorn_momentum
+                    X, Y, a, b, self.M, s.eps, self._potentials, s.sinkhorn_iter, s.sinkhorn_tol, self._buffer, s.sinkhorn_momentum
                 )
             self.log("converged", float(self._calm >= s.patience))
             return self._finish(batch)
