@@ -207,17 +207,22 @@ def require_image_tree(
 
 def _zip_members(archive: zipfile.ZipFile, split: str) -> dict[str, str]:
     """``<split>/<class>/<file>`` → its member: <split>/<class>/<file> as the CIFAR zips hold it, or <class>/<file>, or
-    under a prefix folder. A file lying at the split's root (<split>/<file>) is in no class folder (_loose)."""
+    under a prefix folder. In a zip of the first kind a file at the split's root is in no class folder (_loose)."""
+    names = archive.namelist()
+    loose = set(_loose(names, split))
     return {
         f"{split}/{'/'.join(n.split('/')[-2:])}": n
-        for n in archive.namelist()
-        if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split) and not _loose(n, split)
+        for n in names
+        if not n.endswith("/") and n.count("/") >= 1 and (n.count("/") == 1 or n.split("/")[-3] == split) and n not in loose
     }
 
 
-def _loose(member: str, split: str) -> bool:
-    """<split>/<file>: outside any class folder, as a file directly in a tree's split folder (no label to give it)."""
-    return member.count("/") == 1 and member.startswith(f"{split}/") and not member.endswith("/")
+def _loose(names: list[str], split: str) -> list[str]:
+    """<split>/<file> in a zip that also holds <split>/<class>/<file>: outside any class folder, as a file directly in a
+    tree's split folder (no label to give it). In a zip of <class>/<file> it is a file of a class named like the split."""
+    if not any(n.count("/") >= 2 and n.split("/")[-3] == split for n in names):
+        return []
+    return [n for n in names if n.count("/") == 1 and n.startswith(f"{split}/") and not n.endswith("/")]
 
 
 def _open_zip(where: str, layout: str) -> zipfile.ZipFile:
@@ -540,7 +545,7 @@ def read_image_tree(root: Path, layout: str, size: int | None = None):
             where = str(root / f"{split}.zip")
             archive = _open_zip(where, layout)
             files = {key: (lambda n=n, a=archive: a.read(n)) for key, n in _zip_members(archive, split).items()}
-            loose = [n for n in archive.namelist() if _loose(n, split)]
+            loose = _loose(archive.namelist(), split)
             if loose:
                 notice(f"{where}: skipped {len(loose)} files outside a class folder (e.g. {loose[0]})")
         with archive or contextlib.nullcontext():

@@ -329,12 +329,25 @@ def test_shared_image_readers_refuse_mixed_sizes_folders_as_images_and_broken_zi
             for path in sorted((tree / split).rglob("*.png")):
                 archive.write(path, f"{path.parent.name}/{path.name}")
     assert all((a == b).all() for a, b in zip(read_image_tree(flat, "L")[0]["train"], arrays["train"]))
-    with zipfile.ZipFile(flat / "train.zip", "a") as archive:  # <split>/<file>: no class "train", skipped and said
-        archive.writestr("train/loose.png", (tree / "train" / "cat" / "0.png").read_bytes())
+    prefixed = tmp_path / "prefixed"  # zips of <split>/<class>/<file> (as CIFAR's): <split>/<file> is outside any class
+    prefixed.mkdir()
+    for split in ("train", "test"):
+        with zipfile.ZipFile(prefixed / f"{split}.zip", "w") as archive:
+            for path in sorted((tree / split).rglob("*.png")):
+                archive.write(path, f"{split}/{path.parent.name}/{path.name}")
+            if split == "train":  # skipped and said, not a class named "train"
+                archive.writestr("train/loose.png", (tree / "train" / "cat" / "0.png").read_bytes())
     capsys.readouterr()
-    arrays_flat, names_flat = read_image_tree(flat, "L")
-    assert names_flat == ["cat", "dog"] and arrays_flat["train"][0].shape == (2, 8, 8, 3)
+    arrays_prefixed, names_prefixed = read_image_tree(prefixed, "L")
+    assert names_prefixed == ["cat", "dog"] and arrays_prefixed["train"][0].shape == (2, 8, 8, 3)
     assert "train.zip: skipped 1 files outside a class folder (e.g. train/loose.png)" in capsys.readouterr().err
+    named = tmp_path / "named"  # zips of <class>/<file> with a class named "train" (CIFAR-100 has one): a class, not loose
+    named.mkdir()
+    for split in ("train", "test"):
+        with zipfile.ZipFile(named / f"{split}.zip", "w") as archive:
+            for c in ("cat", "train"):
+                archive.writestr(f"{c}/0.png", (tree / "train" / "cat" / "0.png").read_bytes())
+    assert read_image_tree(named, "L")[1] == ["cat", "train"]
     Image.new("RGB", (5, 8)).save(tree / "train" / "dog" / "1.png")
     with pytest.raises(ConfigError, match=r"train: images of 2 sizes .*resize them to one size"):
         read_image_tree(tree, "L")

@@ -208,8 +208,8 @@ def map_sinkhorn(
     cost and POT's row-scaled copy of the kernel are never written; POT's stopping test (every tenth iteration,
     ‖column sums − b‖₂ < tol) reuses the mat-vec the next iteration needs, and the sums come off the last two
     mat-vecs instead of passes over P. Where POT would stop on a numerical error this hands the problem to
-    :func:`sinkhorn` (POT, with its log-domain fallback). ``out``, an n × m float tensor (the previous plan),
-    receives the kernel and then the plan: a fresh 200 MB matrix per call (n = 5000) costs more in page faults
+    :func:`sinkhorn` (POT, with its log-domain fallback). ``out``, an n × m float tensor (the previous step's
+    buffer), receives the kernel and then (``plan=True``) the plan: a fresh 200 MB matrix per call (n = 5000) costs more in page faults
     than the GEMM that fills it.
 
     ``momentum``: over-relaxed scaling, u ← u^(1−ω)(a/Kv)^ω and v likewise, with OTT-JAX's ``Momentum`` rule
@@ -258,7 +258,7 @@ def map_sinkhorn(
             elif omega != 1.0 and iteration % 10 == 0 and iteration >= 20:
                 if iteration >= 40 and error > errors[iteration - 10]:
                     omega, momentum = 1.0, False  # overshooting: plain from here on (not before 40: the switch's transient)
-                else:
+                elif errors[iteration - 10] > 0:  # (an exact 0 is stored when tol = 0)
                     omega = refit_omega(omega, (error / errors[iteration - 10]) ** 0.1)
     if omega != 1.0:  # end on a plain row scaling, as POT's loop does: exact rows, so the objective read off the
         u = a / Kv  # marginals is as exact as plain scaling's (over-relaxed rows moved it by up to 2e-5 between
@@ -283,10 +283,11 @@ def refit_omega(omega: float, decay: float) -> float:
     """ω again from the decay per iteration that over-relaxation by ``omega`` shows. Young's relation for SOR,
     (μ + ω − 1)² = ω²ρμ, gives the plain rate ρ back from an over-relaxed rate μ while ω is below the optimum (there μ
     is real and above ω − 1; at or past it |μ| = ω − 1 and ρ cannot be read): a ρ read off iterations 5 to 10, still
-    in the warm start's transient, is too low at n = 5000 (ω ≈ 1.5 where 1.7 halves the iterations)."""
+    in the warm start's transient, is too low at n = 5000 (ω ≈ 1.5 at iteration 10, ≈ 1.7 after one refit)."""
     if not omega - 1 < decay < 1:
         return omega
-    return max(omega, optimal_omega((decay + omega - 1) ** 2 / (omega**2 * decay)))
+    rho = (decay + omega - 1) ** 2 / (omega**2 * decay)  # below 1 in exact arithmetic; rounding may reach it
+    return max(omega, optimal_omega(min(rho, 1 - 1e-12)))
 
 
 def prox_step(
@@ -417,7 +418,9 @@ def solve(
     ``on_iteration(M, P)``, if given, sees every iterate (convergence curves; the next iteration overwrites P, a
     reused buffer, so copy it to keep it). ``factored`` (rank constraint
     only): the cost is kept as its rank-r factors, P is never formed (``Solution.P`` is None; see factored_plan).
-    ``momentum``: see :func:`map_sinkhorn` (the factored path's log-domain Sinkhorn scales plainly)."""
+    ``momentum``: see :func:`map_sinkhorn` (the factored path's log-domain Sinkhorn scales plainly). ``sinkhorn_tol``:
+    1e-6 by default as POT's calls here; the pipeline's config sets 1e-7, since at 1e-6 the objective's noise can keep
+    a relative ``tol`` of 1e-6 from ever being met (README)."""
     if factored and regularizer != "lowrank":
         raise ValueError(f"the factored cost needs the rank constraint (regularizer='lowrank'), got {regularizer!r}")
     a = uniform_weights(X) if a is None else a

@@ -136,6 +136,7 @@ def test_refit_omega_reads_the_plain_rate_back_from_an_over_relaxed_one():
     assert refit_omega(omega, mu) == pytest.approx(optimal_omega(rho), rel=1e-12)
     assert refit_omega(1.9, 0.85) == 1.9 and refit_omega(1.4, 1.0) == 1.4
     assert refit_omega(1.5, 0.5 + 1e-9) == pytest.approx(1.5, abs=1e-4)  # μ at ω − 1: ω was the optimum
+    assert refit_omega(1.5, 1 - 2**-53) < 2 and refit_omega(1.9, 0.999999999999999) < 2  # ρ rounded up to 1 (review)
 
 
 def test_a_step_without_the_plan_is_the_step_with_it():
