@@ -239,17 +239,34 @@ def _split_classes(root: Path, split: str, layout: str) -> tuple[str, list[str]]
         folders = (c for c in (root / split).iterdir() if c.is_dir())
         return str(root), sorted(c.name for c in folders if any(p.suffix.lower() in IMAGE_SUFFIXES for p in c.iterdir()))
     where = str(root / f"{split}.zip")
-    stat = (root / f"{split}.zip").stat()
-    return where, list(_zip_classes(where, split, layout, stat.st_size, stat.st_mtime_ns))
+    return where, list(_zip_index(where, split, layout, *_stat_key(root / f"{split}.zip"))[0])
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=16)
-def _zip_classes(where: str, split: str, layout: str, size: int, mtime_ns: int) -> tuple[str, ...]:
-    """(keyed by the zip's size and time too: an edited zip is read again) 0.5 s for CIFAR's 50 000 members, and a
-    grid checks every child's data before it opens."""
+def _zip_index(where: str, split: str, layout: str, size: int, mtime_ns: int) -> tuple[tuple[str, ...], int]:
+    """(class folders holding an image, images in class folders); keyed by the zip's size and time too (an edited zip
+    is read again): 0.5 s for CIFAR's 50 000 members, and a grid checks every child's data before it opens."""
     with _open_zip(where, layout) as archive:
-        keys = _zip_members(archive, split)
-    return tuple(sorted({k.split("/")[1] for k in keys if Path(k).suffix.lower() in IMAGE_SUFFIXES}))
+        images = [k for k in _zip_members(archive, split) if Path(k).suffix.lower() in IMAGE_SUFFIXES]
+    return tuple(sorted({k.split("/")[1] for k in images})), len(images)
+
+
+def image_counts(root: str | Path, layout: str) -> dict[str, int]:
+    """Images per split of an ImageFolder tree or its zips (checked by require_image_tree), by names: the files
+    read_image_tree decodes, counted before a run opens (a size asked of a split is checked there, not in setup)."""
+    root = require_image_tree(root, layout)
+    counts = {}
+    for split in ("train", "test"):
+        if (root / split).is_dir():
+            counts[split] = sum(1 for p in (root / split).glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            counts[split] = _zip_index(str(root / f"{split}.zip"), split, layout, *_stat_key(root / f"{split}.zip"))[1]
+    return counts
 
 
 def require_files(root: str | Path, names: list[str], layout: str) -> Path:

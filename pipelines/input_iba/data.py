@@ -37,7 +37,7 @@ from common.data import (
     read_text,
     require_files,
     require_folder,
-    require_image_tree,
+    image_counts,
 )
 
 SHAPES = ("plus", "ring", "x", "disc")
@@ -152,13 +152,22 @@ def load_cifar10(root: str | Path, size: int, cache_dir: str | Path) -> tuple[di
     return {s: Split(torch.from_numpy(x), torch.from_numpy(y).long()) for s, (x, y) in arrays.items()}, names, digest
 
 
+def check_cifar_sizes(d: DictConfig, available: int) -> None:
+    """The classifier's training images and IBA's estimation images are disjoint draws from CIFAR's training split."""
+    if d.train_size and d.train_size + d.estimation_size > available:
+        raise ConfigError(
+            f"data.train_size + data.estimation_size = {d.train_size + d.estimation_size} > {available} CIFAR training images"
+        )
+    if not d.train_size and d.estimation_size >= available:  # train_size null: the rest of the split
+        raise ConfigError(f"data.estimation_size={d.estimation_size} leaves none of the {available} CIFAR training images to train on")
+
+
 def cifar_task(d: DictConfig, cache_dir: str) -> Task:
     splits, names, digest = load_cifar10(d.root, int(d.image_size), cache_dir)
     g = torch.Generator().manual_seed(int(d.seed))
     order = torch.randperm(len(splits["train"]), generator=g)
+    check_cifar_sizes(d, len(order))
     n_train = d.train_size or len(order) - d.estimation_size
-    if n_train + d.estimation_size > len(order):
-        raise ConfigError(f"data.train_size + data.estimation_size = {n_train + d.estimation_size} > {len(order)} CIFAR training images")
     test = splits["test"].take(slice(0, d.test_size or len(splits["test"])))
     return Task(
         "cifar10",
@@ -268,8 +277,8 @@ def check_data(d: DictConfig) -> None:
             f"data.name={d.name} needs data.root=<folder>; expected layout: {CIFAR_LAYOUT if d.name == 'cifar10' else VOC_LAYOUT}"
         )
     check_root_is_read(d, "generated", DATASETS)
-    if d.name == "cifar10":  # the layout before a run opens (images are decoded in setup)
-        require_image_tree(d.root, CIFAR_LAYOUT)
+    if d.name == "cifar10":  # the layout and the training images' count before a run opens (decoded in setup)
+        check_cifar_sizes(d, image_counts(d.root, CIFAR_LAYOUT)["train"])
     elif d.name == "imagenet_voc":
         require_files(d.root, VOC_FILES, VOC_LAYOUT)
     if d.name == "generated" and d.object_size > d.image_size:

@@ -17,7 +17,7 @@ from common.grid import run_experiment
 from common.report import children_rows
 from common.runner import compose, train
 from common.tracking import tracking_uri
-from tests.conftest import zip_splits
+from tests.conftest import assert_no_run, cli, zip_splits
 from pipelines.input_iba.data import SHAPES, box_mask, generate, load_cifar10, load_task, read_voc_boxes, shape_mask
 from pipelines.input_iba.model import (
     METHODS,
@@ -265,6 +265,26 @@ def test_cifar_imagefolder_and_its_zips_read_the_same(tmp_path):
     assert (len(task.train), len(task.estimation), len(task.attribution), task.attribution.evidence) == (20, 10, 20, None)
     with pytest.raises(ConfigError, match=re.escape("lacks train/ and train.zip; expected layout: <root>/{train,test}/<class>/*.jpg")):
         load_cifar10(tmp_path, 32, tmp_path / "cache")
+
+
+def test_cifar_sizes_past_the_folder_are_one_line_before_a_run_opens(tmp_path, home):
+    """train_size + estimation_size over the folder's 30 training images was found in setup, a FAILED run; now counted
+    by names (tree and zips) before anything runs."""
+    _write_cifar_tree(tmp_path / "tree")
+    zips = zip_splits(tmp_path / "tree", tmp_path / "zips", "*.jpg")
+    for root in (tmp_path / "tree", zips):
+        for sizes, message in (
+            (("data.train_size=25", "data.estimation_size=10"), "data.train_size + data.estimation_size = 35 > 30 CIFAR training images"),
+            (
+                ("data.train_size=null", "data.estimation_size=30"),
+                "data.estimation_size=30 leaves none of the 30 CIFAR training images to train on",
+            ),
+        ):
+            result = cli("train", "input_iba", "preset=smoke", "data.name=cifar10", f"data.root={root}", *sizes)
+            assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert_no_run("input_iba")
+    cfg = compose("input_iba", {"data.name": "cifar10", "data.root": str(zips), "data.train_size": 20, "data.estimation_size": 10})
+    InputIBAExperiment.check_config(cfg)  # exactly the 30: fine
 
 
 def _voc(path, width, height, boxes):
