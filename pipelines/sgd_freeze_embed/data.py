@@ -423,12 +423,16 @@ def cifar_colour_cue(
     }
 
 
+def check_stage1_size(n: int, available: int, root: str | Path) -> None:
+    if n > available:
+        raise ConfigError(f"pretrain.n_images={n} exceeds the {available} training images under {root}; lower it")
+
+
 def cifar_source(root: str | Path, n: int, seed: int, cache_dir: str | Path) -> Split:
     """Clean CIFAR-10 training images, 10 classes (stage-1 pretraining for the colour-cue setting)."""
     arrays, _ = cifar_images(root, cache_dir)
     images_all, classes = arrays["train"]
-    if n > len(images_all):
-        raise ConfigError(f"pretrain.n_images={n} exceeds the {len(images_all)} training images under {root}; lower it")
+    check_stage1_size(n, len(images_all), root)
     chosen = torch.randperm(len(images_all), generator=torch.Generator().manual_seed(seed))[:n]
     images = torch.from_numpy(images_all[chosen.numpy()]).permute(0, 3, 1, 2).float() / 255
     return Split(images, torch.from_numpy(classes[chosen.numpy()]).long(), torch.full((len(chosen),), -1))

@@ -10,12 +10,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from common.config import ConfigError
+from common.data import image_counts
 from common.models import check_timm_name
 from pipelines.sgd_freeze_embed.data import (
+    CIFAR_LAYOUT,
     GENERATED,
     WATERBIRDS_TRAIN_MIX,
     ShiftDataModule,
     check_data,
+    check_stage1_size,
     cifar_digest,
     cifar_source,
     source_domain,
@@ -42,10 +45,14 @@ def num_classes(dataset) -> int:
     raise ConfigError("cannot infer the number of classes of this dataset; set data.classes")
 
 
+def runs_stage1(cfg: DictConfig) -> bool:
+    """Stage 1 runs when it is on and no weights are given (for the generated sets and the CIFAR-10 setting)."""
+    return bool(cfg.pretrain.enabled and not cfg.model.checkpoint and not cfg.model.pretrained)
+
+
 def backbone_weights(cfg: DictConfig) -> dict | None:
     """Stage 1 for the embedded default (and the CIFAR-10 setting) when no weights are given."""
-    m = cfg.model
-    if m.checkpoint or m.pretrained or not cfg.pretrain.enabled:
+    if not runs_stage1(cfg):
         return None
     if cfg.data.name in GENERATED:
         return pretrained_backbone(cfg, "shapes", source_domain)
@@ -62,6 +69,8 @@ class FineTuneModule(pl.LightningModule):
         check_optimizer(cfg.optim)
         check_data(cfg.data)
         check_timm_name(cfg.model.name)
+        if cfg.data.name == "cifar10_cue" and runs_stage1(cfg):  # stage 1 draws its images from the folder's training split
+            check_stage1_size(cfg.pretrain.n_images, image_counts(cfg.data.root, CIFAR_LAYOUT)["train"], cfg.data.root)
 
     @classmethod
     def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:

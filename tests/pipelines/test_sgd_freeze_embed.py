@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from common.config import ConfigError
+from common.config import ConfigError, with_values
 from common.grid import run_experiment
 from common.memory import memory_ledger
 from common.report import children_rows
@@ -35,6 +35,7 @@ from pipelines.sgd_freeze_embed.model import (
     make_optimizer,
     rescale_patch_input,
 )
+from pipelines.sgd_freeze_embed.module import FineTuneModule
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}
 TINY_CLIP = {**TINY_VIT, "pre_norm": True}
@@ -378,6 +379,12 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
     assert source.images.shape == (5, 3, 32, 32) and set(source.labels.tolist()) <= {0, 1}
     with pytest.raises(ConfigError, match=r"pretrain.n_images=7 exceeds the 6 training images"):  # was an IndexError
         cifar_source(tmp_path, 7, 0, cache)
+    for root in (tmp_path, zipped):  # and before a run opens (it was found in setup, a FAILED run): counted by names
+        cfg = compose("sgd_freeze_embed", {"data.name": "cifar10_cue", "data.root": str(root), "pretrain.n_images": 7})
+        with pytest.raises(ConfigError, match=r"pretrain.n_images=7 exceeds the 6 training images"):
+            FineTuneModule.check_config(cfg)
+        FineTuneModule.check_config(with_values(cfg, {"pretrain.n_images": 6}))
+        FineTuneModule.check_config(with_values(cfg, {"model.checkpoint": "w.pt"}))  # no stage 1: not asked
     assert cifar_colour_cue(tmp_path, 4, 4, 0, cache, size=48)["train"].images.shape == (4, 3, 48, 48)  # data.image_size
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg, or their zips"):
         cifar_colour_cue(tmp_path / "nope", 4, 4, 0, cache)
