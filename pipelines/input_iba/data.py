@@ -32,12 +32,12 @@ from common.data import (
     check_root_is_read,
     decode_image,
     files_digest,
+    image_counts,
     image_tree_files,
     read_image_tree,
     read_text,
     require_files,
     require_folder,
-    image_counts,
 )
 
 SHAPES = ("plus", "ring", "x", "disc")
