@@ -501,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightyard: error: {err}", file=sys.stderr)
         return 2
     except RunInterrupted as stop:
-        if not stop.resumable:
+        if not stop.run_id and not stop.resumable:  # stopped before its run opened
+            print(f"lightyard: {stop} ({stop.why_not}: rerun it)", file=sys.stderr)
+        elif not stop.resumable:
             print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; {stop.why_not}: rerun it)", file=sys.stderr)
         else:
             again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"

@@ -171,21 +171,64 @@ def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
 
 
 # -- one run ------------------------------------------------------------------------------------
-def _fit_lightning(
-    cfg: DictConfig, pipeline: registry.Pipeline, tracker: Tracker | None, run_dir: Path, ckpt_path: str | None
-) -> dict[str, float]:
+@dataclass
+class _Prepared:
+    """A fit's module and datamodule, built (and the data set up) before its MLflow run opens."""
+
+    module: Any = None
+    datamodule: Any = None
+    rng: dict[str, Any] = field(default_factory=dict)  # the streams as they stood when they were built
+    notices: list[str] = field(default_factory=list)  # said while no run was open: kept on the run once it is
+    error: Exception | None = None  # a crash while building: raised inside the run, which keeps its traceback
+
+    def add_notice(self, text: str) -> None:  # (notice() records on OPEN_RUNS[-1])
+        self.notices.append(text)
+
+
+def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline) -> _Prepared:
+    """Module and datamodule built and the data set up before the run opens, so that an error in the data's content
+    (a label out of range, a vocabulary left empty, too few images for a split) is one line with no FAILED run behind
+    it. Under a spawning strategy the data is left to the workers' setup (here it would be pickled to each of them).
+    The random streams are taken as they stand after the data's setup, and the fit starts from them: the same draws
+    as when Lightning set the data up inside the run (nothing between draws from them)."""
+    import lightning.pytorch as pl
+
+    from common import rng
+    from common.freezing import freeze_when_built
+
+    prepared = _Prepared()
+    OPEN_RUNS.append(prepared)
+    try:
+        with stop_on_signals():
+            pl.seed_everything(cfg.seed, workers=True, verbose=False)
+            prepared.datamodule = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
+            prepared.module = pipeline.load("module")(cfg)
+            freeze_when_built(prepared.module, cfg.freeze)
+            if prepared.datamodule is not None and "spawn" not in str(cfg.trainer.get("strategy", "")):
+                prepared.datamodule.setup("fit")
+    except (ConfigError, RunInterrupted):
+        raise
+    except Exception as err:  # a crash, not a bad value: raised again inside the run, which keeps its traceback
+        prepared.error = err
+    finally:
+        OPEN_RUNS.remove(prepared)
+    prepared.rng = rng.get_state()
+    return prepared
+
+
+def _fit_lightning(cfg: DictConfig, prepared: _Prepared, tracker: Tracker | None, run_dir: Path, ckpt_path: str | None) -> dict[str, float]:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from common import rng
     from common.callbacks import FiniteLoss, FitProgressBar, GracefulShutdown, KillAtStep, MlflowRunLogger, RngState
-    from common.freezing import freeze_when_built
     from common.hardware import trainer_kwargs
     from common.memory import MemoryProfiler
 
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
-    module = pipeline.load("module")(cfg)
-    freeze_when_built(module, cfg.freeze)
+    if prepared.error is not None:
+        raise prepared.error
+    datamodule, module = prepared.datamodule, prepared.module
+    rng.set_state(prepared.rng)  # as the data's setup left them: whatever opening the run drew is undone
 
     checkpoint_dir = run_dir / "checkpoints"
     ckpt_cfg = cfg.callbacks.checkpoint
@@ -331,6 +374,13 @@ def run_one(
     pipeline = registry.get(cfg.pipeline)
     is_rank_zero = global_rank() == 0
     _RECEIVED.clear()
+    module = load_target(target) if target else pipeline.load("module")
+    non_gradient = target or (isinstance(module, type) and issubclass(module, NonGradientExperiment))
+    try:
+        prepared = None if non_gradient else _prepare_fit(cfg, pipeline)
+    except RunInterrupted as stop:
+        stop.pipeline, stop.resumable, stop.why_not = cfg.pipeline, False, "no run was opened yet"
+        raise
     tracker: Tracker | None = None
     if is_rank_zero:
         with held_signals():
@@ -365,8 +415,9 @@ def run_one(
                 tracker.log_text(environment_report(), "environment.txt")
                 if cfg.logger.system_metrics:
                     monitor = start_system_metrics(tracker, float(cfg.logger.system_metrics_interval), resumed=bool(reopen))
-            module = load_target(target) if target else pipeline.load("module")
-            if target or (isinstance(module, type) and issubclass(module, NonGradientExperiment)):
+            for text in prepared.notices if prepared is not None and tracker is not None else []:
+                tracker.add_notice(text)
+            if non_gradient:
                 run = module if target else (lambda c, t: module(c).run(t))
                 try:
                     metrics = _run_non_gradient(cfg, run, tracker)
@@ -376,7 +427,7 @@ def run_one(
                 if tracker is not None:
                     tracker.log_metrics(metrics)
             else:  # Lightning has logged its metrics per step/epoch already
-                metrics = _fit_lightning(cfg, pipeline, tracker, run_dir, ckpt_path)
+                metrics = _fit_lightning(cfg, prepared, tracker, run_dir, ckpt_path)
     except RunInterrupted as stop:
         stop.pipeline = cfg.pipeline
         if stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):  # stopped in data setup, say

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from common.config import ConfigError
-from common.runner import compose
+from common.runner import compose, train
 from common.tracking import tracking_uri
 from tests.conftest import ROOT, assert_no_run, cli, lightyard, wait_for_run
 
@@ -207,13 +207,45 @@ def test_a_run_stopped_before_its_first_checkpoint_says_rerun_not_resume(home, m
     from common.cli import main
     from common.runner import RunInterrupted
 
-    def setup_interrupted(self, cfg):
-        raise RunInterrupted(signal.SIGTERM, "stopped by signal 15")  # as stop_on_signals raises it during data setup
+    def setup_interrupted(self, stage):
+        raise RunInterrupted(signal.SIGTERM, "stopped by signal 15")  # as stop_on_signals raises it in the fit's setup
 
-    monkeypatch.setattr(tests.toy.module.ToyData, "__init__", setup_interrupted)
+    monkeypatch.setattr(tests.toy.module.ToyModule, "setup", setup_interrupted, raising=False)
     assert main(["train", "toy"]) == 143
     err = capsys.readouterr().err
     assert "marked KILLED; it was stopped before its first checkpoint: rerun it" in err and "resume=" not in err
+
+
+def test_the_data_is_set_up_before_the_run_opens(home, monkeypatch, capsys):
+    """An error in the data's content is one line with no FAILED run behind it (it was found in Lightning's setup,
+    inside the run); a stop there leaves no run; a notice said there is kept on the run once it opens."""
+    import signal
+
+    import tests.toy.module
+    from common.cli import main
+    from common.runner import RunInterrupted
+    from common.tracking import notice
+
+    def bad_content(self, stage):
+        raise ConfigError("data file x.csv: label 7 outside 0..1")
+
+    monkeypatch.setattr(tests.toy.module.ToyData, "setup", bad_content, raising=False)
+    assert main(["train", "toy"]) == 2
+    assert capsys.readouterr().err.strip() == "lightyard: error: data file x.csv: label 7 outside 0..1"
+    assert_no_run("toy")
+
+    def stopped(self, stage):
+        raise RunInterrupted(signal.SIGTERM, "stopped by signal 15")
+
+    monkeypatch.setattr(tests.toy.module.ToyData, "setup", stopped, raising=False)
+    assert main(["train", "toy"]) == 143
+    assert capsys.readouterr().err.strip() == "lightyard: stopped by signal 15 (no run was opened yet: rerun it)"
+    assert_no_run("toy")
+
+    monkeypatch.setattr(tests.toy.module.ToyData, "setup", lambda self, stage: notice("3 files skipped"), raising=False)
+    (result,) = train("toy", ["trainer.max_epochs=1"])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    assert client.get_run(result.run_id).data.tags["lightyard.notice"] == "3 files skipped"
 
 
 def test_a_dataset_root_that_is_a_file_or_missing_says_which(tmp_path):
