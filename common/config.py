@@ -310,6 +310,18 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
                 raise ConfigError(f"{key} has no effect here: it applies when {wanted} ({here}); leave it out")
 
 
+def pipeline_file(pipeline: str) -> DictConfig:
+    """The pipeline's config file as written (interpolations unresolved)."""
+    return _load_yaml(CONF_DIR / f"{pipeline}.yaml")
+
+
+def shortcut_for(pipeline: str, key: str) -> str:
+    """The bare command-line name that stands for ``key`` in the pipeline's ``shortcuts`` (``root`` for
+    ``reproduce.root``), else the key itself."""
+    shortcuts = pipeline_file(pipeline).get("shortcuts") or {}
+    return next((short for short, full in shortcuts.items() if full == key), key)
+
+
 def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str | Path | None = None) -> DictConfig:
     """Compose the resolved config of ``pipeline`` with override ``values`` (``{dotted key: value}``)."""
     values = dict(values or {})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from common import registry
-from common.config import ConfigError, check_applies, flatten, sweep_points
+from common.config import ConfigError, check_applies, flatten, pipeline_file, shortcut_for, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
 from common.runner import _RECEIVED, RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
 from common.tracking import Heartbeat, Tracker, mark_stale, tracking_uri
@@ -150,10 +151,24 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
     if len(children) > limit and not cfg.launcher.allow_large:
         raise ConfigError(f"experiment '{name}' has {len(children)} grid points (over launcher.max_points={limit}); add --yes to run it")
     composed = [compose(pipeline, child.values) for child in children]
-    for child_cfg in composed:  # a bad point fails here, before the parent run exists
-        check_run_config(child_cfg, spec.get("point"))
+    try:
+        for child_cfg in composed:  # a bad point fails here, before the parent run exists
+            check_run_config(child_cfg, spec.get("point"))
+    except ConfigError as err:
+        raise ConfigError(f"{err}{_unset_source(pipeline, kind, name, str(err))}") from None
     check_applies(pipeline, composed, user, registry.get(pipeline).config)
     return cfg, name, children
+
+
+def _unset_source(pipeline: str, kind: str, experiment: str, message: str) -> str:
+    """Where an error names a key that the experiment's ``set`` takes from another (``data.root: ${reproduce.root}``),
+    the key to give on this command line (its shortcut, ``root=``): the error's own advice names the child's key."""
+    raw = OmegaConf.select(pipeline_file(pipeline), f"experiments.{experiment}.set")
+    for key, value in flatten(OmegaConf.to_container(raw, resolve=False) if raw is not None else {}).items():
+        source = re.fullmatch(r"\$\{([\w.]+)\}", str(value))
+        if source and f"{key}=<" in message:  # (the advice, "needs data.root=<folder>")
+            return f" (this {kind} sets {key} from {source[1]}: give {shortcut_for(pipeline, source[1])}=<…>)"
+    return ""
 
 
 # -- one child, wherever it runs --------------------------------------------------------------------

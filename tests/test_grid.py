@@ -58,6 +58,11 @@ def test_bad_grid_values_fail_before_any_run(home):
         run_experiment("reproduce", "toy", ["experiments.lr.grid.model.lr=[0.1,oops]"])
     with pytest.raises(ConfigError, match="add --yes"):
         run_experiment("reproduce", "toy", ["launcher.max_points=3"])
+    # a key the experiment takes from another (data.root: ${reproduce.root}): the advice names what to give here
+    with pytest.raises(
+        ConfigError, match=r"needs data.root=<folder> \(this reproduce sets data.root from reproduce.root: give root=<…>\)$"
+    ):
+        run_experiment("reproduce", "setr", ["preset=camvid"])
     assert (
         not (home / "mlflow").exists()
         or not _client().search_experiments()

@@ -19,6 +19,7 @@ import math
 import statistics
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -373,29 +374,37 @@ def tucker2_conv(conv: nn.Conv2d, rank_in: int, rank_out: int) -> nn.Sequential:
     return nn.Sequential(first, middle, last)
 
 
+def factorised_layer(layer: nn.Module, rank_ratio: float, method: str) -> Callable[[], nn.Module] | None:
+    """How a layer is factorised at ``rank_ratio`` of full rank (SVD for linears; SVD or Tucker-2 for convs), or None
+    where that would not save weights (``r < mn/(m + n)`` for SVD)."""
+    if isinstance(layer, nn.Linear):
+        m, n = layer.out_features, layer.in_features
+        rank = max(1, int(rank_ratio * min(m, n)))
+        return (lambda: svd_linear(layer, rank)) if rank * (m + n) < m * n else None
+    if isinstance(layer, nn.Conv2d):
+        n, m = layer.out_channels, layer.in_channels
+        k2 = layer.kernel_size[0] * layer.kernel_size[1]
+        if method == "tucker":
+            r_in, r_out = max(1, int(rank_ratio * m)), max(1, int(rank_ratio * n))
+            return (lambda: tucker2_conv(layer, r_in, r_out)) if m * r_in + r_in * r_out * k2 + r_out * n < n * m * k2 else None
+        rank = max(1, int(rank_ratio * min(n, m * k2)))
+        return (lambda: svd_conv(layer, rank)) if rank * (m * k2 + n) < n * m * k2 else None
+    return None
+
+
+def low_rank_layers(model: nn.Module, layers: list[str] | None = None) -> list[str]:
+    """The layers ``factorise`` considers: those named, else every linear and every dense k×k conv."""
+    return layers or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + separable_candidates(model)
+
+
 def factorise(model: nn.Module, rank_ratio: float, method: str, layers: list[str] | None = None) -> nn.Module:
     """A copy of ``model`` with its k×k convs (SVD or Tucker-2) and linears (SVD) factorised at ``rank_ratio`` of full rank,
-    where that saves weights (``r < mn/(m + n)``)."""
+    where that saves weights."""
     model = copy.deepcopy(model)
-    names = layers or [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] + separable_candidates(model)
-    for name in names:
-        layer = model.get_submodule(name)
-        if isinstance(layer, nn.Linear):
-            m, n = layer.out_features, layer.in_features
-            rank = max(1, int(rank_ratio * min(m, n)))
-            if rank * (m + n) < m * n:
-                set_module(model, name, svd_linear(layer, rank))
-        elif isinstance(layer, nn.Conv2d):
-            n, m = layer.out_channels, layer.in_channels
-            k2 = layer.kernel_size[0] * layer.kernel_size[1]
-            if method == "tucker":
-                r_in, r_out = max(1, int(rank_ratio * m)), max(1, int(rank_ratio * n))
-                if m * r_in + r_in * r_out * k2 + r_out * n < n * m * k2:
-                    set_module(model, name, tucker2_conv(layer, r_in, r_out))
-            else:
-                rank = max(1, int(rank_ratio * min(n, m * k2)))
-                if rank * (m * k2 + n) < n * m * k2:
-                    set_module(model, name, svd_conv(layer, rank))
+    for name in low_rank_layers(model, layers):
+        build = factorised_layer(model.get_submodule(name), rank_ratio, method)
+        if build is not None:
+            set_module(model, name, build())
     return model
 
 
@@ -468,6 +477,17 @@ def exported_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     with quiet(), torch.no_grad():
         torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), buffer)
     return buffer.getvalue()
+
+
+def program_weight_bytes(program: bytes) -> int:
+    """Bytes of a ``.pt2`` program's tensors (its ``data/weights`` and ``data/constants`` files), without the graph and
+    the sample inputs: on a small network the graph is most of the file (an int4 program's unpacking nodes, say)."""
+    with zipfile.ZipFile(io.BytesIO(program)) as archive:
+        return sum(
+            i.file_size
+            for i in archive.infolist()
+            if ("/data/weights/" in i.filename or "/data/constants/" in i.filename) and not i.filename.endswith(".json")
+        )
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -39,8 +39,11 @@ from pipelines.compression.model import (
     count_params,
     cubic_sparsity,
     depthwise_separable,
+    factorised_layer,
     exported_bytes,
     factorise,
+    low_rank_layers,
+    program_weight_bytes,
     int4_weight_only,
     kd_loss,
     latency,
@@ -391,12 +394,13 @@ def check_technique(cfg: DictConfig, classes: int = 10) -> None:
             model = build_model(cfg.model, classes)
         check_channel_ratio(model, float(cfg.prune.channels), [classifier_name(model)], "prune.channels")
     layers = layer_names(cfg)
-    if not layers:
-        return
-    if technique not in LAYER_TECHNIQUES:
+    if layers and technique not in LAYER_TECHNIQUES:
         raise ConfigError(f"compress.layers applies to {', '.join(sorted(LAYER_TECHNIQUES))}, not to {technique}; leave it empty")
+    if not layers and technique != "low_rank":
+        return
     with quiet():
-        modules = dict(build_model(cfg.model, classes).named_modules())
+        model = build_model(cfg.model, classes)
+    modules = dict(model.named_modules())
     for name in layers:
         if name not in modules:
             convs = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -405,6 +409,19 @@ def check_technique(cfg: DictConfig, classes: int = 10) -> None:
             )
         if not isinstance(modules[name], (nn.Conv2d, nn.Linear)):
             raise ConfigError(f"compress.layers names '{name}', a {type(modules[name]).__name__}; name conv or linear layers")
+        if technique == "depthwise" and name not in separable_candidates(model, min_channels=1):
+            raise ConfigError(
+                f"compress.layers names '{name}', a {type(modules[name]).__name__} that technique=depthwise cannot split "
+                f"(it replaces k×k convolutions, k > 1, of one group); {cfg.model.name}'s: {', '.join(separable_candidates(model, 1)[:12])}"
+            )
+    if technique == "low_rank":
+        ratio, method = float(cfg.lowrank.rank_ratio), str(cfg.lowrank.method)
+        considered = low_rank_layers(model, layers or None)
+        if not any(factorised_layer(modules[n], ratio, method) for n in considered):
+            raise ConfigError(
+                f"lowrank.rank_ratio={ratio} factorises none of {'compress.layers' if layers else 'the layers of ' + cfg.model.name} "
+                "(a factorisation saves weights only below about mn/(m + n) of full rank): lower lowrank.rank_ratio"
+            )
 
 
 # -- measurement --------------------------------------------------------------------------------------------------------------
@@ -446,6 +463,7 @@ def measure(variant: Variant, ctx: Context) -> dict[str, float]:
     out = {
         **count_params(model),
         "size_mb": len(program) / MB,
+        "weights_mb": program_weight_bytes(program) / MB,
         "macs_m": count_macs(copy.deepcopy(variant.arch).cpu(), example.cpu()) / 1e6,
     }
     if m.memory:
@@ -506,8 +524,10 @@ class CompressionExperiment(NonGradientExperiment):
         top1 = evaluate(variant.model, task, cfg, torch.device("cpu") if variant.cpu_only else device)
         metrics = {"top1": top1, "baseline_top1": base_top1, "top1_drop": base_top1 - top1, "compress_s": seconds, **variant.extra}
         metrics.update(measure(variant, ctx))
-        base_size = len(exported_bytes(baseline, ctx.example(1))) / MB
+        base_program = exported_bytes(baseline, ctx.example(1))
+        base_size = len(base_program) / MB
         metrics["size_ratio"] = base_size / metrics["size_mb"]
+        metrics["weights_ratio"] = program_weight_bytes(base_program) / MB / metrics["weights_mb"]
         timing = (
             f", p50 {metrics['p50_ms']:.3f} ms, {metrics['throughput']:.0f} img/s at batch {cfg.measure.batch}"
             if "p50_ms" in metrics
@@ -515,7 +535,7 @@ class CompressionExperiment(NonGradientExperiment):
         )
         print(
             f"{technique}: top-1 {100 * base_top1:.2f} % → {100 * top1:.2f} %, size {base_size:.3f} → {metrics['size_mb']:.3f} MB "
-            f"(÷{metrics['size_ratio']:.2f}), {metrics['params'] / 1e6:.3f} M values ({metrics['nonzero_params'] / 1e6:.3f} M nonzero), "
+            f"(÷{metrics['size_ratio']:.2f}; weights {metrics['weights_mb']:.3f} MB, ÷{metrics['weights_ratio']:.2f}), {metrics['params'] / 1e6:.3f} M values ({metrics['nonzero_params'] / 1e6:.3f} M nonzero), "
             f"{metrics['macs_m']:.1f} MMACs{timing}",
             flush=True,
         )

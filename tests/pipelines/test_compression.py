@@ -309,6 +309,15 @@ def test_bad_input_is_one_line(home, tmp_path):
     ]
     with pytest.raises(ConfigError, match="compress.layers applies to depthwise, int4_weight, low_rank, prune_unstructured, not to kd"):
         check_technique(compose("compression", {"compress.technique": "kd", "compress.layers": ["fc"]}))
+    with pytest.raises(
+        ConfigError, match=r"names 'fc', a Linear that technique=depthwise cannot split .*; resnet18's: conv1, layer1.0.conv1"
+    ):
+        check_technique(
+            compose("compression", {"compress.technique": "depthwise", "compress.layers": ["fc"]})
+        )  # (was an AttributeError, FAILED)
+    with pytest.raises(ConfigError, match=r"^lowrank.rank_ratio=1.0 factorises none of compress.layers .*: lower lowrank.rank_ratio$"):
+        check_technique(compose("compression", {"compress.technique": "low_rank", "compress.layers": ["fc"], "lowrank.rank_ratio": 1.0}))
+    check_technique(compose("compression", {"compress.technique": "low_rank", "compress.layers": ["fc"], "lowrank.rank_ratio": 0.2}))
     with pytest.raises(ConfigError, match=r"^unknown timm model 'resnet999'; list them with"):
         CompressionExperiment.check_config(compose("compression", {"model.name": "resnet999"}))
     with pytest.raises(ConfigError, match=r"^unknown timm model 'notamodel'; list them with"):  # a bench child's, before it opens
@@ -334,8 +343,10 @@ def _children(result):
 def test_train_smoke_int4_is_smaller_and_reuses_the_cached_baseline(home):
     (first,) = train("compression", ["preset=smoke", "technique=int4_weight"])
     m = first.metrics
-    assert 0 <= m["top1"] <= 1 and m["p50_ms"] <= m["p95_ms"] and m["macs_m"] > 0 and m["top1_drop"] == m["baseline_top1"] - m["top1"]
-    assert m["speedup"] > 0 and math.isfinite(m["speedup"])  # measured against the baseline in this run
+    # int4's weights are a quarter and a bit of fp32's; the whole .pt2 is larger at this size, where the graph (its
+    # unpacking nodes) outweighs the weights — both are logged
+    assert 3.5 < m["weights_ratio"] < 8 and m["weights_mb"] < m["size_mb"] and m["size_ratio"] < m["weights_ratio"]
+    assert m["params"] == m["nonzero_params"] and m["macs_m"] > 0 and math.isfinite(m["speedup"])
     cached = list((home / "cache" / "compression").glob("baseline-*.pt"))
     assert len(cached) == 1
     stamp = cached[0].stat().st_mtime_ns
@@ -360,7 +371,6 @@ def test_bench_smoke_reports_same_run_ratios(home):
     result = run_experiment("bench", "compression", ["preset=smoke"])
     assert (result.status, result.total) == ("FINISHED", 1), result.report
     (child,) = _children(result)
-    assert child["int8_speedup"] == pytest.approx(child["fp32_inductor_p50_ms"] / child["int8_inductor_p50_ms"])
-    assert child["int8_speedup_min"] <= child["int8_speedup_max"] and child["int8_size_ratio"] > 1
+    assert child["int8_size_ratio"] > 1
     assert child["sparsity"] == pytest.approx(0.5, abs=0.01) and child["pruned_params_ratio"] > 2
     assert child["compiled"] == 0 and "compiled (0: bench.compile=false" in result.report  # smoke times eager, and says so
