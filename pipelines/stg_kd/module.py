@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
+from common.tracking import notice
 from pipelines.stg_kd.data import VideoCaptionDataModule, check_data
-from pipelines.stg_kd.metrics import caption_scores
+from pipelines.stg_kd.metrics import caption_scores, java_available
 from pipelines.stg_kd.model import STGKD, TEST_BRANCH, beam_search, caption_ce, check_variant, greedy_decode, kd_loss
 
 
@@ -80,6 +81,11 @@ class STGKDModule(pl.LightningModule):
         data.setup(stage)
         self.vocab = data.vocab
         self.model = build_model(self.cfg, len(data.vocab), data.scene_dim, data.object_dim, data.frames)
+        if not java_available():  # every score moves, not METEOR alone
+            notice(
+                "Java not found: captions are scored on whitespace tokens of lower-cased text (not the COCO toolkit's PTB "
+                "tokenizer) and without METEOR, so no score is comparable with the paper's; install a Java runtime"
+            )
 
     # -- training ------------------------------------------------------------------------------------------------------
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
