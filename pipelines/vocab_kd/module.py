@@ -255,10 +255,17 @@ class VocabKDModule(pl.LightningModule):
     def test_step(self, passages, batch_idx):
         self._eval_step(passages, batch_idx)  # the teacher's side: teacher_eval (cached while frozen)
 
+    def _held_out_loss(self) -> float:
+        """The student's mean MLM loss over the masked words of the whole split: under DDP each rank summed its
+        share, so the sums are added across ranks first (a collective: every rank calls it)."""
+        sums = torch.tensor([self._sums["s_loss"], self._sums["s_n"]], dtype=torch.float64, device=self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        return float(sums[0] / sums[1].clamp(min=1))
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        loss = self._sums["s_loss"] / max(self._sums["s_n"], 1)
+        loss = self._held_out_loss()
         self.log_dict({"val/student_mlm_loss": loss, "val/student_ppl": float(torch.tensor(loss).exp())}, batch_size=1)
 
     @torch.no_grad()
@@ -302,7 +309,7 @@ class VocabKDModule(pl.LightningModule):
         fit = [train[i] for i in torch.linspace(0, len(train) - 1, min(self.cfg.metrics.fit_passages, len(train))).long().tolist()]
         test = data.splits["test"]
         teacher = self.teacher_eval(fit, test)
-        s_loss = self._sums["s_loss"] / max(self._sums["s_n"], 1)
+        s_loss = self._held_out_loss()
         t_loss = float(teacher["loss"])
         metrics = {
             "test/student_mlm_loss": s_loss,
@@ -346,8 +353,13 @@ class VocabKDModule(pl.LightningModule):
 
     def configure_optimizers(self):
         o = self.cfg.optim
+        # a trained teacher (dual.train_teacher) starts pretrained: its layers and V_t head take optim.teacher_lr
+        teacher = {id(p) for p in [*self.teacher.parameters(), *self.head_t.parameters()]}
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        groups = [{"params": [p for p in params if id(p) not in teacher]}]
+        if any(id(p) in teacher for p in params):
+            groups.append({"params": [p for p in params if id(p) in teacher], "lr": o.teacher_lr})
+        opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
         total = max(int(total_steps(self.trainer)), 1)
         warmup = int(o.warmup_fraction * total)
 
