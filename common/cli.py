@@ -406,17 +406,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library output too (Lightning, MLflow, warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("list", help="registered pipelines with a one-line description").set_defaults(func=_cmd_list)
+    text = "registered pipelines with a one-line description, their presets and experiments"
+    sub.add_parser("list", help=text, description=text[0].upper() + text[1:] + ".").set_defaults(func=_cmd_list)
 
-    overrides_help = "config overrides key=value (OmegaConf dotlist); key=a,b,c sweeps over values"
+    common_keys = (
+        "preset=smoke|quick|paper (sizes; quick is the default), seed=N, threads=N (0: torch's default), "
+        "trainer.accelerator=cpu|cuda, trainer.devices=N"
+    )
     p = sub.add_parser(
         "train",
         help="one run, or a sweep over comma-separated values",
-        description="Train (or simulate) one pipeline; every run is logged to MLflow.",
+        description=(
+            "Train (or simulate) one pipeline; every run is logged to MLflow.\n\n"
+            f"overrides: any config key as key=value (conf/<pipeline>.yaml), e.g. {common_keys};\n"
+            "  key=a,b,c sweeps over values (a parent run with one child per point);\n"
+            "  resume=<run id | path.ckpt> continues an interrupted run; freeze=[name,…] freezes parameter groups by name (no gradients, no optimizer state)"
+        ),
         epilog="pipelines, their presets and experiments: lightyard list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pipeline")
-    p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
+    p.add_argument("overrides", nargs="*", default=[], help="config overrides key=value; key=a,b,c sweeps")
     p.add_argument("--yes", action="store_true", help="run a sweep larger than launcher.max_points")
     p.set_defaults(func=_cmd_train)
 
@@ -424,19 +434,34 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "the pipeline's bench grid: speed/memory, one child run per point, same-run ratios"),
         ("reproduce", "the pipeline's experiment grid: one child run per point, tables beside the paper's numbers"),
     ):
-        p = sub.add_parser(name, help=text, description=text, epilog="pipelines, their presets and experiments: lightyard list")
+        p = sub.add_parser(
+            name,
+            help=text,
+            description=(
+                f"{text}.\n\noverrides: single values only (the grid is the experiment's), e.g. {common_keys};\n"
+                "  experiment=<name> picks one of the pipeline's experiments; resume=<parent id> reruns only the points "
+                "without a FINISHED child;\n  launcher.workers=N runs N children at once; launcher.name=submitit_local|slurm"
+            ),
+            epilog="pipelines, their presets and experiments: lightyard list",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("pipeline")
-        p.add_argument("overrides", nargs="*", default=[], help=overrides_help)
+        p.add_argument("overrides", nargs="*", default=[], help="config overrides key=value (single values)")
         p.add_argument("--yes", action="store_true", help="run a grid larger than launcher.max_points")
         p.set_defaults(func=_cmd_entry)
 
-    p = sub.add_parser("runs", help="a table of recent runs from MLflow")
+    p = sub.add_parser(
+        "runs",
+        help="a table of recent runs from MLflow",
+        description="A table of recent runs from MLflow (status, key metrics); --stale marks runs whose process died KILLED.",
+    )
     p.add_argument("--pipeline", help="only this pipeline's runs")
     p.add_argument("--limit", type=int, default=20, help="how many runs (default 20)")
     p.add_argument("--stale", action="store_true", help="find runs left RUNNING by a killed process or a lost machine and mark them KILLED")
     p.set_defaults(func=_cmd_runs)
 
-    p = sub.add_parser("report", help="rebuild a reproduce/bench parent run's tables and figures from MLflow (no rerun)")
+    text = "rebuild a reproduce/bench parent run's tables and figures from MLflow (no rerun)"
+    p = sub.add_parser("report", help=text, description=text[0].upper() + text[1:] + ".")
     p.add_argument("run_id", help="the parent run id that reproduce/bench printed")
     p.set_defaults(func=_cmd_report)
 

@@ -196,9 +196,14 @@ def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline) -> _Prepared:
     from common import rng
     from common.freezing import freeze_when_built
 
+    from common.hardware import resolve_accelerator
+    from common.tracking import notice
+
     prepared = _Prepared()
     OPEN_RUNS.append(prepared)
     try:
+        if cfg.get("preset") == "paper" and resolve_accelerator(str(cfg.trainer.accelerator)) == "cpu":
+            notice("preset=paper has the paper's settings, sized for GPUs: on this CPU it can take hours (preset=quick is the CPU size)")
         with stop_on_signals():
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
             prepared.datamodule = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
