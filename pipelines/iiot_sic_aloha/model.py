@@ -8,6 +8,7 @@ does not grow with the number of slots; the same code runs on a GPU.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,19 +96,25 @@ def simulate(
     streams = max(1, min(streams, replications))
     sizes = [len(part) for part in np.array_split(np.arange(replications), streams)]
 
+    stop = threading.Event()  # set when the main thread is stopped (a signal): the streams end at their next chunk
+
     def run(stream: int) -> dict[str, np.ndarray]:
         report = progress if stream == 0 else None  # the streams keep pace: one bar is enough
-        return _simulate_stream(scenario, scheme, slots, sizes[stream], warmup, chunk_slots, seed + 1000003 * stream, device, report)
+        return _simulate_stream(scenario, scheme, slots, sizes[stream], warmup, chunk_slots, seed + 1000003 * stream, device, report, stop)
 
     if streams == 1 or device.type != "cpu":
         parts = [run(s) for s in range(streams)]
     else:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # parallel across streams, not inside their small kernels
+        pool = ThreadPoolExecutor(min(streams, threads))
         try:
-            with ThreadPoolExecutor(min(streams, threads)) as pool:
-                parts = list(pool.map(run, range(streams)))
+            parts = list(pool.map(run, range(streams)))
+        except BaseException:  # (a `with` block would wait for every stream to finish its slots first)
+            stop.set()
+            raise
         finally:
+            pool.shutdown(wait=True, cancel_futures=True)
             torch.set_num_threads(threads)
     acc = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -133,8 +140,10 @@ def _simulate_stream(
     seed: int,
     device: torch.device,
     progress: Callable[[int], None] | None,
+    stop: threading.Event | None = None,
 ) -> dict[str, np.ndarray]:
-    """One stream: R replications chunk by chunk; per (replication, node) sums over the measured slots."""
+    """One stream: R replications chunk by chunk; per (replication, node) sums over the measured slots. Ends early
+    (with an exception) once ``stop`` is set."""
     stream = RandomStream(seed, device)
     N = scenario.num_nodes
     q = torch.tensor(scenario.event_probs, device=device)
@@ -147,6 +156,8 @@ def _simulate_stream(
     }
     done = -warmup
     while done < slots:
+        if stop is not None and stop.is_set():
+            raise InterruptedError("simulation stream stopped")
         size = min(chunk_slots, slots - done) if done >= 0 else min(chunk_slots, -done)
         if scheme == "threshold_aloha":
             age, stats = _threshold_aloha_chunk(scenario, age, size, q, stream)

@@ -320,3 +320,28 @@ def test_bench_smoke_times_both_simulators_in_one_run(home):
     assert child["bench.scheme"] == "sic" and child["reference_node_slots_per_s"] > 0
     assert child["speedup"] == pytest.approx(child["vectorized_node_slots_per_s"] / child["reference_node_slots_per_s"])
     assert next(r for r in _table_rows(result.report) if r[0] == "SIC")[1] == "20"  # nodes
+
+
+def test_a_signal_during_a_threaded_simulation_stops_it_at_the_next_chunk():
+    """The streams run in worker threads; a signal reaches the main thread only. Ctrl+C during a long warm-up was
+    ignored (the pool waited for every stream to finish its slots) and the run stayed RUNNING."""
+    import signal
+    import time
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    scenario = Scenario(6, (0.2,) * 6, csi_residual=0.1)
+    start = time.perf_counter()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Stop):
+            simulate(scenario, "sic", 100, replications=4, warmup=10**12, chunk_slots=50, streams=2)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.perf_counter() - start < 10
