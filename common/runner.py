@@ -74,7 +74,12 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         require_weights_file(path, "resume checkpoint")
         saved = path.parent.parent / "config.yaml"
         if saved.exists():
-            cfg = _saved_config(saved, values)
+            requested, cfg = cfg.pipeline, _saved_config(saved, values)
+            if cfg.get("pipeline") != requested:
+                raise ConfigError(
+                    f"{path} is a checkpoint of {cfg.get('pipeline')} (its run's config.yaml says so), not of {requested}; "
+                    f"resume it with: lightyard train {cfg.get('pipeline')} resume={path}"
+                )
         return cfg, str(path), None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -125,16 +130,28 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
     return _saved_config(run_dir / "config.yaml", values), str(ckpt), target
 
 
-def _check_progress(cfg: DictConfig, ckpt: str) -> None:
+def _check_progress(cfg: DictConfig, ckpt: str, new_run: bool = False) -> None:
     """A resumed fit cannot end before its checkpoint's epoch: Lightning refused only after the run had reopened, and
     the lowered ``trainer.max_epochs``, saved with the run, then broke every later resume of it."""
     import torch
 
-    epoch = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("epoch", 0))  # tensors not read
-    if cfg.trainer.max_epochs not in (None, -1) and cfg.trainer.max_epochs < epoch:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # tensors not read
+    epoch, steps = int(state.get("epoch", 0)), int(state.get("global_step", 0))
+    # epochs whose training ended (an epoch-end checkpoint is written before Lightning counts its epoch completed)
+    trained = int(state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0))
+    max_epochs, max_steps = cfg.trainer.max_epochs, cfg.trainer.max_steps
+    if max_epochs not in (None, -1) and max_epochs < epoch:
         raise ConfigError(
-            f"trainer.max_epochs={cfg.trainer.max_epochs} is before the checkpoint's epoch {epoch}; "
-            f"give at least {epoch} (or leave it out to keep the run's)"
+            f"trainer.max_epochs={max_epochs} is before the checkpoint's epoch {epoch}; give at least {epoch} (or leave it out to keep the run's)"
+        )
+    # a new run from a finished fit's checkpoint would train nothing and end FINISHED without a metric (a reopened
+    # run may still owe its test stage: Lightning runs it)
+    done = (max_epochs not in (None, -1) and trained >= max_epochs) or (max_steps not in (None, -1) and steps >= max_steps)
+    if new_run and done:
+        raise ConfigError(
+            f"the checkpoint {ckpt} has trained all {trained} epochs ({steps} steps) of trainer.max_epochs={max_epochs}"
+            f"{f', trainer.max_steps={max_steps}' if max_steps not in (None, -1) else ''}: nothing is left to train; "
+            "give a larger trainer.max_epochs (or trainer.max_steps) to train on from it"
         )
 
 
@@ -541,7 +558,7 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         cfg = configs[0]
         if cfg.resume:
             cfg, ckpt, reopen = _find_resume(cfg, str(cfg.resume), points[0])
-            _check_progress(cfg, ckpt)
+            _check_progress(cfg, ckpt, new_run=reopen is None)
             return [run_one(cfg, ckpt_path=ckpt, reopen=reopen)]
         return [run_one(cfg)]
 

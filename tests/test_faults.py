@@ -1,5 +1,8 @@
 """Kill with SIGTERM mid-epoch, resume, and compare with an uninterrupted run; crashes end FAILED."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -60,6 +63,20 @@ def test_a_resume_that_would_end_before_its_checkpoint_is_one_line(tmp_path):
     )
     for fine in (68, 100, -1):
         _check_progress(compose("toy", {"trainer.max_epochs": fine}), str(tmp_path / "last.ckpt"))
+
+
+def test_a_new_run_from_a_finished_checkpoint_or_another_pipelines_is_refused(home):
+    """(the fuzz: both trained nothing and ended FINISHED — the first with no metric, the second as the other pipeline)"""
+    (done,) = train("toy", ["trainer.max_epochs=2"])
+    ckpt = Path(done.config.paths.output_dir) / "toy" / done.run_id / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"has trained all 2 epochs \(\d+ steps\) of trainer.max_epochs=2: nothing is left to train"):
+        train("toy", [f"resume={ckpt}"])
+    with pytest.raises(
+        ConfigError, match=f"^{re.escape(str(ckpt))} is a checkpoint of toy .*, not of hog_gcn; resume it with: lightyard train toy"
+    ):
+        train("hog_gcn", [f"resume={ckpt}"])
+    (more,) = train("toy", [f"resume={ckpt}", "trainer.max_epochs=3"])
+    assert more.status == "FINISHED" and more.run_id != done.run_id
 
 
 def test_crash_ends_failed_with_the_error_logged(home):
