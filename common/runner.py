@@ -396,6 +396,10 @@ def run_one(
     pipeline = registry.get(cfg.pipeline)
     is_rank_zero = global_rank() == 0
     _RECEIVED.clear()
+    if cfg.threads:  # (before the data's setup, which may compute)
+        import torch
+
+        torch.set_num_threads(int(cfg.threads))
     module = load_target(target) if target else pipeline.load("module")
     non_gradient = target or (isinstance(module, type) and issubclass(module, NonGradientExperiment))
     try:
@@ -416,17 +420,13 @@ def run_one(
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(int(cfg.threads))
     start = time.time()
-    heartbeat = Heartbeat(tracker) if tracker is not None else None
+    heartbeat = monitor = None
     if tracker is not None:
         OPEN_RUNS.append(tracker)  # notice() records there
-    monitor = None
     try:
         with stop_on_signals():
+            heartbeat = Heartbeat(tracker) if tracker is not None else None  # (a thread: it can fail to start)
             if tracker is not None:
                 (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
                 tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics)})
