@@ -75,6 +75,9 @@ def csbm(n: int, classes: int, degree: float, homophily: float, features: int, s
     return data
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def random_splits(y: torch.Tensor, count: int, seed: int, fractions=(0.48, 0.32)) -> tuple[torch.Tensor, ...]:
     """``count`` random splits, 48 % / 32 % / 20 % of the nodes of every class (train / val / test)."""
     g = torch.Generator().manual_seed(seed + 1)
@@ -155,8 +158,8 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
             values = [float(v) for v in row[1].split(",")]
         except ValueError:
             raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: features must be comma-separated numbers") from None
-        if not np.all(np.isfinite(values)):
-            raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: features hold NaN or infinite values")
+        if not np.all(np.isfinite(values)) or max(map(abs, values), default=0.0) > FLOAT32_MAX:  # (trained in float32)
+            raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: features hold NaN, infinite or beyond-float32 values")
         if cls == "Actor":  # sparse: the indices of the node's non-zero features
             if any(v < 0 or v != int(v) for v in values):
                 raise _fail(raw / "out1_node_feature_label.txt", f"line {number}: feature indices must be whole numbers ≥ 0")

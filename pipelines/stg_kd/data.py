@@ -329,11 +329,13 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             raise ConfigError(
                 f"{path}: '{name}' has shape {array.shape} and dtype {array.dtype}; expected {ndim} non-empty dimensions of real numbers, frames first"
             )
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)  # (checked after the cast: 1e300 in float64 is inf in float32)
         if not np.isfinite(array).all():
-            raise ConfigError(f"{path}: '{name}' holds NaN or infinite values")
+            raise ConfigError(f"{path}: '{name}' holds NaN or infinite values (or values beyond float32's ±3.4e38)")
         if dims.setdefault(name, array.shape[-1]) != array.shape[-1]:
             raise ConfigError(f"{path}: '{name}' has {array.shape[-1]} features per row, other videos {dims[name]}")
-        return array.astype(np.float32)
+        return array
 
     for vid, split in sorted(split_of.items()):
         p2 = root / "features_2d" / f"{vid}.npy"

@@ -212,7 +212,13 @@ class _RunsCode:
             lambda raw: (raw / "out1_node_feature_label.txt").write_text(
                 (raw / "out1_node_feature_label.txt").read_text().replace("0,0,0,0,0,1", "0,0,nan,0,0,1")
             ),
-            "features hold NaN or infinite",
+            "features hold NaN, infinite or beyond-float32",
+        ),
+        (
+            lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+                (raw / "out1_node_feature_label.txt").read_text().replace("0,0,0,0,0,1", "0,0,1e300,0,0,1")
+            ),
+            "features hold NaN, infinite or beyond-float32",  # finite in float64, inf in float32: trained to a nan loss
         ),
         (
             lambda raw: (raw / "out1_node_feature_label.txt").write_text(

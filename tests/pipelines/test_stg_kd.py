@@ -226,6 +226,11 @@ def test_folder_bad_inputs_are_one_line_each(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("v1.npz: 'frame_size' is [0.0, 0.0]; expected [W, H], two positive numbers")):
         read_folder(str(fs3), cfg(fs3))
     np.savez(fs3 / "objects" / "v1.npz", **arrays)
+    big = np.zeros((5, 6))
+    big[0, 0] = 1e300  # finite in float64, inf in float32: trained to a nan loss ("diverged")
+    np.save(fs3 / "features_2d" / "v1.npy", big)
+    with pytest.raises(ConfigError, match=re.escape("v1.npy: 'features_2d' holds NaN or infinite values (or values beyond float32's")):
+        read_folder(str(fs3), cfg(fs3))
     for bad in (np.zeros((5, 6), np.complex64), np.zeros((5, 0))):  # cast to real silently / no scene features at all
         np.save(fs3 / "features_2d" / "v1.npy", bad)
         with pytest.raises(
