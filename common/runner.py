@@ -104,6 +104,11 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
             f"run {target} is the parent of a {run.data.tags['lightyard.kind']}; resume it with: "
             f"lightyard {run.data.tags['lightyard.kind']} {cfg.pipeline} resume={target}"
         )
+    if run.data.tags.get("lightyard.sweep") is not None:
+        raise ConfigError(
+            f"run {target} is the parent of a sweep, which keeps no checkpoint: resume its KILLED child with "
+            f"resume=<child id> (`lightyard runs --pipeline {cfg.pipeline}` lists them) and rerun the points that never started"
+        )
     if run.info.status == "FINISHED":
         raise ConfigError(
             f"run {target} is FINISHED; nothing to resume (start a new run, or resume=<path/to.ckpt> to train on from its weights)"
