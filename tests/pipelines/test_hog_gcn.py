@@ -480,3 +480,13 @@ def test_ddp_spawn_on_two_cpu_processes_finishes(home):
 
     tags = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn"))).get_run(result.run_id).data.tags
     assert result.status == "FINISHED" and tags["lightyard.world_size"] == "2"
+
+
+def test_a_key_of_another_model_or_of_the_generated_graph_is_refused(home):
+    """(the fuzz: model.gat_heads with GCN, model.hog.alpha with GCN, data.nodes on a real graph ran and were ignored)"""
+    with pytest.raises(ConfigError, match=r"^model.gat_heads has no effect here: it applies when model.name is gat \(model.name=gcn\)"):
+        train("hog_gcn", ["preset=smoke", "model.name=gcn", "model.gat_heads=3"])
+    with pytest.raises(ConfigError, match=r"^model.hog.alpha has no effect here: it applies when model.name is hog_gcn"):
+        train("hog_gcn", ["preset=smoke", "model.name=gcn", "model.hog.alpha=2"])
+    with pytest.raises(ConfigError, match=r"^config key 'model.gpr.K' must be >= 1, got -1"):
+        train("hog_gcn", ["preset=smoke", "model.name=gpr_gnn", "model.gpr.K=-1"])
