@@ -31,6 +31,8 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     except RuntimeError as err:  # timm: "Unknown model (...)"
         if "Unknown model" in str(err):
             raise unknown_model(name) from None
-        raise
-    except (TypeError, AssertionError) as err:  # a keyword it does not take; a value its constructor asserts on
+        if "must be non-negative" not in str(err):  # (a negative depth: torch.linspace's steps)
+            raise
+        raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
+    except (TypeError, AssertionError, ValueError, ZeroDivisionError) as err:  # a keyword it does not take; a value it cannot use
         raise ConfigError(f"model.kwargs do not fit {name}: {str(err) or type(err).__name__}") from None

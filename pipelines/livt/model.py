@@ -39,8 +39,6 @@ def create_vit(model_cfg: DictConfig, num_classes: int = 0, finetune: bool = Fal
 
     if not isinstance(vit, VisionTransformer) or vit.num_prefix_tokens != 1 or vit.no_embed_class:
         raise ConfigError(f"model.name={model_cfg.name} must be a timm VisionTransformer with one class token (vit_*_patch*)")
-    if not len(vit.blocks):
-        raise ConfigError("model.kwargs.depth must be >= 1: a ViT without blocks")
     return vit
 
 

@@ -187,8 +187,6 @@ class LiVTModule(pl.LightningModule):
             raise ConfigError(
                 f"data.image_size={cfg.data.image_size} but the ViT is built for model.kwargs.img_size={kwargs.img_size}; set both alike"
             )
-        if "patch_size" in kwargs and int(kwargs.patch_size) < 1:
-            raise ConfigError(f"model.kwargs.patch_size must be >= 1, got {kwargs.patch_size}")
         if "patch_size" in kwargs and int(cfg.data.image_size) % int(kwargs.patch_size):
             raise ConfigError(f"data.image_size={cfg.data.image_size} is not a multiple of model.kwargs.patch_size={kwargs.patch_size}")
         if "embed_dim" in kwargs and int(kwargs.embed_dim) % int(kwargs.get("num_heads", 1)):

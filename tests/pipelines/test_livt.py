@@ -347,7 +347,7 @@ def test_cli_bad_input_is_one_line(home):
         ({"loss.name": "focal"}, "unknown loss.name 'focal'; valid: ce, bce, bal_ce, bal_bce"),
         ({"data.batch_size": 15, "augment.mixup": 0.8}, "data.batch_size must be even, got 15"),
         ({"data.mean": []}, "config key 'data.mean' must be a list of 3 values, got []"),
-        ({"model.kwargs.patch_size": 0}, "model.kwargs.patch_size must be >= 1, got 0"),
+        ({"model.kwargs.patch_size": 0}, "config key 'model.kwargs.patch_size' must be >= 1, got 0"),
         ({"augment.randaugment": "garbage"}, "augment.randaugment='garbage' is not a timm policy (Unknown AA policy garbage)"),
         # found by a fuzz of the command line: each was silently ignored, or failed after the run had opened
         ({"data.root": "/tmp"}, "data.root=/tmp is set but data.name=generated reads no folder"),
@@ -362,7 +362,7 @@ def test_cli_bad_input_is_one_line(home):
         # a later fuzz: a raw IndexError or a timm error after the run had opened, and a ViT without blocks trained
         ({"optim.betas": [0.9]}, "config key 'optim.betas' must be a list of 2 values, got [0.9]"),
         ({"model.name": "resnet18"}, "model.kwargs do not fit resnet18: ResNet.__init__() got an unexpected keyword argument 'img_size'"),
-        ({"model.kwargs.depth": 0}, "model.kwargs.depth must be >= 1: a ViT without blocks"),
+        ({"model.kwargs.depth": 0}, "config key 'model.kwargs.depth' must be >= 1, got 0"),
         (
             {"data.n_max": 1},
             "data.n_max=1 with data.rho=100.0 leaves the rarest of 10 classes no image (n_min = ⌊n_max / rho⌋); raise data.n_max to at least 100",
