@@ -550,6 +550,10 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
             f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it"
         )
     print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
+    if first.get("experiment") is not None:  # (a grid child's config carries it; a train's never reads it)
+        raise ConfigError(
+            f"experiment={first.experiment} picks a grid of `lightyard reproduce|bench {pipeline_name}`; `train` runs one config: leave it out"
+        )
     configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
     for cfg in configs:
         check_run_config(cfg)

@@ -77,6 +77,8 @@ def test_a_new_run_from_a_finished_checkpoint_or_another_pipelines_is_refused(ho
         train("hog_gcn", [f"resume={ckpt}"])
     (more,) = train("toy", [f"resume={ckpt}", "trainer.max_epochs=3"])
     assert more.status == "FINISHED" and more.run_id != done.run_id
+    with pytest.raises(ConfigError, match=r"^experiment=nope picks a grid of `lightyard reproduce\|bench toy`; `train` runs one config"):
+        train("toy", ["experiment=nope"])  # (ran, and FINISHED, ignoring it)
     first, _ = train("toy", ["seed=0,1", "trainer.max_epochs=1"])  # a sweep's parent keeps no checkpoint
     parent = MlflowClient(tracking_uri=tracking_uri(compose("toy"))).get_run(first.run_id).data.tags["mlflow.parentRunId"]
     with pytest.raises(ConfigError, match=f"^run {parent} is the parent of a sweep, which keeps no checkpoint: resume its KILLED child"):
