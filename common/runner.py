@@ -137,7 +137,8 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
 
 def _check_progress(cfg: DictConfig, ckpt: str, new_run: bool = False) -> None:
     """A resumed fit cannot end before its checkpoint's epoch: Lightning refused only after the run had reopened, and
-    the lowered ``trainer.max_epochs``, saved with the run, then broke every later resume of it."""
+    the lowered ``trainer.max_epochs``, saved with the run, then broke every later resume of it. A new run from a
+    checkpoint whose fit is complete (``new_run``) is refused too: it trained nothing and ended FINISHED."""
     import torch
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # tensors not read
@@ -217,7 +218,6 @@ def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline) -> _Prepared:
 
     from common import rng
     from common.freezing import freeze_when_built
-
     from common.hardware import resolve_accelerator
     from common.tracking import notice
 
@@ -549,11 +549,11 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         raise ConfigError(
             f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it"
         )
-    print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
     if first.get("experiment") is not None:  # (a grid child's config carries it; a train's never reads it)
         raise ConfigError(
             f"experiment={first.experiment} picks a grid of `lightyard reproduce|bench {pipeline_name}`; `train` runs one config: leave it out"
         )
+    print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
     configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
     for cfg in configs:
         check_run_config(cfg)
