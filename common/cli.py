@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"lightyard: error: {err}", file=sys.stderr)
+        run_id = getattr(err, "lightyard_run_id", None)  # found once a run had opened (the data's content, say)
+        print(f"lightyard: error: {err}" + (f" (MLflow run {run_id} marked FAILED)" if run_id else ""), file=sys.stderr)
         return 2
     except RunInterrupted as stop:
         if not stop.run_id and not stop.resumable:  # stopped before its run opened

@@ -242,6 +242,11 @@ def test_the_data_is_set_up_before_the_run_opens(home, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "lightyard: stopped by signal 15 (no run was opened yet: rerun it)"
     assert_no_run("toy")
 
+    monkeypatch.setattr(tests.toy.module.ToyData, "setup", lambda self, stage: None, raising=False)
+    # a bad value found only once the run had opened: the line names that run
+    assert main(["train", "toy", "data.n=0", "trainer.max_epochs=1"]) == 2
+    assert re.search(r"nothing was trained; .* \(MLflow run [0-9a-f]{32} marked FAILED\)$", capsys.readouterr().err.strip())
+
     monkeypatch.setattr(tests.toy.module.ToyData, "setup", lambda self, stage: notice("3 files skipped"), raising=False)
     (result,) = train("toy", ["trainer.max_epochs=1"])
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
