@@ -310,15 +310,15 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
                 raise ConfigError(f"{key} has no effect here: it applies when {wanted} ({here}); leave it out")
 
 
-def pipeline_file(pipeline: str) -> DictConfig:
+def pipeline_file(pipeline: str, path: str | Path | None = None) -> DictConfig:
     """The pipeline's config file as written (interpolations unresolved)."""
-    return _load_yaml(CONF_DIR / f"{pipeline}.yaml")
+    return _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
 
 
-def shortcut_for(pipeline: str, key: str) -> str:
+def shortcut_for(pipeline: str, key: str, path: str | Path | None = None) -> str:
     """The bare command-line name that stands for ``key`` in the pipeline's ``shortcuts`` (``root`` for
     ``reproduce.root``), else the key itself."""
-    shortcuts = pipeline_file(pipeline).get("shortcuts") or {}
+    shortcuts = pipeline_file(pipeline, path).get("shortcuts") or {}
     return next((short for short, full in shortcuts.items() if full == key), key)
 
 

@@ -162,12 +162,17 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
 
 def _unset_source(pipeline: str, kind: str, experiment: str, message: str) -> str:
     """Where an error names a key that the experiment's ``set`` takes from another (``data.root: ${reproduce.root}``),
-    the key to give on this command line (its shortcut, ``root=``): the error's own advice names the child's key."""
-    raw = OmegaConf.select(pipeline_file(pipeline), f"experiments.{experiment}.set")
-    for key, value in flatten(OmegaConf.to_container(raw, resolve=False) if raw is not None else {}).items():
-        source = re.fullmatch(r"\$\{([\w.]+)\}", str(value))
-        if source and f"{key}=<" in message:  # (the advice, "needs data.root=<folder>")
-            return f" (this {kind} sets {key} from {source[1]}: give {shortcut_for(pipeline, source[1])}=<…>)"
+    the key to give on this command line (its shortcut, ``root=``): the error's own advice names the child's key.
+    A hint only: anything unexpected gives none, and the error stands as it was."""
+    try:
+        path = registry.get(pipeline).config
+        raw = OmegaConf.select(pipeline_file(pipeline, path), f"experiments.{experiment}.set", throw_on_resolution_failure=False)
+        for key, value in flatten(OmegaConf.to_container(raw, resolve=False) if raw is not None else {}).items():
+            source = re.fullmatch(r"\$\{([\w.]+)\}", str(value))
+            if source and re.search(rf"(?<![\w.]){re.escape(key)}=<", message):  # (the advice, "needs data.root=<folder>")
+                return f" (this {kind} sets {key} from {source[1]}: give {shortcut_for(pipeline, source[1], path)}=<…>)"
+    except Exception:  # (a hint must not replace the error it adds to)
+        return ""
     return ""
 
 

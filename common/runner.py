@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import functools
 import os
 import signal
@@ -75,6 +76,8 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         saved = path.parent.parent / "config.yaml"
         if saved.exists():
             requested, cfg = cfg.pipeline, _saved_config(saved, values)
+            if cfg.get("pipeline") is None:
+                raise ConfigError(f"{saved} beside the checkpoint is not a lightyard run's config; move the checkpoint out of that folder")
             if cfg.get("pipeline") != requested:
                 raise ConfigError(
                     f"{path} is a checkpoint of {cfg.get('pipeline')} (its run's config.yaml says so), not of {requested}; "
@@ -103,11 +106,6 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         raise ConfigError(
             f"run {target} is the parent of a {run.data.tags['lightyard.kind']}; resume it with: "
             f"lightyard {run.data.tags['lightyard.kind']} {cfg.pipeline} resume={target}"
-        )
-    if run.data.tags.get("lightyard.sweep") is not None:
-        raise ConfigError(
-            f"run {target} is the parent of a sweep, which keeps no checkpoint: resume its KILLED child with "
-            f"resume=<child id> (`lightyard runs --pipeline {cfg.pipeline}` lists them) and rerun the points that never started"
         )
     if run.info.status == "FINISHED":
         raise ConfigError(
@@ -143,8 +141,13 @@ def _check_progress(cfg: DictConfig, ckpt: str, new_run: bool = False) -> None:
 
     state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)  # tensors not read
     epoch, steps = int(state.get("epoch", 0)), int(state.get("global_step", 0))
-    # epochs whose training ended (an epoch-end checkpoint is written before Lightning counts its epoch completed)
-    trained = int(state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed", 0))
+    # epochs whose training ended: an epoch-end checkpoint is written before Lightning counts its epoch processed, and
+    # one written at the last batch (a step-interval or validation checkpoint) before it counts either
+    fit = state.get("loops", {}).get("fit_loop", {})
+    progress = fit.get("epoch_progress", {}).get("current", {})
+    trained = int(progress.get("processed", 0))
+    if fit.get("epoch_loop.batch_progress", {}).get("is_last_batch") and int(progress.get("started", 0)) > trained:
+        trained += 1
     max_epochs, max_steps = cfg.trainer.max_epochs, cfg.trainer.max_steps
     if max_epochs not in (None, -1) and max_epochs < epoch:
         raise ConfigError(
@@ -152,12 +155,15 @@ def _check_progress(cfg: DictConfig, ckpt: str, new_run: bool = False) -> None:
         )
     # a new run from a finished fit's checkpoint would train nothing and end FINISHED without a metric (a reopened
     # run may still owe its test stage: Lightning runs it)
-    done = (max_epochs not in (None, -1) and trained >= max_epochs) or (max_steps not in (None, -1) and steps >= max_steps)
-    if new_run and done:
+    if new_run and max_epochs not in (None, -1) and trained >= max_epochs:
         raise ConfigError(
-            f"the checkpoint {ckpt} has trained all {trained} epochs ({steps} steps) of trainer.max_epochs={max_epochs}"
-            f"{f', trainer.max_steps={max_steps}' if max_steps not in (None, -1) else ''}: nothing is left to train; "
-            "give a larger trainer.max_epochs (or trainer.max_steps) to train on from it"
+            f"the checkpoint {ckpt} has trained all {trained} epochs of trainer.max_epochs={max_epochs}: nothing is left to "
+            "train; give a larger trainer.max_epochs to train on from it"
+        )
+    if new_run and max_steps not in (None, -1) and steps >= max_steps:
+        raise ConfigError(
+            f"the checkpoint {ckpt} has taken all {steps} steps of trainer.max_steps={max_steps}: nothing is left to "
+            "train; give a larger trainer.max_steps to train on from it"
         )
 
 
@@ -208,12 +214,14 @@ class _Prepared:
         self.notices.append(text)
 
 
-def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline) -> _Prepared:
-    """Module and datamodule built and the data set up before the run opens, so that an error in the data's content
-    (a label out of range, a vocabulary left empty, too few images for a split) is one line with no FAILED run behind
-    it. Under a spawning strategy the data is left to the workers' setup (here it would be pickled to each of them).
-    The random streams are taken as they stand after the data's setup, and the fit starts from them: the same draws
-    as when Lightning set the data up inside the run (nothing between draws from them)."""
+def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline, set_up_data: bool) -> _Prepared:
+    """Module and datamodule built, and (``set_up_data``) the data set up, before the run opens, so that an error in
+    the data's content (a label out of range, a vocabulary left empty, too few images for a split) is one line with no
+    FAILED run behind it. ``setup`` must then be idempotent and not read ``self.trainer`` (ours are and do not); it is
+    left to Lightning where a datamodule has a ``prepare_data`` to run first, and under a spawning strategy (the loaded
+    data would be pickled to each worker). The random streams are taken as they stand after the data's setup and the
+    fit starts from them: the same draws as when Lightning set the data up inside the run (DDP strategies reseed inside
+    the fit anyway, before their setup hook)."""
     import lightning.pytorch as pl
 
     from common import rng
@@ -228,15 +236,20 @@ def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline) -> _Prepared:
             notice("preset=paper has the paper's settings, sized for GPUs: on this CPU it can take hours (preset=quick is the CPU size)")
         with stop_on_signals():
             pl.seed_everything(cfg.seed, workers=True, verbose=False)
-            prepared.datamodule = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
+            prepared.datamodule = data = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
             prepared.module = pipeline.load("module")(cfg)
             freeze_when_built(prepared.module, cfg.freeze)
-            if prepared.datamodule is not None and "spawn" not in str(cfg.trainer.get("strategy", "")):
-                prepared.datamodule.setup("fit")
-    except (ConfigError, RunInterrupted):
+            spawning = "spawn" in str(cfg.trainer.get("strategy", ""))
+            if set_up_data and data is not None and not spawning and not _overrides(data, "prepare_data", pl.LightningDataModule):
+                data.setup("fit")
+    except RunInterrupted:
         raise
-    except Exception as err:  # a crash, not a bad value: raised again inside the run, which keeps its traceback
-        prepared.error = err
+    except Exception as err:
+        if _RECEIVED:  # our signal, which a data reader turned into its own error ("not a readable image")
+            raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}") from None
+        if isinstance(err, ConfigError):
+            raise
+        prepared.error = err  # a crash, not a bad value: raised again inside the run, which keeps its traceback
     finally:
         OPEN_RUNS.remove(prepared)
     prepared.rng = rng.get_state()
@@ -407,10 +420,14 @@ def run_one(
         torch.set_num_threads(int(cfg.threads))
     module = load_target(target) if target else pipeline.load("module")
     non_gradient = target or (isinstance(module, type) and issubclass(module, NonGradientExperiment))
-    try:
-        prepared = None if non_gradient else _prepare_fit(cfg, pipeline)
+    try:  # (a grid's or sweep's child keeps its data's errors in its own FAILED run, beside its siblings)
+        prepared = None if non_gradient else _prepare_fit(cfg, pipeline, set_up_data=parent is None)
     except RunInterrupted as stop:
-        stop.pipeline, stop.resumable, stop.why_not = cfg.pipeline, False, "no run was opened yet"
+        stop.pipeline = cfg.pipeline
+        if reopen:  # the run stays KILLED: the same resume= continues it
+            stop.run_id = reopen
+        else:
+            stop.resumable, stop.why_not = False, "no run was opened yet"
         raise
     tracker: Tracker | None = None
     if is_rank_zero:
@@ -566,27 +583,60 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:
+            sweep = _sweep_parent(cfg, str(cfg.resume))
+            if sweep is not None:
+                return _resume_sweep(pipeline_name, sweep, points[0])
             cfg, ckpt, reopen = _find_resume(cfg, str(cfg.resume), points[0])
             _check_progress(cfg, ckpt, new_run=reopen is None)
             return [run_one(cfg, ckpt_path=ckpt, reopen=reopen)]
         return [run_one(cfg)]
 
     if any(cfg.resume for cfg in configs):
-        raise ConfigError("resume= cannot be combined with a sweep; resume each child run by its id")
+        raise ConfigError("resume= cannot be combined with a sweep; resume the sweep by its parent run's id")
     swept = sorted({k for p in points for k in p if len({str(q[k]) for q in points}) > 1})
     parent_cfg = configs[0]
-    parent = Tracker.start(parent_cfg, parent_cfg.run_name or f"{pipeline_name}-sweep", tags={"lightyard.sweep": ",".join(swept)})
+    tags = {"lightyard.sweep": ",".join(swept), "lightyard.sweep_overrides": json.dumps(overrides)}
+    parent = Tracker.start(parent_cfg, parent_cfg.run_name or f"{pipeline_name}-sweep", tags=tags)
     parent.log_text(OmegaConf.to_yaml(parent_cfg), "config.yaml")
     print(f"sweep parent run {parent.run_id} (its child runs carry mlflow.parentRunId; `lightyard runs` lists them)", flush=True)
+    return _run_sweep(pipeline_name, parent, points, configs, swept, {}, {})
+
+
+def _run_sweep(
+    pipeline_name: str,
+    parent: Tracker,
+    points: list[dict],
+    configs: list[DictConfig],
+    swept: list[str],
+    children: dict[int, Any],
+    changes: dict[str, Any],
+) -> list[RunResult]:
+    """The sweep's points in order under ``parent``: a point whose child (``children``, by index) FINISHED is kept, a
+    KILLED one with a checkpoint is resumed (with ``changes``, what a resume may change), any other is run anew."""
     results, status = [], "FINISHED"
     try:
         for i, (point, cfg) in enumerate(zip(points, configs)):
             label = " ".join(f"{k}={point[k]}" for k in swept)
+            child = children.get(i)
+            if child is not None and child.info.status == "FINISHED":
+                print(f"[sweep {i + 1}/{len(configs)}] {label}: FINISHED in run {child.info.run_id}", flush=True)
+                results.append(RunResult(child.info.run_id, "FINISHED", {k: float(v) for k, v in child.data.metrics.items()}, cfg))
+                continue
             print(f"[sweep {i + 1}/{len(configs)}] {label}", flush=True)
             cfg.run_name = cfg.run_name or f"{pipeline_name} {label}"
-            results.append(run_one(cfg, parent=parent))
-    except RunInterrupted:
+            tags = {"lightyard.sweep_index": str(i)}
+            if child is not None and child.info.status == "KILLED":
+                try:
+                    resumed, ckpt, reopen = _find_resume(cfg, child.info.run_id, changes)
+                except ConfigError:  # stopped before its first checkpoint: run the point again
+                    resumed = None
+                if resumed is not None:
+                    results.append(run_one(resumed, parent=parent, ckpt_path=ckpt, reopen=reopen))
+                    continue
+            results.append(run_one(cfg, parent=parent, tags=tags))
+    except RunInterrupted as stop:
         status = "KILLED"
+        stop.run_id, stop.resumable, stop.command = parent.run_id, True, "train"  # the sweep continues from its parent
         raise
     except BaseException:
         status = "FAILED"
@@ -594,6 +644,54 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     finally:
         parent.end(status)
     return results
+
+
+def _sweep_parent(cfg: DictConfig, target: str) -> Any:
+    """The MLflow run ``target`` if it is the parent of a ``train`` sweep, else None."""
+    if target.endswith(".ckpt"):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri=tracking_uri(cfg)).get_run(target)
+    except MlflowException:
+        return None  # (_find_resume says what is wrong with it)
+    return run if run.data.tags.get("lightyard.sweep") is not None else None
+
+
+def _resume_sweep(pipeline_name: str, run: Any, values: dict[str, Any]) -> list[RunResult]:
+    """``train <pipeline> resume=<sweep parent>``: the sweep's points again, from the overrides it recorded; what a
+    resume may change (``trainer.max_epochs``, ``launcher.*``…) can be given."""
+    from mlflow.tracking import MlflowClient
+
+    if run.data.tags.get("lightyard.pipeline") != pipeline_name:
+        raise ConfigError(f"run {run.info.run_id} is a sweep of {run.data.tags.get('lightyard.pipeline')}, not of {pipeline_name}")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"sweep {run.info.run_id} is FINISHED; nothing to resume")
+    recorded = run.data.tags.get("lightyard.sweep_overrides")
+    if recorded is None:
+        raise ConfigError(f"sweep {run.info.run_id} predates resumable sweeps (no lightyard.sweep_overrides tag); rerun it")
+    extra = {k: v for k, v in values.items() if k != "resume"}
+    refused = [k for k in extra if not k.startswith(RESUME_MAY_CHANGE)]
+    if refused:
+        raise ConfigError(f"a resumed sweep keeps its settings; only {', '.join(RESUME_MAY_CHANGE)} may change (got {', '.join(refused)})")
+    kept = [o for o in json.loads(recorded) if o.partition("=")[0] not in extra]  # (a new length replaces the old)
+    overrides = [*kept, *(f"{k}={v}" for k, v in extra.items())]
+    points = sweep_points(overrides)
+    configs = [compose(pipeline_name, point) for point in points]
+    swept = run.data.tags["lightyard.sweep"].split(",") if run.data.tags["lightyard.sweep"] else []
+    client = MlflowClient(tracking_uri=tracking_uri(configs[0]))
+    found = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", order_by=["attributes.start_time ASC"]
+    )
+    children = {int(c.data.tags["lightyard.sweep_index"]): c for c in found if "lightyard.sweep_index" in c.data.tags}
+    print(
+        f"sweep parent run {run.info.run_id} resumed: {sum(c.info.status == 'FINISHED' for c in children.values())} of {len(points)} points FINISHED",
+        flush=True,
+    )
+    parent = Tracker.reopen(tracking_uri(configs[0]), run.info.run_id)
+    return _run_sweep(pipeline_name, parent, points, configs, swept, children, extra)
 
 
 def debug_enabled() -> bool:

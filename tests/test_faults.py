@@ -69,7 +69,7 @@ def test_a_new_run_from_a_finished_checkpoint_or_another_pipelines_is_refused(ho
     """(the fuzz: both trained nothing and ended FINISHED — the first with no metric, the second as the other pipeline)"""
     (done,) = train("toy", ["trainer.max_epochs=2"])
     ckpt = Path(done.config.paths.output_dir) / "toy" / done.run_id / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigError, match=r"has trained all 2 epochs \(\d+ steps\) of trainer.max_epochs=2: nothing is left to train"):
+    with pytest.raises(ConfigError, match=r"has trained all 2 epochs of trainer.max_epochs=2: nothing is left to train"):
         train("toy", [f"resume={ckpt}"])
     with pytest.raises(
         ConfigError, match=f"^{re.escape(str(ckpt))} is a checkpoint of toy .*, not of hog_gcn; resume it with: lightyard train toy"
@@ -79,9 +79,9 @@ def test_a_new_run_from_a_finished_checkpoint_or_another_pipelines_is_refused(ho
     assert more.status == "FINISHED" and more.run_id != done.run_id
     with pytest.raises(ConfigError, match=r"^experiment=nope picks a grid of `lightyard reproduce\|bench toy`; `train` runs one config"):
         train("toy", ["experiment=nope"])  # (ran, and FINISHED, ignoring it)
-    first, _ = train("toy", ["seed=0,1", "trainer.max_epochs=1"])  # a sweep's parent keeps no checkpoint
+    first, _ = train("toy", ["seed=0,1", "trainer.max_epochs=1"])
     parent = MlflowClient(tracking_uri=tracking_uri(compose("toy"))).get_run(first.run_id).data.tags["mlflow.parentRunId"]
-    with pytest.raises(ConfigError, match=f"^run {parent} is the parent of a sweep, which keeps no checkpoint: resume its KILLED child"):
+    with pytest.raises(ConfigError, match=f"^sweep {parent} is FINISHED; nothing to resume"):
         train("toy", [f"resume={parent}"])
 
 
@@ -229,3 +229,22 @@ def test_seeded_items_follow_epoch_and_index_not_the_draws_before_them(workers):
     resumed = loader()
     resumed.load_state_dict(saved)
     assert torch.equal(torch.cat(list(resumed)), second[2:])
+
+
+def test_a_stopped_sweep_continues_from_its_parent(home):
+    """(the fuzz: Ctrl+C in a sweep named only the running child; its other points were lost and resume=<parent> said
+    the parent left no checkpoint) The hint names the parent; resume=<parent> keeps FINISHED points, resumes the
+    KILLED child and runs the rest."""
+    env = {"LIGHTYARD_HOME": str(home)}
+    killed = lightyard("train", "toy", "seed=0,1,2", "trainer.max_epochs=2", "kill_at_step=3", env=env)
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    runs = client.search_runs([client.get_experiment_by_name("lightyard/toy").experiment_id])
+    (parent,) = [r for r in runs if "lightyard.sweep" in r.data.tags]
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert (parent.info.status, child.info.status) == ("KILLED", "KILLED")
+    assert killed.stderr.strip().endswith(f"continue with: lightyard train toy resume={parent.info.run_id})")
+    results = train("toy", [f"resume={parent.info.run_id}", "kill_at_step=-1"])
+    assert [r.status for r in results] == ["FINISHED"] * 3 and results[0].run_id == child.info.run_id  # reopened, not rerun
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+    assert sorted(r.config.seed for r in results) == [0, 1, 2]
