@@ -188,6 +188,9 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, list[Any]]]:
         if key in parsed:  # the last would win silently (and repeat a sweep's runs)
             raise ConfigError(f"config key '{key}' is given twice; give it once (a sweep: {key}=a,b)")
         parsed[key] = [parse_value(part) for part in _split_top_level_commas(raw)]
+        repeated = sorted({str(v) for v in parsed[key] if sum(str(w) == str(v) for w in parsed[key]) > 1})
+        if repeated:  # each would run again, the same point
+            raise ConfigError(f"{key}={raw} repeats {', '.join(repeated)}; give each value once")
     return list(parsed.items())
 
 

@@ -62,6 +62,9 @@ def test_a_key_given_twice_bad_store_uris_and_a_new_preset_on_resume_are_one_lin
 
     with pytest.raises(ConfigError, match=re.escape("config key 'seed' is given twice; give it once (a sweep: seed=a,b)")):
         sweep_points(["seed=1,2", "seed=3"])  # was: two runs of seed=3
+    with pytest.raises(ConfigError, match=re.escape("optim.lr=0.1,0.2,0.1 repeats 0.1; give each value once")):
+        sweep_points(["optim.lr=0.1,0.2,0.1"])  # was: the same point run twice
+    assert len(sweep_points(["model.hog.hidden=[8],[16]", "seed=1,2"])) == 4
     from common.cli import _demo_overrides
 
     assert _demo_overrides("hog_gcn", ["preset=smoke"]) == ["preset=smoke"]  # the user's preset, not also the demo's

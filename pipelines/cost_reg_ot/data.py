@@ -282,6 +282,8 @@ def check_source(d: DictConfig) -> None:
         layout = SCOT_LAYOUT if d.source == "scot" else H5AD_LAYOUT
         raise ConfigError(f"data.source={d.source} needs data.root=<folder>; expected layout: {layout}")
     check_root_is_read(d, GENERATED_SOURCES, SOURCES, key="source")
+    if d.source in GENERATED_SOURCES and d.clusters > d.n:  # (clusters without a cell: label transfer scored on fewer)
+        raise ConfigError(f"data.clusters={d.clusters} exceeds the data.n={d.n} cells generated; give at most {d.n}")
 
 
 def build_pair(cfg: DictConfig) -> PairedData:

@@ -612,3 +612,10 @@ def test_the_inner_tolerance_lets_the_outer_test_be_met():
     )
     assert not run(1e-6, False).converged
     assert run(s.sinkhorn_tol, False).converged and run(s.sinkhorn_tol, True).converged
+
+
+def test_more_clusters_than_generated_cells_is_one_line():
+    from pipelines.cost_reg_ot.data import check_source
+
+    with pytest.raises(ConfigError, match=r"^data.clusters=1000 exceeds the data.n=40 cells generated; give at most 40$"):
+        check_source(compose("cost_reg_ot", {"preset": "smoke", "data.clusters": 1000}).data)
