@@ -182,11 +182,8 @@ RESUME_MAY_CHANGE = (
 )
 
 
-def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
-    """The config a run was started with, plus the overrides given now (except resume/preset)."""
-    cfg = OmegaConf.load(path)
-    if "preset" in values and values["preset"] != cfg.get("preset"):
-        raise ConfigError(f"a resumed run keeps its preset ({cfg.get('preset')}); leave preset= out")
+def _resume_changes(values: dict[str, Any]) -> list[str]:
+    """The keys a resume's command line changes; one line if any is not in :data:`RESUME_MAY_CHANGE`."""
     changed = [k for k in values if k not in {"resume", "preset"}]
     fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
     if fixed:
@@ -194,6 +191,15 @@ def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
             f"a resumed run keeps its settings (the checkpoint restores them): {', '.join(fixed)} cannot change; "
             f"only {', '.join(k.rstrip('.') + ('.*' if k.endswith('.') else '') for k in RESUME_MAY_CHANGE)} can; start a new run for the rest"
         )
+    return changed
+
+
+def _saved_config(path: Path, values: dict[str, Any]) -> DictConfig:
+    """The config a run was started with, plus the overrides given now (except resume/preset)."""
+    cfg = OmegaConf.load(path)
+    if "preset" in values and values["preset"] != cfg.get("preset"):
+        raise ConfigError(f"a resumed run keeps its preset ({cfg.get('preset')}); leave preset= out")
+    changed = _resume_changes(values)
     for key in changed:
         set_checked(cfg, key, values[key])
     return cfg
@@ -672,10 +678,7 @@ def _resume_sweep(pipeline_name: str, run: Any, values: dict[str, Any]) -> list[
     recorded = run.data.tags.get("lightyard.sweep_overrides")
     if recorded is None:
         raise ConfigError(f"sweep {run.info.run_id} predates resumable sweeps (no lightyard.sweep_overrides tag); rerun it")
-    extra = {k: v for k, v in values.items() if k != "resume"}
-    refused = [k for k in extra if not k.startswith(RESUME_MAY_CHANGE)]
-    if refused:
-        raise ConfigError(f"a resumed sweep keeps its settings; only {', '.join(RESUME_MAY_CHANGE)} may change (got {', '.join(refused)})")
+    extra = {k: values[k] for k in _resume_changes(values)}
     kept = [o for o in json.loads(recorded) if o.partition("=")[0] not in extra]  # (a new length replaces the old)
     overrides = [*kept, *(f"{k}={v}" for k, v in extra.items())]
     points = sweep_points(overrides)
