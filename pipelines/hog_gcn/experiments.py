@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -18,7 +19,7 @@ from common.tables import markdown_table
 from common.tracking import Tracker, notice
 from pipelines.hog_gcn.data import build_graph, csbm, edge_homophily
 from pipelines.hog_gcn.model import dense_bytes
-from pipelines.hog_gcn.module import fit_split, make_model, optimizer, training_loss
+from pipelines.hog_gcn.module import fit_split, make_model, optimizer, split_epochs, training_loss
 
 
 _GRAPHS: dict[str, tuple] = {}  # graphs built in this process, by their data settings (children share them)
@@ -157,32 +158,36 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
 
 def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """Steps/s of the Lightning loop (HogGCNModule under a Trainer: logging, callbacks, the loops) against the hand
-    loop of the same steps (``fit_split``), interleaved in this process for ``bench.repeats`` rounds after a warm-up.
+    loop of the same steps (``split_epochs``, reproduce's loop), interleaved step by step in this process for
+    ``bench.repeats`` fits after a warm-up.
 
-    A step's time is the clock from one epoch's start to the next (for Lightning: one ``on_train_batch_start`` to
-    the next, so its loops and hooks between steps are counted; the last ends at ``on_train_end``); each side's speed is its median step over all
-    rounds. The median, not a whole loop's fastest round: on a shared machine a burst of other work lands in some
-    rounds of either side, and a loop's total carries every burst it met."""
-    import statistics
-
+    A callback runs one hand step as each Lightning step begins: the hand step is the clock around it, the
+    Lightning step the clock from its end to the next one's start (so Lightning's loops and hooks between steps
+    are counted; the last ends at ``on_train_end``). Each side's speed is its median step. Step by step, not
+    loop after loop: on a shared machine a burst of other work, or a change in the allocator's state, lands on
+    both sides alike instead of on whichever loop ran then (loop after loop, one run's ratio swung 0.84–0.94)."""
     import lightning.pytorch as pl
 
     from common.hardware import trainer_kwargs
     from pipelines.hog_gcn.data import GraphDataModule
     from pipelines.hog_gcn.module import HogGCNModule
 
-    class StepClock(pl.Callback):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
+    class Paired(pl.Callback):
+        def __init__(self, hand: Iterator) -> None:
+            next(hand)  # the hand model is built
+            self.hand, self.hand_steps, self.lightning_steps = hand, [], []
+            self.resumed: float | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.stamps.append(time.perf_counter())
+            start = time.perf_counter()
+            if self.resumed is not None:
+                self.lightning_steps.append(start - self.resumed)
+            next(self.hand)
+            self.resumed = time.perf_counter()
+            self.hand_steps.append(self.resumed - start)
 
-        def on_train_end(self, trainer, pl_module) -> None:  # the last step's end
-            self.stamps.append(time.perf_counter())
-
-    def steps(stamps: list[float]) -> list[float]:
-        return [b - a for a, b in zip(stamps, stamps[1:])]
+        def on_train_end(self, trainer, pl_module) -> None:  # the last Lightning step's end
+            self.lightning_steps.append(time.perf_counter() - self.resumed)
 
     cfg = with_values(cfg, dict(cfg.bench.overhead_graphs[cfg.bench.graph]))  # names checked in module.check_model
     graph = build_graph(cfg)
@@ -191,13 +196,11 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
     hand_steps: list[float] = []
     lightning_steps: list[float] = []
     for round_ in range(int(cfg.bench.repeats) + 1):  # the first round warms up (allocator, kernels, imports)
-        stamps: list[float] = []
-        fit_split(cfg, graph, cfg.data.split, stamps)
-        clock = StepClock()
-        pl.Trainer(**kwargs, callbacks=[clock]).fit(HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
+        paired = Paired(split_epochs(cfg, graph, cfg.data.split))
+        pl.Trainer(**kwargs, callbacks=[paired]).fit(HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
         if round_ > 0:
-            hand_steps += steps(stamps)
-            lightning_steps += steps(clock.stamps)
+            hand_steps += paired.hand_steps
+            lightning_steps += paired.lightning_steps
     hand, lightning = statistics.median(hand_steps), statistics.median(lightning_steps)
     return {
         "hand_steps_per_s": 1 / hand,
