@@ -361,6 +361,10 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
     except OmegaConfBaseException as err:
         raise ConfigError(f"config does not resolve: {str(err).splitlines()[0]}") from None
     check_ranges(cfg, checks)
+    dataset = OmegaConf.select(cfg, "logger.dataset", default=None)
+    if dataset and not isinstance(OmegaConf.select(cfg, str(dataset), default=None), DictConfig):
+        sections = ", ".join(k for k, v in cfg.items() if isinstance(v, DictConfig) and k not in ("checks", "experiments"))
+        raise ConfigError(f"logger.dataset={dataset} names no config section (it would log no dataset); give one of {sections}, or null")
     if "trainer" in cfg:
         from common.hardware import check_trainer
 

@@ -44,6 +44,7 @@ from tests.conftest import ROOT, assert_no_run, cli, lightyard, wait_for_run
         ("model.hog.hidden[0]=32", "'model.hog.hidden' is a list; set it whole (model.hog.hidden=[…])"),
         ("trainer.max_epochs=[1", "cannot parse value '[1': "),  # was: yaml's ParserError, several lines
         ("data.name='csbm", 'cannot parse value "\'csbm": '),
+        ("logger.dataset=dta", "logger.dataset=dta names no config section (it would log no dataset); give one of"),
     ],
 )
 def test_bad_values_are_one_line_before_any_run(override, message):
