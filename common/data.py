@@ -151,6 +151,13 @@ def training_loader(datamodule, dataset: Dataset, shuffle: bool = True, item_epo
     )
 
 
+def check_full_batch(batch_size: int, items: int, what: str) -> None:
+    """A training loader that drops its partial batch needs one full batch: a datamodule's setup says so before a
+    run opens (the runner's own check finds an empty epoch only once the run is open: a FAILED run)."""
+    if items < batch_size:
+        raise ConfigError(f"data.batch_size={batch_size} is more than the {items} {what}: nothing would train; lower data.batch_size")
+
+
 def eval_loader(datamodule, dataset: Dataset, **kwargs: Any) -> StatefulDataLoader:
     """A datamodule's evaluation loader: in order, ``data.eval_batch_size`` and ``data.num_workers`` from its config."""
     return make_loader(dataset, datamodule.cfg.data.eval_batch_size, num_workers=datamodule.cfg.data.num_workers, **kwargs)

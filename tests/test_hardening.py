@@ -624,3 +624,11 @@ def test_a_fit_length_for_a_pipeline_the_runner_does_not_fit_is_one_line(pipelin
 
     with pytest.raises(ConfigError, match=f"^trainer.{key} does not apply: {pipeline} is not trained by the Lightning runner"):
         check_run_config(compose(pipeline, {"preset": "smoke", f"trainer.{key}": 3}))
+
+
+@pytest.mark.parametrize("pipeline, items", [("setr", "8 training images"), ("vocab_kd", "141 training passages")])
+def test_a_batch_larger_than_the_training_set_is_one_line_before_a_run_opens(home, pipeline, items):
+    """Training drops the partial batch: with no full one the runner found an empty epoch once the run had opened (FAILED)."""
+    with pytest.raises(ConfigError, match=f"^data.batch_size=5000 is more than the {items}: nothing would train; lower data.batch_size$"):
+        train(pipeline, ["preset=smoke", "data.batch_size=5000"])
+    assert_no_run(pipeline)

@@ -26,7 +26,17 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_images, check_root_is_read, eval_loader, item_seed, load_image, read_text, require_files, training_loader
+from common.data import (
+    check_full_batch,
+    check_images,
+    check_root_is_read,
+    eval_loader,
+    item_seed,
+    load_image,
+    read_text,
+    require_files,
+    training_loader,
+)
 
 IGNORE = 255
 SCENE_CLASSES = ("sky", "ground", "disc", "box", "pole", "triangle")
@@ -533,6 +543,7 @@ class SegDataModule(pl.LightningDataModule):
             k: SegmentationSet(min(n, limits[k]) if limits[k] else n, load, transform if k == "train" else None, seed, self.classes)
             for k, (n, load) in loaders.items()
         }
+        check_full_batch(d.batch_size, len(self.splits["train"]), "training images")
 
     def train_dataloader(self):
         return training_loader(self, self.splits["train"], item_epochs=True, drop_last=True)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_root_is_read, eval_loader, training_loader
+from common.data import check_full_batch, check_root_is_read, eval_loader, training_loader
 from pipelines.vocab_kd.model import SpecialIds, normalise_and_split, resolve_teacher_path, segment_words, train_wordpiece
 
 TEXT_LAYOUT = "<root>/<collection>/*.txt (plain text; e.g. english_text/{gutenberg,inaugural,state_union}/*.txt)"
@@ -315,6 +315,7 @@ class TextDataModule(pl.LightningDataModule):
         self.teacher_ids, self.student_ids = SpecialIds.of(self.teacher_tokenizer), SpecialIds.of(self.student_tok)
         max_len = self.cfg.data.max_len
         self.splits = {k: segment_passages(v, self.teacher_tokenizer, self.student_tok, max_len) for k, v in items.items()}
+        check_full_batch(self.cfg.data.batch_size, len(self.splits["train"]), "training passages")
 
     def identity(self) -> dict:
         """What the teacher's MLM head cache depends on: the training text, and the student vocabulary (its batches mask
