@@ -683,6 +683,8 @@ def _resume_sweep(pipeline_name: str, run: Any, values: dict[str, Any]) -> list[
     overrides = [*kept, *(f"{k}={v}" for k, v in extra.items())]
     points = sweep_points(overrides)
     configs = [compose(pipeline_name, point) for point in points]
+    if "preset" in values and values["preset"] != configs[0].preset:  # (the recorded overrides set it: it was ignored)
+        raise ConfigError(f"a resumed sweep keeps its preset ({configs[0].preset}); leave preset= out")
     swept = run.data.tags["lightyard.sweep"].split(",") if run.data.tags["lightyard.sweep"] else []
     client = MlflowClient(tracking_uri=tracking_uri(configs[0]))
     found = client.search_runs(

@@ -244,7 +244,9 @@ def test_a_stopped_sweep_continues_from_its_parent(home):
     (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert (parent.info.status, child.info.status) == ("KILLED", "KILLED")
     assert killed.stderr.strip().endswith(f"continue with: lightyard train toy resume={parent.info.run_id})")
-    results = train("toy", [f"resume={parent.info.run_id}", "kill_at_step=-1"])
+    with pytest.raises(ConfigError, match=r"^a resumed sweep keeps its preset \(quick\); leave preset= out$"):
+        train("toy", [f"resume={parent.info.run_id}", "preset=paper"])  # (it was ignored: the recorded preset ran)
+    results = train("toy", [f"resume={parent.info.run_id}", "kill_at_step=-1", "preset=quick"])
     assert [r.status for r in results] == ["FINISHED"] * 3 and results[0].run_id == child.info.run_id  # reopened, not rerun
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
     assert sorted(r.config.seed for r in results) == [0, 1, 2]
