@@ -179,8 +179,9 @@ def test_a_huge_sweep_says_its_size_and_asks_for_yes(home):
     assert out.stderr.strip() == ("lightyard: error: this sweep has 10000 points (over launcher.max_points=1000); add --yes to run it")
 
 
-def test_sigterm_during_data_setup_ends_killed_not_running(home):
-    """SIGTERM before Lightning's loop starts (here: while the store and data are being set up) still ends KILLED."""
+def test_sigterm_as_the_run_opens_ends_killed_not_running(home):
+    """SIGTERM as soon as the run appears (in Lightning's setup or first epochs) ends KILLED. (The data is set up
+    before the run opens: a stop there leaves no run: test_the_data_is_set_up_before_the_run_opens)"""
     import os
     import signal
 
