@@ -25,6 +25,7 @@ class Pipeline:
     module: str  # LightningModule subclass, or a NonGradientExperiment subclass
     datamodule: str | None = None  # LightningDataModule subclass (gradient pipelines)
     config: str | None = None  # config file; default conf/<name>.yaml
+    demo_seconds: float = 10.0  # its `lightyard demo` run on one thread of a 2-core CPU, roughly: the longest start first
 
     def load(self, attr: str) -> Any:
         target = getattr(self, attr)
@@ -38,7 +39,7 @@ _REGISTRY: dict[str, Pipeline] = {}
 _discovered = False
 
 
-def register(name: str, description: str, module: str, **entry_points: str) -> Pipeline:
+def register(name: str, description: str, module: str, **entry_points: Any) -> Pipeline:
     pipeline = Pipeline(name=name, description=description, module=module, **entry_points)
     _REGISTRY[name] = pipeline
     return pipeline

@@ -120,7 +120,7 @@ def test_resume_with_unknown_run_id_is_one_clear_line(home, capsys):
 
 
 # one batch per epoch (64) and two (32): the kill lands on an epoch's last batch
-@pytest.mark.parametrize("batch_size", [64, 32])
+@pytest.mark.parametrize("batch_size", [64, pytest.param(32, marks=pytest.mark.slow)])
 def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, batch_size):
     from tests.resume_check import assert_exact_resume
 

@@ -4,9 +4,12 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow  # a pip install into a new virtual environment
 def test_a_non_editable_install_lists_and_trains(tmp_path):
     """The wheel `pip install .` would install, put on the path of this venv's dependencies (a fresh venv of its
     own would download torch again) and run from an unrelated folder: no file of the checkout is used."""

@@ -5,4 +5,5 @@ register(
     description="SETR: semantic segmentation with a pure ViT encoder and Naive / PUP / MLA decoders; mIoU with sliding-window and multi-scale inference",
     module="pipelines.setr.module:SETRModule",
     datamodule="pipelines.setr.data:SegDataModule",
+    demo_seconds=18,
 )

@@ -373,6 +373,11 @@ def test_reproduce_and_bench_run_at_smoke_through_the_grid(home):
     assert point["ours_foscttm"] < point["gw_foscttm"] and 0 < point["ours_sinkhorn_share"] <= 1
     assert "Target (faster at every n" in bench.report
 
+
+@pytest.mark.slow  # two peak-memory measurements, each in a freshly spawned process (~30 s of imports on 2 cores)
+def test_lowrank_bench_smoke(home):
+    from common.grid import run_experiment
+
     lowrank = run_experiment("bench", "cost_reg_ot", ["experiment=lowrank", "preset=smoke"])
     _, (point,) = _children(lowrank)
     assert point["max_abs_M_difference"] < 1e-5 and point["factored_s_per_iteration"] > 0 and "dense_peak_mb" in point
@@ -562,6 +567,7 @@ def _factored_sinkhorn_peak_mb(n: int) -> float:
     return (read_peak_rss() - start) / 2**20
 
 
+@pytest.mark.slow  # a peak-memory measurement in spawned processes; the lowrank bench measures the same
 def test_factored_sinkhorn_memory_stays_at_a_chunk():
     """The factored path's promise, O(chunk·m) memory: its peak at n = m = 4000 stays far below one n × m float64
     matrix (122 MB). Per-chunk results once kept alive between blocks made the heap grow by a block per chunk

@@ -450,6 +450,22 @@ def test_reproduce_and_bench_smoke(home):
     assert homophily[0.1] < 0.3 < 0.7 < homophily[0.9]  # the generated graphs have the homophily the grid asked for
     scale = run_experiment("bench", "hog_gcn", ["preset=smoke"])
     assert (scale.status, scale.total) == ("FINISHED", 1), scale.report
+
+
+@pytest.mark.slow  # four children, each timing both loops
+def test_overhead_bench_smoke(home):
+    """experiment=overhead at preset=smoke: one child per (model, threads), each timing the hand and the Lightning loop."""
+    from mlflow.tracking import MlflowClient
+
+    from common.grid import run_experiment
+    from common.report import children_rows
+    from common.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+
+    def children(result):
+        return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
+
     # the second graph only (the default one is the other smoke children's): its settings reach the point
     overhead = run_experiment("bench", "hog_gcn", ["preset=smoke", "experiment=overhead", "bench.repeats=1", "bench.graphs=[cora_size]"])
     assert (overhead.status, overhead.total) == ("FINISHED", 4), overhead.report
@@ -464,6 +480,7 @@ def test_reproduce_and_bench_smoke(home):
     assert one["hand_steps_per_s"] > 0 and one["lightning_steps_per_s"] > 0  # one epoch is one timed step per loop
 
 
+@pytest.mark.slow  # two spawned workers; the DDP path itself is in the fast suite (test_callbacks, test_cli's fabric run)
 def test_ddp_spawn_on_two_cpu_processes_finishes(home):
     """The module is pickled to ddp_spawn's workers: its L_lp generator, made in __init__, reached them as a freed
     shared-memory tensor and both workers died ("unable to resize file"); it is made in setup now."""
