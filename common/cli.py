@@ -254,40 +254,39 @@ def _demo_child(argv: list[str], log: str) -> None:
 def _preload_common() -> None:
     """Import what every child needs once, here: forked children then start in a fraction of a second instead of
     spending ~10 s of CPU each on importing torch, Lightning and MLflow (11 pipelines: half the demo on 2 cores)."""
-    import contextlib
-    import importlib
 
     import common.runner  # noqa: F401  (torch, Lightning, OmegaConf)
     from common.environment import environment_report
 
     environment_report()  # cached: reading every package's metadata once, not in each child
     # what the runs import lazily: MLflow's SQLite store and monitors, the plot backend
-    for module in (
+    _import_all(
         "mlflow.tracking",
         "mlflow.store.tracking.sqlalchemy_store",
         "mlflow.system_metrics.system_metrics_monitor",
         "sqlalchemy.dialects.sqlite",
         "matplotlib.backends.backend_agg",
-    ):
-        with contextlib.suppress(ImportError):
+    )
+
+
+def _import_all(*modules: str) -> None:
+    """Import each module that imports; a failing one is the child's to meet and report in its own log."""
+    import contextlib
+    import importlib
+
+    for module in modules:
+        with contextlib.suppress(Exception):
             importlib.import_module(module)
 
 
 def _preload_pipelines(names: list[str]) -> None:
     """The pipelines' own modules and timm (~6 s): imported while the first child already runs."""
-    import contextlib
-    import importlib
-
     from common.registry import get
 
-    for module in ("timm.models.vision_transformer", "timm.data", "timm.optim"):
-        with contextlib.suppress(ImportError):
-            importlib.import_module(module)
+    _import_all("timm.models.vision_transformer", "timm.data", "timm.optim")
     for name in names:
         pipeline = get(name)
-        for target in filter(None, (pipeline.module, pipeline.datamodule)):
-            with contextlib.suppress(Exception):  # a failing import: the child meets it too and reports it in its own log
-                importlib.import_module(target.partition(":")[0])
+        _import_all(*(target.partition(":")[0] for target in filter(None, (pipeline.module, pipeline.datamodule))))
 
 
 def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs: Path) -> list[dict]:

@@ -429,24 +429,26 @@ def test_throttled_logging_still_finds_the_best_epoch_among_all(home):
         assert third.metrics[key] == every.metrics[key]
 
 
-def test_reproduce_and_bench_smoke(home):
-    """Each experiment of conf/hog_gcn.yaml at preset=smoke: a finished grid whose children logged what the tables read."""
+def _children(result):
+    """The grid's children as report rows (params and metrics by key)."""
     from mlflow.tracking import MlflowClient
 
-    from common.grid import run_experiment
     from common.report import children_rows
     from common.tracking import tracking_uri
 
     client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
+    return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
 
-    def children(result):
-        return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
+
+def test_reproduce_and_bench_smoke(home):
+    """Each experiment of conf/hog_gcn.yaml at preset=smoke: a finished grid whose children logged what the tables read."""
+    from common.grid import run_experiment
 
     result = run_experiment("reproduce", "hog_gcn", ["preset=smoke", "reproduce.splits=[1]"])
     assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
-    points = sorted((c["data.homophily"], c["model.name"], c["data.split"]) for c in children(result))
+    points = sorted((c["data.homophily"], c["model.name"], c["data.split"]) for c in _children(result))
     assert points == sorted((h, m, 1) for h in (0.1, 0.9) for m in ("mlp", "hog_gcn"))
-    homophily = {c["data.homophily"]: c["edge_homophily"] for c in children(result) if c["model.name"] == "mlp"}
+    homophily = {c["data.homophily"]: c["edge_homophily"] for c in _children(result) if c["model.name"] == "mlp"}
     assert homophily[0.1] < 0.3 < 0.7 < homophily[0.9]  # the generated graphs have the homophily the grid asked for
     scale = run_experiment("bench", "hog_gcn", ["preset=smoke"])
     assert (scale.status, scale.total) == ("FINISHED", 1), scale.report
@@ -455,24 +457,15 @@ def test_reproduce_and_bench_smoke(home):
 @pytest.mark.slow  # four children, each timing both loops
 def test_overhead_bench_smoke(home):
     """experiment=overhead at preset=smoke: one child per (model, threads), each timing the hand and the Lightning loop."""
-    from mlflow.tracking import MlflowClient
-
     from common.grid import run_experiment
-    from common.report import children_rows
-    from common.tracking import tracking_uri
-
-    client = MlflowClient(tracking_uri=tracking_uri(compose("hog_gcn")))
-
-    def children(result):
-        return children_rows(client, result.run_id, client.get_run(result.run_id).info.experiment_id)
 
     # the second graph only (the default one is the other smoke children's): its settings reach the point
     overhead = run_experiment("bench", "hog_gcn", ["preset=smoke", "experiment=overhead", "bench.repeats=1", "bench.graphs=[cora_size]"])
     assert (overhead.status, overhead.total) == ("FINISHED", 4), overhead.report
-    rows = sorted((c["model.name"], c["threads"], c["torch_threads"]) for c in children(overhead))
+    rows = sorted((c["model.name"], c["threads"], c["torch_threads"]) for c in _children(overhead))
     assert [r[:2] for r in rows] == [("gcn", 0), ("gcn", 1), ("hog_gcn", 0), ("hog_gcn", 1)]
-    assert {(c["bench.graph"], c["nodes"], c["features"]) for c in children(overhead)} == {("cora_size", 140, 40)}
-    assert all(c["lightning_steps_per_s"] > 0 for c in children(overhead))
+    assert {(c["bench.graph"], c["nodes"], c["features"]) for c in _children(overhead)} == {("cora_size", 140, 40)}
+    assert all(c["lightning_steps_per_s"] > 0 for c in _children(overhead))
     assert all(torch_threads == 1 for _, threads, torch_threads in rows if threads == 1)  # the point's threads applied
     from pipelines.hog_gcn.experiments import overhead_point
 
