@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from common.cache import cache_file, save_atomic
 from common.config import ConfigError
 from common.data import (
     check_full_batch,
@@ -505,6 +506,32 @@ def check_data(d: DictConfig, files: bool = True) -> None:
                 f"the generated scenes (data.n_train + n_val + n_test images of data.image_size={list(d.image_size)}) would take "
                 f"{gib:.1f} GiB of memory (at most {GENERATED_MAX_GIB}); lower them"
             )
+
+
+def check_labels(cfg: DictConfig) -> None:
+    """Every label file of a real dataset decoded and checked (values in the class range, size equal to its image's)
+    before a run opens: otherwise a bad file stops the run mid-epoch, or only at the test split after training. The
+    scan is remembered under a hash of the file list (paths, sizes, modification times), so a changed file is read
+    again and an unchanged set only once (CamVid-half: 701 labels)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    d = cfg.data
+    if d.name == "scenes":
+        return
+    files = REAL[d.name][0](d.root)
+    pairs = [(split, image, label) for split, f in files.items() for image, label in f.pairs]
+    stat = lambda p: (str(p), p.stat().st_size, p.stat().st_mtime_ns)  # noqa: E731
+    marker = cache_file(cfg, "setr", "labels-checked", {"data": d.name, "files": [stat(label) for _, _, label in pairs]})
+    if marker.is_file():
+        return
+    bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
+    for split, image_path, label_path in bar:
+        label = files[split].map_label(read_label(label_path), label_path)
+        with Image.open(image_path) as image:
+            if (image.height, image.width) != tuple(label.shape):
+                raise ConfigError(f"image {image_path} is {(image.height, image.width)} but its label {label_path} is {tuple(label.shape)}")
+    save_atomic({"files": len(pairs)}, marker)
 
 
 class SegDataModule(pl.LightningDataModule):

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
 from common.data import load_weights, require_weights_file
-from pipelines.setr.data import SegDataModule, check_data, class_names
+from pipelines.setr.data import SegDataModule, check_data, check_labels, class_names
 from pipelines.setr.model import (
     IGNORE_INDEX,
     SETR,
@@ -181,6 +181,7 @@ class SETRModule(pl.LightningModule):
         check_tokens(cfg, model.encoder.patch_size)
         if cfg.model.checkpoint:
             check_checkpoint(cfg.model.checkpoint)
+        check_labels(cfg)  # last: it decodes every label file (once per file set)
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

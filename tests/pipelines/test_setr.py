@@ -24,6 +24,7 @@ from pipelines.setr.data import (
     cityscapes_train_ids,
     generate_scenes,
     load_ade20k,
+    check_labels,
     load_camvid,
     load_cityscapes,
     load_pascal_context,
@@ -276,9 +277,17 @@ def test_camvid_loader_segnet_layout_and_bad_labels(tmp_path):
     image, label = splits["val"](0)
     assert image.shape == (3, 12, 16) and (label == 3).all()
     assert (splits["val"](1)[1] == IGNORE).all()  # 11 = Unlabelled → ignore
+    cfg = compose("setr", {"preset": "smoke", "data.name": "camvid", "data.root": str(tmp_path), "paths.cache_dir": str(tmp_path / "c")})
+    check_labels(cfg)  # every label file read once, before a run opens; the file set's scan is remembered
+    assert len(list((tmp_path / "c" / "setr").glob("labels-checked-*.pt"))) == 1
     _png(tmp_path / "testannot" / "1.png", np.full((12, 16), 20))
     with pytest.raises(ConfigError, match=r"testannot/1.png has value 20 outside the class range 0..11"):
         splits["test"](1)
+    with pytest.raises(ConfigError, match=r"testannot/1.png has value 20 outside the class range 0..11"):
+        check_labels(cfg)  # the changed file is read again (a new size and modification time)
+    _png(tmp_path / "testannot" / "1.png", np.full((12, 15), 3))
+    with pytest.raises(ConfigError, match=r"testannot/1.png is \(12, 15\)"):
+        check_labels(cfg)
     with pytest.raises(ConfigError, match=r"expected layout: <root>/\{train,val,test\}.txt"):
         load_camvid(tmp_path / "nope")
 
