@@ -187,7 +187,9 @@ class RngState(pl.Callback):
             return
         rng.set_state(state)
         if trainer.fit_loop.restarted_on_epoch_end or trainer.fit_loop.resumed_on_epoch_end:
-            for loader in trainer.fit_loop._combined_loader.flattened:
+            loaders = trainer.train_dataloader  # one loader, or a list / dict of them
+            loaders = loaders.values() if isinstance(loaders, dict) else loaders if isinstance(loaders, (list, tuple)) else [loaders]
+            for loader in loaders:
                 if isinstance(loader, torch.utils.data.DataLoader) and not (loader.persistent_workers and loader.num_workers):
                     torch.empty((), dtype=torch.int64).random_()  # the base seed its next epoch's iterator draws
 
