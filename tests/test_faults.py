@@ -125,7 +125,11 @@ def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, 
     from tests.resume_check import assert_exact_resume
 
     assert_exact_resume(
-        home, "toy", ["trainer.max_epochs=6", f"data.batch_size={batch_size}"], kill_at_step=3, total_steps=6 * (64 // batch_size)
+        home,
+        "toy",
+        ["trainer.max_epochs=6", f"data.batch_size={batch_size}", "model.dropout=0.3"],
+        kill_at_step=3,
+        total_steps=6 * (64 // batch_size),
     )
 
 

@@ -18,7 +18,8 @@ class ToyModule(pl.LightningModule):
         self.head = nn.Linear(cfg.model.hidden, 2)
 
     def forward(self, x):
-        return self.head(torch.relu(self.embed(x)))
+        hidden = torch.relu(self.embed(x))  # dropout: training draws from torch's stream, so resume must restore it
+        return self.head(nn.functional.dropout(hidden, self.cfg.model.dropout, self.training))
 
     def model_for_export(self):
         """(network, example input) for logger.log_model: a plain nn.Module, no Lightning or config inside."""
