@@ -15,7 +15,7 @@ from common.grid import expand, plan, run_experiment
 from common.report import build_table
 from common.runner import compose
 from common.tracking import tracking_uri
-from tests.conftest import ROOT, cli, lightyard, wait_for_run
+from tests.conftest import ROOT, assert_no_run, cli, lightyard, wait_for_run
 
 
 def _client():
@@ -68,6 +68,25 @@ def test_bad_grid_values_fail_before_any_run(home):
         or not _client().search_experiments()
         or not _client().search_runs([e.experiment_id for e in _client().search_experiments()])
     )
+
+
+def test_a_signal_while_the_grid_is_checked_stops_it_in_one_line_with_no_run(home, monkeypatch, capsys):
+    """A large grid's configs take a minute to check (300 hog_gcn points): a SIGTERM then is one line, exit 143."""
+    import common.grid
+    from common.cli import main
+
+    checked = []
+
+    def check(cfg, point):
+        checked.append(cfg)
+        if len(checked) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, through the handler the grid installs
+
+    monkeypatch.setattr(common.grid, "check_run_config", check)
+    assert main(["reproduce", "toy"]) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "lightyard: stopped by signal 15 (no run was opened yet: rerun it)"
+    assert len(checked) == 2  # stopped at the signal, not after the grid
+    assert_no_run("toy")
 
 
 def test_failing_child_does_not_stop_the_others_and_resume_runs_only_the_unfinished(home):
