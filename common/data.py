@@ -7,6 +7,7 @@ import hashlib
 import pickle
 import random
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -380,6 +381,37 @@ def load_weights(path: str | Path, what: str) -> Any:
     except Exception as err:  # a zip that is not a checkpoint, or one holding objects weights_only refuses
         reason = " ".join(str(err).split())[:160]
         raise ConfigError(f"{what} {path} does not load as PyTorch weights ({type(err).__name__}: {reason})") from None
+
+
+NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # a truncated .npz is a BadZipFile
+
+
+def numpy_error(path: str | Path, err: Exception) -> ConfigError:
+    """numpy's error on reading ``path`` as one line. Its own words are wrong advice for a user's file: any file without
+    the .npy magic is "pickled data", to be loaded "unsafely"; an object array says "cannot be loaded when
+    allow_pickle=False"."""
+    text = " ".join(str(err).split())
+    if "pickle" in text or "Object arrays" in text:
+        return ConfigError(
+            f"{path} holds Python objects (an object array or pickled data), not numeric arrays; save numbers with np.save / np.savez"
+        )
+    return ConfigError(f"{path} is not a readable NumPy file ({type(err).__name__}: {text[:120]})")
+
+
+def load_numpy(path: str | Path) -> Any:
+    """``np.load`` of a .npy array or a .npz archive, never unpickling: a file with neither format's signature (the .npy
+    magic, a zip header) is refused by name before numpy calls it pickled data."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror})") from None
+    if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
+        raise ConfigError(f"{path} is not a NumPy file (a .npy array starts with \\x93NUMPY, a .npz archive is a zip)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except NUMPY_READ_ERRORS as err:
+        raise numpy_error(path, err) from None
 
 
 NUMPY_ARRAYS = frozenset(

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
 from common.config import ConfigError
-from common.data import check_root_is_read, require_files
+from common.data import check_root_is_read, load_numpy, require_files
 
 SCOT_LAYOUT = (
     "<root>/<x_file> and <y_file> (.npy, or .csv without header: cells × features, row i of both = cell i), "
@@ -105,16 +105,18 @@ def multiomics_pair(
 
 def _read_matrix(path: Path) -> np.ndarray:
     """A numeric matrix from .npy (never unpickled) or a delimited text file; one line naming the file otherwise."""
-    try:
-        if path.suffix == ".npy":
-            matrix = np.load(path, allow_pickle=False)
-        else:
+    if path.suffix == ".npy":
+        matrix = load_numpy(path)
+        if not isinstance(matrix, np.ndarray):
+            matrix.close()
+            raise ConfigError(f"{path} is an .npz archive; expected one array saved with np.save")
+    else:
+        try:
             matrix = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)
-    except (ValueError, OSError, EOFError) as err:
-        kind = "a numeric .npy array" if path.suffix == ".npy" else "a numeric matrix (one cell per line)"
-        raise ConfigError(f"{path} is not {kind} ({' '.join(str(err).split())[:100].split(' allow_pickle')[0]})") from None
-    if not np.issubdtype(matrix.dtype, np.number):
-        raise ConfigError(f"{path} holds {matrix.dtype} values, not numbers")
+        except (ValueError, OSError, EOFError) as err:
+            raise ConfigError(f"{path} is not a numeric matrix, one row per line ({' '.join(str(err).split())[:100]})") from None
+    if matrix.dtype.kind not in "buif":  # (complex values are numbers, but not features)
+        raise ConfigError(f"{path} holds {matrix.dtype} values, not real numbers")
     finite = matrix[np.isfinite(matrix)]
     if matrix.ndim == 2 and finite.size and np.ptp(finite) == 0:
         raise ConfigError(f"{path} is constant (every entry {finite[0]}): nothing to align")

@@ -22,7 +22,7 @@ from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, remove_self_loops, to_undirected
 
 from common.config import ConfigError
-from common.data import NUMPY_ARRAYS, files_digest, load_pickle, read_text, require_files
+from common.data import NUMPY_ARRAYS, NUMPY_READ_ERRORS, files_digest, load_numpy, load_pickle, numpy_error, read_text, require_files
 
 # name → (PyG class, sub-folder of the root that holds raw/, split-file prefix)
 REAL = {
@@ -189,21 +189,21 @@ def validate_splits(raw: Path, prefix: str, n: int) -> None:
     """The ten split files: three 0/1 masks of n nodes each, none empty, no node in two of them."""
     for split in SPLITS:
         path = raw / (prefix + split)
+        masks = load_numpy(path)
+        if not isinstance(masks, np.lib.npyio.NpzFile):
+            raise _fail(path, "holds one array (np.save); a split file is an np.savez archive of train_mask, val_mask, test_mask")
         try:
-            with np.load(path, allow_pickle=False) as masks:
+            with masks:
                 arrays = {k: masks[k] for k in ("train_mask", "val_mask", "test_mask")}
         except KeyError as err:
             raise _fail(path, f"lacks the array {err}; a split file holds train_mask, val_mask, test_mask") from None
-        except Exception as err:  # not a zip, truncated, pickled objects …
-            reason = (
-                "it holds pickled objects, not arrays"
-                if "pickle" in str(err)
-                else f"{type(err).__name__}: {' '.join(str(err).split())[:120]}"
-            )
-            raise _fail(path, f"is not a readable .npz split file ({reason})") from None
+        except NUMPY_READ_ERRORS as err:  # a damaged member, pickled objects …
+            raise numpy_error(path, err) from None
         for key, mask in arrays.items():
-            if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
+            if mask.shape != (n,):
                 raise _fail(path, f"{key} must be {n} zeros/ones (one per node), got shape {mask.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise _fail(path, f"{key} must hold only zeros and ones, got {mask[~np.isin(mask, (0, 1))][0].item()!r}")
             if not mask.any():  # training on no node gives NaN losses and a "finished" run
                 raise _fail(path, f"{key} selects no node; every split needs training, validation and test nodes")
         for a, b in (("train_mask", "val_mask"), ("train_mask", "test_mask"), ("val_mask", "test_mask")):

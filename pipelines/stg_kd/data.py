@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -31,7 +29,16 @@ from torch.utils.data import Dataset
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import check_root_is_read, eval_loader, read_text, require_files, training_loader
+from common.data import (
+    NUMPY_READ_ERRORS,
+    check_root_is_read,
+    eval_loader,
+    load_numpy,
+    numpy_error,
+    read_text,
+    require_files,
+    training_loader,
+)
 from common.tracking import notice
 from pipelines.stg_kd.model import BOS, EOS, PAD, SPECIALS, UNK
 
@@ -265,9 +272,6 @@ def _sample_frames(array: np.ndarray, frames: int) -> np.ndarray:
     return array[np.linspace(0, len(array) - 1, frames).round().astype(int)]
 
 
-NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # a truncated .npz is a BadZipFile
-
-
 def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     """Read and check the whole folder before training: every captioned video's files, their shapes, finiteness, boxes
     inside the frame; one line naming the file and what is wrong."""
@@ -309,10 +313,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     def load(path: Path, what: str) -> np.ndarray:
         if not path.is_file():
             raise ConfigError(f"{path} is missing: {what} of video {path.stem!r}, listed in captions.json")
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except NUMPY_READ_ERRORS as err:
-            raise ConfigError(f"{path} is not a readable NumPy file ({type(err).__name__}: {err})") from None
+        loaded = load_numpy(path)
         # np.load reads either format whatever the name: an array saved as .npz (or an archive as .npy) fails later, unnamed
         archive = path.suffix == ".npz"
         if isinstance(loaded, np.lib.npyio.NpzFile) != archive:
@@ -354,7 +355,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             try:  # members are read (and decompressed) only here: a damaged one fails here
                 members = {k: z[k] for k in ("boxes", "features", "mask", "frame_size") if k in z}
             except NUMPY_READ_ERRORS as err:
-                raise ConfigError(f"{po} is not a readable NumPy archive ({type(err).__name__}: {err})") from None
+                raise numpy_error(po, err) from None
             boxes, feats = check("boxes", members["boxes"], po, 3), check("object features", members["features"], po, 3)
             mask = members["mask"].astype(bool) if "mask" in members else np.ones(boxes.shape[:2], bool)
             size = members["frame_size"].astype(np.float32) if "frame_size" in members else None

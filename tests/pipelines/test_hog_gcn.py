@@ -228,7 +228,13 @@ class _RunsCode:
         ),
         (
             lambda raw: (raw / "texas_split_0.6_0.2_3.npz").write_bytes(np.random.default_rng(0).bytes(300)),
-            "texas_split_0.6_0.2_3.npz: is not a readable .npz split file",
+            "texas_split_0.6_0.2_3.npz is not a NumPy file (a .npy array starts with",  # not numpy's "pickled data"
+        ),
+        (
+            lambda raw: np.savez(
+                raw / "texas_split_0.6_0.2_1.npz", train_mask=np.full(12, 0.5), val_mask=np.ones(12), test_mask=np.ones(12)
+            ),
+            "texas_split_0.6_0.2_1.npz: train_mask must hold only zeros and ones, got 0.5",
         ),
         (
             lambda raw: np.savez(raw / "texas_split_0.6_0.2_0.npz", train_mask=np.ones(5), val_mask=np.ones(5), test_mask=np.ones(5)),
