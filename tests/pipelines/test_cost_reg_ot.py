@@ -303,11 +303,13 @@ def test_nan_input_and_bad_epsilon(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "lightyard: error: config key 'solver.eps' must be > 0, got 0"
 
 
-@pytest.mark.parametrize("method", ["prox", "stochastic", "entropic_gw"])
-def test_tiny_training_run(home, method):
+@pytest.mark.parametrize("method,foscttm_below", [("prox", 0.2), ("stochastic", 0.2), ("entropic_gw", 0.45)])
+def test_tiny_training_run(home, method, foscttm_below):
+    """Each solver through the command's path on 60 generated cells: FINISHED, within max_iter, and aligned better than
+    chance (FOSCTTM 0.5; measured 0.10, 0.10 and 0.38)."""
     overrides = [
         "data.n=60",
-        "solver.method=stochastic",
+        f"solver.method={method}",
         "solver.max_iter=15",
         "solver.batch_size=30",
         "trainer.enable_progress_bar=false",
@@ -315,8 +317,9 @@ def test_tiny_training_run(home, method):
     ]
     (result,) = train("cost_reg_ot", overrides)
     run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert 0 <= run.data.metrics["foscttm"] <= 1 and 0 <= run.data.metrics["label_transfer"] <= 1
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.params["solver.method"] == method
+    assert metrics["foscttm"] < foscttm_below and 1 <= metrics["iterations"] <= 15
 
 
 def test_shared_features_are_read_checked_and_fused(tmp_path, home):

@@ -345,3 +345,14 @@ def test_a_signal_during_a_threaded_simulation_stops_it_at_the_next_chunk():
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.slow  # ~20 s; the reference values' own checks are the unit tests above
+def test_reference_experiment_smoke_compares_simulation_with_the_analysis(home):
+    result = run_experiment("reproduce", "iiot_sic_aloha", ["preset=smoke", "experiment=reference"])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 8, 8), result.report
+    throughput = result.report.split("### S (pkt/slot)")[1].split("###")[0]
+    rows = [r for r in _table_rows(throughput) if len(r) == 9 and r[0].replace(".", "").isdigit()]
+    assert rows and any(r[0].startswith("paper") for r in _table_rows(throughput))  # ours beside the notes' values
+    pairs = [(float(row[i]), float(row[i + 1])) for row in rows for i in (3, 5, 7) if "–" not in (row[i], row[i + 1])]
+    assert len(pairs) >= 3 and all(abs(sim - exact) < 0.1 for sim, exact in pairs), pairs  # simulation vs exact analysis

@@ -437,3 +437,25 @@ def test_freeze_from_config_reaches_the_backbone(home):
     assert metrics["memory/frozen_params"] == patch_embed
     assert metrics["memory/grad_bytes"] == 4 * metrics["memory/trainable_params"]
     assert metrics["memory/optimizer_state_bytes"] == 8 * metrics["memory/trainable_params"]
+
+
+@pytest.mark.slow  # ~20 s (four spawned children); the diagnostic itself: the reproduce smoke above
+def test_diagnostic_experiment_smoke_scales_only_the_embeddings_gradient(home):
+    result = run_experiment("reproduce", "sgd_freeze_embed", ["preset=smoke", "experiment=diagnostic"])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
+    by = {(c["seed"], c["pretrain.embed_scale"]): c for c in _children(result)}
+    for seed in (0, 1):
+        plain, scaled = by[(seed, 1.0)], by[(seed, 0.1)]
+        # the same draw of the task and weights; the reparametrised embedding's gradient grows ~1/scale, the rest's stays
+        assert scaled["grad/norm/blocks.0"] == pytest.approx(plain["grad/norm/blocks.0"], rel=1e-5)
+        assert 5 < scaled["grad/norm/patch_embed"] / plain["grad/norm/patch_embed"] < 20
+    assert "embedding/rest" in result.report
+
+
+@pytest.mark.slow  # ~20 s; the overhead bench's target is measured at the quick preset (README), not at this size
+def test_overhead_bench_smoke_times_both_loops_per_thread_count(home):
+    result = run_experiment("bench", "sgd_freeze_embed", ["preset=smoke", "experiment=overhead"])
+    assert (result.status, result.total) == ("FINISHED", 2), result.report
+    for child in _children(result):
+        assert child["steps"] == 8 and child["hand_steps_per_s"] > 0 and child["lightning_steps_per_s"] > 0
+        assert child["lightning_over_hand"] == pytest.approx(child["lightning_steps_per_s"] / child["hand_steps_per_s"], rel=1e-6)
