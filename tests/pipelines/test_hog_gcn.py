@@ -506,3 +506,18 @@ def test_a_key_of_another_model_or_of_the_generated_graph_is_refused(home):
         train("hog_gcn", ["preset=smoke", "model.name=gcn", "model.hog.alpha=2"])
     with pytest.raises(ConfigError, match=r"^config key 'model.gpr.K' must be >= 1, got -1"):
         train("hog_gcn", ["preset=smoke", "model.name=gpr_gnn", "model.gpr.K=-1"])
+
+
+@pytest.mark.slow  # ~20 s; the loaders' own tests are above
+def test_real_experiment_smoke_on_a_geom_gcn_fixture(home, tmp_path):
+    from common.grid import run_experiment
+
+    write_geom_gcn(tmp_path / "graphs" / "texas" / "raw", "texas")
+    overrides = ["preset=smoke", f"root={tmp_path / 'graphs'}", "reproduce.datasets=[texas]", "reproduce.models=[mlp,hog_gcn]"]
+    result = run_experiment("reproduce", "hog_gcn", ["experiment=real", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
+    children = _children(result)
+    assert sorted((c["model.name"], c["data.split"]) for c in children) == [("hog_gcn", 0), ("hog_gcn", 1), ("mlp", 0), ("mlp", 1)]
+    assert all(c["data.name"] == "texas" for c in children)
+    rows = [line.split("|")[1].strip() for line in result.report.splitlines() if line.startswith("| ")]
+    assert "Table 2 layout" in result.report and {"MLP", "paper MLP", "HOG-GCN", "paper HOG-GCN"} <= set(rows)  # ours beside the paper
