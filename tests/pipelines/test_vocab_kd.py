@@ -375,3 +375,22 @@ def test_a_trained_teacher_takes_its_own_learning_rate(home):
     # at a vanishing rate the trained teacher stays the frozen one (its perplexity to 4 digits; at the student's
     # rate it moved from 11333 to 4840 in three steps)
     assert result.metrics["test/teacher_ppl"] == pytest.approx(frozen.metrics["test/teacher_ppl"], rel=1e-3)
+
+
+@pytest.mark.slow  # ~30 s; the text folder's reader: test_text_folder_reads_the_english_text_layout
+def test_english_text_experiment_smoke_on_a_text_folder_fixture(home, tiny_teacher, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = {"gutenberg": ["whale", "sea", "ship", "captain", "the", "a"], "inaugural": ["nation", "people", "union", "the", "a"]}
+    for folder, vocab in words.items():
+        (tmp_path / "text" / folder).mkdir(parents=True)
+        for author in ("one", "two"):
+            (tmp_path / "text" / folder / f"{author}-book.txt").write_text(" ".join(rng.choice(vocab, 600)) + ".")
+    overrides = ["preset=smoke", f"teacher.path={tiny_teacher}", f"root={tmp_path / 'text'}", "trainer.max_steps=4", "teacher.head.steps=4",
+                 "data.per_label=30", "metrics.fit_passages=20"]  # fmt: skip
+    result = run_experiment("reproduce", "vocab_kd", ["experiment=english_text", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
+    children = _children(result)
+    assert all(c["test/student_ppl"] > 1 and c["test/teacher_ppl"] > 1 for c in children)
+    assert sorted((c["dual.enabled"], c["proj.enabled"]) for c in children) == [(False, False), (False, True), (True, False), (True, True)]
