@@ -459,3 +459,23 @@ def test_overhead_bench_smoke_times_both_loops_per_thread_count(home):
     for child in _children(result):
         assert child["steps"] == 8 and child["hand_steps_per_s"] > 0 and child["lightning_steps_per_s"] > 0
         assert child["lightning_over_hand"] == pytest.approx(child["lightning_steps_per_s"] / child["hand_steps_per_s"], rel=1e-6)
+
+
+@pytest.mark.slow  # ~30 s; the CIFAR reader: test_cifar_colour_cue_reads_an_imagefolder_of_jpgs
+def test_cifar_experiment_smoke_on_an_imagefolder_fixture(home, tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("airplane", "cat"):
+            for i in range(40):
+                _png(tmp_path / "cifar" / split / cls / f"{i:04d}.jpg", tuple(int(v) for v in rng.integers(0, 255, 3)), size=(32, 32))
+    overrides = ["preset=smoke", f"reproduce.cifar_root={tmp_path / 'cifar'}", "reproduce.seeds=[0]"]
+    result = run_experiment("reproduce", "sgd_freeze_embed", ["experiment=cifar", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
+    children = _children(result)
+    assert sorted((c["optim.name"], c["optim.lr"]) for c in children) == [
+        ("adamw", 0.001),
+        ("sgd", 0.0001),
+        ("sgd", 0.01),
+        ("sgd_freeze_embed", 0.01),
+    ]
+    assert all(c["data.name"] == "cifar10_cue" and 0 < c["best/test_acc"] for c in children)
