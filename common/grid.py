@@ -42,7 +42,7 @@ from common import registry
 from common.config import ConfigError, check_applies, flatten, pipeline_file, shortcut_for, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
 from common.runner import _RECEIVED, RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
-from common.tracking import Heartbeat, Tracker, mark_stale, tracking_uri
+from common.tracking import Heartbeat, Tracker, check_server, mark_stale, tracking_uri
 
 STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
 
@@ -131,6 +131,7 @@ def plan(kind: str, pipeline: str, values: dict[str, Any]) -> tuple[DictConfig, 
     """Base config, experiment name and every child with its composed values; every child's config is
     composed and checked here, before any run starts."""
     cfg = compose(pipeline, values)
+    check_server(cfg)
     name = experiment_name(cfg, kind)
     spec = cfg.experiments[name]
     fixed = flatten(_container(spec.get("set")) or {})

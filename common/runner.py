@@ -26,7 +26,7 @@ from common import registry
 from common.config import CONF_DIR, ConfigError, check_applies, load_config, set_checked, sweep_points
 from common.hardware import global_rank
 from common.environment import environment_report, environment_tags
-from common.tracking import OPEN_RUNS, Heartbeat, Tracker, stale_reason, start_system_metrics, tracking_uri
+from common.tracking import OPEN_RUNS, Heartbeat, Tracker, check_server, stale_reason, start_system_metrics, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -568,6 +568,7 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     """``lightyard train``: one run, or a sweep (parent run + one child run per grid point)."""
     points = sweep_points(overrides)
     first = compose(pipeline_name, points[0])
+    check_server(first)
     if len(points) > first.launcher.max_points and not first.launcher.allow_large:
         raise ConfigError(
             f"this sweep has {len(points)} points (over launcher.max_points={first.launcher.max_points}); add --yes to run it"
