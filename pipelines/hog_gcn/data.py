@@ -182,6 +182,12 @@ def validate_geom_gcn(raw: Path, name: str) -> None:
             raw / "out1_node_feature_label.txt",
             f"label {labels.max()} is not below the node count {n}; labels must be class indices 0..C-1",
         )
+    empty = sorted(set(range(int(labels.max()) + 1)) - set(labels.tolist()))
+    if empty:  # a stray label (99 among 0..4) would silently add classes no node has, scored as part of the output
+        raise _fail(
+            raw / "out1_node_feature_label.txt",
+            f"labels must be class indices 0..C-1 with a node in each; no node has {empty[:5]} (the largest label is {labels.max()})",
+        )
     validate_splits(raw, prefix, n)
 
 

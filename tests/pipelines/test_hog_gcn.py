@@ -227,6 +227,12 @@ class _RunsCode:
             "labels must be whole numbers",
         ),
         (
+            lambda raw: (raw / "out1_node_feature_label.txt").write_text(
+                (raw / "out1_node_feature_label.txt").read_text().replace("\t0\n", "\t9\n", 1)
+            ),
+            "labels must be class indices 0..C-1 with a node in each; no node has [3, 4, 5, 6, 7] (the largest label is 9)",
+        ),
+        (
             lambda raw: (raw / "texas_split_0.6_0.2_3.npz").write_bytes(np.random.default_rng(0).bytes(300)),
             "texas_split_0.6_0.2_3.npz is not a NumPy file (a .npy array starts with",  # not numpy's "pickled data"
         ),
