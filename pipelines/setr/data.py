@@ -491,14 +491,13 @@ def class_names(name: str) -> tuple[str, ...]:
 GENERATED_MAX_GIB = 8
 
 
-def check_data(d: DictConfig, files: bool = True) -> None:
+def check_data(d: DictConfig) -> None:
+    """The dataset's name, root and (generated scenes) memory; a real dataset's files: :func:`check_labels`."""
     if d.name not in DATASETS:
         raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATASETS)}")
     if d.name != "scenes" and not d.root:
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>")
     check_root_is_read(d, "scenes", DATASETS)
-    if d.name != "scenes" and files:  # the layout and every listed file, before a run opens (names only: nothing decoded)
-        REAL[d.name][0](d.root)
     if d.name == "scenes":  # held in memory: float32 RGB + int64 labels, 20 bytes a pixel
         gib = (d.n_train + d.n_val + d.n_test) * d.image_size[0] * d.image_size[1] * 20 / 2**30
         if gib > GENERATED_MAX_GIB:
@@ -521,8 +520,8 @@ def check_labels(cfg: DictConfig) -> None:
         return
     files = REAL[d.name][0](d.root)
     pairs = [(split, image, label) for split, f in files.items() for image, label in f.pairs]
-    stat = lambda p: (str(p), p.stat().st_size, p.stat().st_mtime_ns)  # noqa: E731
-    marker = cache_file(cfg, "setr", "labels-checked", {"data": d.name, "files": [stat(label) for _, _, label in pairs]})
+    stats = [(str(label), s.st_size, s.st_mtime_ns) for _, _, label in pairs for s in [label.stat()]]
+    marker = cache_file(cfg, "setr", "labels-checked", {"data": d.name, "files": stats})
     if marker.is_file():
         return
     bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
@@ -547,7 +546,7 @@ class SegDataModule(pl.LightningDataModule):
         if self.splits is not None:
             return
         d = self.cfg.data
-        check_data(d, files=False)  # the files are listed just below
+        check_data(d)  # (the files are listed just below)
         seed = self.cfg.seed if d.seed is None else d.seed
         crop = tuple(d.crop)
         scale = tuple(d.train_scale) if d.train_scale else None

@@ -174,7 +174,7 @@ class SETRModule(pl.LightningModule):
         """Before any MLflow run starts: names, layer numbers (on a meta-device model: no memory, no time), sizes."""
         check_finite_length(cfg.trainer, "setr's poly learning-rate schedule")
         check_decoder(cfg.model.decoder)
-        check_data(cfg.data)
+        check_data(cfg.data)  # (the files: check_labels below)
         check_sizes(cfg)
         with torch.device("meta"):
             model = build_model(OmegaConf.merge(cfg, {"model": {"checkpoint": None}}), len(class_names(cfg.data.name)))
