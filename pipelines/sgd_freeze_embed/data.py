@@ -294,22 +294,20 @@ def load_imagefolder(
             extra = sorted(set(folders(split)) - set(train_classes))
             if extra:
                 raise ConfigError(f"{folder} has class folders that train/ lacks ({', '.join(extra)}); every split uses train/'s classes")
-            lacking = [name for name in train_classes if name not in folders(split)]
-            if lacking:
-                notice(
-                    f"{folder} has no images of {len(lacking)} training class(es) ({', '.join(lacking[:5])}); its accuracy covers the others"
-                )
             groups = train_classes
         records = []
         for label, group in enumerate(groups):
             for name in group.split("+"):
                 if not (folder / name).is_dir():
                     if classes is None:
-                        continue  # a class this split lacks (noticed above); labels stay train/'s
+                        continue  # a class this split lacks (noticed below); labels stay train/'s
                     raise ConfigError(f"class folder {folder / name} is missing; expected layout: {IMAGEFOLDER_LAYOUT}")
                 records += [(p, label, -1) for p in sorted((folder / name).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
         if not records:
             raise ConfigError(f"no images under {folder}; expected layout: {IMAGEFOLDER_LAYOUT}")
+        lacking = [group for label, group in enumerate(groups) if label not in {r[1] for r in records}]  # no folder, or an empty one
+        if lacking:
+            notice(f"{folder} has no images of {len(lacking)} class(es) ({', '.join(lacking[:5])}); its accuracy covers the others")
         return records
 
     out = {"train": ImageFiles(read("train", classes), size), "val": ImageFiles(read("val", classes), size)}

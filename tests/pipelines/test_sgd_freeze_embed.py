@@ -292,7 +292,10 @@ def test_imagefolder_labels_come_from_train_for_every_split(tmp_path, capsys):
     shutil.rmtree(tmp_path / "val" / "ant")
     splits = load_imagefolder(tmp_path, 16)
     assert {r[0].parent.name: r[1] for r in splits["val"].records} == {"bee": 1, "cat": 2}
-    assert "has no images of 1 training class(es) (ant)" in capsys.readouterr().err
+    assert "val has no images of 1 class(es) (ant)" in capsys.readouterr().err
+    (tmp_path / "val" / "ant").mkdir()  # an empty class folder: the same notice
+    load_imagefolder(tmp_path, 16)
+    assert "val has no images of 1 class(es) (ant)" in capsys.readouterr().err
     _png(tmp_path / "val" / "dog" / "a.png")
     with pytest.raises(ConfigError, match=r"val has class folders that train/ lacks \(dog\)"):
         load_imagefolder(tmp_path, 16)
