@@ -46,11 +46,19 @@ OPEN_RUNS: list[Tracker] = []  # the run this process is inside (run_one's), whe
 _READY: set[str] = set()  # stores this process has checked (reachable server, migrated SQLite schema)
 
 
-def tracking_uri(cfg: DictConfig) -> str:
+def _given_uri(cfg: DictConfig) -> tuple[str, str] | None:
+    """The store the user named (environment first, then config) and how to undo it; None: the local default."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        uri, source = os.environ["MLFLOW_TRACKING_URI"], "unset MLFLOW_TRACKING_URI"
-    elif cfg.logger.tracking_uri:
-        uri, source = str(cfg.logger.tracking_uri), "drop logger.tracking_uri"
+        return os.environ["MLFLOW_TRACKING_URI"], "unset MLFLOW_TRACKING_URI"
+    if cfg.logger.tracking_uri:
+        return str(cfg.logger.tracking_uri), "drop logger.tracking_uri"
+    return None
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    given = _given_uri(cfg)
+    if given:
+        uri, source = given
     else:
         mlflow_dir = Path(cfg.paths.mlflow_dir).resolve()
         try:
@@ -71,9 +79,9 @@ def tracking_uri(cfg: DictConfig) -> str:
 def check_server(cfg: DictConfig) -> None:
     """A tracking server checked as soon as the config is known, before the pipeline's imports (a few seconds, not
     the 11–16 s after them that an unreachable one took); a local store is made later, where a run needs it."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or str(cfg.logger.tracking_uri or "")
-    if uri.startswith(("http://", "https://")):
-        ready(uri, "unset MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "drop logger.tracking_uri")
+    given = _given_uri(cfg)
+    if given and given[0].startswith(("http://", "https://")):
+        ready(*given)
 
 
 SERVER_STORES = {"postgresql", "mysql", "mssql", "databricks", "databricks-uc", "uc"}  # tracking stores besides http(s) and sqlite
