@@ -522,6 +522,7 @@ def quiet_console(verbose: bool) -> None:
     import warnings
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage reports to MLflow's servers (set it to false to send them)
     if not sys.stderr.isatty():  # a log file: one progress line every 30 s per bar, not one per update (tqdm reads TQDM_*)
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     if verbose:

@@ -5,5 +5,5 @@ register(
     description="DRIT / DRIT++: diverse unpaired image-to-image translation with disentangled content and attribute codes",
     module="pipelines.drit.module:DRITModule",
     datamodule="pipelines.drit.data:UnpairedDataModule",
-    demo_seconds=9,
+    demo_seconds=11,
 )

@@ -5,5 +5,5 @@ register(
     description="STG-KD: video captioning with a spatio-temporal object graph distilled into the scene branch; BLEU / METEOR / ROUGE-L / CIDEr-D",
     module="pipelines.stg_kd.module:STGKDModule",
     datamodule="pipelines.stg_kd.data:VideoCaptionDataModule",
-    demo_seconds=10,
+    demo_seconds=14,
 )

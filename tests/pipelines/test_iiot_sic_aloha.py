@@ -19,6 +19,7 @@ from pipelines.iiot_sic_aloha.analysis import (
     best_transmit_probability,
     decoding_table,
     sic_tail_probability,
+    leave_one_out_products,
     threshold_aloha_mean_field,
 )
 from pipelines.iiot_sic_aloha.data import Scenario, scenario_from_config
@@ -194,6 +195,13 @@ def test_vectorized_and_reference_simulators_agree(scheme):
     for metric in ("throughput", "mean_aoi", "p_age_violation", "p_report_violation"):
         p = _welch_p([r[metric] for r in reference], vectorized[metric])
         assert p > 1e-3, (metric, p)
+
+
+def test_leave_one_out_products_equal_the_direct_products_zeros_included():
+    rng = np.random.default_rng(0)
+    for x in (np.array([0.3]), rng.random(2), np.array([0.5, 0.0, 0.25, 0.0]), rng.random(20)):
+        direct = np.array([np.prod(np.delete(x, i)) for i in range(len(x))])
+        np.testing.assert_allclose(leave_one_out_products(x), direct, rtol=1e-12, atol=0)
 
 
 def test_threshold_aloha_mean_field_close_to_simulation():
