@@ -203,3 +203,18 @@ def test_every_preset_of_every_pipeline_composes():
             assert cfg.preset == preset
             if presets[preset].get("model", {}).get("kwargs") == {}:  # {} clears the mapping, not merges nothing
                 assert cfg.model.kwargs == {}, (pipeline.name, preset)
+
+
+def test_a_config_file_is_parsed_once_per_content_and_each_caller_gets_its_own_copy(tmp_path):
+    from common.config import _load_yaml
+
+    path = tmp_path / "p.yaml"
+    path.write_text("a: {b: 1}\n")
+    first = _load_yaml(path)
+    first.a.b = 99  # a caller's change (load_config pops and merges) stays its own
+    assert _load_yaml(path).a.b == 1
+    path.write_text("a: {b: 2}\n")  # same size, maybe the same mtime: read again
+    assert _load_yaml(path).a.b == 2
+    path.write_text("a: [\n")
+    with pytest.raises(ConfigError, match="p.yaml"):
+        _load_yaml(path)
