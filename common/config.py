@@ -268,7 +268,11 @@ def _check_elements(key: str, rule: str, value: Any) -> None:
 def _load_yaml(path: Path) -> DictConfig:
     """The file's config, a copy the caller may change: parsed once per content (a grid composes every point from the
     same files; a copy takes half the time of OmegaConf building the file again)."""
-    return copy.deepcopy(_parsed_yaml(str(path), Path(path).read_text(encoding="utf-8")))
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save the config as UTF-8") from None
+    return copy.deepcopy(_parsed_yaml(str(path), text))
 
 
 @functools.lru_cache(maxsize=64)
