@@ -53,3 +53,20 @@ def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     assert run.info.status == "FINISHED"
     assert run.data.tags["lightyard.world_size"] == "2" and run.data.tags["lightyard.strategy"] == "DDPStrategy"
     assert result.stdout.count("### Runs") == 1  # rank 1 prints nothing
+
+
+def test_the_quick_exit_still_waits_for_threads_runs_exit_handlers_and_keeps_the_status():
+    import subprocess
+    import sys
+
+    script = (
+        "import atexit, threading, time\n"
+        "from common.cli import _exit_now\n"
+        "atexit.register(lambda: print('handler'))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread'))).start()\n"
+        "print('command', end='')\n"
+        "_exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "commandthread\nhandler\n"
