@@ -597,15 +597,14 @@ def _exit_now(code: int | None) -> None:
     the other threads are waited for (thread pools shut down), the exit handlers run (MLflow's, logging's, weakref
     finalizers, multiprocessing's), the console is flushed; then the process ends with the command's status."""
     import atexit
+    import contextlib
     import threading
 
     threading._shutdown()  # (what Python's own exit calls first: the atexit hooks of thread pools, then the joins)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`lightyard runs | head`): nothing more to say
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe (`lightyard runs | head`): nothing more to say
-            pass
     os._exit(int(code or 0))
 
 
