@@ -305,7 +305,8 @@ def load_imagefolder(
                 records += [(p, label, -1) for p in sorted((folder / name).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
         if not records:
             raise ConfigError(f"no images under {folder}; expected layout: {IMAGEFOLDER_LAYOUT}")
-        lacking = [group for label, group in enumerate(groups) if label not in {r[1] for r in records}]  # no folder, or an empty one
+        present = {label for _, label, _ in records}
+        lacking = [group for label, group in enumerate(groups) if label not in present]  # no folder, or an empty one
         if lacking:
             notice(f"{folder} has no images of {len(lacking)} class(es) ({', '.join(lacking[:5])}); its accuracy covers the others")
         return records
