@@ -302,9 +302,10 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
 
     logs.mkdir(parents=True, exist_ok=True)
     fork = "fork" in multiprocessing.get_all_start_methods()
-    if fork:
-        _preload_common()
-    preloading = fork  # the parent takes one worker's place until the pipelines' modules are imported too
+    # the parent takes one worker's place until it has imported what the children share; the first child starts at
+    # once and imports its own on the other core (started after the parent's torch, MLflow and matplotlib, it found
+    # that core idle for their ~7 s and then imported Lightning and timm again anyway)
+    preloading = fork
     context = multiprocessing.get_context("fork" if fork else "spawn")
     queue, running, rows = list(names), {}, {}
     previous = signal.signal(signal.SIGTERM, stop)  # a SIGTERM to the demo ends the children's runs too
@@ -320,6 +321,7 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
                 proc.start()
                 running[name] = (proc, time.time())
             if preloading:
+                _preload_common()
                 _preload_pipelines(names)
                 preloading = False
                 continue
@@ -547,28 +549,22 @@ def main(argv: list[str] | None = None) -> int:
     verbose, yes = [a for a in argv if a in ("-v", "--verbose")], [a for a in argv if a == "--yes"]
     args = build_parser().parse_args(verbose + [a for a in argv if a not in ("-v", "--verbose", "--yes")] + yes)
     quiet_console(args.verbose or os.environ.get("LIGHTYARD_VERBOSE", "") not in {"", "0"})
-    from common.runner import RunInterrupted, debug_enabled
-
     try:
         return args.func(args)
     except ConfigError as err:
         run_id = getattr(err, "lightyard_run_id", None)  # found once a run had opened (the data's content, say)
         print(f"lightyard: error: {err}" + (f" (MLflow run {run_id} marked FAILED)" if run_id else ""), file=sys.stderr)
         return 2
-    except RunInterrupted as stop:
-        if not stop.run_id and not stop.resumable:  # stopped before its run opened
-            print(f"lightyard: {stop} ({stop.why_not}: rerun it)", file=sys.stderr)
-        elif not stop.resumable:
-            print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; {stop.why_not}: rerun it)", file=sys.stderr)
-        else:
-            again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
-            print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)
-        return 128 + int(stop.signum)
     except KeyboardInterrupt:
         print("lightyard: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a crash: the run is FAILED in MLflow with its traceback
-        if debug_enabled():
+        # a run stopped by a signal; only a command that ran something has imported the runner (and torch with it:
+        # the others, `list` or `runs`, start in a fraction of a second, and `demo` forks its first child before it)
+        runner = sys.modules.get("common.runner")
+        if runner is not None and isinstance(err, runner.RunInterrupted):
+            return _interrupted(err)
+        if os.environ.get("LIGHTYARD_DEBUG", "") not in {"", "0"}:
             raise
         message = " ".join(str(err).split())[:500]
         if isinstance(err, MemoryError) or "can't allocate memory" in message or "out of memory" in message.lower():
@@ -584,6 +580,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f"traceback.txt in MLflow run {run_id}; " if run_id else ""
         print(f"lightyard: failed: {type(err).__name__}: {message} ({where}LIGHTYARD_DEBUG=1 prints the traceback)", file=sys.stderr)
         return 1
+
+
+def _interrupted(stop) -> int:
+    """A run stopped by a signal (marked KILLED where it had opened): one line, with how to continue it."""
+    if not stop.run_id and not stop.resumable:  # stopped before its run opened
+        print(f"lightyard: {stop} ({stop.why_not}: rerun it)", file=sys.stderr)
+    elif not stop.resumable:
+        print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; {stop.why_not}: rerun it)", file=sys.stderr)
+    else:
+        again = f"lightyard {stop.command} {stop.pipeline} resume={stop.run_id}" if stop.run_id else "resume=<run id>"
+        print(f"lightyard: {stop} (MLflow run marked KILLED; continue with: {again})", file=sys.stderr)
+    return 128 + int(stop.signum)
 
 
 def cli() -> None:

@@ -11,7 +11,6 @@ import contextlib
 import importlib
 import json
 import functools
-import os
 import signal
 import threading
 import time
@@ -698,7 +697,3 @@ def _resume_sweep(pipeline_name: str, run: Any, values: dict[str, Any]) -> list[
     )
     parent = Tracker.reopen(tracking_uri(configs[0]), run.info.run_id)
     return _run_sweep(pipeline_name, parent, points, configs, swept, children, extra)
-
-
-def debug_enabled() -> bool:
-    return os.environ.get("LIGHTYARD_DEBUG", "") not in {"", "0"}

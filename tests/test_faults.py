@@ -213,6 +213,9 @@ def test_seeded_items_follow_epoch_and_index_not_the_draws_before_them(workers):
     reference = make_loader(SeededItems(_Draws(), 0), 2, shuffle=True, item_epochs=True)  # in this process
     python, numpy = random.getstate(), np.random.get_state()[1].copy()
     first, second = _epoch(reference, 0), _epoch(reference, 1)
+    # the loader fetches a batch's keys at once (one fork of the streams): the same items as one key at a time
+    keys = [(1, int(i)) for i in second[:, 0]]
+    assert torch.equal(torch.stack([reference.dataset[key] for key in keys]), second)
     # the run's streams untouched (torch's moves by the loader iterator's one base-seed draw, as with any dataset)
     assert random.getstate() == python and (np.random.get_state()[1] == numpy).all()
     torch.rand(5), random.random()
