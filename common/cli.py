@@ -10,7 +10,7 @@ from datetime import datetime
 
 from pathlib import Path
 
-from common.config import CONF_DIR, ConfigError
+from common.config import ConfigError
 
 EPILOG = """examples:
   lightyard list
@@ -415,11 +415,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _pipeline_yaml(pipeline: str):
     """The pipeline's own config file as written (presets and experiments not applied)."""
-    from common.config import _load_yaml
+    from common.config import pipeline_file
     from common.registry import get
 
-    path = get(pipeline).config
-    return _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
+    return pipeline_file(pipeline, get(pipeline).config)
 
 
 def _has_preset(pipeline: str, preset: str) -> bool:

@@ -268,11 +268,16 @@ def _check_elements(key: str, rule: str, value: Any) -> None:
 def _load_yaml(path: Path) -> DictConfig:
     """The file's config, a copy the caller may change: parsed once per content (a grid composes every point from the
     same files; a copy takes half the time of OmegaConf building the file again)."""
+    return copy.deepcopy(_shared_yaml(path))
+
+
+def _shared_yaml(path: Path) -> DictConfig:
+    """The file's config as parsed, shared by every caller: read it, never change it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}): save the config as UTF-8") from None
-    return copy.deepcopy(_parsed_yaml(str(path), text))
+    return _parsed_yaml(str(path), text)
 
 
 @functools.lru_cache(maxsize=64)
@@ -312,7 +317,7 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
     """A key given on the command line where it has no effect: the pipeline file's ``applies`` table names, per key
     (or ``prefix.``), the settings it needs (``{loss.tau: {loss.name: [bal_ce, bal_bce]}}``). Refused when no run of
     the command (a sweep's points, a grid's children) meets them; it used to be ignored without a word."""
-    pipeline_cfg = _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
+    pipeline_cfg = pipeline_file(pipeline, path)
     applies = pipeline_cfg.get("applies") or {}
     shortcuts = pipeline_cfg.get("shortcuts") or {}
     for given in values:
@@ -328,8 +333,8 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
 
 
 def pipeline_file(pipeline: str, path: str | Path | None = None) -> DictConfig:
-    """The pipeline's config file as written (interpolations unresolved)."""
-    return _load_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
+    """The pipeline's config file as written (interpolations unresolved), shared: read it, never change it."""
+    return _shared_yaml(Path(path) if path else CONF_DIR / f"{pipeline}.yaml")
 
 
 def shortcut_for(pipeline: str, key: str, path: str | Path | None = None) -> str:
