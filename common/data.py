@@ -405,9 +405,11 @@ def numpy_error(path: str | Path, err: Exception) -> ConfigError:
     return ConfigError(f"{path} is not a readable NumPy file ({type(err).__name__}: {text[:120]})")
 
 
-def load_numpy(path: str | Path) -> Any:
+def load_numpy(path: str | Path, archive: bool | None = None, what: str = "data") -> Any:
     """``np.load`` of a .npy array or a .npz archive, never unpickling: a file with neither format's signature (the .npy
-    magic, a zip header) is refused by name before numpy calls it pickled data."""
+    magic, a zip header) is refused by name before numpy calls it pickled data. ``archive`` True / False: the file must
+    be an np.savez archive / one np.save array of ``what`` (np.load reads either whatever the name; the wrong one fails
+    later, unnamed)."""
     try:
         with open(path, "rb") as f:
             head = f.read(6)
@@ -416,9 +418,15 @@ def load_numpy(path: str | Path) -> Any:
     if head != b"\x93NUMPY" and head[:4] != b"PK\x03\x04":
         raise ConfigError(f"{path} is not a NumPy file (a .npy array starts with \\x93NUMPY, a .npz archive is a zip)")
     try:
-        return np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False)
     except NUMPY_READ_ERRORS as err:
         raise numpy_error(path, err) from None
+    if archive is not None and isinstance(loaded, np.lib.npyio.NpzFile) != archive:
+        if not archive:
+            loaded.close()
+        kind = "an array (np.save's .npy format)" if archive else "an archive (np.savez's .npz format)"
+        raise ConfigError(f"{path} holds {kind}; expected {'an np.savez archive' if archive else 'one np.save array'} of {what}")
+    return loaded
 
 
 NUMPY_ARRAYS = frozenset(

@@ -106,10 +106,7 @@ def multiomics_pair(
 def _read_matrix(path: Path) -> np.ndarray:
     """A numeric matrix from .npy (never unpickled) or a delimited text file; one line naming the file otherwise."""
     if path.suffix == ".npy":
-        matrix = load_numpy(path)
-        if not isinstance(matrix, np.ndarray):
-            matrix.close()
-            raise ConfigError(f"{path} is an .npz archive; expected one array saved with np.save")
+        matrix = load_numpy(path, archive=False, what="a cells × features matrix")
     else:
         try:
             matrix = np.loadtxt(path, delimiter="," if path.suffix == ".csv" else None, ndmin=2)

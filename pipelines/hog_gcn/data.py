@@ -195,9 +195,7 @@ def validate_splits(raw: Path, prefix: str, n: int) -> None:
     """The ten split files: three 0/1 masks of n nodes each, none empty, no node in two of them."""
     for split in SPLITS:
         path = raw / (prefix + split)
-        masks = load_numpy(path)
-        if not isinstance(masks, np.lib.npyio.NpzFile):
-            raise _fail(path, "holds one array (np.save); a split file is an np.savez archive of train_mask, val_mask, test_mask")
+        masks = load_numpy(path, archive=True, what="train_mask, val_mask, test_mask")
         try:
             with masks:
                 arrays = {k: masks[k] for k in ("train_mask", "val_mask", "test_mask")}

@@ -313,16 +313,7 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
     def load(path: Path, what: str) -> np.ndarray:
         if not path.is_file():
             raise ConfigError(f"{path} is missing: {what} of video {path.stem!r}, listed in captions.json")
-        loaded = load_numpy(path)
-        # np.load reads either format whatever the name: an array saved as .npz (or an archive as .npy) fails later, unnamed
-        archive = path.suffix == ".npz"
-        if isinstance(loaded, np.lib.npyio.NpzFile) != archive:
-            if not archive:
-                loaded.close()
-            kind = "an array (np.save's .npy format)" if archive else "an archive (np.savez's .npz format)"
-            expected = "an np.savez archive" if archive else "one np.save array"
-            raise ConfigError(f"{path} holds {kind}; expected {expected} of {what}")
-        return loaded
+        return load_numpy(path, archive=path.suffix == ".npz", what=what)
 
     def check(name: str, array: np.ndarray, path: Path, ndim: int) -> np.ndarray:
         real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)  # not complex, not bool

@@ -303,10 +303,11 @@ def test_nan_input_and_bad_epsilon(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "lightyard: error: config key 'solver.eps' must be > 0, got 0"
 
 
-@pytest.mark.parametrize("method,foscttm_below", [("prox", 0.2), ("stochastic", 0.2), ("entropic_gw", 0.45)])
+@pytest.mark.parametrize("method,foscttm_below", [("prox", 0.2), ("stochastic", 0.2), ("entropic_gw", None)])
 def test_tiny_training_run(home, method, foscttm_below):
-    """Each solver through the command's path on 60 generated cells: FINISHED, within max_iter, and aligned better than
-    chance (FOSCTTM 0.5; measured 0.10, 0.10 and 0.38)."""
+    """Each solver through the command's path on 60 generated cells: FINISHED, within max_iter, and (ours) aligned
+    better than chance (FOSCTTM 0.5; measured 0.10 and 0.10). Entropic GW from POT's default start stays at the product
+    coupling (next test), whose FOSCTTM is chance plus rounding: 0.38 or 0.61 by seed and CPU, so no quality bound."""
     overrides = [
         "data.n=60",
         f"solver.method={method}",
@@ -319,7 +320,19 @@ def test_tiny_training_run(home, method, foscttm_below):
     run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
     metrics = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.params["solver.method"] == method
-    assert metrics["foscttm"] < foscttm_below and 1 <= metrics["iterations"] <= 15
+    assert 1 <= metrics["iterations"] <= 15 and (foscttm_below is None or metrics["foscttm"] < foscttm_below)
+
+
+def test_entropic_gw_from_the_product_coupling_stays_there():
+    """The README's caveat, measured: on centred data the GW gradient at pqᵀ is constant, so POT's default start (the
+    train path's entropic_gw) is a fixed point: the plan it returns is the product coupling."""
+    from pipelines.cost_reg_ot.model import gromov_baseline
+
+    cfg = compose("cost_reg_ot", {"data.n": 60})
+    data = build_pair(cfg)
+    product = torch.full((60, 60), 1 / 3600, dtype=data.X.dtype)
+    stuck = gromov_baseline(data.X, data.Y, "entropic_gw", eps=cfg.solver.eps, max_iter=15)
+    assert not stuck.failed and stuck.iterations < 15 and torch.allclose(stuck.P, product, rtol=0, atol=1e-12)
 
 
 def test_shared_features_are_read_checked_and_fused(tmp_path, home):
@@ -513,6 +526,10 @@ def test_factored_low_rank_cost_gives_the_dense_coupling():
         (
             lambda root, xf, yf: np.save(root / xf, np.array([{}, 1], dtype=object), allow_pickle=True),
             "holds Python objects (an object array or pickled data), not numeric arrays",
+        ),
+        (
+            lambda root, xf, yf: np.savez(open(root / xf, "wb"), x=np.ones((20, 3))),  # a handle: np.savez adds no .npz
+            "holds an archive (np.savez's .npz format); expected one np.save array of a cells × features matrix",
         ),
         (lambda root, xf, yf: np.save(root / xf, np.ones((20, 3), np.complex64)), "holds complex64 values, not real numbers"),
         (lambda root, xf, yf: np.save(root / xf, np.full((20, 3), 2.0)), "is constant (every entry 2.0): nothing to align"),

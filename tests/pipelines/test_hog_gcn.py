@@ -237,6 +237,10 @@ class _RunsCode:
             "texas_split_0.6_0.2_3.npz is not a NumPy file (a .npy array starts with",  # not numpy's "pickled data"
         ),
         (
+            lambda raw: np.save(open(raw / "texas_split_0.6_0.2_5.npz", "wb"), np.ones(12)),  # a handle: np.save adds no .npy
+            "texas_split_0.6_0.2_5.npz holds an array (np.save's .npy format); expected an np.savez archive of train_mask",
+        ),
+        (
             lambda raw: np.savez(
                 raw / "texas_split_0.6_0.2_1.npz", train_mask=np.full(12, 0.5), val_mask=np.ones(12), test_mask=np.ones(12)
             ),
