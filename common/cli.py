@@ -334,7 +334,8 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
                 lines = [line for line in text.splitlines() if line.strip()]
                 error = next((line for line in reversed(lines) if line.startswith("lightyard: ")), None)
                 if proc.exitcode == 2 and error and error.startswith("lightyard: error: "):
-                    raise ConfigError(error.removeprefix("lightyard: error: "))
+                    others = f" (the demo stopped {', '.join(running)} too)" if running else ""
+                    raise ConfigError(f"{name}: {error.removeprefix('lightyard: error: ')}{others}")
                 found = re.findall(r"^\|\s*([0-9a-f]{32})\s*\|\s*([A-Z]+)\s*\|", text, re.M)
                 run_id, status = found[-1] if found else ("–", "FAILED")
                 if proc.exitcode != 0:

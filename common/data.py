@@ -402,7 +402,8 @@ def numpy_error(path: str | Path, err: Exception) -> ConfigError:
         return ConfigError(
             f"{path} holds Python objects (an object array or pickled data), not numeric arrays; save numbers with np.save / np.savez"
         )
-    return ConfigError(f"{path} is not a readable NumPy file ({type(err).__name__}: {text[:120]})")
+    short = text if len(text) <= 160 else text[:160].rsplit(" ", 1)[0] + " …"  # whole words
+    return ConfigError(f"{path} is not a readable NumPy file, truncated or damaged ({type(err).__name__}: {short})")
 
 
 def load_numpy(path: str | Path, archive: bool | None = None, what: str = "data") -> Any:

@@ -93,19 +93,17 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         raise ConfigError(
             f"resume={target} is neither a .ckpt file nor a run id in {tracking_uri(cfg)}; `lightyard runs` lists run ids"
         ) from None
-    owner = run.data.tags.get("lightyard.pipeline")
+    owner, kind = run.data.tags.get("lightyard.pipeline"), run.data.tags.get("lightyard.kind")
+    command = kind if kind in ("reproduce", "bench") else "train"  # the command that continues it, named at once
     if owner != cfg.pipeline:
         raise ConfigError(
             f"run {target} is a run of {owner or 'another tool'}, not of {cfg.pipeline}; "
-            f"resume it with: lightyard train {owner} resume={target}"
+            f"resume it with: lightyard {command} {owner} resume={target}"
             if owner
             else f"run {target} is not a lightyard run"
         )
-    if run.data.tags.get("lightyard.kind") in ("reproduce", "bench"):
-        raise ConfigError(
-            f"run {target} is the parent of a {run.data.tags['lightyard.kind']}; resume it with: "
-            f"lightyard {run.data.tags['lightyard.kind']} {cfg.pipeline} resume={target}"
-        )
+    if command != "train":
+        raise ConfigError(f"run {target} is the parent of a {kind}; resume it with: lightyard {kind} {cfg.pipeline} resume={target}")
     if run.info.status == "FINISHED":
         raise ConfigError(
             f"run {target} is FINISHED; nothing to resume (start a new run, or resume=<path/to.ckpt> to train on from its weights)"
@@ -478,13 +476,7 @@ def run_one(
             else:  # Lightning has logged its metrics per step/epoch already
                 metrics = _fit_lightning(cfg, prepared, tracker, run_dir, ckpt_path)
     except RunInterrupted as stop:
-        stop.pipeline = cfg.pipeline
-        if stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):  # stopped in data setup, say
-            stop.resumable, stop.why_not = False, "it was stopped before its first checkpoint"
-        if tracker is not None:
-            stop.run_id = tracker.run_id
-            tracker.log_metrics({"duration_s": time.time() - start})
-            tracker.end("KILLED", error=str(stop))
+        _end_killed(stop, cfg, tracker, run_dir, start)
         raise
     except SystemExit as err:
         if not isinstance(err.__context__, KeyboardInterrupt):
@@ -492,20 +484,11 @@ def run_one(
             raise
         # Lightning turns a Ctrl+C during fit into exit(1) after ignoring further SIGINTs
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        stop = RunInterrupted(signal.SIGINT, "stopped by Ctrl+C")
-        stop.pipeline = cfg.pipeline
-        if tracker is not None:
-            stop.run_id = tracker.run_id
-            tracker.end("KILLED", error=str(stop))
-        raise stop from None
+        raise _end_killed(RunInterrupted(signal.SIGINT, "stopped by Ctrl+C"), cfg, tracker, run_dir, start) from None
     except BaseException as err:
         if _RECEIVED and not isinstance(err, RunInterrupted):  # our SIGTERM, wrapped by a library on its way up
             stop = RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
-            stop.pipeline = cfg.pipeline
-            if tracker is not None:
-                stop.run_id = tracker.run_id
-                tracker.end("KILLED", error=str(stop))
-            raise stop from None
+            raise _end_killed(stop, cfg, tracker, run_dir, start) from None
         _fail(tracker, err)
         raise
     finally:
@@ -519,6 +502,19 @@ def run_one(
         tracker.log_metrics({"duration_s": time.time() - start})
         tracker.end("FINISHED")
     return RunResult(tracker.run_id if tracker else "", "FINISHED", metrics, cfg)
+
+
+def _end_killed(stop: RunInterrupted, cfg: DictConfig, tracker, run_dir: Path, start: float) -> RunInterrupted:
+    """The run ends KILLED, whichever way the stop arrived (our handler, Lightning's Ctrl+C exit, a wrapped SIGTERM);
+    its hint offers resume= only where a checkpoint exists (a stop in data setup or stage-1 pretraining has none)."""
+    stop.pipeline = cfg.pipeline
+    if stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):
+        stop.resumable, stop.why_not = False, "it was stopped before its first checkpoint"
+    if tracker is not None:
+        stop.run_id = tracker.run_id
+        tracker.log_metrics({"duration_s": time.time() - start})
+        tracker.end("KILLED", error=str(stop))
+    return stop
 
 
 def _fail(tracker: Tracker | None, err: BaseException) -> None:

@@ -140,6 +140,15 @@ def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
     out = cli("train", "hog_gcn", f"resume={done.run_id}")
     assert out.returncode == 2 and "is a run of toy, not of hog_gcn" in out.stderr
     assert "Traceback" not in out.stderr
+    # another pipeline's reproduce parent: the hint names the command that continues it (train's was refused in turn)
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    parent = client.create_run(
+        client.get_run(done.run_id).info.experiment_id,
+        tags={"lightyard.pipeline": "toy", "lightyard.kind": "reproduce"},
+    )
+    client.set_terminated(parent.info.run_id, "KILLED")
+    out = cli("train", "hog_gcn", f"resume={parent.info.run_id}")
+    assert out.returncode == 2 and f"resume it with: lightyard reproduce toy resume={parent.info.run_id}" in out.stderr
 
 
 def test_a_resumed_run_refuses_settings_its_checkpoint_would_override(tmp_path):

@@ -170,7 +170,7 @@ def test_demo_with_a_bad_override_is_one_line_from_its_children(home, capsys):
     from common.cli import main
 
     assert main(["demo", "trainer.max_epochs=x", "--workers", "2", "--pipelines", "toy"]) == 2
-    assert capsys.readouterr().err.strip() == "lightyard: error: config key 'trainer.max_epochs' expects int, got 'x' (str)"
+    assert capsys.readouterr().err.strip() == "lightyard: error: toy: config key 'trainer.max_epochs' expects int, got 'x' (str)"
     assert main(["demo", "--pipelines", "toy", "trainer.max_epochs=2"]) == 2  # an override after --pipelines is not a pipeline
     assert "unknown pipeline 'trainer.max_epochs=2' in --pipelines (overrides go before it)" in capsys.readouterr().err
 
@@ -207,7 +207,10 @@ def test_sigterm_as_the_run_opens_ends_killed_not_running(home):
     assert ("continue with: lightyard train hog_gcn resume=" in stderr) != ("stopped before its first checkpoint: rerun it" in stderr)
 
 
-def test_a_run_stopped_before_its_first_checkpoint_says_rerun_not_resume(home, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl+C"])
+def test_a_run_stopped_before_its_first_checkpoint_says_rerun_not_resume(home, monkeypatch, capsys, how):
+    """(the review: Ctrl+C in sgd_freeze_embed's stage-1 pretraining, inside Lightning's fit, which turns it into
+    exit(1), offered a resume= that was then refused for want of a checkpoint)"""
     import signal
 
     import tests.toy.module
@@ -215,12 +218,17 @@ def test_a_run_stopped_before_its_first_checkpoint_says_rerun_not_resume(home, m
     from common.runner import RunInterrupted
 
     def setup_interrupted(self, stage):
+        if how == "Ctrl+C":
+            raise KeyboardInterrupt
         raise RunInterrupted(signal.SIGTERM, "stopped by signal 15")  # as stop_on_signals raises it in the fit's setup
 
     monkeypatch.setattr(tests.toy.module.ToyModule, "setup", setup_interrupted, raising=False)
-    assert main(["train", "toy"]) == 143
+    assert main(["train", "toy"]) == (130 if how == "Ctrl+C" else 143)
     err = capsys.readouterr().err
     assert "marked KILLED; it was stopped before its first checkpoint: rerun it" in err and "resume=" not in err
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "KILLED" and "duration_s" in run.data.metrics
 
 
 def test_the_data_is_set_up_before_the_run_opens(home, monkeypatch, capsys):
