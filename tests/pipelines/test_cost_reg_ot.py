@@ -305,7 +305,7 @@ def test_nan_input_and_bad_epsilon(tmp_path):
 
 @pytest.mark.parametrize("method,foscttm_below", [("prox", 0.2), ("stochastic", 0.2), ("entropic_gw", None)])
 def test_tiny_training_run(home, method, foscttm_below):
-    """Each solver through the command's path on 60 generated cells: FINISHED, within max_iter, and (ours) aligned
+    """Each solver through the command's path on 60 generated cells: FINISHED and (ours) aligned
     better than chance (FOSCTTM 0.5; measured 0.10 and 0.10). Entropic GW from POT's default start stays at the product
     coupling (next test), whose FOSCTTM is chance plus rounding: 0.38 or 0.61 by seed and CPU, so no quality bound."""
     overrides = [
@@ -320,7 +320,8 @@ def test_tiny_training_run(home, method, foscttm_below):
     run = MlflowClient(tracking_uri=tracking_uri(compose("cost_reg_ot"))).get_run(result.run_id)
     metrics = run.data.metrics
     assert run.info.status == "FINISHED" and run.data.params["solver.method"] == method
-    assert 1 <= metrics["iterations"] <= 15 and (foscttm_below is None or metrics["foscttm"] < foscttm_below)
+    if foscttm_below is not None:  # ours; entropic GW's product coupling is chance (next test)
+        assert metrics["foscttm"] < foscttm_below, metrics["foscttm"]
 
 
 def test_entropic_gw_from_the_product_coupling_stays_there():
