@@ -8,6 +8,7 @@ Distributed: devices, nodes and strategy pass through to Lightning, which detect
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -108,7 +109,27 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
     if notice:
         notices.append(notice)
         warnings.warn(notice, stacklevel=2)
+    kwargs["profiler"] = _hook_profiler()
     return kwargs, notices
+
+
+_NO_OP = contextlib.nullcontext()
+
+
+def _no_op(action_name: str) -> contextlib.nullcontext:
+    return _NO_OP
+
+
+def _hook_profiler():
+    """Lightning's default profiler (PassThroughProfiler), with one shared no-op context for the ~25 hook calls of a
+    step instead of a new generator context each: ~0.05 ms a step (a trivial module under the Trainer, 2,000 steps:
+    0.53-0.58 → 0.49-0.51 ms), against a small graph's ~5 ms step. A module-level function, not a lambda: ddp_spawn
+    pickles the Trainer."""
+    from lightning.pytorch.profilers import PassThroughProfiler
+
+    profiler = PassThroughProfiler()
+    profiler.profile = _no_op
+    return profiler
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 1) -> tuple[float, Any]:

@@ -62,6 +62,15 @@ def lightyard(*args: str, env: dict | None = None, timeout: int = 300) -> subpro
     )
 
 
+def saved_bytes(save, *args, **kwargs) -> bytes:
+    """The bytes np.save / np.savez write, for a file name they would otherwise extend (.npy, .npz)."""
+    import io
+
+    buffer = io.BytesIO()
+    save(buffer, *args, **kwargs)
+    return buffer.getvalue()
+
+
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """The command line's ``main`` in this process, its exit code and printed lines as ``lightyard`` returns them:
     for checks that need no process of their own (a subprocess costs 5-10 s of imports on a 2-core machine). Library

@@ -31,7 +31,7 @@ from pipelines.cost_reg_ot.model import (
     transport_map,
 )
 from pipelines.cost_reg_ot.module import evaluate, foscttm
-from tests.conftest import cli
+from tests.conftest import cli, saved_bytes
 
 A = torch.tensor([[3.0, -0.5, 0.2], [-2.0, 1.5, -0.1]], dtype=torch.float64)
 
@@ -529,7 +529,7 @@ def test_factored_low_rank_cost_gives_the_dense_coupling():
             "holds Python objects (an object array or pickled data), not numeric arrays",
         ),
         (
-            lambda root, xf, yf: np.savez(open(root / xf, "wb"), x=np.ones((20, 3))),  # a handle: np.savez adds no .npz
+            lambda root, xf, yf: (root / xf).write_bytes(saved_bytes(np.savez, x=np.ones((20, 3)))),
             "holds an archive (np.savez's .npz format); expected one np.save array of a cells × features matrix",
         ),
         (lambda root, xf, yf: np.save(root / xf, np.ones((20, 3), np.complex64)), "holds complex64 values, not real numbers"),

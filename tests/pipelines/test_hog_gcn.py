@@ -16,6 +16,7 @@ from common.runner import compose, train
 from pipelines.hog_gcn.data import csbm, edge_homophily, load_real, random_splits
 from pipelines.hog_gcn.model import MODELS, HOGGCN, khop_support, pair_dot, propagate
 from pipelines.hog_gcn.module import fit_split
+from tests.conftest import saved_bytes
 
 PATH = torch.tensor([[0, 1, 1, 2, 2, 3], [1, 0, 2, 1, 3, 2]])  # the path 0 - 1 - 2 - 3
 
@@ -237,7 +238,7 @@ class _RunsCode:
             "texas_split_0.6_0.2_3.npz is not a NumPy file (a .npy array starts with",  # not numpy's "pickled data"
         ),
         (
-            lambda raw: np.save(open(raw / "texas_split_0.6_0.2_5.npz", "wb"), np.ones(12)),  # a handle: np.save adds no .npy
+            lambda raw: (raw / "texas_split_0.6_0.2_5.npz").write_bytes(saved_bytes(np.save, np.ones(12))),
             "texas_split_0.6_0.2_5.npz holds an array (np.save's .npy format); expected an np.savez archive of train_mask",
         ),
         (
