@@ -1,12 +1,14 @@
 """Memory ledger, freezing, precision and DDP with the toy module (CPU)."""
 
+import pickle
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from common.config import ConfigError
 from common.freezing import freeze, freeze_when_built
-from common.hardware import resolve_precision
+from common.hardware import resolve_precision, trainer_kwargs
 from common.memory import MemoryProfiler
 from common.runner import compose
 from tests.toy.module import ToyData, ToyModule
@@ -79,6 +81,15 @@ def test_precision_resolution(monkeypatch):
     assert precision == "16-mixed" and "loss scaling" in notice
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", "cuda") == ("bf16-mixed", None)
+
+
+def test_the_runners_profiler_is_one_shared_no_op_and_survives_pickling():
+    """ddp_spawn pickles the Trainer with its profiler; each hook call gets the same context, built once."""
+    cfg = compose("toy", {"trainer.max_epochs": 1})
+    profiler = pickle.loads(pickle.dumps(trainer_kwargs(cfg.trainer)[0]["profiler"]))
+    assert profiler.profile("[LightningModule]ToyModule.training_step") is profiler.profile("run_training_epoch")
+    module, _ = _fit(cfg, profiler=profiler)
+    assert module.trainer.profiler is profiler and module.trainer.state.finished
 
 
 def test_ddp_two_cpu_processes_match_one_process_on_the_same_global_batch():
