@@ -9,6 +9,7 @@ Distributed: devices, nodes and strategy pass through to Lightning, which detect
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import time
@@ -30,6 +31,23 @@ def resolve_accelerator(requested: str) -> str:
     if requested in {"gpu", "cuda"} and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={requested} but no CUDA device is visible; use trainer.accelerator=cpu")
     return "cuda" if requested == "gpu" else requested
+
+
+def skip_failing_nvml_check() -> None:
+    """Let ``torch.cuda.is_available()`` ask the CUDA runtime directly where NVML cannot be loaded.
+
+    Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` on import (ask NVML, leave CUDA uninitialised, safe to fork).
+    Without an NVIDIA driver torch then tries to dlopen libnvidia-ml on every call, fails, and asks the runtime anyway;
+    torch's optimizers call it on every step (Adam: 86 → 31 µs a step on this CPU machine, up to ~0.2 ms when loaded).
+    Same answer, same calls into CUDA, without the failing dlopen; a machine where NVML loads keeps Lightning's check."""
+    import lightning.fabric  # noqa: F401  (sets the variable on import: it has to be changed after)
+
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
 def resolve_precision(requested: str, accelerator: str) -> tuple[str, str | None]:

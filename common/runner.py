@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from common import registry
 from common.config import CONF_DIR, ConfigError, check_applies, load_config, set_checked, sweep_points
-from common.hardware import global_rank
+from common.hardware import global_rank, skip_failing_nvml_check
 from common.environment import environment_report, environment_tags
 from common.tracking import OPEN_RUNS, Heartbeat, Tracker, check_server, stale_reason, start_system_metrics, tracking_uri
 
@@ -422,6 +422,7 @@ def run_one(
 
         torch.set_num_threads(int(cfg.threads))
     module = load_target(target) if target else pipeline.load("module")
+    skip_failing_nvml_check()
     non_gradient = target or (isinstance(module, type) and issubclass(module, NonGradientExperiment))
     try:  # (a grid's or sweep's child keeps its data's errors in its own FAILED run, beside its siblings)
         prepared = None if non_gradient else _prepare_fit(cfg, pipeline, set_up_data=parent is None)

@@ -1,5 +1,7 @@
 """Memory ledger, freezing, precision and DDP with the toy module (CPU)."""
 
+import ctypes
+import os
 import pickle
 
 import lightning.pytorch as pl
@@ -8,9 +10,9 @@ import torch
 
 from common.config import ConfigError
 from common.freezing import freeze, freeze_when_built
-from common.hardware import resolve_precision, trainer_kwargs
+from common.hardware import resolve_precision, skip_failing_nvml_check, trainer_kwargs
 from common.memory import MemoryProfiler
-from common.runner import compose
+from common.runner import compose, train
 from tests.toy.module import ToyData, ToyModule
 
 
@@ -90,6 +92,42 @@ def test_the_runners_profiler_is_one_shared_no_op_and_survives_pickling():
     assert profiler.profile("[LightningModule]ToyModule.training_step") is profiler.profile("run_training_epoch")
     module, _ = _fit(cfg, profiler=profiler)
     assert module.trainer.profiler is profiler and module.trainer.state.finished
+
+
+@pytest.mark.parametrize("loadable, before, after", [(False, "1", "0"), (True, "1", "1"), (False, None, None)])
+def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, loadable, before, after):
+    """Lightning's NVML-based check makes every torch.cuda.is_available() (each Adam step) dlopen libnvidia-ml where no
+    driver is installed, then ask the CUDA runtime anyway: there, and only there, torch asks the runtime directly."""
+    tried = []
+
+    def cdll(name):
+        tried.append(name)
+        if not loadable:
+            raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    if before is None:
+        monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", before)
+    skip_failing_nvml_check()
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == after
+    assert tried == ([] if before is None else ["libnvidia-ml.so.1"])
+
+
+def test_the_runner_drops_the_failing_nvml_check_and_keeps_the_answer(home, monkeypatch):
+    """Through the runner, on this machine: Lightning's variable stays only where NVML loads, and CUDA's availability
+    reads the same either way."""
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    available = torch.cuda.is_available()
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        expected = "1"
+    except OSError:
+        expected = "0"
+    (result,) = train("toy", ["trainer.max_epochs=1"])
+    assert result.status == "FINISHED" and os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == expected
+    assert torch.cuda.is_available() == available
 
 
 def test_ddp_two_cpu_processes_match_one_process_on_the_same_global_batch():
