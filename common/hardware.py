@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -39,10 +40,10 @@ def skip_failing_nvml_check() -> None:
     Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` on import (ask NVML, leave CUDA uninitialised, safe to fork).
     Without an NVIDIA driver torch then tries to dlopen libnvidia-ml on every call, fails, and asks the runtime anyway;
     torch's optimizers call it on every step (Adam: 86 → 31 µs a step on this CPU machine, up to ~0.2 ms when loaded).
-    Same answer, same calls into CUDA, without the failing dlopen; a machine where NVML loads keeps Lightning's check."""
-    import lightning.fabric  # noqa: F401  (sets the variable on import: it has to be changed after)
-
-    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+    Same answer, same calls into CUDA, without the failing dlopen; a machine where NVML loads keeps Lightning's check.
+    Only once Lightning is imported (it sets the variable on import): the runner calls this after loading the
+    pipeline, and again where it builds a Trainer."""
+    if "lightning.fabric" not in sys.modules or os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
         return
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
@@ -128,6 +129,7 @@ def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
         notices.append(notice)
         warnings.warn(notice, stacklevel=2)
     kwargs["profiler"] = _hook_profiler()
+    skip_failing_nvml_check()
     return kwargs, notices
 
 

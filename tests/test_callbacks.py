@@ -3,6 +3,7 @@
 import ctypes
 import os
 import pickle
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -94,11 +95,17 @@ def test_the_runners_profiler_is_one_shared_no_op_and_survives_pickling():
     assert module.trainer.profiler is profiler and module.trainer.state.finished
 
 
-@pytest.mark.parametrize("loadable, before, after", [(False, "1", "0"), (True, "1", "1"), (False, None, None)])
-def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, loadable, before, after):
+@pytest.mark.parametrize(
+    "loadable, before, lightning, after",
+    [(False, "1", True, "0"), (True, "1", True, "1"), (False, None, True, None), (False, "1", False, "1")],
+)
+def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, loadable, before, lightning, after):
     """Lightning's NVML-based check makes every torch.cuda.is_available() (each Adam step) dlopen libnvidia-ml where no
-    driver is installed, then ask the CUDA runtime anyway: there, and only there, torch asks the runtime directly."""
+    driver is installed, then ask the CUDA runtime anyway: there, and only there, torch asks the runtime directly; not
+    before Lightning is imported (which sets the variable again)."""
     tried = []
+    if not lightning:
+        monkeypatch.delitem(sys.modules, "lightning.fabric")
 
     def cdll(name):
         tried.append(name)
@@ -112,7 +119,7 @@ def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkey
         monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", before)
     skip_failing_nvml_check()
     assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == after
-    assert tried == ([] if before is None else ["libnvidia-ml.so.1"])
+    assert tried == (["libnvidia-ml.so.1"] if before == "1" and lightning else [])
 
 
 def test_the_runner_drops_the_failing_nvml_check_and_keeps_the_answer(home, monkeypatch):
