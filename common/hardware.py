@@ -35,15 +35,17 @@ def resolve_accelerator(requested: str) -> str:
 
 
 def skip_failing_nvml_check() -> None:
-    """Let ``torch.cuda.is_available()`` ask the CUDA runtime directly where NVML cannot be loaded.
+    """Let ``torch.cuda.is_available()`` ask the CUDA runtime directly where NVML cannot be loaded (CUDA builds).
 
     Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` on import (ask NVML, leave CUDA uninitialised, safe to fork).
-    Without an NVIDIA driver torch then tries to dlopen libnvidia-ml on every call, fails, and asks the runtime anyway;
-    torch's optimizers call it on every step (Adam: 86 → 31 µs a step on this CPU machine, up to ~0.2 ms when loaded).
-    Same answer, same calls into CUDA, without the failing dlopen; a machine where NVML loads keeps Lightning's check.
-    Only once Lightning is imported (it sets the variable on import): the runner calls this after loading the
-    pipeline, and again where it builds a Trainer."""
-    if "lightning.fabric" not in sys.modules or os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+    Without an NVIDIA driver torch then tries to dlopen libnvidia-ml on every call, fails, and asks the runtime anyway
+    (``_cuda_getDeviceCount``); torch's optimizers ask on every step (~30 µs a call on this idle CPU machine, more under
+    load). Same answer from the same runtime call, without the failing dlopen (with ``CUDA_VISIBLE_DEVICES`` empty the
+    NVML path answers 0 without the runtime; the runtime answers 0 too). Kept: a machine where NVML loads, and ROCm
+    builds (they ask AMD SMI, not NVML: there the variable keeps HIP uninitialised before a fork). Only once Lightning
+    is imported (it sets the variable on import): the runner calls this after loading the pipeline, and
+    :func:`trainer_kwargs` again. ddp_spawn workers import Lightning anew and keep its check."""
+    if torch.version.hip or "lightning.fabric" not in sys.modules or os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
         return
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
@@ -119,7 +121,8 @@ def check_finite_length(trainer_cfg: DictConfig, what: str) -> None:
 
 
 def trainer_kwargs(trainer_cfg: DictConfig) -> tuple[dict, list[str]]:
-    """Lightning Trainer arguments from ``cfg.trainer``, with accelerator and precision resolved."""
+    """Lightning Trainer arguments from ``cfg.trainer``, with accelerator and precision resolved; the process drops
+    Lightning's NVML-based CUDA check where NVML cannot load (:func:`skip_failing_nvml_check`)."""
     kwargs = dict(trainer_cfg)
     notices = []
     accelerator = resolve_accelerator(str(kwargs["accelerator"]))

@@ -99,11 +99,15 @@ def test_the_runners_profiler_is_one_shared_no_op_and_survives_pickling():
     "loadable, before, lightning, after",
     [(False, "1", True, "0"), (True, "1", True, "1"), (False, None, True, None), (False, "1", False, "1")],
 )
-def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, loadable, before, lightning, after):
+@pytest.mark.parametrize("hip", [None, "6.2"])
+def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkeypatch, loadable, before, lightning, after, hip):
     """Lightning's NVML-based check makes every torch.cuda.is_available() (each Adam step) dlopen libnvidia-ml where no
     driver is installed, then ask the CUDA runtime anyway: there, and only there, torch asks the runtime directly; not
     before Lightning is imported (which sets the variable again)."""
     tried = []
+    monkeypatch.setattr(torch.version, "hip", hip)  # a ROCm build asks AMD SMI, never NVML: nothing to drop
+    if hip:
+        after = before
     if not lightning:
         monkeypatch.delitem(sys.modules, "lightning.fabric")
 
@@ -119,22 +123,19 @@ def test_the_nvml_based_cuda_check_is_dropped_only_where_nvml_cannot_load(monkey
         monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", before)
     skip_failing_nvml_check()
     assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == after
-    assert tried == (["libnvidia-ml.so.1"] if before == "1" and lightning else [])
+    assert tried == (["libnvidia-ml.so.1"] if before == "1" and lightning and not hip else [])
 
 
-def test_the_runner_drops_the_failing_nvml_check_and_keeps_the_answer(home, monkeypatch):
-    """Through the runner, on this machine: Lightning's variable stays only where NVML loads, and CUDA's availability
-    reads the same either way."""
+def test_the_runner_drops_the_failing_nvml_check(home, monkeypatch):
+    """Through the runner, on this machine: Lightning's variable stays only where NVML loads (or on a ROCm build)."""
     monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    available = torch.cuda.is_available()
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
         expected = "1"
     except OSError:
-        expected = "0"
+        expected = "1" if torch.version.hip else "0"
     (result,) = train("toy", ["trainer.max_epochs=1"])
     assert result.status == "FINISHED" and os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == expected
-    assert torch.cuda.is_available() == available
 
 
 def test_ddp_two_cpu_processes_match_one_process_on_the_same_global_batch():
