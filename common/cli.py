@@ -19,7 +19,7 @@ EPILOG = """examples:
   lightyard train <pipeline> resume=<run id>                             (continue an interrupted run)
   lightyard reproduce <pipeline> [experiment=<name>] [launcher.workers=2]  (a grid: parent + child runs, then tables)
   lightyard reproduce <pipeline> resume=<parent run id>                   (run only the unfinished children)
-  lightyard report <parent run id>                                       (rebuild the tables from MLflow)
+  lightyard report <parent run id> [<id> ...]                            (rebuild the tables from MLflow; several: min–max)
   lightyard runs --limit 10
   lightyard runs --stale                                                 (mark runs of dead processes KILLED)
   lightyard ui
@@ -492,7 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     text = "rebuild a reproduce/bench parent run's tables and figures from MLflow (no rerun)"
     p = sub.add_parser("report", help=text, description=text[0].upper() + text[1:] + ".")
-    p.add_argument("run_id", help="the parent run id that reproduce/bench printed")
+    p.add_argument(
+        "run_id",
+        nargs="+",
+        help="the parent run id that reproduce/bench printed; several (reruns with the same settings): min–max per cell",
+    )
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")

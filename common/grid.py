@@ -468,21 +468,53 @@ def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str
     return _run_grid(kind, cfg, name, todo, parent, len(children))
 
 
-def report_command(run_id: str) -> str:
-    """``lightyard report <parent run id>``: rebuild the tables and figures from the store, log them to the parent."""
+def report_command(run_ids: list[str]) -> str:
+    """``lightyard report <parent run id>``: rebuild the tables and figures from the store, log them to the parent.
+    Several ids (reruns of one experiment with the same settings): the tables with min–max cells, printed only."""
     from common.tracking import project_tracking_uri
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or project_tracking_uri()
-    client, run = parent_run(uri, run_id)
-    record = _grid_record(client, run_id)
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
-    statuses = [c.info.status for c in _children(client, run_id) if not c.data.tags.get(SUPERSEDED_TAG)]
+    parents = []
+    for run_id in dict.fromkeys(run_ids):
+        client, run = parent_run(uri, run_id)
+        record = _grid_record(client, run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
+        parents.append((run, record, cfg))
+    run, record, cfg = parents[0]
+    if len(parents) > 1:
+        return _range_report(client, parents)
+    statuses = [c.info.status for c in _children(client, run.info.run_id) if not c.data.tags.get(SUPERSEDED_TAG)]
     counts = {s: statuses.count(s) for s in sorted(set(statuses))}
     line = f"{len(record['points'])} grid points; child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-    return build_report(Tracker(uri, run_id), cfg, record["experiment"], status_line=line + ".")
+    return build_report(Tracker(uri, run.info.run_id), cfg, record["experiment"], status_line=line + ".")
+
+
+def _range_report(client: Any, parents: list[tuple[Any, dict, DictConfig]]) -> str:
+    """Several parents pooled into one range per cell: only reruns of one experiment with the same settings (a cell
+    pooled over different settings would be a range of different things)."""
+    from common.report import build_range_report
+
+    first_run, first_record, first_cfg = parents[0]
+    reference = flatten(first_cfg)
+    for run, record, cfg in parents[1:]:
+        if (cfg.pipeline, record["experiment"]) != (first_cfg.pipeline, first_record["experiment"]):
+            raise ConfigError(
+                f"run {run.info.run_id} is {cfg.pipeline} experiment={record['experiment']}, run {first_run.info.run_id} is "
+                f"{first_cfg.pipeline} experiment={first_record['experiment']}: a range pools reruns of one experiment"
+            )
+        values = flatten(cfg)
+        differ = [k for k in dict.fromkeys([*reference, *values]) if reference.get(k, "<unset>") != values.get(k, "<unset>")]
+        if differ:
+            shown = ", ".join(f"{k} ({reference.get(k, '<unset>')} vs {values.get(k, '<unset>')})" for k in differ[:3])
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            raise ConfigError(
+                f"runs {first_run.info.run_id} and {run.info.run_id} differ in {shown}{more}: a range pools reruns with the "
+                "same settings; report them one by one"
+            )
+    return build_range_report(client, first_cfg, first_record["experiment"], [run for run, _, _ in parents])
 
 
 def stale_command(uri: str) -> list[dict]:

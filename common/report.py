@@ -100,6 +100,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
+def _range_cell(values: Sequence[float], digits: int | None) -> str:
+    """min–max of a cell's values (one value when they print alike)."""
+    if not values:
+        return "–"
+    shown = [f"{v:.{digits}f}" if digits is not None else format_cell(float(v)) for v in (min(values), max(values))]
+    return shown[0] if shown[0] == shown[1] else "–".join(shown)
+
+
 def _cell(mean: float, std: float, n: int, digits: int | None, show_std: bool) -> str:
     if n == 0:
         return "–"
@@ -126,8 +134,9 @@ def _matches(child: Mapping, where: Mapping) -> bool:
     return all(str(child.get(k)) in {str(v) for v in _as_list(value)} for k, value in where.items())
 
 
-def build_table(children: list[dict], spec: Mapping) -> list[dict]:
-    """The rows of one table spec (see the module docstring) from the children's points and metrics."""
+def build_table(children: list[dict], spec: Mapping, ranges: bool = False) -> list[dict]:
+    """The rows of one table spec (see the module docstring) from the children's points and metrics; ``ranges``: each
+    cell shows min–max instead of mean ± std (several parents' runs of one grid, :func:`build_range_report`)."""
     spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
     row_axes = _as_list(spec.get("rows"))
     col_axis = spec.get("columns")
@@ -164,8 +173,10 @@ def build_table(children: list[dict], spec: Mapping) -> list[dict]:
         counts = []
         for header, group, m in cells:
             group = _select(group, spec.get("select"))
-            mean, std, n = mean_std([c[m["metric"]] * m["scale"] for c in group if m["metric"] in c])
-            row[header] = _cell(mean, std, n, m["digits"], show_std)
+            values = [c[m["metric"]] * m["scale"] for c in group if m["metric"] in c]
+            mean, std, n = mean_std(values)
+            finite = [v for v in values if v is not None and not math.isnan(v)]
+            row[header] = _range_cell(finite, m["digits"]) if ranges else _cell(mean, std, n, m["digits"], show_std)
             mean_row[header] = mean
             counts.append(n)
         if spec.get("select") and not col_axis:
@@ -267,3 +278,17 @@ def build_report(tracker: Tracker, cfg: DictConfig, experiment: str, status_line
     text = "\n\n".join(p for p in parts if p)
     tracker.log_text(text, "report.md")
     return text
+
+
+def build_range_report(client: Any, cfg: DictConfig, experiment: str, parents: Sequence[Any]) -> str:
+    """The tables of several parent runs of one experiment (the same settings: a benchmark rerun), each cell the
+    min–max over all their children of that cell; printed, not logged (no one parent owns it). Figures and an
+    ``extra`` section are per parent: ``lightyard report <id>`` builds them."""
+    children = sorted(
+        (row for run in parents for row in children_rows(client, run.info.run_id, run.info.experiment_id)), key=lambda r: r["_index"]
+    )
+    ids = ", ".join(run.info.run_id for run in parents)
+    parts = [f"# {cfg.pipeline} — {experiment}, min–max over {len(parents)} parent runs ({ids})", f"{len(children)} finished child runs."]
+    for table in (cfg.experiments[experiment].get("report") or {}).get("tables") or []:
+        parts.append(markdown_table(build_table(children, table, ranges=True), title=table.get("title")))
+    return "\n\n".join(parts)

@@ -218,6 +218,22 @@ def test_submitit_local_launcher_runs_a_two_point_grid(home):
     assert (home / "outputs" / "submitit" / result.run_id).is_dir()
 
 
+def test_report_of_reruns_gives_min_max_per_cell_and_refuses_different_settings(home):
+    first, second = (run_experiment("bench", "toy", ["experiment=score"]) for _ in range(2))
+    out = cli("report", first.run_id, second.run_id)
+    assert out.returncode == 0, out.stderr
+    assert f"min–max over 2 parent runs ({first.run_id}, {second.run_id})" in out.stdout
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.stdout.splitlines() if line.startswith("| ")]
+    # score = n · lr + seed (lr 0.1, seeds 0 and 1, in both runs); pid: one process ran both
+    assert rows == [["n", "score", "pid"], ["32", "3.2–4.2", str(os.getpid())], ["64", "6.4–7.4", str(os.getpid())]]
+    assert "8 finished child runs" in out.stdout
+    other = run_experiment("bench", "toy", ["experiment=score", "model.lr=0.3"])
+    refused = cli("report", first.run_id, other.run_id)
+    assert refused.returncode == 2 and "differ in model.lr (0.1 vs 0.3)" in refused.stderr and not refused.stdout.strip()
+    mixed = cli("report", first.run_id, run_experiment("reproduce", "toy", ["experiment=lr"]).run_id)
+    assert mixed.returncode == 2 and "experiment=lr" in mixed.stderr and "experiment=score" in mixed.stderr
+
+
 def test_report_builder_matches_hand_computed_mean_and_std():
     children = [
         {"model.name": "gcn", "data.name": "texas", "seed": 0, "acc": 0.5, "_index": 0},
