@@ -498,23 +498,44 @@ def _range_report(client: Any, parents: list[tuple[Any, dict, DictConfig]]) -> s
     from common.report import build_range_report
 
     first_run, first_record, first_cfg = parents[0]
-    reference = flatten(first_cfg)
+    reference = _settings(first_cfg)
     for run, record, cfg in parents[1:]:
         if (cfg.pipeline, record["experiment"]) != (first_cfg.pipeline, first_record["experiment"]):
             raise ConfigError(
                 f"run {run.info.run_id} is {cfg.pipeline} experiment={record['experiment']}, run {first_run.info.run_id} is "
                 f"{first_cfg.pipeline} experiment={first_record['experiment']}: a range pools reruns of one experiment"
             )
-        values = flatten(cfg)
+        values = _settings(cfg)
         differ = [k for k in dict.fromkeys([*reference, *values]) if reference.get(k, "<unset>") != values.get(k, "<unset>")]
         if differ:
-            shown = ", ".join(f"{k} ({reference.get(k, '<unset>')} vs {values.get(k, '<unset>')})" for k in differ[:3])
-            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            shown = ", ".join(f"{k} ({_shown(reference.get(k, '<unset>'))} vs {_shown(values.get(k, '<unset>'))})" for k in differ[:5])
+            more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
             raise ConfigError(
                 f"runs {first_run.info.run_id} and {run.info.run_id} differ in {shown}{more}: a range pools reruns with the "
                 "same settings; report them one by one"
             )
     return build_range_report(client, first_cfg, first_record["experiment"], [run for run, _, _ in parents])
+
+
+_NOT_SETTINGS = (
+    "run_name",
+    "resume",
+    "paths.",
+    "logger.",
+    "launcher.folder",
+    "launcher.slurm.",
+    "launcher.max_points",
+    "launcher.allow_large",
+)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _settings(cfg: DictConfig) -> dict[str, Any]:
+    """A run's config less what names, places or logs it (a rerun from another clone or home is the same settings)."""
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith(_NOT_SETTINGS)}
 
 
 def stale_command(uri: str) -> list[dict]:

@@ -100,12 +100,20 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
-def _range_cell(values: Sequence[float], digits: int | None) -> str:
-    """min–max of a cell's values (one value when they print alike)."""
-    if not values:
+def _range_cell(group: list[dict], metric: Mapping, parents: int) -> str:
+    """min–max over the parents of the value each parent's own report shows in this cell (its mean over the other
+    axes); "(k of n runs)" where only k parents have one (a failed child, a NaN)."""
+    means = []
+    for parent in dict.fromkeys(c["_parent"] for c in group):
+        mean, _, n = mean_std([c[metric["metric"]] * metric["scale"] for c in group if c["_parent"] == parent and metric["metric"] in c])
+        if n:
+            means.append(mean)
+    if not means:
         return "–"
-    shown = [f"{v:.{digits}f}" if digits is not None else format_cell(float(v)) for v in (min(values), max(values))]
-    return shown[0] if shown[0] == shown[1] else "–".join(shown)
+    digits = metric["digits"]
+    low, high = (f"{v:.{digits}f}" if digits is not None else format_cell(float(v)) for v in (min(means), max(means)))
+    text = low if low == high else f"{low} to {high}" if min(means) < 0 else f"{low}–{high}"
+    return text + (f" ({len(means)} of {parents} runs)" if len(means) < parents else "")
 
 
 def _cell(mean: float, std: float, n: int, digits: int | None, show_std: bool) -> str:
@@ -134,9 +142,10 @@ def _matches(child: Mapping, where: Mapping) -> bool:
     return all(str(child.get(k)) in {str(v) for v in _as_list(value)} for k, value in where.items())
 
 
-def build_table(children: list[dict], spec: Mapping, ranges: bool = False) -> list[dict]:
-    """The rows of one table spec (see the module docstring) from the children's points and metrics; ``ranges``: each
-    cell shows min–max instead of mean ± std (several parents' runs of one grid, :func:`build_range_report`)."""
+def build_table(children: list[dict], spec: Mapping, parents: int = 0) -> list[dict]:
+    """The rows of one table spec (see the module docstring) from the children's points and metrics. ``parents``
+    (:func:`build_range_report`: children of that many reruns, each tagged ``_parent``): each cell the min–max over
+    the reruns of their own cell values instead of mean ± std."""
     spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
     row_axes = _as_list(spec.get("rows"))
     col_axis = spec.get("columns")
@@ -173,10 +182,8 @@ def build_table(children: list[dict], spec: Mapping, ranges: bool = False) -> li
         counts = []
         for header, group, m in cells:
             group = _select(group, spec.get("select"))
-            values = [c[m["metric"]] * m["scale"] for c in group if m["metric"] in c]
-            mean, std, n = mean_std(values)
-            finite = [v for v in values if v is not None and not math.isnan(v)]
-            row[header] = _range_cell(finite, m["digits"]) if ranges else _cell(mean, std, n, m["digits"], show_std)
+            mean, std, n = mean_std([c[m["metric"]] * m["scale"] for c in group if m["metric"] in c])
+            row[header] = _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], show_std)
             mean_row[header] = mean
             counts.append(n)
         if spec.get("select") and not col_axis:
@@ -281,14 +288,18 @@ def build_report(tracker: Tracker, cfg: DictConfig, experiment: str, status_line
 
 
 def build_range_report(client: Any, cfg: DictConfig, experiment: str, parents: Sequence[Any]) -> str:
-    """The tables of several parent runs of one experiment (the same settings: a benchmark rerun), each cell the
-    min–max over all their children of that cell; printed, not logged (no one parent owns it). Figures and an
-    ``extra`` section are per parent: ``lightyard report <id>`` builds them."""
-    children = sorted(
-        (row for run in parents for row in children_rows(client, run.info.run_id, run.info.experiment_id)), key=lambda r: r["_index"]
-    )
-    ids = ", ".join(run.info.run_id for run in parents)
-    parts = [f"# {cfg.pipeline} — {experiment}, min–max over {len(parents)} parent runs ({ids})", f"{len(children)} finished child runs."]
+    """The tables of several parent runs of one experiment (the same settings: a benchmark rerun): each cell the
+    min–max over the parents of the value each one's own report shows there. Printed, not logged (no one parent owns
+    it); figures and an ``extra`` section are per parent: ``lightyard report <id>`` builds them."""
+    children, lines = [], []
+    for run in parents:
+        rows = children_rows(client, run.info.run_id, run.info.experiment_id)
+        children += [{**row, "_parent": run.info.run_id} for row in rows]
+        lines.append(f"- {run.info.run_id}: {run.info.status}, {len(rows)} finished child runs")
+    children.sort(key=lambda r: r["_index"])
+    n = len(parents)
+    parts = [f"# {cfg.pipeline} — {experiment}, min–max over {n} runs", "\n".join(lines)]
     for table in (cfg.experiments[experiment].get("report") or {}).get("tables") or []:
-        parts.append(markdown_table(build_table(children, table, ranges=True), title=table.get("title")))
+        title = f"{table.get('title') or table.get('name', 'table')} [here: min–max over {n} runs of each run's cell]"
+        parts.append(markdown_table(build_table(children, table, parents=n), title=title))
     return "\n\n".join(parts)

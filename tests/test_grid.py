@@ -1,7 +1,9 @@
 """The experiment path: grids of child runs, failures, resume, stale runs, launchers, the report builder."""
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -219,19 +221,38 @@ def test_submitit_local_launcher_runs_a_two_point_grid(home):
 
 
 def test_report_of_reruns_gives_min_max_per_cell_and_refuses_different_settings(home):
-    first, second = (run_experiment("bench", "toy", ["experiment=score"]) for _ in range(2))
-    out = cli("report", first.run_id, second.run_id)
+    first = run_experiment("bench", "toy", ["experiment=score"])
+    rerun = lightyard("bench", "toy", "experiment=score", "run_name=another", env={"LIGHTYARD_HOME": str(home)})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    second = _client().get_run(re.search(r"parent run ([0-9a-f]{32})", rerun.stdout + rerun.stderr).group(1))
+    pids = sorted({os.getpid(), *(int(c.data.metrics["pid"]) for c in _children(_client(), second.info.run_id))})
+    out = cli("report", first.run_id, second.info.run_id)  # a run name is not a setting
     assert out.returncode == 0, out.stderr
-    assert f"min–max over 2 parent runs ({first.run_id}, {second.run_id})" in out.stdout
+    assert "min–max over 2 runs" in out.stdout and "[here: min–max over 2 runs of each run's cell]" in out.stdout
+    assert f"- {second.info.run_id}: FINISHED, 4 finished child runs" in out.stdout
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in out.stdout.splitlines() if line.startswith("| ")]
-    # score = n · lr + seed (lr 0.1, seeds 0 and 1, in both runs); pid: one process ran both
-    assert rows == [["n", "score", "pid"], ["32", "3.2–4.2", str(os.getpid())], ["64", "6.4–7.4", str(os.getpid())]]
-    assert "8 finished child runs" in out.stdout
+    # each run's cell is its mean over seeds 0 and 1 of n · lr + seed (lr 0.1): 3.7 and 6.9 in both; pid: its process
+    assert len(pids) == 2 and rows == [["n", "score", "pid"], ["32", "3.7", f"{pids[0]}–{pids[1]}"], ["64", "6.9", f"{pids[0]}–{pids[1]}"]]
     other = run_experiment("bench", "toy", ["experiment=score", "model.lr=0.3"])
     refused = cli("report", first.run_id, other.run_id)
     assert refused.returncode == 2 and "differ in model.lr (0.1 vs 0.3)" in refused.stderr and not refused.stdout.strip()
     mixed = cli("report", first.run_id, run_experiment("reproduce", "toy", ["experiment=lr"]).run_id)
     assert mixed.returncode == 2 and "experiment=lr" in mixed.stderr and "experiment=score" in mixed.stderr
+
+
+def test_range_cells_are_min_max_of_each_runs_own_cell_and_say_what_is_missing():
+    children = [
+        {"m": "a", "seed": 0, "acc": 0.5, "_parent": "p", "_index": 0},
+        {"m": "a", "seed": 1, "acc": 0.7, "_parent": "p", "_index": 1},  # run p's cell: 0.6
+        {"m": "a", "seed": 0, "acc": 0.8, "_parent": "q", "_index": 0},
+        {"m": "a", "seed": 1, "acc": 0.9, "_parent": "q", "_index": 1},  # run q's cell: 0.85
+        {"m": "b", "seed": 0, "acc": -0.5, "_parent": "p", "_index": 2},
+        {"m": "b", "seed": 0, "acc": -0.1, "_parent": "q", "_index": 2},
+        {"m": "c", "seed": 0, "acc": 0.3, "_parent": "p", "_index": 3},  # q's child of c failed
+        {"m": "c", "seed": 0, "acc": math.nan, "_parent": "q", "_index": 3},
+    ]
+    rows = build_table(children, {"rows": "m", "metric": "acc", "digits": 2}, parents=2)
+    assert rows == [{"m": "a", "acc": "0.60–0.85"}, {"m": "b", "acc": "-0.50 to -0.10"}, {"m": "c", "acc": "0.30 (1 of 2 runs)"}]
 
 
 def test_report_builder_matches_hand_computed_mean_and_std():
