@@ -483,9 +483,9 @@ def report_command(run_ids: list[str]) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))
         parents.append((run, record, cfg))
-    run, record, cfg = parents[0]
     if len(parents) > 1:
         return _range_report(client, parents)
+    ((run, record, cfg),) = parents
     statuses = [c.info.status for c in _children(client, run.info.run_id) if not c.data.tags.get(SUPERSEDED_TAG)]
     counts = {s: statuses.count(s) for s in sorted(set(statuses))}
     line = f"{len(record['points'])} grid points; child runs: " + ", ".join(f"{n} {s}" for s, n in counts.items())

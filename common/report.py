@@ -28,6 +28,8 @@ build is the experiment's ``report`` section in config (saved with the parent ru
 
 Every cell aggregates the children that share its row (and column) values: mean ± sample std over the
 remaining axes (seeds, splits), so a table of 3 seeds shows the spread without any code.
+``lightyard report <id> <id> ...`` (reruns of one experiment, :func:`build_range_report`) shows instead the min–max
+over the runs of each run's own cell value.
 """
 
 from __future__ import annotations
