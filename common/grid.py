@@ -477,8 +477,10 @@ def report_command(run_ids: list[str]) -> str:
     import tempfile
 
     parents = []
-    for run_id in dict.fromkeys(run_ids):
+    for run_id in run_ids:
         client, run = parent_run(uri, run_id)
+        if any(seen.info.run_id == run.info.run_id for seen, _, _ in parents):  # a range of one run twice is no range
+            raise ConfigError(f"run {run.info.run_id} is given twice: a range over reruns needs each parent id once")
         record = _grid_record(client, run_id)
         with tempfile.TemporaryDirectory() as tmp:
             cfg = OmegaConf.load(client.download_artifacts(run_id, "config.yaml", tmp))

@@ -102,29 +102,37 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0), len(values)
 
 
+def _nans(group: list[dict], metric: str) -> int:
+    """Children of a cell whose value is NaN (a diverged seed): the mean is over the others, and the cell says so."""
+    return sum(1 for c in group if isinstance(c.get(metric), float) and math.isnan(c[metric]))
+
+
 def _range_cell(group: list[dict], metric: Mapping, parents: int) -> str:
     """min–max over the parents of the value each parent's own report shows in this cell (its mean over the other
-    axes); "(k of n runs)" where only k parents have one (a failed child, a NaN)."""
+    axes); "(k of n runs)" where only k parents have one (a failed child, a NaN); "(m NaN)" where m children's values
+    are NaN."""
     means = []
     for parent in dict.fromkeys(c["_parent"] for c in group):
         mean, _, n = mean_std([c[metric["metric"]] * metric["scale"] for c in group if c["_parent"] == parent and metric["metric"] in c])
         if n:
             means.append(mean)
+    notes = [f"{len(means)} of {parents} runs"] if len(means) < parents else []
+    nans = _nans(group, metric["metric"])
     if not means:
-        return "–"
+        return "–" + (f" ({nans} NaN)" if nans else "")
     digits = metric["digits"]
     low, high = (f"{v:.{digits}f}" if digits is not None else format_cell(float(v)) for v in (min(means), max(means)))
     text = low if low == high else f"{low} to {high}" if min(means) < 0 else f"{low}–{high}"
-    return text + (f" ({len(means)} of {parents} runs)" if len(means) < parents else "")
+    return text + (f" ({'; '.join(notes + ([f'{nans} NaN'] if nans else []))})" if notes or nans else "")
 
 
-def _cell(mean: float, std: float, n: int, digits: int | None, show_std: bool) -> str:
+def _cell(mean: float, std: float, n: int, digits: int | None, show_std: bool, nans: int = 0) -> str:
     if n == 0:
-        return "–"
+        return "–" + (f" ({nans} NaN)" if nans else "")
     text = f"{mean:.{digits}f}" if digits is not None else format_cell(float(mean))
     if show_std and n > 1:
         text += f" ± {std:.{digits}f}" if digits is not None else f" ± {format_cell(float(std))}"
-    return text
+    return text + (f" ({nans} NaN)" if nans else "")
 
 
 def _metric_specs(spec: Mapping) -> list[dict]:
@@ -185,7 +193,7 @@ def build_table(children: list[dict], spec: Mapping, parents: int = 0) -> list[d
         for header, group, m in cells:
             group = _select(group, spec.get("select"))
             mean, std, n = mean_std([c[m["metric"]] * m["scale"] for c in group if m["metric"] in c])
-            row[header] = _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], show_std)
+            row[header] = _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], show_std, _nans(group, m["metric"]))
             mean_row[header] = mean
             counts.append(n)
         if spec.get("select") and not col_axis:

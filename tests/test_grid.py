@@ -238,6 +238,8 @@ def test_report_of_reruns_gives_min_max_per_cell_and_refuses_different_settings(
     assert refused.returncode == 2 and "differ in model.lr (0.1 vs 0.3)" in refused.stderr and not refused.stdout.strip()
     mixed = cli("report", first.run_id, run_experiment("reproduce", "toy", ["experiment=lr"]).run_id)
     assert mixed.returncode == 2 and "experiment=lr" in mixed.stderr and "experiment=score" in mixed.stderr
+    twice = cli("report", first.run_id, first.run_id)
+    assert twice.returncode == 2 and "is given twice" in twice.stderr and not twice.stdout.strip()
 
 
 def test_range_cells_are_min_max_of_each_runs_own_cell_and_say_what_is_missing():
@@ -252,7 +254,17 @@ def test_range_cells_are_min_max_of_each_runs_own_cell_and_say_what_is_missing()
         {"m": "c", "seed": 0, "acc": math.nan, "_parent": "q", "_index": 3},
     ]
     rows = build_table(children, {"rows": "m", "metric": "acc", "digits": 2}, parents=2)
-    assert rows == [{"m": "a", "acc": "0.60–0.85"}, {"m": "b", "acc": "-0.50 to -0.10"}, {"m": "c", "acc": "0.30 (1 of 2 runs)"}]
+    assert rows == [{"m": "a", "acc": "0.60–0.85"}, {"m": "b", "acc": "-0.50 to -0.10"}, {"m": "c", "acc": "0.30 (1 of 2 runs; 1 NaN)"}]
+    # a diverged seed within one run: that run's cell is the mean of the others, and the cell says a value was NaN
+    children[1]["acc"] = math.nan
+    assert build_table(children, {"rows": "m", "metric": "acc", "digits": 2}, parents=2)[0] == {"m": "a", "acc": "0.50–0.85 (1 NaN)"}
+
+
+def test_a_nan_seed_is_named_in_its_cell_not_silently_left_out_of_the_mean():
+    children = [{"m": "a", "seed": s, "acc": v, "_index": s} for s, v in enumerate([0.5, math.nan, 0.7])]
+    children.append({"m": "b", "seed": 0, "acc": math.nan, "_index": 3})
+    rows = build_table(children, {"rows": "m", "metric": "acc", "digits": 2, "std": False})
+    assert rows == [{"m": "a", "acc": "0.60 (1 NaN)"}, {"m": "b", "acc": "– (1 NaN)"}]
 
 
 def test_report_builder_matches_hand_computed_mean_and_std():
