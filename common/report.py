@@ -193,7 +193,9 @@ def build_table(children: list[dict], spec: Mapping, parents: int = 0) -> list[d
         for header, group, m in cells:
             group = _select(group, spec.get("select"))
             mean, std, n = mean_std([c[m["metric"]] * m["scale"] for c in group if m["metric"] in c])
-            row[header] = _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], show_std, _nans(group, m["metric"]))
+            row[header] = (
+                _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], show_std, _nans(group, m["metric"]))
+            )
             mean_row[header] = mean
             counts.append(n)
         if spec.get("select") and not col_axis:
