@@ -393,7 +393,7 @@ def test_bench_smoke_compares_batched_and_window_by_window_sliding(home):
     # smoke: no fresh process (bench.isolate=false), where freed memory would hide growth: no peak reported, not a 0
     assert child["slide_windows"] == 3 and child["train_images_per_s"] > 0
     assert math.isnan(child["train_peak_mb"]) and math.isnan(child["slide_batched_peak_mb"]) and math.isnan(child["slide_within_budget"])
-    assert child["slide_batched_images_per_s"] > 0 and child["slide_speedup"] > 0
+    assert child["slide_batched_images_per_s"] > 0 and child["slide_speedup"] > 0 and child["vit_speedup"] > 0
 
 
 def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_path):
