@@ -428,5 +428,6 @@ def test_bench_smoke_times_every_method_and_compares_batched_with_one_by_one(hom
     assert (result.status, result.total) == ("FINISHED", 1), result.report
     (child,) = _children(result)
     assert child["batched_speedup"] == pytest.approx(child["input_iba_loop_s_per_image"] / child["input_iba_batched_s_per_image"])
+    assert child["classifier_speedup"] > 0
     assert child["bench_images"] == 2 and child["max_abs_heatmap_difference_float64"] < 1e-10  # float32: README
     assert all(child[f"{m}_s_per_image"] > 0 for m in METHODS[:-1])
