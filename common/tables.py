@@ -16,6 +16,11 @@ def format_cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def _escaped(text: str) -> str:
+    """A "|" in a label or value ("max |Δ|") would end its cell: Markdown's escape keeps it in."""
+    return text.replace("|", "\\|")
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> str:
     """Rows (dicts with the same keys, first row's order) as a Markdown table."""
     if not rows:
@@ -23,10 +28,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) 
     columns = list(rows[0].keys())
     for row in rows[1:]:
         columns += [key for key in row if key not in columns]
-    cells = [[format_cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(line[i]) for line in cells)) for i, col in enumerate(columns)]
+    cells = [[_escaped(format_cell(row.get(col))) for col in columns] for row in rows]
+    headers = [_escaped(col) for col in columns]
+    widths = [max(len(col), *(len(line[i]) for line in cells)) for i, col in enumerate(headers)]
     lines = [
-        "| " + " | ".join(col.ljust(w) for col, w in zip(columns, widths)) + " |",
+        "| " + " | ".join(col.ljust(w) for col, w in zip(headers, widths)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
         *("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in cells),
     ]

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from common.config import ConfigError
 from common.grid import expand, plan, run_experiment
 from common.report import build_table
+from common.tables import markdown_table
 from common.runner import compose
 from common.tracking import tracking_uri
 from tests.conftest import ROOT, assert_no_run, cli, lightyard, wait_for_run
@@ -258,6 +259,12 @@ def test_range_cells_are_min_max_of_each_runs_own_cell_and_say_what_is_missing()
     # a diverged seed within one run: that run's cell is the mean of the others, and the cell says a value was NaN
     children[1]["acc"] = math.nan
     assert build_table(children, {"rows": "m", "metric": "acc", "digits": 2}, parents=2)[0] == {"m": "a", "acc": "0.50–0.85 (1 NaN)"}
+
+
+def test_a_pipe_in_a_label_or_value_stays_in_its_cell():
+    table = markdown_table([{"max |Δ|": 0.5, "note": "a|b"}]).splitlines()
+    assert table[0] == "| max \\|Δ\\| | note |" and table[2] == "| 0.5       | a\\|b |"
+    assert {len(re.split(r"(?<!\\)\|", line)) for line in table} == {4}  # 2 columns: every line has 3 unescaped pipes
 
 
 def test_a_nan_seed_is_named_in_its_cell_not_silently_left_out_of_the_mean():
