@@ -1,9 +1,13 @@
-"""Lightning glue shared by every gradient pipeline: the MLflow logger and graceful shutdown."""
+"""Lightning glue shared by every gradient pipeline: the MLflow logger, graceful shutdown, and the overhead benches'
+step-by-step clock."""
 
 from __future__ import annotations
 
 import signal
+import statistics
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +257,43 @@ class KillAtStep(pl.Callback):
             import os
 
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class InterleavedSteps(pl.Callback):
+    """Lightning's loop against a hand loop of the same step, in turn step by step in one process (the overhead
+    benches): as each Lightning step begins, one hand step runs (``next(hand)``). The hand step is the clock around
+    it, the Lightning step the clock from its end to the next one's start, so everything Lightning does between steps
+    counts (the last ends at ``on_train_end``). A burst of other work on a shared machine lands on both sides alike;
+    fit after fit, it lands on whichever loop runs then."""
+
+    def __init__(self, hand: Iterator) -> None:
+        self.hand = hand
+        self.hand_steps: list[float] = []
+        self.lightning_steps: list[float] = []
+        self._resumed: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        start = time.perf_counter()
+        if self._resumed is not None:
+            self.lightning_steps.append(start - self._resumed)
+        next(self.hand)
+        self._resumed = time.perf_counter()
+        self.hand_steps.append(self._resumed - start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._resumed is not None:  # the last Lightning step's end
+            self.lightning_steps.append(time.perf_counter() - self._resumed)
+            self._resumed = None
+
+    @staticmethod
+    def summary(rounds: list[InterleavedSteps]) -> dict[str, float]:
+        """Each side's median step over the rounds: steps/s, their ratio and Lightning's extra ms a step."""
+        hand = statistics.median([t for r in rounds for t in r.hand_steps])
+        lightning = statistics.median([t for r in rounds for t in r.lightning_steps])
+        return {
+            "hand_steps_per_s": 1 / hand,
+            "lightning_steps_per_s": 1 / lightning,
+            "lightning_over_hand": hand / lightning,
+            "lightning_extra_ms_per_step": 1000 * (lightning - hand),
+            "steps": float(sum(len(r.lightning_steps) for r in rounds)),
+        }

@@ -38,6 +38,30 @@ def _fit(cfg, callbacks=(), **trainer_kwargs):
     return module, trainer
 
 
+def test_interleaved_steps_gives_each_loop_its_own_clock(monkeypatch):
+    """The overhead benches' clock: one hand step as each Lightning step begins, each step on its own side. A hand step
+    of 30 ms against Lightning steps of 5 ms (a sleep in the toy's training step) must land on the hand side."""
+    import time
+
+    from common.callbacks import InterleavedSteps
+
+    def hand():
+        while True:
+            time.sleep(0.03)
+            yield
+
+    step = ToyModule.training_step
+    monkeypatch.setattr(ToyModule, "training_step", lambda self, batch, i: (time.sleep(0.005), step(self, batch, i))[1])
+    cfg = compose("toy", {"trainer.max_epochs": 2, "data.batch_size": 8})  # 8 steps an epoch
+    rounds = [InterleavedSteps(hand())]
+    _, trainer = _fit(cfg, callbacks=rounds)
+    assert len(rounds[0].hand_steps) == len(rounds[0].lightning_steps) == trainer.global_step > 1
+    out = InterleavedSteps.summary(rounds)
+    assert min(rounds[0].hand_steps) >= 0.03 and min(rounds[0].lightning_steps) >= 0.005
+    assert out["hand_steps_per_s"] < out["lightning_steps_per_s"] and out["lightning_over_hand"] > 1
+    assert out["steps"] == trainer.global_step
+
+
 @pytest.mark.parametrize("optimizer, momentum, expected", [("sgd", 0.0, 8), ("sgd", 0.9, 12), ("adamw", 0.0, 16)])
 @pytest.mark.parametrize("frozen", [[], ["embed"]])
 def test_memory_ledger_bytes_per_trainable_parameter(optimizer, momentum, expected, frozen):

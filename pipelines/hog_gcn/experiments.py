@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -158,55 +157,28 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
 
 def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """Steps/s of the Lightning loop (HogGCNModule under a Trainer: logging, callbacks, the loops) against the hand
-    loop of the same steps (``split_epochs``, reproduce's loop), interleaved step by step in this process for
-    ``bench.repeats`` fits after a warm-up.
-
-    A callback runs one hand step as each Lightning step begins: the hand step is the clock around it, the
-    Lightning step the clock from its end to the next one's start (so Lightning's loops and hooks between steps
-    are counted; the last ends at ``on_train_end``). Each side's speed is its median step. Step by step, not
-    loop after loop: on a shared machine a burst of other work, or a change in the allocator's state, lands on
-    both sides alike instead of on whichever loop ran then (loop after loop, one run's ratio swung 0.84–0.94)."""
+    loop of the same steps (``split_epochs``, reproduce's loop), step by step in turn (``InterleavedSteps``) for
+    ``bench.repeats`` fits after a warm-up; each side's speed is its median step (loop after loop, one run's ratio
+    swung 0.84–0.94)."""
     import lightning.pytorch as pl
 
+    from common.callbacks import InterleavedSteps
     from common.hardware import trainer_kwargs
     from pipelines.hog_gcn.data import GraphDataModule
     from pipelines.hog_gcn.module import HogGCNModule
-
-    class Paired(pl.Callback):
-        def __init__(self, hand: Iterator) -> None:
-            next(hand)  # the hand model is built
-            self.hand, self.hand_steps, self.lightning_steps = hand, [], []
-            self.resumed: float | None = None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            start = time.perf_counter()
-            if self.resumed is not None:
-                self.lightning_steps.append(start - self.resumed)
-            next(self.hand)
-            self.resumed = time.perf_counter()
-            self.hand_steps.append(self.resumed - start)
-
-        def on_train_end(self, trainer, pl_module) -> None:  # the last Lightning step's end
-            self.lightning_steps.append(time.perf_counter() - self.resumed)
 
     cfg = with_values(cfg, dict(cfg.bench.overhead_graphs[cfg.bench.graph]))  # names checked in module.check_model
     graph = build_graph(cfg)
     kwargs, _ = trainer_kwargs(cfg.trainer)
     kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    hand_steps: list[float] = []
-    lightning_steps: list[float] = []
-    for round_ in range(int(cfg.bench.repeats) + 1):  # the first round warms up (allocator, kernels, imports)
-        paired = Paired(split_epochs(cfg, graph, cfg.data.split))
-        pl.Trainer(**kwargs, callbacks=[paired]).fit(HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
-        if round_ > 0:
-            hand_steps += paired.hand_steps
-            lightning_steps += paired.lightning_steps
-    hand, lightning = statistics.median(hand_steps), statistics.median(lightning_steps)
+    rounds = []
+    for _ in range(int(cfg.bench.repeats) + 1):  # the first round warms up (allocator, kernels, imports)
+        hand = split_epochs(cfg, graph, cfg.data.split)
+        next(hand)  # the hand model is built
+        rounds.append(InterleavedSteps(hand))
+        pl.Trainer(**kwargs, callbacks=[rounds[-1]]).fit(HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
     return {
-        "hand_steps_per_s": 1 / hand,
-        "lightning_steps_per_s": 1 / lightning,
-        "lightning_over_hand": hand / lightning,
-        "lightning_extra_ms_per_step": 1000 * (lightning - hand),
+        **InterleavedSteps.summary(rounds[1:]),
         "torch_threads": float(torch.get_num_threads()),
         "nodes": float(graph.num_nodes),
         "features": float(graph.num_features),

@@ -139,35 +139,17 @@ def beside_paper(children: list[dict], cfg: DictConfig, tracker: Tracker | None)
 def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """Training steps/s of the Lightning loop (FineTuneModule under a Trainer) against a hand loop of the same step
     (the next batch of the same loader, forward, cross-entropy, backward, optimizer step; the schedule stepped each
-    epoch), training only (no evaluation, no diagnostic), interleaved step by step in this process for
-    ``bench.repeats`` fits after a warm-up fit, as hog_gcn's overhead bench: a callback runs one hand step as each
-    Lightning step begins; the hand step is the clock around it, the Lightning step the clock from its end to the next
-    one's start (the last ends at ``on_train_end``). Each side's speed is its median step: a burst of other work on a
-    shared machine lands on both sides alike (fit after fit, one side's rounds could catch it alone)."""
+    epoch), training only (no evaluation, no diagnostic), step by step in turn (``InterleavedSteps``) for
+    ``bench.repeats`` fits after a warm-up fit; each side's speed is its median step."""
     import copy
 
     import lightning.pytorch as pl
     from torch.nn import functional as F
 
+    from common.callbacks import InterleavedSteps
     from common.hardware import trainer_kwargs
     from pipelines.sgd_freeze_embed.data import ShiftDataModule
     from pipelines.sgd_freeze_embed.module import FineTuneModule
-
-    class Paired(pl.Callback):
-        def __init__(self, hand) -> None:
-            self.hand, self.hand_steps, self.lightning_steps = hand, [], []
-            self.resumed: float | None = None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            start = time.perf_counter()
-            if self.resumed is not None:
-                self.lightning_steps.append(start - self.resumed)
-            next(self.hand)
-            self.resumed = time.perf_counter()
-            self.hand_steps.append(self.resumed - start)
-
-        def on_train_end(self, trainer, pl_module) -> None:  # the last Lightning step's end
-            self.lightning_steps.append(time.perf_counter() - self.resumed)
 
     def hand_loop(model: torch.nn.Module):
         opt, schedule = make_optimizer(cfg.optim, model, cfg.trainer.max_epochs)
@@ -196,19 +178,8 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
     data.setup("fit")
     warm = FineTuneModule(cfg)
     pl.Trainer(**kwargs).fit(warm, datamodule=data)  # warms up (stage-1 cache, allocator, kernels); builds the hand's model
-    hand_steps: list[float] = []
-    lightning_steps: list[float] = []
+    rounds = []
     for _ in range(int(cfg.bench.repeats)):
-        paired = Paired(hand_loop(copy.deepcopy(warm.model).to(device)))
-        pl.Trainer(**kwargs, callbacks=[paired]).fit(FineTuneModule(cfg), datamodule=data)
-        hand_steps += paired.hand_steps
-        lightning_steps += paired.lightning_steps
-    hand, lightning = statistics.median(hand_steps), statistics.median(lightning_steps)
-    return {
-        "hand_steps_per_s": 1 / hand,
-        "lightning_steps_per_s": 1 / lightning,
-        "lightning_over_hand": hand / lightning,
-        "lightning_extra_ms_per_step": 1000 * (lightning - hand),
-        "steps": float(len(lightning_steps)),
-        "torch_threads": float(torch.get_num_threads()),
-    }
+        rounds.append(InterleavedSteps(hand_loop(copy.deepcopy(warm.model).to(device))))
+        pl.Trainer(**kwargs, callbacks=[rounds[-1]]).fit(FineTuneModule(cfg), datamodule=data)
+    return {**InterleavedSteps.summary(rounds), "torch_threads": float(torch.get_num_threads())}
