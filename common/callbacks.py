@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
@@ -264,7 +265,11 @@ class InterleavedSteps(pl.Callback):
     benches): as each Lightning step begins, one hand step runs (``next(hand)``). The hand step is the clock around
     it, the Lightning step the clock from its end to the next one's start, so everything Lightning does between steps
     counts (the last ends at ``on_train_end``). A burst of other work on a shared machine lands on both sides alike;
-    fit after fit, it lands on whichever loop runs then."""
+    fit after fit, it lands on whichever loop runs then. On CUDA each side waits for its own kernels."""
+
+    # Trainer arguments for the same arithmetic and the same single step as a plain hand loop: fp32 (``precision: auto``
+    # is bf16-mixed on CUDA), no clipping, no accumulation
+    SAME_STEP = {"precision": "32-true", "gradient_clip_val": None, "accumulate_grad_batches": 1}
 
     def __init__(self, hand: Iterator) -> None:
         self.hand = hand
@@ -273,10 +278,15 @@ class InterleavedSteps(pl.Callback):
         self._resumed: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        cuda = pl_module.device.type == "cuda"  # kernels run asynchronously: each side waits for its own
+        if cuda:
+            torch.cuda.synchronize(pl_module.device)
         start = time.perf_counter()
         if self._resumed is not None:
             self.lightning_steps.append(start - self._resumed)
         next(self.hand)
+        if cuda:
+            torch.cuda.synchronize(pl_module.device)
         self._resumed = time.perf_counter()
         self.hand_steps.append(self._resumed - start)
 

@@ -168,9 +168,10 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
     from pipelines.hog_gcn.module import HogGCNModule
 
     cfg = with_values(cfg, dict(cfg.bench.overhead_graphs[cfg.bench.graph]))  # names checked in module.check_model
-    graph = build_graph(cfg)
+    graph = build_graph(cfg).to(resolve_accelerator(str(cfg.trainer.accelerator)))  # the hand loop on Lightning's device
     kwargs, _ = trainer_kwargs(cfg.trainer)
     kwargs.update(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    kwargs.update(InterleavedSteps.SAME_STEP)
     rounds = []
     for _ in range(int(cfg.bench.repeats) + 1):  # the first round warms up (allocator, kernels, imports)
         hand = split_epochs(cfg, graph, cfg.data.split)

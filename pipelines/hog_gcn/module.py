@@ -130,7 +130,7 @@ def split_epochs(cfg: DictConfig, graph: Data, split: int) -> Iterator[dict[str,
     g = graph.clone()
     for key in ("train_mask", "val_mask", "test_mask"):
         g[key] = graph[key][:, split]
-    model = make_model(cfg, g)
+    model = make_model(cfg, g).to(g.x.device)
     opt = optimizer(cfg, model)
     generator = torch.Generator().manual_seed(split_seed(cfg, split))
     best: dict[str, float] = {}

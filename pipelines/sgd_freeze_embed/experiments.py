@@ -173,6 +173,8 @@ def overhead_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
+        limit_train_batches=1.0,  # the hand loop runs whole epochs
+        **InterleavedSteps.SAME_STEP,
     )
     data = ShiftDataModule(cfg)
     data.setup("fit")

@@ -392,7 +392,7 @@ def test_bench_smoke_compares_batched_and_window_by_window_sliding(home):
     assert child["slide_max_abs_diff"] <= 1e-5 and child["slide_identical"] == 1
     # smoke: no fresh process (bench.isolate=false), where freed memory would hide growth: no peak reported, not a 0
     assert child["slide_windows"] == 3 and child["train_images_per_s"] > 0
-    assert math.isnan(child["train_peak_mb"]) and math.isnan(child["slide_batched_peak_mb"]) and math.isnan(child["slide_within_budget"])
+    assert not {"train_peak_mb", "slide_batched_peak_mb", "slide_within_budget"} & set(child)
     assert child["slide_batched_images_per_s"] > 0 and child["slide_speedup"] > 0 and child["vit_speedup"] > 0
 
 
