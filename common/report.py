@@ -103,7 +103,8 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 def _nans(group: list[dict], metric: str) -> int:
-    """Children of a cell whose value is NaN (a diverged seed): the mean is over the others, and the cell says so."""
+    """Children of a cell whose value is NaN (a diverged seed, a value its point could not compute): the mean is over
+    the others, and the cell says so."""
     return sum(1 for c in group if isinstance(c.get(metric), float) and math.isnan(c[metric]))
 
 
