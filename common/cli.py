@@ -612,7 +612,10 @@ def _exit_now(code: int | None) -> None:
     import contextlib
     import threading
 
-    threading._shutdown()  # (what Python's own exit calls first: the atexit hooks of thread pools, then the joins)
+    shutdown = getattr(threading, "_shutdown", None)  # private: what Python's own exit calls first (thread pools' hooks, joins)
+    if shutdown is None:  # a Python without it: the normal, slower exit
+        sys.exit(code)
+    shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (`lightyard runs | head`): nothing more to say

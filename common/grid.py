@@ -414,7 +414,20 @@ def parent_run(uri: str, run_id: str):
     try:
         return client, client.get_run(run_id)
     except MlflowException:
-        raise ConfigError(f"no run {run_id} in {uri}; `lightyard runs` lists run ids") from None
+        pass
+    found = []
+    if re.fullmatch(r"[0-9a-f]{6,31}", run_id):  # a prefix, as people copy ids from tables
+        from mlflow.entities import ViewType
+
+        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+        query = f"attributes.run_id LIKE '{run_id}%'"
+        found = client.search_runs(ids, filter_string=query, run_view_type=ViewType.ALL, max_results=6) if ids else []
+    if len(found) == 1:
+        return client, found[0]
+    if found:
+        shown = ", ".join(r.info.run_id for r in found[:5]) + (", …" if len(found) > 5 else "")
+        raise ConfigError(f"run id prefix {run_id} matches {len(found) if len(found) < 6 else 'more than 5'} runs ({shown}); give more of it")
+    raise ConfigError(f"no run {run_id} in {uri} (a run id, or 6 or more of its first characters); `lightyard runs` lists run ids")
 
 
 def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str, Any]) -> GridResult:
@@ -422,7 +435,7 @@ def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str
     extra = {k: v for k, v in values.items() if k != "resume"}
     uri = tracking_uri(compose(pipeline, {}))
     client, run = parent_run(uri, parent_id)
-    tags = run.data.tags
+    parent_id, tags = run.info.run_id, run.data.tags  # a prefix given: the whole id from here on
     if tags.get("lightyard.pipeline") != pipeline or tags.get("lightyard.kind") != kind:
         raise ConfigError(
             f"run {parent_id} is a {tags.get('lightyard.kind', 'train run')} of {tags.get('lightyard.pipeline', '?')}, "
@@ -477,8 +490,9 @@ def report_command(run_ids: list[str]) -> str:
     import tempfile
 
     parents = []
-    for run_id in run_ids:
-        client, run = parent_run(uri, run_id)
+    for given in run_ids:
+        client, run = parent_run(uri, given)
+        run_id = run.info.run_id
         if any(seen.info.run_id == run.info.run_id for seen, _, _ in parents):  # a range of one run twice is no range
             raise ConfigError(f"run {run.info.run_id} is given twice: a range over reruns needs each parent id once")
         record = _grid_record(client, run_id)

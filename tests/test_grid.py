@@ -239,8 +239,12 @@ def test_report_of_reruns_gives_min_max_per_cell_and_refuses_different_settings(
     assert refused.returncode == 2 and "differ in model.lr (0.1 vs 0.3)" in refused.stderr and not refused.stdout.strip()
     mixed = cli("report", first.run_id, run_experiment("reproduce", "toy", ["experiment=lr"]).run_id)
     assert mixed.returncode == 2 and "experiment=lr" in mixed.stderr and "experiment=score" in mixed.stderr
-    twice = cli("report", first.run_id, first.run_id)
+    twice = cli("report", first.run_id, first.run_id[:8])  # a prefix names the same run
     assert twice.returncode == 2 and "is given twice" in twice.stderr and not twice.stdout.strip()
+    by_prefix = cli("report", first.run_id[:8], second.info.run_id[:12])
+    assert by_prefix.returncode == 0 and by_prefix.stdout == out.stdout, by_prefix.stderr
+    short = cli("report", first.run_id[:5])  # under 6 characters: not taken as a prefix
+    assert short.returncode == 2 and f"no run {first.run_id[:5]} " in short.stderr
 
 
 def test_range_cells_are_min_max_of_each_runs_own_cell_and_say_what_is_missing():
