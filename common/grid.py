@@ -426,7 +426,9 @@ def parent_run(uri: str, run_id: str):
         return client, found[0]
     if found:
         shown = ", ".join(r.info.run_id for r in found[:5]) + (", …" if len(found) > 5 else "")
-        raise ConfigError(f"run id prefix {run_id} matches {len(found) if len(found) < 6 else 'more than 5'} runs ({shown}); give more of it")
+        raise ConfigError(
+            f"run id prefix {run_id} matches {len(found) if len(found) < 6 else 'more than 5'} runs ({shown}); give more of it"
+        )
     raise ConfigError(f"no run {run_id} in {uri} (a run id, or 6 or more of its first characters); `lightyard runs` lists run ids")
 
 
