@@ -22,8 +22,8 @@ def check_timm_name(name: str) -> None:
         raise unknown_model(name)
 
 
-def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, **kwargs)``; an unknown name or unfitting kwargs is a :class:`ConfigError`."""
+def create_timm_model(name: str, key: str = "model.kwargs", **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``; an unknown name or unfitting kwargs is a :class:`ConfigError` naming ``key``."""
     import timm
 
     try:
@@ -33,6 +33,6 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
             raise unknown_model(name) from None
         if "must be non-negative" not in str(err):  # (a negative depth: torch.linspace's steps)
             raise
-        raise ConfigError(f"model.kwargs do not fit {name}: {err}") from None
+        raise ConfigError(f"{key} do not fit {name}: {err}") from None
     except (TypeError, AssertionError, ValueError, ZeroDivisionError) as err:  # a keyword it does not take; a value it cannot use
-        raise ConfigError(f"model.kwargs do not fit {name}: {str(err) or type(err).__name__}") from None
+        raise ConfigError(f"{key} do not fit {name}: {str(err) or type(err).__name__}") from None

@@ -520,6 +520,24 @@ def test_a_data_root_beside_the_embedded_default_is_one_line(home, tmp_path, pip
 
 
 @pytest.mark.parametrize(
+    "pipeline, arg, expected",
+    [
+        ("setr", "bench.decoders=[foo]", "unknown bench.decoders entry 'foo'"),
+        ("setr", "bench.model_kwargs.embed_dim=33", "bench.model_kwargs do not fit vit_tiny_patch16_224"),
+        ("vocab_kd", "bench.sizes=[15]", "bench.sizes entry=15 must be a multiple of student.head_dim=8"),
+        ("sgd_freeze_embed", "bench.models=[foo]", "unknown timm model 'foo'"),
+        ("sgd_freeze_embed", "bench.optimizers=[foo]", "unknown bench.optimizers foo"),
+        ("iiot_sic_aloha", "bench.schemes=[foo]", "unknown scheme(s) foo in bench.schemes"),
+    ],
+)
+def test_a_bad_name_or_size_a_bench_point_reads_is_one_line_and_opens_no_run(home, pipeline, arg, expected):
+    """(the point's own settings were read only inside the point: the parent opened and its child FAILED, exit 1)"""
+    out = cli("bench", pipeline, "preset=smoke", arg)
+    assert out.returncode == 2 and expected in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert_no_run(pipeline)
+
+
+@pytest.mark.parametrize(
     "pipeline, args, expected",
     [
         ("livt", ["experiment=cifar10_lt", "cifar_root={empty}"], "lacks train/ and train.zip"),

@@ -38,7 +38,7 @@ def latency_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     torch.manual_seed(0)
     size = int(b.image_size)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (OmegaConf.to_container(b.kwargs) if b.kwargs else {}).items()}
-    fp32 = create_timm_model(b.model, num_classes=1000, **kwargs).eval()
+    fp32 = create_timm_model(b.model, "bench.kwargs", num_classes=1000, **kwargs).eval()
     x = torch.randn(1, 3, size, size)
     calibration = [torch.randn(4, 3, size, size) for _ in range(b.calibration_batches)]
     int8 = pt2e_static_int8(copy.deepcopy(fp32), calibration)

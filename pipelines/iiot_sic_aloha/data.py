@@ -98,8 +98,8 @@ def scenario_from_config(sim: DictConfig) -> Scenario:
     )
 
 
-def check_schemes(schemes: Sequence[str]) -> list[str]:
+def check_schemes(schemes: Sequence[str], key: str = "sim.schemes") -> list[str]:
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
-        raise ConfigError(f"unknown scheme(s) {', '.join(unknown)} in sim.schemes; valid: {', '.join(SCHEMES)}")
+        raise ConfigError(f"unknown scheme(s) {', '.join(unknown)} in {key}; valid: {', '.join(SCHEMES)}")
     return list(schemes)

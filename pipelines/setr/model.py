@@ -100,9 +100,9 @@ class ViTEncoder(nn.Module):
         return out
 
 
-def create_vit(name: str, kwargs: dict, drop_rate: float = 0.0) -> nn.Module:
+def create_vit(name: str, kwargs: dict, drop_rate: float = 0.0, key: str = "model.kwargs") -> nn.Module:
     """A timm ViT without its classifier; never downloads (pretrained=False; weights come from model.checkpoint)."""
-    vit = create_timm_model(name, pretrained=False, num_classes=0, drop_rate=drop_rate, **kwargs)
+    vit = create_timm_model(name, key, pretrained=False, num_classes=0, drop_rate=drop_rate, **kwargs)
     if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
         raise ConfigError(f"timm model '{name}' is not a VisionTransformer (SETR needs patch_embed, pos_embed and blocks)")
     return vit
@@ -312,9 +312,9 @@ def _mla(vit, classes, depth, aux_layers, mla_layers, channels, head_channels):
 DECODERS: dict[str, Callable[..., SETR]] = {"naive": _naive, "pup": _pup, "mla": _mla}
 
 
-def check_decoder(name: str) -> None:
+def check_decoder(name: str, key: str = "model.decoder") -> None:
     if name not in DECODERS:
-        raise ConfigError(f"unknown model.decoder '{name}'; valid: {', '.join(DECODERS)}")
+        raise ConfigError(f"unknown {key} '{name}'; valid: {', '.join(DECODERS)}")
 
 
 def build_setr(

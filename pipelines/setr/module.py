@@ -179,6 +179,10 @@ class SETRModule(pl.LightningModule):
         with torch.device("meta"):
             model = build_model(OmegaConf.merge(cfg, {"model": {"checkpoint": None}}), len(class_names(cfg.data.name)))
         check_tokens(cfg, model.encoder.patch_size)
+        if cfg.bench.decoder is not None:  # a bench point builds its own ViT and decoder: checked alike
+            check_decoder(cfg.bench.decoder, "bench.decoders entry")
+            with torch.device("meta"):
+                create_vit(cfg.model.name, OmegaConf.to_container(cfg.bench.model_kwargs), key="bench.model_kwargs")
         if cfg.model.checkpoint:
             check_checkpoint(cfg.model.checkpoint)
         check_labels(cfg)  # last: it decodes every label file (once per file set)

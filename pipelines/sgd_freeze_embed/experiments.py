@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.config import ConfigError, with_values
 from common.freezing import freeze
 from common.hardware import resolve_accelerator
+from common.models import check_timm_name
 from common.memory import MB, memory_ledger, read_peak_rss, reset_peak_rss, run_isolated
 from common.tables import markdown_table
 from common.tracking import Tracker
@@ -74,13 +75,18 @@ def _step_state(cfg: DictConfig, opt_key: str, device: torch.device, precision: 
     return ledger
 
 
+def check_memory_bench(b: DictConfig) -> None:
+    """A memory-bench point's model and optimizer names (the module's check_config calls this before the parent opens)."""
+    check_timm_name(b.model)
+    unknown = [name for name in b.optimizers if name not in BENCH_OPTIMIZERS]
+    if unknown:
+        raise ConfigError(f"unknown bench.optimizers {', '.join(unknown)}; valid: {', '.join(BENCH_OPTIMIZERS)}")
+
+
 def memory_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """Every optimizer of ``bench.optimizers`` on ``bench.model``: bytes per trainable parameter, training-state MB,
     peak memory of the step, and both as ratios to the first optimizer (AdamW), all measured in this run."""
     b = cfg.bench
-    unknown = [name for name in b.optimizers if name not in BENCH_OPTIMIZERS]
-    if unknown:
-        raise ConfigError(f"unknown bench.optimizers {', '.join(unknown)}; valid: {', '.join(BENCH_OPTIMIZERS)}")
     device = torch.device(resolve_accelerator(str(cfg.trainer.accelerator)))
     precision = b.precision if b.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32")
     out: dict[str, float] = {}

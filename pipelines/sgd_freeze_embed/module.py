@@ -69,6 +69,10 @@ class FineTuneModule(pl.LightningModule):
         check_optimizer(cfg.optim)
         check_data(cfg.data)
         check_timm_name(cfg.model.name)
+        if cfg.bench.model is not None:  # a memory-bench point (the grid sets bench.model)
+            from pipelines.sgd_freeze_embed.experiments import check_memory_bench
+
+            check_memory_bench(cfg.bench)
         if cfg.data.name == "cifar10_cue" and runs_stage1(cfg):  # stage 1 draws its images from the folder's training split
             check_stage1_size(cfg.pretrain.n_images, image_counts(cfg.data.root, CIFAR_LAYOUT)["train"], cfg.data.root)
 

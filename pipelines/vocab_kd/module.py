@@ -144,8 +144,12 @@ class VocabKDModule(pl.LightningModule):
         resolve_teacher_path(cfg.teacher.path)
         if cfg.proj.reading not in READINGS:
             raise ConfigError(f"unknown proj.reading '{cfg.proj.reading}'; valid: {', '.join(READINGS)}")
-        if cfg.student.hidden % cfg.student.head_dim:
-            raise ConfigError(f"student.hidden={cfg.student.hidden} must be a multiple of student.head_dim={cfg.student.head_dim}")
+        widths = {"student.hidden": cfg.student.hidden}
+        if cfg.experiment and cfg.experiments[cfg.experiment].command == "bench":  # a bench point's student has its own width
+            widths["bench.sizes entry"] = cfg.bench.size
+        for key, hidden in widths.items():
+            if hidden % cfg.student.head_dim:
+                raise ConfigError(f"{key}={hidden} must be a multiple of student.head_dim={cfg.student.head_dim}")
 
     @classmethod
     def skeleton(cls, cfg: DictConfig) -> torch.nn.Module:
