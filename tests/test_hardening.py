@@ -520,6 +520,18 @@ def test_a_data_root_beside_the_embedded_default_is_one_line(home, tmp_path, pip
 
 
 @pytest.mark.parametrize(
+    "pipeline, key",
+    [
+        ("input_iba", "evaluation.sensitivity_fractions"),  # was: a stack of nothing, after the classifier trained
+        ("sgd_freeze_embed", "model.embedding.vit"),  # was: *_freeze_embed froze nothing, silently its plain optimizer
+    ],
+)
+def test_an_empty_list_where_entries_are_needed_is_one_line(pipeline, key):
+    with pytest.raises(ConfigError, match=f"^config key '{key}' must be a non-empty list, got \\[\\]$"):
+        compose(pipeline, {key: []})
+
+
+@pytest.mark.parametrize(
     "pipeline, arg, expected",
     [
         ("setr", "bench.decoders=[foo]", "unknown bench.decoders entry 'foo'"),
