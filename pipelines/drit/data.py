@@ -312,8 +312,18 @@ def check_data(d: DictConfig) -> None:
         layout = FOLDER_LAYOUT if d.name == "folder" else CIFAR_LAYOUT
         raise ConfigError(f"data.name={d.name} needs data.root=<folder>; expected layout: {layout}")
     check_root_is_read(d, "generated", DATASETS)
-    if d.name == "folder":
-        folder_images(d.root)  # the layout, before a run opens (images are decoded, and checked, in setup)
+    if d.name == "folder":  # the layout and counts, before a run opens (images are decoded, and checked, in setup)
+        counts = {k: min(len(v), d.max_images or len(v)) for k, v in folder_images(d.root).items()}
+        if max(counts["trainA"], counts["trainB"]) < d.batch_size:  # drop_last: not one training step
+            raise ConfigError(
+                f"{d.root}: trainA and trainB hold {counts['trainA']} and {counts['trainB']} images (data.max_images counted), "
+                f"below data.batch_size={d.batch_size}: not one full batch to train on"
+            )
+        if min(counts["testA"], counts["testB"]) < 2:  # the test pairs min(A, B) images; FID needs two a domain
+            raise ConfigError(
+                f"{d.root}: testA and testB hold {counts['testA']} and {counts['testB']} images (data.max_images counted); "
+                "FID and KID need at least 2 test images in each domain"
+            )
     elif d.name != "generated":
         require_image_tree(d.root, CIFAR_LAYOUT, classes=("cat", "dog"))
     if d.batch_size < 2 or d.batch_size % 2:

@@ -206,6 +206,16 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"trainB/folder.png is a folder, not an image file; remove it"):
         read_folder(tmp_path, 8)
     (tmp_path / "trainB" / "folder.png").rmdir()
+    from pipelines.drit.module import DRITModule
+
+    folder = {"preset": "smoke", "data.name": "folder", "data.root": str(tmp_path)}  # 2 images a domain, batch 4 at smoke
+    with pytest.raises(ConfigError, match=r"trainA and trainB hold 2 and 2 images .* below data.batch_size=4: not one full batch"):
+        DRITModule.check_config(compose("drit", folder))  # was: the run opened, then "the training set gives no batch"
+    (tmp_path / "testA" / "1.png").unlink()
+    with pytest.raises(ConfigError, match=r"testA and testB hold 1 and 2 images .*; FID and KID need at least 2 test images"):
+        DRITModule.check_config(compose("drit", {**folder, "data.batch_size": 2}))  # was: FID's error after training
+    _png(tmp_path / "testA" / "1.png", 3)
+    DRITModule.check_config(compose("drit", {**folder, "data.batch_size": 2}))
     for p in (tmp_path / "testB").iterdir():
         p.unlink()
     (tmp_path / "testB").rmdir()
@@ -213,8 +223,6 @@ def test_folder_layout_loader_and_its_one_line_errors(tmp_path):
         read_folder(tmp_path, 8)
     with pytest.raises(ConfigError, match="does not exist; expected layout"):
         read_folder(tmp_path / "nowhere", 8)
-    from pipelines.drit.module import DRITModule
-
     with pytest.raises(ConfigError, match=r"lacks testB; expected layout"):  # before a run opens: the pipeline's check
         DRITModule.check_config(compose("drit", {"data.name": "folder", "data.root": str(tmp_path)}))
     with pytest.raises(ConfigError, match=r"^config key 'optim.betas' must be a list of 2 values, got \[0.5\]$"):
@@ -239,8 +247,10 @@ def test_the_classifier_cache_key_follows_the_images_not_the_folder_name(tmp_pat
     """The domain classifier is cached by the data's identity: new images at the same path give a new key."""
     for name in ("trainA", "trainB", "testA", "testB"):
         (tmp_path / name).mkdir()
-        _png(tmp_path / name / "0.png", 3, value=100 if name.endswith("A") else 200)
-    cfg = compose("drit", {"data.name": "folder", "data.root": str(tmp_path), "data.load_size": 12, "data.crop_size": 12})
+        for i in range(2):  # (a batch of 2, and FID's 2 test images a domain)
+            _png(tmp_path / name / f"{i}.png", 3, value=100 if name.endswith("A") else 200)
+    values = {"data.name": "folder", "data.root": str(tmp_path), "data.load_size": 12, "data.crop_size": 12, "data.batch_size": 2}
+    cfg = compose("drit", values)
     before = UnpairedDataModule(cfg).identity()
     assert before == UnpairedDataModule(cfg).identity()  # the same files: the same key
     _png(tmp_path / "trainA" / "0.png", 3, value=200)  # the folder edited in place (A and B now alike)
