@@ -22,6 +22,11 @@ class NonGradientExperiment(ABC):
     def check_config(cls, cfg: DictConfig) -> None:
         """Raise ConfigError for bad parameters before any MLflow run starts (default: nothing to check)."""
 
+    def prepare(self) -> None:  # noqa: B027  (an optional hook: nothing to read by default)
+        """Read and check the data before the MLflow run opens, so that an error in its content is one line with no
+        FAILED run behind it (the runner calls this for a single run; a grid's child reads its data inside its own
+        run, beside its siblings). It must draw nothing from the global random streams, and ``run`` must call it too."""
+
     @abstractmethod
     def run(self, tracker: Tracker) -> dict[str, float]:
         """Do the work, log what it produces (metrics per step, figures, tables), return final metrics."""

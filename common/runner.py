@@ -217,6 +217,21 @@ class _Prepared:
         self.notices.append(text)
 
 
+def _prepare_experiment(experiment: Any) -> None:
+    """A non-gradient experiment's ``prepare`` (its data read and checked) before its run opens, as :func:`_prepare_fit`
+    sets a fit's data up: a bad value in the data is one line; any other error is met again when ``run`` prepares."""
+    try:
+        with stop_on_signals():
+            experiment.prepare()
+    except RunInterrupted:
+        raise
+    except Exception as err:
+        if _RECEIVED:  # our signal, which a data reader turned into its own error
+            raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}") from None
+        if isinstance(err, ConfigError):
+            raise
+
+
 def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline, set_up_data: bool) -> _Prepared:
     """Module and datamodule built, and (``set_up_data``) the data set up, before the run opens, so that an error in
     the data's content (a label out of range, a vocabulary left empty, too few images for a split) is one line with no
@@ -424,8 +439,11 @@ def run_one(
     module = load_target(target) if target else pipeline.load("module")
     skip_failing_nvml_check()
     non_gradient = target or (isinstance(module, type) and issubclass(module, NonGradientExperiment))
+    experiment = module(cfg) if non_gradient and not target else None
     try:  # (a grid's or sweep's child keeps its data's errors in its own FAILED run, beside its siblings)
         prepared = None if non_gradient else _prepare_fit(cfg, pipeline, set_up_data=parent is None)
+        if experiment is not None and parent is None:
+            _prepare_experiment(experiment)
     except RunInterrupted as stop:
         stop.pipeline = cfg.pipeline
         if reopen:  # the run stays KILLED: the same resume= continues it
@@ -466,7 +484,7 @@ def run_one(
             for text in prepared.notices if prepared is not None and tracker is not None else []:
                 tracker.add_notice(text)
             if non_gradient:
-                run = module if target else (lambda c, t: module(c).run(t))
+                run = module if target else (lambda c, t: experiment.run(t))
                 try:
                     metrics = _run_non_gradient(cfg, run, tracker)
                 except RunInterrupted as stop:

@@ -325,6 +325,22 @@ def test_a_file_that_is_not_an_image_is_named_before_training(tmp_path):
             check_images([tmp_path / "ok.png", tmp_path / name])
 
 
+def test_a_non_gradient_pipelines_bad_image_is_one_line_and_opens_no_run(home, tmp_path):
+    """compression and input_iba read their data in ``prepare``, before the run opens (was: a FAILED run behind the line)."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8)).save(tmp_path / split / c / f"{i}.png")
+    (tmp_path / "train" / "dog" / "1.png").write_bytes(bytes(range(64)))
+    args = ("preset=smoke", "data.name=imagefolder", f"data.root={tmp_path}", "data.train_size=0", "data.test_size=0")
+    out = cli("train", "compression", *args)
+    assert out.returncode == 2 and "dog/1.png is not a readable image" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert_no_run("compression")
+
+
 def test_a_text_file_not_in_utf8_names_the_file_and_the_byte(tmp_path):
     from common.data import read_text
 

@@ -509,11 +509,18 @@ class CompressionExperiment(NonGradientExperiment):
         if channels is not None and str(cfg.model.name).startswith("resnet") and len(channels) != 4:
             raise ConfigError(f"model.kwargs.channels gives one width per ResNet stage: 4 numbers, got {list(channels)}")
 
+    task: Task | None = None
+
+    def prepare(self) -> None:
+        if self.task is None:
+            self.task = load_task(self.cfg)  # (decodes and checks every image; draws nothing)
+
     def run(self, tracker: Tracker | None) -> dict[str, float]:
         cfg = self.cfg
         self.check_config(cfg)
         device = torch.device(resolve_accelerator(str(cfg.trainer.accelerator)))
-        task = load_task(cfg)
+        self.prepare()
+        task = self.task
         baseline = baseline_stage(cfg, task, device)
         base_top1 = evaluate(baseline, task, cfg, device)
         ctx = Context(cfg, task, baseline, device, int(cfg.seed))

@@ -298,11 +298,18 @@ class InputIBAExperiment(NonGradientExperiment):
         if cfg.model.checkpoint:  # its format (it is loaded once the run opens)
             require_weights_file(cfg.model.checkpoint, "model.checkpoint")
 
+    task: Task | None = None
+
+    def prepare(self) -> None:
+        if self.task is None:
+            self.task = load_task(self.cfg)  # (decodes and checks every image and annotation; draws nothing)
+
     def run(self, tracker: Tracker | None) -> dict[str, float]:
         cfg = self.cfg
         self.check_config(cfg)
         device = torch.device(resolve_accelerator(str(cfg.trainer.accelerator)))
-        task = load_task(cfg)
+        self.prepare()
+        task = self.task
         model, history = classifier_stage(cfg, task, device)
         metrics = {"classifier/test_acc": float((predict(model, task.test.images, cfg, device) == task.test.labels).float().mean())}
         images, y, evidence, ids = attribution_images(cfg, task, model, device)
