@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from common.hardware import resolve_accelerator, timed
-from common.tracking import Tracker
+from common.tracking import Tracker, notice
 from pipelines.stg_kd.data import VideoCaptionDataModule, collate, CaptionSet
 from pipelines.stg_kd.model import beam_search, caption_ce
 from pipelines.stg_kd.module import build_model
@@ -43,6 +43,8 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     cap = model.captioners["scene"]
     test = data.splits["test"]
     n = min(int(b.videos), len(test["ids"]))
+    if n < b.videos:
+        notice(f"bench.videos={b.videos} is more than the {n} test clips: decoding {n}")
     with torch.no_grad():
         src = model.source("scene", {"scene": test["scene"][:n].to(device)})
     decode = lambda x: beam_search(cap, x, int(b.beam), int(cfg.decode.max_len), float(cfg.decode.length_alpha))

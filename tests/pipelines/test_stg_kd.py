@@ -225,6 +225,12 @@ def test_folder_bad_inputs_are_one_line_each(tmp_path):
     np.savez(fs3 / "objects" / "v1.npz", **{**arrays, "frame_size": np.array([0, 0])})  # boxes ÷ 0: NaN, then "diverged"
     with pytest.raises(ConfigError, match=re.escape("v1.npz: 'frame_size' is [0.0, 0.0]; expected [W, H], two positive numbers")):
         read_folder(str(fs3), cfg(fs3))
+    for mask in (np.nan, 0.3):  # astype(bool) read both as "a real object"
+        np.savez(fs3 / "objects" / "v1.npz", **arrays, mask=np.full(arrays["boxes"].shape[:2], mask))
+        with pytest.raises(ConfigError, match=r"v1.npz: 'mask' must hold 0/1 or booleans \(1: a real object\), got values like"):
+            read_folder(str(fs3), cfg(fs3))
+    np.savez(fs3 / "objects" / "v1.npz", **arrays, mask=np.ones(arrays["boxes"].shape[:2]))  # float 0/1: fine
+    read_folder(str(fs3), cfg(fs3))
     np.savez(fs3 / "objects" / "v1.npz", **arrays)
     big = np.zeros((5, 6))
     big[0, 0] = 1e300  # finite in float64, inf in float32: trained to a nan loss ("diverged")
