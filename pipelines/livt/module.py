@@ -4,6 +4,7 @@ LightningModule is stage 2, balanced fine-tuning, with top-1 overall and on many
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -210,6 +211,13 @@ class LiVTModule(pl.LightningModule):
             lo, hi = OmegaConf.select(cfg, key)
             if lo > hi:
                 raise ConfigError(f"{key} is [min, max] of RandomResizedCrop's area, min <= max; got {[lo, hi]}")
+        policy = str(cfg.augment.randaugment)
+        skipped = [part for part in policy.split("-")[1:] if not re.fullmatch(r"t.+|(mstd|mmax|inc|m|n|p)\d.*", part)]
+        if policy != "none" and skipped:  # timm skips a section it cannot read: the policy would run without it, silently
+            raise ConfigError(
+                f"augment.randaugment={policy!r}: timm would skip {', '.join(map(repr, skipped))} (sections after 'rand' are "
+                "m<magnitude>, n<layers>, p<prob>, mstd<std>, mmax<max>, inc<0|1>, t<transforms>); e.g. rand-m9-mstd0.5-inc1, or none"
+            )
         try:  # timm parses the RandAugment string only when the transform is built: after MGP, without this
             train_transform(cfg.data, cfg.augment)
         except (AssertionError, ValueError, KeyError) as err:

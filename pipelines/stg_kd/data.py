@@ -350,7 +350,9 @@ def read_folder(root: str, d: DictConfig) -> dict[str, dict]:
             boxes, feats = check("boxes", members["boxes"], po, 3), check("object features", members["features"], po, 3)
             mask = members.get("mask", np.ones(boxes.shape[:2], bool))
             if mask.dtype != bool and not (mask.dtype.kind in "iuf" and np.isin(mask, (0, 1)).all()):  # (NaN or 0.3 read as True)
-                raise ConfigError(f"{po}: 'mask' must hold 0/1 or booleans (1: a real object), got values like {np.unique(mask)[:5].tolist()}")
+                raise ConfigError(
+                    f"{po}: 'mask' must hold 0/1 or booleans (1: a real object), got values like {np.unique(mask)[:5].tolist()}"
+                )
             mask = mask.astype(bool)
             size = members["frame_size"].astype(np.float32) if "frame_size" in members else None
         if size is not None and (size.size != 2 or not (size > 0).all() or not np.isfinite(size).all()):

@@ -349,6 +349,7 @@ def test_cli_bad_input_is_one_line(home):
         ({"data.mean": []}, "config key 'data.mean' must be a list of 3 values, got []"),
         ({"model.kwargs.patch_size": 0}, "config key 'model.kwargs.patch_size' must be >= 1, got 0"),
         ({"augment.randaugment": "garbage"}, "augment.randaugment='garbage' is not a timm policy (Unknown AA policy garbage)"),
+        ({"augment.randaugment": "rand-xyz-m9"}, "augment.randaugment='rand-xyz-m9': timm would skip 'xyz' (sections after"),
         # found by a fuzz of the command line: each was silently ignored, or failed after the run had opened
         ({"data.root": "/tmp"}, "data.root=/tmp is set but data.name=generated reads no folder"),
         ({"data.classes": 29}, "data.classes=29 is more than the generated set has (28 shape × texture pairs)"),
