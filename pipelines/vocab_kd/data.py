@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from common.config import ConfigError
 from common.data import check_full_batch, check_root_is_read, eval_loader, training_loader
+from common.tracking import notice
 from pipelines.vocab_kd.model import SpecialIds, normalise_and_split, resolve_teacher_path, segment_words, train_wordpiece
 
 TEXT_LAYOUT = "<root>/<collection>/*.txt (plain text; e.g. english_text/{gutenberg,inaugural,state_union}/*.txt)"
@@ -229,6 +230,7 @@ def collate(items: list[Passage]) -> list[Passage]:
 
 
 DATASETS = ("generated", "text_folder")
+UNKNOWN_WORDS_NOTICE = 0.01  # a student that cannot spell more of the test words than this is said to
 
 
 def split_passages(texts: dict[str, str], d: DictConfig) -> dict[str, list[tuple[str, int]]]:
@@ -316,6 +318,13 @@ class TextDataModule(pl.LightningDataModule):
         max_len = self.cfg.data.max_len
         self.splits = {k: segment_passages(v, self.teacher_tokenizer, self.student_tok, max_len) for k, v in items.items()}
         check_full_batch(self.cfg.data.batch_size, len(self.splits["train"]), "training passages")
+        words = [w for p in self.splits["test"] for w in p.pieces_s]
+        unknown = sum(w == [self.student_ids.unk] for w in words) / max(len(words), 1)
+        if unknown > UNKNOWN_WORDS_NOTICE:  # each such word is one easy [UNK] to predict: a perplexity that flatters
+            notice(
+                f"{100 * unknown:.0f} % of the test words are [UNK] to the student (its alphabet cannot spell them; "
+                f"student.limit_alphabet={self.cfg.student.limit_alphabet}): its perplexity is not comparable to the teacher's"
+            )
 
     def identity(self) -> dict:
         """What the teacher's MLM head cache depends on: the training text, and the student vocabulary (its batches mask

@@ -101,6 +101,18 @@ def test_teacher_head_cache_is_keyed_by_the_student_vocabulary(home, tiny_teache
     assert path() == path() != path(**{"student.vocab_size": compose("vocab_kd", {"preset": "smoke"}).student.vocab_size - 20})
 
 
+def test_a_student_that_cannot_spell_the_test_words_is_said(home, tiny_teacher, capsys):
+    """An alphabet of 1 character: nearly every word one [UNK], an easy token, and a perplexity far below the default's."""
+    from pipelines.vocab_kd.data import TextDataModule
+
+    for alphabet in (1000, 1):
+        values = {"preset": "smoke", "teacher.path": str(tiny_teacher), "student.limit_alphabet": alphabet}
+        TextDataModule(compose("vocab_kd", values)).setup()
+        said = capsys.readouterr().err
+        assert ("of the test words are [UNK] to the student" in said) == (alphabet == 1), said
+    assert re.search(r"notice: 100 % of the test words are \[UNK\] .*student.limit_alphabet=1\): its perplexity is not", said)
+
+
 def test_vocabulary_below_the_alphabet_is_one_line():
     with pytest.raises(ConfigError) as err:
         train_wordpiece(TEXTS, 20, 100, 2)
