@@ -217,9 +217,12 @@ class _Prepared:
         self.notices.append(text)
 
 
-def _prepare_experiment(experiment: Any) -> None:
+def _prepare_experiment(experiment: Any) -> _Prepared:
     """A non-gradient experiment's ``prepare`` (its data read and checked) before its run opens, as :func:`_prepare_fit`
-    sets a fit's data up: a bad value in the data is one line; any other error is met again when ``run`` prepares."""
+    sets a fit's data up: a bad value in the data is one line; any other error is met again when ``run`` prepares.
+    Its notices (a capped subset) are kept for the run."""
+    prepared = _Prepared(module=experiment)
+    OPEN_RUNS.append(prepared)
     try:
         with stop_on_signals():
             experiment.prepare()
@@ -230,6 +233,9 @@ def _prepare_experiment(experiment: Any) -> None:
             raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}") from None
         if isinstance(err, ConfigError):
             raise
+    finally:
+        OPEN_RUNS.remove(prepared)
+    return prepared
 
 
 def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline, set_up_data: bool) -> _Prepared:
@@ -443,7 +449,7 @@ def run_one(
     try:  # (a grid's or sweep's child keeps its data's errors in its own FAILED run, beside its siblings)
         prepared = None if non_gradient else _prepare_fit(cfg, pipeline, set_up_data=parent is None)
         if experiment is not None and parent is None:
-            _prepare_experiment(experiment)
+            prepared = _prepare_experiment(experiment)
     except RunInterrupted as stop:
         stop.pipeline = cfg.pipeline
         if reopen:  # the run stays KILLED: the same resume= continues it
