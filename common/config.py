@@ -179,6 +179,9 @@ def _split_top_level_commas(text: str) -> list[str]:
     return parts
 
 
+TEXT_KEYS = {"resume"}  # a run id (or its prefix) or a path: the grammar would read the prefix 012345 as octal 5349
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, list[Any]]]:
     """``["a.b=1", "c=x,y"]`` → ``[("a.b", [1]), ("c", ["x", "y"])]``; a comma list is a sweep axis."""
     parsed: dict[str, list[Any]] = {}
@@ -189,7 +192,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, list[Any]]]:
             raise ConfigError(f"override {item!r} must look like key=value (for example trainer.max_epochs=3)")
         if key in parsed:  # the last would win silently (and repeat a sweep's runs)
             raise ConfigError(f"config key '{key}' is given twice; give it once (a sweep: {key}=a,b)")
-        parsed[key] = [parse_value(part) for part in _split_top_level_commas(raw)]
+        parts = _split_top_level_commas(raw)
+        parsed[key] = [parse_value(part) for part in parts]
+        if key in TEXT_KEYS:  # as typed (null and empty aside)
+            parsed[key] = [v if v is None or v == "" else part.strip() for v, part in zip(parsed[key], parts)]
         repeated = sorted({str(v) for v in parsed[key] if sum(str(w) == str(v) for w in parsed[key]) > 1})
         if repeated:  # each would run again, the same point
             raise ConfigError(f"{key}={raw} repeats {', '.join(repeated)}; give each value once")

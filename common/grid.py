@@ -419,9 +419,14 @@ def parent_run(uri: str, run_id: str):
     if re.fullmatch(r"[0-9a-f]{6,31}", run_id):  # a prefix, as people copy ids from tables
         from mlflow.entities import ViewType
 
-        ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-        query = f"attributes.run_id LIKE '{run_id}%'"
-        found = client.search_runs(ids, filter_string=query, run_view_type=ViewType.ALL, max_results=6) if ids else []
+        try:  # the runs `lightyard runs` shows, else deleted ones too (get_run finds those); a store without LIKE: none
+            ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+            for view in (ViewType.ACTIVE_ONLY, ViewType.ALL) if ids else ():
+                found = client.search_runs(ids, filter_string=f"attributes.run_id LIKE '{run_id}%'", run_view_type=view, max_results=6)
+                if found:
+                    break
+        except MlflowException:
+            found = []
     if len(found) == 1:
         return client, found[0]
     if found:

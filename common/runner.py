@@ -219,9 +219,9 @@ class _Prepared:
 
 def _prepare_experiment(experiment: Any) -> _Prepared:
     """A non-gradient experiment's ``prepare`` (its data read and checked) before its run opens, as :func:`_prepare_fit`
-    sets a fit's data up: a bad value in the data is one line; any other error is met again when ``run`` prepares.
-    Its notices (a capped subset) are kept for the run."""
-    prepared = _Prepared(module=experiment)
+    sets a fit's data up: a bad value in the data is one line; any other error is raised inside the run. Its notices (a
+    capped subset) are kept for the run."""
+    prepared = _Prepared()
     OPEN_RUNS.append(prepared)
     try:
         with stop_on_signals():
@@ -233,6 +233,7 @@ def _prepare_experiment(experiment: Any) -> _Prepared:
             raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}") from None
         if isinstance(err, ConfigError):
             raise
+        prepared.error = err  # a crash, not a bad value: raised again inside the run, which keeps its traceback
     finally:
         OPEN_RUNS.remove(prepared)
     return prepared
@@ -490,6 +491,8 @@ def run_one(
             for text in prepared.notices if prepared is not None and tracker is not None else []:
                 tracker.add_notice(text)
             if non_gradient:
+                if prepared is not None and prepared.error is not None:
+                    raise prepared.error
                 run = module if target else (lambda c, t: experiment.run(t))
                 try:
                     metrics = _run_non_gradient(cfg, run, tracker)

@@ -71,6 +71,9 @@ def test_override_parsing_and_sweep_grid():
     assert len(grid) == 4 and {"x": 2, "y": "b", "z": [1, 2]} in grid
     with pytest.raises(ConfigError, match="must look like key=value"):
         parse_overrides(["oops"])
+    # a run id (prefix) as typed: the grammar read 0123456 as octal 42798 and 12e45678 as inf
+    assert parse_overrides(["resume=0123456", "x=0123"]) == [("resume", ["0123456"]), ("x", [83])]
+    assert parse_overrides(["resume=12e45678"]) == [("resume", ["12e45678"])] and parse_overrides(["resume=null"]) == [("resume", [None])]
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,7 @@ def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
     assert "stale: process" in client.get_run(parent.info.run_id).data.tags["error"]
-    resumed = cli("reproduce", "toy", f"resume={parent.info.run_id}", "launcher.workers=1")
+    resumed = cli("reproduce", "toy", f"resume={parent.info.run_id[:8]}", "launcher.workers=1")  # a prefix will do
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "4 of 4 child runs to run" in resumed.stdout  # the killed child had no checkpoint yet: it reruns
 
@@ -245,6 +245,21 @@ def test_report_of_reruns_gives_min_max_per_cell_and_refuses_different_settings(
     assert by_prefix.returncode == 0 and by_prefix.stdout == out.stdout, by_prefix.stderr
     short = cli("report", first.run_id[:5])  # under 6 characters: not taken as a prefix
     assert short.returncode == 2 and f"no run {first.run_id[:5]} " in short.stderr
+
+
+def test_an_ambiguous_run_id_prefix_names_the_runs_it_matches(home, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    runs = [SimpleNamespace(info=SimpleNamespace(run_id=f"abcdef{i}" + "0" * 25)) for i in range(2)]
+    monkeypatch.setattr(MlflowClient, "search_experiments", lambda self, **kw: [SimpleNamespace(experiment_id="0")])
+    monkeypatch.setattr(
+        MlflowClient, "search_runs", lambda self, ids, filter_string, **kw: runs if "LIKE 'abcdef%'" in filter_string else []
+    )
+    out = cli("report", "abcdef")
+    assert out.returncode == 2 and not out.stdout.strip()
+    assert f"run id prefix abcdef matches 2 runs ({runs[0].info.run_id}, {runs[1].info.run_id}); give more of it" in out.stderr
 
 
 def test_range_cells_are_min_max_of_each_runs_own_cell_and_say_what_is_missing():

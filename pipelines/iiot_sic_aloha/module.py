@@ -97,7 +97,7 @@ class SicAlohaExperiment(NonGradientExperiment):
     def check_config(cls, cfg: DictConfig) -> None:
         scenario_from_config(cfg.sim)  # what ranges alone cannot say (one q per node); the ranges are conf's checks
         check_schemes(cfg.sim.schemes)
-        check_schemes([cfg.bench.scheme], "bench.schemes")  # (a bench point's; the grid sets bench.scheme)
+        check_schemes([cfg.bench.scheme], "bench.scheme (a bench point's, from bench.schemes)")
 
     def run(self, tracker: Tracker) -> dict[str, float]:
         cfg = self.cfg

@@ -212,8 +212,9 @@ class LiVTModule(pl.LightningModule):
             if lo > hi:
                 raise ConfigError(f"{key} is [min, max] of RandomResizedCrop's area, min <= max; got {[lo, hi]}")
         policy = str(cfg.augment.randaugment)
-        skipped = [part for part in policy.split("-")[1:] if not re.fullmatch(r"t.+|(mstd|mmax|inc|m|n|p)\d.*", part)]
-        if policy != "none" and skipped:  # timm skips a section it cannot read: the policy would run without it, silently
+        sections = policy.split("-")[1:] if policy.startswith("rand") else []  # (augmix-…, original-…: timm's own parsers)
+        skipped = [part for part in sections if not part.startswith("t") and not re.search(r"\d", part)]
+        if skipped:  # timm's RandAugment skips a section without a number: the policy would run without it, silently
             raise ConfigError(
                 f"augment.randaugment={policy!r}: timm would skip {', '.join(map(repr, skipped))} (sections after 'rand' are "
                 "m<magnitude>, n<layers>, p<prob>, mstd<std>, mmax<max>, inc<0|1>, t<transforms>); e.g. rand-m9-mstd0.5-inc1, or none"

@@ -19,14 +19,14 @@ from common.memory import MB, read_peak_rss, reset_peak_rss, run_isolated
 from common.tables import markdown_table
 from common.tracking import Tracker
 from pipelines.setr.data import class_names
-from pipelines.setr.model import build_setr, check_decoder, create_vit, make_optimizer, setr_loss, slide_inference, window_origins
+from pipelines.setr.model import build_setr, create_vit, make_optimizer, setr_loss, slide_inference, window_origins
 
 BENCH_CLASSES = 19  # Cityscapes' trainIds
 
 
 def _bench_model(cfg: DictConfig, device: torch.device):
     b = cfg.bench
-    vit = create_vit(cfg.model.name, OmegaConf.to_container(b.model_kwargs))
+    vit = create_vit(cfg.model.name, OmegaConf.to_container(b.model_kwargs), key="bench.model_kwargs")
     return build_setr(b.decoder, vit, BENCH_CLASSES, None, None, cfg.model.channels, cfg.model.head_channels).to(device)
 
 
@@ -101,7 +101,6 @@ def bench_point(cfg: DictConfig, tracker: Tracker | None) -> dict[str, float]:
     """One decoder: training throughput and peak memory, then sliding-window inference with ``bench.windows_per_forward``
     windows per forward (0: all) against one window per forward, interleaved, on the same images and weights."""
     b = cfg.bench
-    check_decoder(b.decoder)
     device = torch.device(resolve_accelerator(str(cfg.trainer.accelerator)))
     threads = torch.get_num_threads()
     # on CPU a fresh process per measurement: memory freed by one would hide the next one's growth

@@ -375,6 +375,8 @@ def test_cli_bad_input_is_one_line(home):
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):  # checked before any run starts
             LiVTModule.check_config(compose("livt", values))
+    for policy in ("rand-m9-n3-mstd0.5-inc1-mmax9", "rand-mstd1-tweights", "augmix-m5-w4-d2", "original-mstd0.5"):
+        LiVTModule.check_config(compose("livt", {"augment.randaugment": policy}))  # timm's policies of every family pass
 
 
 # -- the MGP cache ------------------------------------------------------------------------------------------------
