@@ -414,8 +414,7 @@ def parent_run(uri: str, run_id: str):
     try:
         return client, client.get_run(run_id)
     except MlflowException:
-        pass
-    found = []
+        found = []  # not a whole id: perhaps the start of one
     if re.fullmatch(r"[0-9a-f]{6,31}", run_id):  # a prefix, as people copy ids from tables
         from mlflow.entities import ViewType
 

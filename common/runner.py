@@ -217,25 +217,32 @@ class _Prepared:
         self.notices.append(text)
 
 
-def _prepare_experiment(experiment: Any) -> _Prepared:
-    """A non-gradient experiment's ``prepare`` (its data read and checked) before its run opens, as :func:`_prepare_fit`
-    sets a fit's data up: a bad value in the data is one line; any other error is raised inside the run. Its notices (a
-    capped subset) are kept for the run."""
-    prepared = _Prepared()
+@contextlib.contextmanager
+def _preparing(prepared: _Prepared):
+    """Work before the run opens: its notices kept for the run; a signal stops with no run to mark; a bad value is its
+    one line; any other error is kept in ``prepared.error`` and raised inside the run, which keeps its traceback."""
     OPEN_RUNS.append(prepared)
     try:
         with stop_on_signals():
-            experiment.prepare()
+            yield
     except RunInterrupted:
         raise
     except Exception as err:
-        if _RECEIVED:  # our signal, which a data reader turned into its own error
+        if _RECEIVED:  # our signal, which a data reader turned into its own error ("not a readable image")
             raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}") from None
         if isinstance(err, ConfigError):
             raise
-        prepared.error = err  # a crash, not a bad value: raised again inside the run, which keeps its traceback
+        prepared.error = err
     finally:
         OPEN_RUNS.remove(prepared)
+
+
+def _prepare_experiment(experiment: Any) -> _Prepared:
+    """A non-gradient experiment's ``prepare`` (its data read and checked) before its run opens, as :func:`_prepare_fit`
+    sets a fit's data up."""
+    prepared = _Prepared()
+    with _preparing(prepared):
+        experiment.prepare()
     return prepared
 
 
@@ -255,28 +262,16 @@ def _prepare_fit(cfg: DictConfig, pipeline: registry.Pipeline, set_up_data: bool
     from common.tracking import notice
 
     prepared = _Prepared()
-    OPEN_RUNS.append(prepared)
-    try:
+    with _preparing(prepared):
         if cfg.get("preset") == "paper" and resolve_accelerator(str(cfg.trainer.accelerator)) == "cpu":
             notice("preset=paper has the paper's settings, sized for GPUs: on this CPU it can take hours (preset=quick is the CPU size)")
-        with stop_on_signals():
-            pl.seed_everything(cfg.seed, workers=True, verbose=False)
-            prepared.datamodule = data = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
-            prepared.module = pipeline.load("module")(cfg)
-            freeze_when_built(prepared.module, cfg.freeze)
-            spawning = "spawn" in str(cfg.trainer.get("strategy", ""))
-            if set_up_data and data is not None and not spawning and not _overrides(data, "prepare_data", pl.LightningDataModule):
-                data.setup("fit")
-    except RunInterrupted:
-        raise
-    except Exception as err:
-        if _RECEIVED:  # our signal, which a data reader turned into its own error ("not a readable image")
-            raise RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}") from None
-        if isinstance(err, ConfigError):
-            raise
-        prepared.error = err  # a crash, not a bad value: raised again inside the run, which keeps its traceback
-    finally:
-        OPEN_RUNS.remove(prepared)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
+        prepared.datamodule = data = pipeline.load("datamodule")(cfg) if pipeline.datamodule else None
+        prepared.module = pipeline.load("module")(cfg)
+        freeze_when_built(prepared.module, cfg.freeze)
+        spawning = "spawn" in str(cfg.trainer.get("strategy", ""))
+        if set_up_data and data is not None and not spawning and not _overrides(data, "prepare_data", pl.LightningDataModule):
+            data.setup("fit")
     prepared.rng = rng.get_state()
     return prepared
 

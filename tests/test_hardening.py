@@ -555,7 +555,7 @@ def test_an_empty_list_where_entries_are_needed_is_one_line(pipeline, key):
         ("vocab_kd", "bench.sizes=[15]", "bench.sizes entry=15 must be a multiple of student.head_dim=8"),
         ("sgd_freeze_embed", "bench.models=[foo]", "unknown timm model 'foo'"),
         ("sgd_freeze_embed", "bench.optimizers=[foo]", "unknown bench.optimizers foo"),
-        ("iiot_sic_aloha", "bench.schemes=[foo]", "unknown scheme(s) foo in bench.schemes"),
+        ("iiot_sic_aloha", "bench.schemes=[foo]", "unknown scheme(s) foo in bench.scheme (a bench point's, from bench.schemes)"),
     ],
 )
 def test_a_bad_name_or_size_a_bench_point_reads_is_one_line_and_opens_no_run(home, pipeline, arg, expected):
