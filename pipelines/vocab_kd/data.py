@@ -230,7 +230,7 @@ def collate(items: list[Passage]) -> list[Passage]:
 
 
 DATASETS = ("generated", "text_folder")
-UNKNOWN_WORDS_NOTICE = 0.01  # a student that cannot spell more of the test words than this is said to
+UNKNOWN_WORDS_NOTICE = 0.01  # above this share of test words [UNK] to the student, a notice says so
 
 
 def split_passages(texts: dict[str, str], d: DictConfig) -> dict[str, list[tuple[str, int]]]:
