@@ -15,7 +15,7 @@ from common.config import ConfigError
 from common.runner import compose, train
 from pipelines.hog_gcn.data import csbm, edge_homophily, load_real, random_splits
 from pipelines.hog_gcn.model import MODELS, HOGGCN, khop_support, pair_dot, propagate
-from pipelines.hog_gcn.module import fit_split
+from pipelines.hog_gcn.module import HogGCNModule, fit_split
 from tests.conftest import saved_bytes
 
 PATH = torch.tensor([[0, 1, 1, 2, 2, 3], [1, 0, 2, 1, 3, 2]])  # the path 0 - 1 - 2 - 3
@@ -376,6 +376,18 @@ def test_lightning_run_logs_test_accuracy_at_best_validation(home):
     best = max(range(len(val)), key=lambda i: (val[i], -i))  # the first epoch with the best validation accuracy
     assert len(val) == 8 and result.metrics["best_epoch"] == best
     assert result.metrics["test_acc_at_best_val"] == pytest.approx(test[best])
+
+
+def test_the_module_steps_itself_yet_a_diverged_loss_fails_the_run_and_clipping_is_refused(home):
+    """The step is written out (manual optimisation, for the overhead bench): it still returns its loss, which
+    FiniteLoss checks, and Lightning's clipping and accumulation, which would apply to no step, are one line."""
+    from common.callbacks import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: the loss is (nan|inf) at step \d+"):
+        train("hog_gcn", ["preset=smoke", "model.name=gcn", "optim.lr=1e30", "trainer.max_epochs=40", "trainer.log_every_n_steps=1"])
+    for key, value in (("gradient_clip_val", 1.0), ("accumulate_grad_batches", 2)):
+        with pytest.raises(ConfigError, match=f"^trainer.{key} does not apply to hog_gcn's one full-batch step an epoch"):
+            HogGCNModule.check_config(compose("hog_gcn", {f"trainer.{key}": value}))
 
 
 def test_bad_model_name_and_missing_root_are_one_line_errors(home):
