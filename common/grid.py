@@ -42,7 +42,7 @@ from common import registry
 from common.config import ConfigError, check_applies, flatten, pipeline_file, shortcut_for, sweep_points
 from common.report import INDEX_TAG, POINT_TAG, SUPERSEDED_TAG, build_report, point_key
 from common.runner import _RECEIVED, RunInterrupted, _fail, check_run_config, compose, run_one, stop_on_signals
-from common.tracking import Heartbeat, Tracker, check_server, mark_stale, tracking_uri
+from common.tracking import Heartbeat, Tracker, check_server, find_run, mark_stale, tracking_uri
 
 STOP_AFTER = 3  # a grid whose first children all fail the same way stops there
 
@@ -406,41 +406,11 @@ def _grid_record(client: Any, parent_id: str) -> dict:
         return json.loads(Path(path).read_text())
 
 
-def parent_run(uri: str, run_id: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        return client, client.get_run(run_id)
-    except MlflowException:
-        found = []  # not a whole id: perhaps the start of one
-    if re.fullmatch(r"[0-9a-f]{6,31}", run_id):  # a prefix, as people copy ids from tables
-        from mlflow.entities import ViewType
-
-        try:  # the runs `lightyard runs` shows, else deleted ones too (get_run finds those); a store without LIKE: none
-            ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
-            for view in (ViewType.ACTIVE_ONLY, ViewType.ALL) if ids else ():
-                found = client.search_runs(ids, filter_string=f"attributes.run_id LIKE '{run_id}%'", run_view_type=view, max_results=6)
-                if found:
-                    break
-        except MlflowException:
-            found = []
-    if len(found) == 1:
-        return client, found[0]
-    if found:
-        shown = ", ".join(r.info.run_id for r in found[:5]) + (", …" if len(found) > 5 else "")
-        raise ConfigError(
-            f"run id prefix {run_id} matches {len(found) if len(found) < 6 else 'more than 5'} runs ({shown}); give more of it"
-        )
-    raise ConfigError(f"no run {run_id} in {uri} (a run id, or 6 or more of its first characters); `lightyard runs` lists run ids")
-
-
 def resume_experiment(kind: str, pipeline: str, parent_id: str, values: dict[str, Any]) -> GridResult:
     """Run the points of an earlier grid that have no FINISHED child; stale RUNNING children are marked KILLED first."""
     extra = {k: v for k, v in values.items() if k != "resume"}
     uri = tracking_uri(compose(pipeline, {}))
-    client, run = parent_run(uri, parent_id)
+    client, run = find_run(uri, parent_id)
     parent_id, tags = run.info.run_id, run.data.tags  # a prefix given: the whole id from here on
     if tags.get("lightyard.pipeline") != pipeline or tags.get("lightyard.kind") != kind:
         raise ConfigError(
@@ -497,7 +467,7 @@ def report_command(run_ids: list[str]) -> str:
 
     parents = []
     for given in run_ids:
-        client, run = parent_run(uri, given)
+        client, run = find_run(uri, given)
         run_id = run.info.run_id
         if any(seen.info.run_id == run.info.run_id for seen, _, _ in parents):  # a range of one run twice is no range
             raise ConfigError(f"run {run.info.run_id} is given twice: a range over reruns needs each parent id once")

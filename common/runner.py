@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import re
 import functools
 import signal
 import threading
@@ -25,7 +26,7 @@ from common import registry
 from common.config import CONF_DIR, ConfigError, check_applies, load_config, set_checked, sweep_points
 from common.hardware import global_rank, skip_failing_nvml_check
 from common.environment import environment_report, environment_tags
-from common.tracking import OPEN_RUNS, Heartbeat, Tracker, check_server, stale_reason, start_system_metrics, tracking_uri
+from common.tracking import OPEN_RUNS, Heartbeat, Tracker, check_server, find_run, stale_reason, start_system_metrics, tracking_uri
 
 
 class RunInterrupted(Exception):
@@ -65,6 +66,9 @@ def compose(pipeline_name: str, values: dict[str, Any] | None = None) -> DictCon
 
 
 # -- resume -------------------------------------------------------------------------------------
+_NOT_A_RUN = "resume={target} is neither a .ckpt file nor a run id in {uri}; `lightyard runs` lists run ids"
+
+
 def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[DictConfig, str, str | None]:
     """Return (config, checkpoint path, run id to reopen or None) for ``resume=target``."""
     path = Path(target)
@@ -90,9 +94,7 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
     try:
         run = client.get_run(target)
     except MlflowException:
-        raise ConfigError(
-            f"resume={target} is neither a .ckpt file nor a run id in {tracking_uri(cfg)}; `lightyard runs` lists run ids"
-        ) from None
+        raise ConfigError(_NOT_A_RUN.format(target=target, uri=tracking_uri(cfg))) from None
     owner, kind = run.data.tags.get("lightyard.pipeline"), run.data.tags.get("lightyard.kind")
     command = kind if kind in ("reproduce", "bench") else "train"  # the command that continues it, named at once
     if owner != cfg.pipeline:
@@ -608,10 +610,13 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:
-            sweep = _sweep_parent(cfg, str(cfg.resume))
+            target = str(cfg.resume)
+            if re.fullmatch(r"[0-9a-f]{6,31}", target):  # a prefix of a run id, as report and grid resumes take
+                target = find_run(tracking_uri(cfg), target, _NOT_A_RUN.format(target=target, uri=tracking_uri(cfg)))[1].info.run_id
+            sweep = _sweep_parent(cfg, target)
             if sweep is not None:
                 return _resume_sweep(pipeline_name, sweep, points[0])
-            cfg, ckpt, reopen = _find_resume(cfg, str(cfg.resume), points[0])
+            cfg, ckpt, reopen = _find_resume(cfg, target, points[0])
             _check_progress(cfg, ckpt, new_run=reopen is None)
             return [run_one(cfg, ckpt_path=ckpt, reopen=reopen)]
         return [run_one(cfg)]

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import warnings
 import socket
 import subprocess
@@ -510,3 +511,37 @@ def mark_stale(client: Any, runs: Iterable[Any]) -> list[tuple[Any, str]]:
             client.set_terminated(run.info.run_id, status="KILLED")
             marked.append((run, reason))
     return marked
+
+
+def find_run(uri: str, run_id: str, missing: str = ""):
+    """(client, run) for a run id or a unique prefix of one (6+ characters, as people copy ids from tables); one line
+    when several match, and ``missing`` (or a line of its own) when none does."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        return client, client.get_run(run_id)
+    except MlflowException:
+        found = []  # not a whole id: perhaps the start of one
+    if re.fullmatch(r"[0-9a-f]{6,31}", run_id):  # a prefix, as people copy ids from tables
+        from mlflow.entities import ViewType
+
+        try:  # the runs `lightyard runs` shows, else deleted ones too (get_run finds those); a store without LIKE: none
+            ids = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+            for view in (ViewType.ACTIVE_ONLY, ViewType.ALL) if ids else ():
+                found = client.search_runs(ids, filter_string=f"attributes.run_id LIKE '{run_id}%'", run_view_type=view, max_results=6)
+                if found:
+                    break
+        except MlflowException:
+            found = []
+    if len(found) == 1:
+        return client, found[0]
+    if found:
+        shown = ", ".join(r.info.run_id for r in found[:5]) + (", …" if len(found) > 5 else "")
+        raise ConfigError(
+            f"run id prefix {run_id} matches {len(found) if len(found) < 6 else 'more than 5'} runs ({shown}); give more of it"
+        )
+    raise ConfigError(
+        missing or f"no run {run_id} in {uri} (a run id, or 6 or more of its first characters); `lightyard runs` lists run ids"
+    )

@@ -135,8 +135,9 @@ def test_resume_is_exact_when_the_interrupt_lands_on_an_epochs_last_batch(home, 
 
 def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
     (done,) = train("toy", ["trainer.max_epochs=1"])
-    out = cli("train", "toy", f"resume={done.run_id}")
-    assert out.returncode == 2 and f"run {done.run_id} is FINISHED; nothing to resume" in out.stderr
+    for given in (done.run_id, done.run_id[:8]):  # a unique prefix, as report and grid resumes take
+        out = cli("train", "toy", f"resume={given}")
+        assert out.returncode == 2 and f"run {done.run_id} is FINISHED; nothing to resume" in out.stderr
     out = cli("train", "hog_gcn", f"resume={done.run_id}")
     assert out.returncode == 2 and "is a run of toy, not of hog_gcn" in out.stderr
     assert "Traceback" not in out.stderr
