@@ -467,6 +467,26 @@ def check_data(d: DictConfig) -> None:
         raise ConfigError(
             f"data.scene_grid={d.scene_grid} exceeds the {side}×{side} feature map of a {d.frame_size}-pixel frame; use at most {side}"
         )
+    if d.name == "shapes":
+        import psutil
+
+        need, have = shapes_bytes(d), psutil.virtual_memory().total
+        if need > have:  # (a lower bound of the peak: it would end in an allocation error once the run had opened)
+            raise ConfigError(
+                f"the generated clips need over {need / 2**30:.0f} GiB to make (data.feature_width={d.feature_width}, "
+                f"data.frame_size={d.frame_size}, {max(d.n_train, d.n_val, d.n_test)} clips × data.frames={d.frames}), "
+                f"more than this machine's {have / 2**30:.0f} GiB; lower them"
+            )
+
+
+def shapes_bytes(d: DictConfig) -> float:
+    """Memory that making the shapes clips' features takes at least: the feature CNN with its gradients and Adam's
+    state (its two width × width convolutions), and its first map (width/2 channels, full resolution) over every
+    frame of the largest split, made at once by clip_features."""
+    width = int(d.feature_width)
+    params = 9 * (3 * (width // 2) + (width // 2) * width + width * width)
+    frames = max(d.n_train, d.n_val, d.n_test) * d.frames
+    return 4.0 * (4 * params + frames * (width // 2) * d.frame_size**2)
 
 
 class VideoCaptionDataModule(pl.LightningDataModule):

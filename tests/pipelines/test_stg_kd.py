@@ -284,6 +284,8 @@ def test_bad_values_are_one_line(home):
         ConfigError, match=re.escape("data.scene_grid=50 exceeds the 10×10 feature map of a 40-pixel frame; use at most 10")
     ):
         STGKDModule.check_config(compose("stg_kd", {"data.scene_grid": 50}))  # was a run to BLEU 0, FINISHED
+    with pytest.raises(ConfigError, match=r"^the generated clips need over \d+ GiB to make \(data.feature_width=1000000, .*; lower them$"):
+        STGKDModule.check_config(compose("stg_kd", {"data.feature_width": 1000000}))  # was an allocation error in a FAILED run
     from pipelines.stg_kd.data import FeatureCNN
 
     cnn = FeatureCNN(4, 2)  # the check's map side is the body's, at odd and even sizes
