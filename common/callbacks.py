@@ -206,7 +206,7 @@ class TrainingDiverged(RuntimeError):
 class FiniteLoss(pl.Callback):
     """Fails the run on a nan/inf training loss: the step's returned loss every ``log_every_n_steps`` batches (no
     device sync on other steps), and at the epoch's end every logged ``train*loss*`` value (every ``train*`` value of a
-    manually optimised module, whose steps return none). Each decision is a collective: all DDP ranks stop together."""
+    manually optimised module: drit's steps return no loss). Each decision is a collective: all DDP ranks stop together."""
 
     def __init__(self) -> None:
         self.every, self.batches = 1, 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import re
 import functools
 import signal
 import threading
@@ -26,7 +25,17 @@ from common import registry
 from common.config import CONF_DIR, ConfigError, check_applies, load_config, set_checked, sweep_points
 from common.hardware import global_rank, skip_failing_nvml_check
 from common.environment import environment_report, environment_tags
-from common.tracking import OPEN_RUNS, Heartbeat, Tracker, check_server, find_run, stale_reason, start_system_metrics, tracking_uri
+from common.tracking import (
+    OPEN_RUNS,
+    RUN_ID_PREFIX,
+    Heartbeat,
+    Tracker,
+    check_server,
+    find_run,
+    stale_reason,
+    start_system_metrics,
+    tracking_uri,
+)
 
 
 class RunInterrupted(Exception):
@@ -66,7 +75,9 @@ def compose(pipeline_name: str, values: dict[str, Any] | None = None) -> DictCon
 
 
 # -- resume -------------------------------------------------------------------------------------
-_NOT_A_RUN = "resume={target} is neither a .ckpt file nor a run id in {uri}; `lightyard runs` lists run ids"
+_NOT_A_RUN = (
+    "resume={target} is neither a .ckpt file nor a run id (or its first 6 or more characters) in {uri}; `lightyard runs` lists run ids"
+)
 
 
 def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[DictConfig, str, str | None]:
@@ -610,9 +621,9 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:
-            target = str(cfg.resume)
-            if re.fullmatch(r"[0-9a-f]{6,31}", target):  # a prefix of a run id, as report and grid resumes take
-                target = find_run(tracking_uri(cfg), target, _NOT_A_RUN.format(target=target, uri=tracking_uri(cfg)))[1].info.run_id
+            target, uri = str(cfg.resume), tracking_uri(cfg)
+            if RUN_ID_PREFIX.fullmatch(target):  # a prefix of a run id, as report and grid resumes take
+                target = find_run(uri, target, _NOT_A_RUN.format(target=target, uri=uri))[1].info.run_id
             sweep = _sweep_parent(cfg, target)
             if sweep is not None:
                 return _resume_sweep(pipeline_name, sweep, points[0])

@@ -513,6 +513,9 @@ def mark_stale(client: Any, runs: Iterable[Any]) -> list[tuple[Any, str]]:
     return marked
 
 
+RUN_ID_PREFIX = re.compile(r"[0-9a-f]{6,31}")  # the start of a run id (32 hex digits) that find_run looks up
+
+
 def find_run(uri: str, run_id: str, missing: str = ""):
     """(client, run) for a run id or a unique prefix of one (6+ characters, as people copy ids from tables); one line
     when several match, and ``missing`` (or a line of its own) when none does."""
@@ -524,7 +527,7 @@ def find_run(uri: str, run_id: str, missing: str = ""):
         return client, client.get_run(run_id)
     except MlflowException:
         found = []  # not a whole id: perhaps the start of one
-    if re.fullmatch(r"[0-9a-f]{6,31}", run_id):  # a prefix, as people copy ids from tables
+    if RUN_ID_PREFIX.fullmatch(run_id):  # a prefix, as people copy ids from tables
         from mlflow.entities import ViewType
 
         try:  # the runs `lightyard runs` shows, else deleted ones too (get_run finds those); a store without LIKE: none

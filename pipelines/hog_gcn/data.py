@@ -375,7 +375,7 @@ class GraphDataModule(pl.LightningDataModule):
             self.graph = graph
 
     def train_dataloader(self):
-        # the whole graph is every epoch's one batch (evaluation follows the step, HogGCNModule.training_step):
+        # the whole graph is every epoch's one batch (evaluation follows the step, HogGCNModule.on_train_batch_end):
         # a one-item iterable, not a DataLoader, whose iterator is rebuilt every epoch (a fixed cost beside a small
         # graph's epoch) and draws a base seed from the global RNG, shifting dropout away from fit_split's loop
         return OneBatch(self.graph)

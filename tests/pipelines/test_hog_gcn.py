@@ -386,8 +386,25 @@ def test_the_module_steps_itself_yet_a_diverged_loss_fails_the_run_and_clipping_
     with pytest.raises(TrainingDiverged, match=r"^training diverged: the loss is (nan|inf) at step \d+"):
         train("hog_gcn", ["preset=smoke", "model.name=gcn", "optim.lr=1e30", "trainer.max_epochs=40", "trainer.log_every_n_steps=1"])
     for key, value in (("gradient_clip_val", 1.0), ("accumulate_grad_batches", 2)):
-        with pytest.raises(ConfigError, match=f"^trainer.{key} does not apply to hog_gcn's one full-batch step an epoch"):
+        with pytest.raises(ConfigError, match=f"^trainer.{key} does not apply to hog_gcn, whose module steps its optimizer itself"):
             HogGCNModule.check_config(compose("hog_gcn", {f"trainer.{key}": value}))
+
+
+def test_evaluation_runs_outside_the_steps_autocast(monkeypatch):
+    """bf16-mixed (given as trainer.precision on CUDA) autocasts training_step: the epoch's accuracies, as fit_split's,
+    stay fp32."""
+    import lightning.pytorch as pl
+
+    from pipelines.hog_gcn import module
+    from pipelines.hog_gcn.data import GraphDataModule
+
+    autocast = []
+    evaluate = module.accuracies
+    monkeypatch.setattr(module, "accuracies", lambda *a: autocast.append(torch.is_autocast_enabled("cpu")) or evaluate(*a))
+    cfg = compose("hog_gcn", {"preset": "smoke", "model.name": "gcn", "trainer.max_epochs": 3})  # (HOG-GCN's sparse products: fp32 only)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_epochs=3, logger=False, enable_checkpointing=False)
+    trainer.fit(module.HogGCNModule(cfg), datamodule=GraphDataModule(cfg))
+    assert autocast == [False] * 3
 
 
 def test_bad_model_name_and_missing_root_are_one_line_errors(home):
