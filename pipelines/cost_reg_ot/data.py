@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from common.config import ConfigError
 from common.data import check_root_is_read, load_numpy, require_files
+from common.tracking import notice
 
 SCOT_LAYOUT = (
     "<root>/<x_file> and <y_file> (.npy, or .csv without header: cells × features, row i of both = cell i), "
@@ -29,8 +30,8 @@ SCOT_LAYOUT = (
 class PairedData:
     X: torch.Tensor  # n × dx
     Y: torch.Tensor  # n × dy (paired by row with X)
-    x_labels: torch.Tensor  # n
-    y_labels: torch.Tensor  # n
+    x_labels: torch.Tensor | None  # n (None: unlabelled, no label transfer is scored)
+    y_labels: torch.Tensor | None  # n
     true_map: torch.Tensor | None = None  # dy × dx, known for the planted generator
     name: str = ""
     # features both sides measure (n × k and m × k, same columns): the fused term of fused GW
@@ -166,6 +167,8 @@ def load_scot(
     and optionally features both sides measure (``x_shared``/``y_shared``, for fused GW)."""
     if bool(x_shared) != bool(y_shared):
         raise ConfigError("give both data.x_shared and data.y_shared (features both sides measure), or neither")
+    if bool(x_labels) != bool(y_labels):
+        raise ConfigError("give both data.x_labels and data.y_labels (one cell type per line), or neither")
     names = [x_file, y_file] + [f for f in (x_labels, y_labels, x_shared, y_shared) if f]
     root = require_files(root, names, SCOT_LAYOUT)
     X, Y = _read_matrix(root / x_file), _read_matrix(root / y_file)
@@ -173,17 +176,16 @@ def load_scot(
         raise ConfigError(f"{root}: {x_file} and {y_file} must be 2-D matrices (cells × features), got shapes {X.shape} and {Y.shape}")
     if len(X) != len(Y):
         raise ConfigError(f"{root}: {x_file} has {len(X)} cells but {y_file} has {len(Y)}; the rows must be paired cells")
-    xl = _read_labels(root / x_labels) if x_labels else np.zeros(len(X), dtype=np.int64)
-    yl = _read_labels(root / y_labels) if y_labels else np.zeros(len(Y), dtype=np.int64)
-    if len(xl) != len(X) or len(yl) != len(Y):
-        raise ConfigError(f"{root}: label files have {len(xl)} and {len(yl)} lines for {len(X)} cells; give one label per cell")
+    labels = [None, None]
+    if x_labels:
+        xl, yl = _read_labels(root / x_labels), _read_labels(root / y_labels)
+        if len(xl) != len(X) or len(yl) != len(Y):
+            raise ConfigError(f"{root}: label files have {len(xl)} and {len(yl)} lines for {len(X)} cells; give one label per cell")
+        labels = [torch.from_numpy(xl), torch.from_numpy(yl)]
+    else:  # (zeros would score every transfer as right)
+        notice(f"{root}: no data.x_labels/data.y_labels, so label_transfer is not computed (FOSCTTM needs only the pairing)")
     data = PairedData(
-        torch.from_numpy(np.asarray(X, dtype=np.float64)),
-        torch.from_numpy(np.asarray(Y, dtype=np.float64)),
-        torch.from_numpy(xl),
-        torch.from_numpy(yl),
-        None,
-        name or root.name,
+        torch.from_numpy(np.asarray(X, dtype=np.float64)), torch.from_numpy(np.asarray(Y, dtype=np.float64)), *labels, None, name or root.name
     )
     if x_shared:
         xs, ys = _read_matrix(root / x_shared), _read_matrix(root / y_shared)
@@ -281,6 +283,8 @@ def check_source(d: DictConfig) -> None:
         layout = SCOT_LAYOUT if d.source == "scot" else H5AD_LAYOUT
         raise ConfigError(f"data.source={d.source} needs data.root=<folder>; expected layout: {layout}")
     check_root_is_read(d, GENERATED_SOURCES, SOURCES, key="source")
+    if d.source == "h5ad" and not (d.x_file.endswith(".h5ad") and d.y_file.endswith(".h5ad")):  # the defaults are scot's
+        raise ConfigError(f"data.source=h5ad reads AnnData files: give data.x_file=<name>.h5ad data.y_file=<name>.h5ad (got {d.x_file}, {d.y_file})")
     if d.source in GENERATED_SOURCES and d.clusters > d.n:  # (clusters without a cell: label transfer scored on fewer)
         raise ConfigError(f"data.clusters={d.clusters} exceeds the data.n={d.n} cells generated; give at most {d.n}")
 

@@ -57,10 +57,9 @@ def support_recovery(found: torch.Tensor, true: torch.Tensor) -> tuple[float, fl
 
 def evaluate(data: PairedData, P: torch.Tensor, M: torch.Tensor | None, k: int) -> dict[str, float]:
     projected = barycentric_projection(P, data.Y)
-    metrics = {
-        "foscttm": foscttm(projected, data.Y),
-        "label_transfer": label_transfer_accuracy(projected, data.x_labels, data.Y, data.y_labels, k),
-    }
+    metrics = {"foscttm": foscttm(projected, data.Y)}
+    if data.x_labels is not None:
+        metrics["label_transfer"] = label_transfer_accuracy(projected, data.x_labels, data.Y, data.y_labels, k)
     if M is not None:
         metrics["zero_fraction"] = float((M.abs() <= 1e-12).double().mean())
         if data.true_map is not None:

@@ -277,6 +277,20 @@ def test_loader_errors_are_one_line(tmp_path):
         load_scot(tmp_path / "labels", "X.npy", yf, None, None)
 
 
+def test_unlabelled_pair_scores_no_label_transfer(tmp_path, capsys):
+    """Without label files there is nothing to transfer: the metric is left out (zeros for labels scored 1.0), said once."""
+    xf, yf = _write_scot(tmp_path / "pair", False)
+    data = load_scot(tmp_path / "pair", xf, yf, None, None)
+    assert data.x_labels is None and "label_transfer is not computed" in capsys.readouterr().err
+    P = torch.full((12, 12), 1 / 144, dtype=torch.float64)
+    assert set(evaluate(data, P, None, 5)) == {"foscttm"}
+    with pytest.raises(ConfigError, match=re.escape("give both data.x_labels and data.y_labels")):
+        load_scot(tmp_path / "pair", xf, yf, "xl.txt", None)
+    cfg = compose("cost_reg_ot", {"data.source": "h5ad", "data.root": str(tmp_path / "pair")})
+    with pytest.raises(ConfigError, match=re.escape("give data.x_file=<name>.h5ad data.y_file=<name>.h5ad (got X.npy, Y.npy)")):
+        build_pair(cfg)
+
+
 def test_h5ad_loader(tmp_path):
     anndata = pytest.importorskip("anndata")
     import pandas as pd
