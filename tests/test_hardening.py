@@ -20,7 +20,8 @@ from tests.conftest import ROOT, assert_no_run, cli, lightyard, wait_for_run
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("optim.lr=-0.01", "config key 'optim.lr' must be > 0, got -0.01"),
+        ("optim.lr=-0.01", "config key 'optim.lr' must be in (0, 10], got -0.01"),
+        ("optim.lr=1e38", "config key 'optim.lr' must be in (0, 10], got 1e+38"),  # was: Adam's step overflowed, a FAILED run
         ("model.dropout=1.5", "config key 'model.dropout' must be in [0, 1), got 1.5"),
         ("data.classes=0", "config key 'data.classes' must be >= 2, got 0"),
         ("data.homophily=1.5", "config key 'data.homophily' must be in [0, 1], got 1.5"),
