@@ -185,7 +185,11 @@ def load_scot(
     else:  # (zeros would score every transfer as right)
         notice(f"{root}: no data.x_labels/data.y_labels, so label_transfer is not computed (FOSCTTM needs only the pairing)")
     data = PairedData(
-        torch.from_numpy(np.asarray(X, dtype=np.float64)), torch.from_numpy(np.asarray(Y, dtype=np.float64)), *labels, None, name or root.name
+        torch.from_numpy(np.asarray(X, dtype=np.float64)),
+        torch.from_numpy(np.asarray(Y, dtype=np.float64)),
+        *labels,
+        None,
+        name or root.name,
     )
     if x_shared:
         xs, ys = _read_matrix(root / x_shared), _read_matrix(root / y_shared)
@@ -284,7 +288,9 @@ def check_source(d: DictConfig) -> None:
         raise ConfigError(f"data.source={d.source} needs data.root=<folder>; expected layout: {layout}")
     check_root_is_read(d, GENERATED_SOURCES, SOURCES, key="source")
     if d.source == "h5ad" and not (d.x_file.endswith(".h5ad") and d.y_file.endswith(".h5ad")):  # the defaults are scot's
-        raise ConfigError(f"data.source=h5ad reads AnnData files: give data.x_file=<name>.h5ad data.y_file=<name>.h5ad (got {d.x_file}, {d.y_file})")
+        raise ConfigError(
+            f"data.source=h5ad reads AnnData files: give data.x_file=<name>.h5ad data.y_file=<name>.h5ad (got {d.x_file}, {d.y_file})"
+        )
     if d.source in GENERATED_SOURCES and d.clusters > d.n:  # (clusters without a cell: label transfer scored on fewer)
         raise ConfigError(f"data.clusters={d.clusters} exceeds the data.n={d.n} cells generated; give at most {d.n}")
 

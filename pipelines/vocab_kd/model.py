@@ -220,15 +220,19 @@ def resolve_teacher_path(path: str) -> Path:
         missing.append("model.safetensors")
     if missing:
         raise ConfigError(f"teacher.path {folder} lacks {', '.join(missing)}; expected layout: {TEACHER_LAYOUT}")
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (ValueError, OSError) as err:
-        raise ConfigError(f"teacher.path {folder}/config.json is not readable JSON ({err})") from None
+    model_type = teacher_config(folder).get("model_type")
     if model_type != "bert":
         raise ConfigError(
             f"teacher.path {folder} holds a '{model_type}' model; this pipeline reads BERT-family checkpoints (model_type bert)"
         )
     return folder
+
+
+def teacher_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"teacher.path {folder}/config.json is not readable JSON ({err})") from None
 
 
 def load_teacher(folder: Path):

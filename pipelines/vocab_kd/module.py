@@ -31,6 +31,7 @@ from pipelines.vocab_kd.model import (
     masked_mean_pool,
     resolve_teacher_path,
     size_of,
+    teacher_config,
     teacher_mlm_head,
     weight_projection_loss,
 )
@@ -141,7 +142,9 @@ class VocabKDModule(pl.LightningModule):
     def check_config(cls, cfg: DictConfig) -> None:
         check_finite_length(cfg.trainer, "vocab_kd's learning-rate schedule")
         check_data(cfg.data)
-        resolve_teacher_path(cfg.teacher.path)
+        positions = teacher_config(resolve_teacher_path(cfg.teacher.path)).get("max_position_embeddings", 512)
+        if cfg.data.max_len > positions:  # (the teacher reads the same sequences)
+            raise ConfigError(f"data.max_len={cfg.data.max_len} exceeds the teacher's {positions} positions; give at most {positions}")
         if cfg.proj.reading not in READINGS:
             raise ConfigError(f"unknown proj.reading '{cfg.proj.reading}'; valid: {', '.join(READINGS)}")
         widths = {"student.hidden": cfg.student.hidden}

@@ -287,6 +287,8 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_teacher):
 
     with pytest.raises(ConfigError, match="data.name=text_folder needs data.root=<folder>"):
         VocabKDModule.check_config(compose("vocab_kd", {"data.name": "text_folder"}))
+    with pytest.raises(ConfigError, match=r"^data.max_len=65 exceeds the teacher's 64 positions; give at most 64$"):  # was: a FAILED run
+        VocabKDModule.check_config(compose("vocab_kd", {"data.max_len": 65, "teacher.path": str(tiny_teacher)}))
 
 
 def test_cli_bad_teacher_path_and_empty_corpus_are_one_line(home, tmp_path):
