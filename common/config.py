@@ -316,7 +316,9 @@ def fabric_run_values() -> dict[str, Any]:
 
 
 def _yaml_text(value: Any) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, (list, ListConfig)):
+        return f"[{', '.join(map(_yaml_text, value))}]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, Any], path: str | Path | None = None) -> None:
@@ -332,10 +334,19 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
             # the key itself, a key under a prefix rule (``lowrank.``), or a whole section given at once (``lowrank={…}``)
             if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")):
                 continue
-            if not any(all(OmegaConf.select(c, k) in allowed for k, allowed in needs.items()) for c in configs):
-                wanted = " and ".join(f"{k} is {'/'.join(map(_yaml_text, allowed))}" for k, allowed in needs.items())
+            if not any(all(_applies(OmegaConf.select(c, k), allowed) for k, allowed in needs.items()) for c in configs):
+                listed = {
+                    k for k, allowed in needs.items() if isinstance(OmegaConf.select(configs[0], k), ListConfig) and None not in allowed
+                }
+                verb = {k: "includes" if k in listed else "is" for k in needs}
+                wanted = " and ".join(f"{k} {verb[k]} {'/'.join(map(_yaml_text, allowed))}" for k, allowed in needs.items())
                 here = ", ".join(f"{k}={_yaml_text(OmegaConf.select(configs[0], k))}" for k in needs)
                 raise ConfigError(f"{key} has no effect here: it applies when {wanted} ({here}); leave it out")
+
+
+def _applies(value: Any, allowed: list) -> bool:
+    """A setting's value among the allowed ones; a list setting (``sim.schemes``) when one of its entries is."""
+    return any(v in allowed for v in value) if isinstance(value, ListConfig) else value in allowed
 
 
 def pipeline_file(pipeline: str, path: str | Path | None = None) -> DictConfig:

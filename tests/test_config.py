@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from common.config import CONF_DIR, ConfigError, parse_overrides, sweep_points, with_values
@@ -134,6 +136,14 @@ def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
     plan("reproduce", "setr", {"preset": "smoke", "model.aux_layers": [2]})  # the grid's naive and pup children read it
     with pytest.raises(ConfigError, match=r"^model.aux_layers has no effect here: it applies when model.decoder is naive/pup"):
         plan("reproduce", "setr", {"preset": "smoke", "reproduce.decoders": ["mla"], "model.aux_layers": [2]})
+    # a list setting: the key applies when the list holds one of the values (iiot: ran FINISHED, the key ignored)
+    iiot = compose("iiot_sic_aloha", {"sim.schemes": ["aloha", "capture"]})
+    with pytest.raises(ConfigError, match=re.escape("it applies when sim.schemes includes sic (sim.schemes=[aloha, capture]); leave")):
+        check_applies("iiot_sic_aloha", [iiot], {"sim.max_sic_stages": 2})
+    check_applies("iiot_sic_aloha", [compose("iiot_sic_aloha", {"sim.schemes": ["aloha", "sic"]})], {"sim.max_sic_stages": 2})
+    heterogeneous = compose("iiot_sic_aloha", {"sim.num_nodes": 2, "sim.event_probs": [0.1, 0.3]})
+    with pytest.raises(ConfigError, match=re.escape("it applies when sim.event_probs is null (sim.event_probs=[0.1, 0.3])")):
+        check_applies("iiot_sic_aloha", [heterogeneous], {"sim.event_prob": 0.5})
 
 
 def test_every_applies_rule_names_keys_of_its_config():
