@@ -6,6 +6,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from common.config import ConfigError
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.tracking import Tracker, pyplot
@@ -98,6 +99,10 @@ class SicAlohaExperiment(NonGradientExperiment):
         scenario_from_config(cfg.sim)  # what ranges alone cannot say (one q per node); the ranges are conf's checks
         check_schemes(cfg.sim.schemes)
         check_schemes([cfg.bench.scheme], "bench.scheme (a bench point's, from bench.schemes)")
+        if cfg.sim.streams > cfg.sim.replications:  # (the simulator would run fewer, the run's params say otherwise)
+            raise ConfigError(
+                f"sim.streams={cfg.sim.streams} exceeds sim.replications={cfg.sim.replications}: a stream runs whole replications; give at most {cfg.sim.replications}"
+            )
 
     def run(self, tracker: Tracker) -> dict[str, float]:
         cfg = self.cfg
