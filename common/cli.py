@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -553,8 +554,12 @@ def main(argv: list[str] | None = None) -> int:
     verbose, yes = [a for a in argv if a in ("-v", "--verbose")], [a for a in argv if a == "--yes"]
     args = build_parser().parse_args(verbose + [a for a in argv if a not in ("-v", "--verbose", "--yes")] + yes)
     quiet_console(args.verbose or os.environ.get("LIGHTYARD_VERBOSE", "") not in {"", "0"})
+    previous = _stop_on_sigterm()
     try:
         return args.func(args)
+    except _Stopped as stop:  # outside a run (the runner's own handlers mark an open run KILLED)
+        print(f"lightyard: stopped by signal {stop.signum} (no run was open: rerun it)", file=sys.stderr)
+        return 128 + stop.signum
     except ConfigError as err:
         run_id = getattr(err, "lightyard_run_id", None)  # found once a run had opened (the data's content, say)
         print(f"lightyard: error: {err}" + (f" (MLflow run {run_id} marked FAILED)" if run_id else ""), file=sys.stderr)
@@ -584,6 +589,27 @@ def main(argv: list[str] | None = None) -> int:
         where = f"traceback.txt in MLflow run {run_id}; " if run_id else ""
         print(f"lightyard: failed: {type(err).__name__}: {message} ({where}LIGHTYARD_DEBUG=1 prints the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Stopped(BaseException):
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+
+
+def _stop_on_sigterm():
+    """A SIGTERM while no run is open (importing torch, composing the config) ends the command with one line, not
+    silently; returns the handler it replaced (None off the main thread, where handlers cannot be set)."""
+
+    def stop(signum, frame):
+        raise _Stopped(signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 def _interrupted(stop) -> int:

@@ -206,6 +206,21 @@ def _epoch(loader, epoch, skip_batches=0):
     return torch.cat(batches[skip_batches:])
 
 
+def test_a_sigterm_before_any_run_opens_is_one_line(monkeypatch):
+    """While the command imports or composes (no run open yet) a SIGTERM killed it without a word (exit 143)."""
+    import os
+    import signal
+
+    from common import cli as command_line
+    from tests.conftest import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(command_line, "_cmd_list", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    out = cli("list")
+    assert out.returncode == 143 and out.stderr.strip() == "lightyard: stopped by signal 15 (no run was open: rerun it)"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_seeded_items_follow_epoch_and_index_not_the_draws_before_them(workers):
     """Augmentation draws of an item are a function of (seed, epoch, index): the same with loader workers (persistent,
