@@ -608,7 +608,8 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         raise ConfigError(
             f"experiment={first.experiment} picks a grid of `lightyard reproduce|bench {pipeline_name}`; `train` runs one config: leave it out"
         )
-    print(f"sweep: {len(points)} runs", flush=True) if len(points) > 1 else None
+    early = len(points) > 20  # composing a point takes ~50 ms: a large sweep says its size first, a small one once checked
+    print(f"sweep: {len(points)} runs", flush=True) if early else None
     configs = [first, *(compose(pipeline_name, point) for point in points[1:])]  # fail fast on any bad point
     for cfg in configs:
         check_run_config(cfg)
@@ -618,6 +619,7 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         {k: v for p in points for k, v in p.items() if k not in ("resume", "preset")},
         registry.get(pipeline_name).config,
     )
+    print(f"sweep: {len(points)} runs", flush=True) if 1 < len(points) and not early else None
     if len(configs) == 1:
         cfg = configs[0]
         if cfg.resume:
