@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=text,
             description=(
-                f"{text}.\n\noverrides: single values only (the grid is the experiment's), e.g. {common_keys};\n"
+                f"{text[0].upper()}{text[1:]}.\n\noverrides: single values only (the grid is the experiment's), e.g. {common_keys};\n"
                 "  experiment=<name> picks one of the pipeline's experiments; resume=<parent id> reruns only the points "
                 "without a FINISHED child;\n  launcher.workers=N runs N children at once; launcher.name=submitit_local|slurm"
             ),
@@ -500,16 +500,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on the project's store (127.0.0.1)")
+    p = sub.add_parser(
+        "ui", help=(text := "start the MLflow UI on the project's store (127.0.0.1)"), description=text[0].upper() + text[1:] + "."
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_ui)
 
-    p = sub.add_parser("env", help="what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)")
+    p = sub.add_parser(
+        "env",
+        help=(text := "what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)"),
+        description=text[0].upper() + text[1:] + ".",
+    )
     p.add_argument("--check-lock", action="store_true", help="only check that requirements.lock matches pyproject.toml (offline)")
     p.set_defaults(func=_cmd_env)
 
-    p = sub.add_parser("demo", help="every pipeline on its embedded data (demo-sized runs), then the runs table")
+    p = sub.add_parser(
+        "demo",
+        help=(text := "every pipeline on its embedded data (demo-sized runs), then the runs table"),
+        description=text[0].upper() + text[1:] + ".",
+    )
     p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")
     p.add_argument("--pipelines", nargs="+", help="only these pipelines")
     p.add_argument(

@@ -11,7 +11,13 @@ from common.config import ConfigError
 
 
 def unknown_model(name: str) -> ConfigError:
-    return ConfigError(f"unknown timm model '{name}'; list them with: python -c \"import timm; print(timm.list_models('{name[:3]}*'))\"")
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return ConfigError(f"unknown timm model '{name}'; {hint}list them with: python -c \"import timm; print(timm.list_models('*vit*'))\"")
 
 
 def check_timm_name(name: str) -> None:

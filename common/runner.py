@@ -117,19 +117,21 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         )
     if command != "train":
         raise ConfigError(f"run {target} is the parent of a {kind}; resume it with: lightyard {kind} {cfg.pipeline} resume={target}")
+    module = registry.get(cfg.pipeline).load("module")
+    from common.experiment import NonGradientExperiment
+
+    non_gradient = isinstance(module, type) and issubclass(module, NonGradientExperiment)
     if run.info.status == "FINISHED":
         raise ConfigError(
-            f"run {target} is FINISHED; nothing to resume (start a new run, or resume=<path/to.ckpt> to train on from its weights)"
+            f"run {target} is FINISHED; nothing to resume ("
+            + ("rerun it for a new run)" if non_gradient else "start a new run, or resume=<path/to.ckpt> to train on from its weights)")
         )
     if run.info.status == "RUNNING" and not stale_reason(run):
         raise ConfigError(
             f"run {target} is still RUNNING (pid {run.data.tags.get('lightyard.pid')} on {run.data.tags.get('lightyard.host')}); "
             "stop it first"
         )
-    module = registry.get(cfg.pipeline).load("module")
-    from common.experiment import NonGradientExperiment
-
-    if isinstance(module, type) and issubclass(module, NonGradientExperiment):
+    if non_gradient:
         raise ConfigError(
             f"{cfg.pipeline} runs outside the Lightning runner and keeps no checkpoint to resume from: rerun it "
             "with the same config and seed (what it cached, such as trained stages, is read again)"

@@ -6,10 +6,13 @@ from tests.conftest import cli
 def test_help_for_every_command():
     top = cli("--help")
     assert top.returncode == 0
-    for command in ("list", "train", "runs", "ui", "bench", "reproduce", "demo"):
+    for command in ("list", "train", "runs", "report", "ui", "env", "bench", "reproduce", "demo"):
         assert command in top.stdout
         sub = cli(command, "--help")
         assert sub.returncode == 0 and "usage: lightyard " + command in sub.stdout
+        # a line saying what the command does, below the usage (ui, env and demo had none)
+        described = sub.stdout.split("\n\n")[1]
+        assert described[:1].isupper() and not described.startswith(("positional arguments", "options")), command
 
 
 def test_list_shows_pipelines_with_descriptions():

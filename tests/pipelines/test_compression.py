@@ -316,7 +316,7 @@ def test_bad_input_is_one_line(home, tmp_path):
     with pytest.raises(ConfigError, match=r"^lowrank.rank_ratio=1.0 factorises none of compress.layers .*: lower lowrank.rank_ratio$"):
         check_technique(compose("compression", {"compress.technique": "low_rank", "compress.layers": ["fc"], "lowrank.rank_ratio": 1.0}))
     check_technique(compose("compression", {"compress.technique": "low_rank", "compress.layers": ["fc"], "lowrank.rank_ratio": 0.2}))
-    with pytest.raises(ConfigError, match=r"^unknown timm model 'resnet999'; list them with"):
+    with pytest.raises(ConfigError, match=r"^unknown timm model 'resnet999'; did you mean resnet[0-9]*, .*\? list them with"):
         CompressionExperiment.check_config(compose("compression", {"model.name": "resnet999"}))
     with pytest.raises(ConfigError, match=r"^unknown timm model 'notamodel'; list them with"):  # a bench child's, before it opens
         CompressionExperiment.check_config(compose("compression", {"bench.model": "notamodel"}))

@@ -279,6 +279,8 @@ def test_train_logs_metrics_tables_and_figures(home):
     }
     assert {"tables/simulation_vs_analysis.md", "tables/tuning.md", "figures/per_node_aoi.png"} <= artifacts
     assert run.data.metrics["sic/mean_aoi"] < run.data.metrics["aloha/mean_aoi"]
+    with pytest.raises(ConfigError, match=re.escape("is FINISHED; nothing to resume (rerun it for a new run)")):  # no .ckpt hint
+        train("iiot_sic_aloha", [f"resume={result.run_id}"])
 
 
 def _children(result):
