@@ -568,16 +568,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _Stopped as stop:  # outside a run (the runner's own handlers mark an open run KILLED)
+        _close_bars()
         print(f"lightyard: stopped by signal {stop.signum} (no run was open: rerun it)", file=sys.stderr)
         return 128 + stop.signum
     except ConfigError as err:
+        _close_bars()
         run_id = getattr(err, "lightyard_run_id", None)  # found once a run had opened (the data's content, say)
         print(f"lightyard: error: {err}" + (f" (MLflow run {run_id} marked FAILED)" if run_id else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_bars()
         print("lightyard: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a crash: the run is FAILED in MLflow with its traceback
+        _close_bars()
         # a run stopped by a signal; only a command that ran something has imported the runner (and torch with it:
         # the others, `list` or `runs`, start in a fraction of a second, and `demo` forks its first child before it)
         runner = sys.modules.get("common.runner")
@@ -602,6 +606,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _close_bars() -> None:
+    """Progress bars a failure or a signal left open (a stage's loop, not a with-block) end on their own line before
+    the command's last line, not with it appended to the bar and the bar drawn again below."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
 
 
 class _Stopped(BaseException):

@@ -73,3 +73,21 @@ def test_the_quick_exit_still_waits_for_threads_runs_exit_handlers_and_keeps_the
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "commandthread\nhandler\n"
+
+
+def test_an_error_ends_open_progress_bars_before_its_line(monkeypatch):
+    """A stage's bar left open by an error or a signal (not a with-block) got the command's last line appended to it."""
+    from tqdm.auto import tqdm
+
+    from common import cli as command_line
+    from common.config import ConfigError
+
+    def fail(args):
+        bar = tqdm(total=10, desc="stage 1")  # alive while the error is handled: its frame is in the traceback
+        bar.update(3)
+        raise ConfigError("bad data")
+
+    monkeypatch.setattr(command_line, "_cmd_list", fail)
+    out = cli("list")
+    *_, bar, line = out.stderr.replace("\r", "\n").strip().splitlines()
+    assert out.returncode == 2 and "stage 1:  30%" in bar and line == "lightyard: error: bad data"
