@@ -437,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show library output too (Lightning, MLflow, warnings)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    text = "registered pipelines with a one-line description, their presets and experiments"
-    sub.add_parser("list", help=text, description=text[0].upper() + text[1:] + ".").set_defaults(func=_cmd_list)
+    sub.add_parser("list", **_said("registered pipelines with a one-line description, their presets and experiments")).set_defaults(
+        func=_cmd_list
+    )
 
     common_keys = (
         "preset=smoke|quick|paper (sizes; quick is the default), seed=N, threads=N (0: torch's default), "
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=text,
             description=(
-                f"{text[0].upper()}{text[1:]}.\n\noverrides: single values only (the grid is the experiment's), e.g. {common_keys};\n"
+                f"{_said(text)['description']}\n\noverrides: single values only (the grid is the experiment's), e.g. {common_keys};\n"
                 "  experiment=<name> picks one of the pipeline's experiments; resume=<parent id> reruns only the points "
                 "without a FINISHED child;\n  launcher.workers=N runs N children at once; launcher.name=submitit_local|slurm"
             ),
@@ -491,8 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale", action="store_true", help="find runs left RUNNING by a killed process or a lost machine and mark them KILLED")
     p.set_defaults(func=_cmd_runs)
 
-    text = "rebuild a reproduce/bench parent run's tables and figures from MLflow (no rerun)"
-    p = sub.add_parser("report", help=text, description=text[0].upper() + text[1:] + ".")
+    p = sub.add_parser("report", **_said("rebuild a reproduce/bench parent run's tables and figures from MLflow (no rerun)"))
     p.add_argument(
         "run_id",
         nargs="+",
@@ -500,26 +500,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser(
-        "ui", help=(text := "start the MLflow UI on the project's store (127.0.0.1)"), description=text[0].upper() + text[1:] + "."
-    )
+    p = sub.add_parser("ui", **_said("start the MLflow UI on the project's store (127.0.0.1)"))
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_cmd_ui)
 
-    p = sub.add_parser(
-        "env",
-        help=(text := "what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)"),
-        description=text[0].upper() + text[1:] + ".",
-    )
+    p = sub.add_parser("env", **_said("what runs here: lock hash, Python, torch, CUDA, cuDNN, GPUs, packages (for a bug report)"))
     p.add_argument("--check-lock", action="store_true", help="only check that requirements.lock matches pyproject.toml (offline)")
     p.set_defaults(func=_cmd_env)
 
-    p = sub.add_parser(
-        "demo",
-        help=(text := "every pipeline on its embedded data (demo-sized runs), then the runs table"),
-        description=text[0].upper() + text[1:] + ".",
-    )
+    p = sub.add_parser("demo", **_said("every pipeline on its embedded data (demo-sized runs), then the runs table"))
     p.add_argument("overrides", nargs="*", help="overrides applied to every pipeline")
     p.add_argument("--pipelines", nargs="+", help="only these pipelines")
     p.add_argument(
@@ -530,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _said(text: str) -> dict[str, str]:
+    """A command's line in the top-level help, and the same as the sentence its own --help opens with."""
+    return {"help": text, "description": text[0].upper() + text[1:] + "."}
 
 
 def quiet_console(verbose: bool) -> None:
@@ -566,22 +561,22 @@ def main(argv: list[str] | None = None) -> int:
     quiet_console(args.verbose or os.environ.get("LIGHTYARD_VERBOSE", "") not in {"", "0"})
     previous = _stop_on_sigterm()
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseException:
+            _close_bars()
+            raise
     except _Stopped as stop:  # outside a run (the runner's own handlers mark an open run KILLED)
-        _close_bars()
         print(f"lightyard: stopped by signal {stop.signum} (no run was open: rerun it)", file=sys.stderr)
         return 128 + stop.signum
     except ConfigError as err:
-        _close_bars()
         run_id = getattr(err, "lightyard_run_id", None)  # found once a run had opened (the data's content, say)
         print(f"lightyard: error: {err}" + (f" (MLflow run {run_id} marked FAILED)" if run_id else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        _close_bars()
         print("lightyard: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # a crash: the run is FAILED in MLflow with its traceback
-        _close_bars()
         # a run stopped by a signal; only a command that ran something has imported the runner (and torch with it:
         # the others, `list` or `runs`, start in a fraction of a second, and `demo` forks its first child before it)
         runner = sys.modules.get("common.runner")
