@@ -239,6 +239,9 @@ def _list_rule_holds(rule: str, value: Any) -> bool | None:
     return None
 
 
+SEED_RULE = "integer; [0, 4294967295]"  # numpy's seed range
+
+
 def check_ranges(cfg: DictConfig, checks: dict[str, str]) -> None:
     """Every ``checks`` rule (dotted key → rule) against the composed config; a list is checked element by element
     (``non-empty`` and ``length N`` judge the list itself; rules joined by ``;`` all apply); a null value (an
@@ -332,8 +335,8 @@ def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, An
         key = shortcuts.get(given, given)
         for rule, needs in applies.items():
             # the key itself, a key under a prefix rule (``lowrank.``), or a whole section given at once (``lowrank={…}``)
-            if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")):
-                continue
+            if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")) or key in needs:
+                continue  # (a setting the rule depends on always applies: mgp.enabled under mgp.)
             if not any(all(_applies(OmegaConf.select(c, k), allowed) for k, allowed in needs.items()) for c in configs):
                 listed = {
                     k for k, allowed in needs.items() if isinstance(OmegaConf.select(configs[0], k), ListConfig) and None not in allowed
@@ -396,7 +399,10 @@ def load_config(pipeline: str, values: dict[str, Any] | None = None, path: str |
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise ConfigError(f"config does not resolve: {str(err).splitlines()[0]}") from None
-    check_ranges(cfg, checks)
+    # every key named seed or seeds is a numpy seed unless the checks say otherwise (experiments' grids take theirs
+    # from keys checked here: reproduce.seeds)
+    seeds = {k: SEED_RULE for k in flatten(cfg) if k.rsplit(".", 1)[-1] in ("seed", "seeds") and not k.startswith("experiments.")}
+    check_ranges(cfg, {**seeds, **checks})
     dataset = OmegaConf.select(cfg, "logger.dataset", default=None)
     if dataset and not isinstance(OmegaConf.select(cfg, str(dataset), default=None), DictConfig):
         sections = ", ".join(k for k, v in cfg.items() if isinstance(v, DictConfig) and k not in ("checks", "experiments"))

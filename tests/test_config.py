@@ -122,6 +122,10 @@ def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
         "lightyard: error: loss.tau has no effect here: it applies when loss.name is bal_ce/bal_bce (loss.name=ce); leave it out"
     )
     vocab = cli("train", "vocab_kd", "dual.enabled=false", "loss.kd_weight=2")
+    livt = [compose("livt", {"mgp.enabled": False})]
+    check_applies("livt", livt, {"mgp.enabled": False})  # a prefix rule's own setting always applies
+    with pytest.raises(ConfigError, match=r"^mgp.epochs has no effect here: it applies when mgp.enabled is true \(mgp.enabled=false\)"):
+        check_applies("livt", livt, {"mgp.epochs": 5})
     assert "it applies when dual.enabled is true (dual.enabled=false)" in vocab.stderr
     configs = [compose("compression", {"compress.technique": t}) for t in ("baseline", "prune_unstructured")]
     check_applies("compression", configs, {"prune.sparsity": 0.9})  # a sweep where one point reads it
@@ -231,3 +235,16 @@ def test_a_config_file_is_parsed_once_per_content_and_each_caller_gets_its_own_c
     path.write_text("a: [\n")
     with pytest.raises(ConfigError, match="p.yaml"):
         _load_yaml(path)
+
+
+def test_every_key_named_seed_is_a_numpy_seed():
+    """(livt mgp.seed=-1 failed inside a run with numpy's "Seed must be between 0 and 2**32 - 1"; drit's and
+    compression's inner seeds took any value) — one rule for every seed key, no pipeline's checks needed."""
+    for pipeline, key, value, shown in (
+        ("livt", "mgp.seed", -1, "-1"),
+        ("drit", "metrics.classifier.seed", 2**32, "4294967296"),
+        ("stg_kd", "reproduce.seeds", [0, -1], "-1 (in [0, -1])"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"config key '{key}' must be in [0, 4294967295], got {shown}")):
+            compose(pipeline, {key: value})
+    compose("setr", {"data.seed": None, "reproduce.seeds": [0, 4294967295]})  # null (the run's seed) and the top of the range

@@ -363,10 +363,12 @@ def test_a_truncated_image_is_named_before_training_or_at_its_decode(tmp_path):
         Image.fromarray(pixels).save(tmp_path / name)
         data = (tmp_path / name).read_bytes()
         (tmp_path / f"cut{Path(name).suffix}").write_bytes(data[:-100])  # a cut download: the header survives
-    check_images([tmp_path / "ok.png", tmp_path / "ok.jpg", tmp_path / "cut.jpg"])  # only a PNG's data is checked here
     message = r"cut.{ext}: image data is truncated or corrupt; "
-    with pytest.raises(ConfigError, match=message.format(ext="png")):  # PNG: verify() reads every chunk, before the run
-        check_images([tmp_path / "ok.png", tmp_path / "cut.png"])
+    for ext in ("png", "jpg"):  # PNG: verify() reads every chunk; JPEG: no end marker, so decoded (setr, livt: after training)
+        with pytest.raises(ConfigError, match=message.format(ext=ext)):
+            check_images([tmp_path / "ok.png", tmp_path / "ok.jpg", tmp_path / f"cut.{ext}"])
+    (tmp_path / "tail.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes() + b"\0" * 5000)  # data after the end: decodes
+    check_images([tmp_path / "tail.jpg"])
     assert load_image(tmp_path / "ok.jpg").size == (32, 32)
     with pytest.raises(ConfigError, match=message.format(ext="jpg") + "replace the file$"):  # others: when decoded
         load_image(tmp_path / "cut.jpg")

@@ -397,7 +397,8 @@ class LTDataModule(pl.LightningDataModule):
         return torch.bincount(torch.as_tensor(self.sources["train"].labels), minlength=len(self.class_names))
 
     def identity(self) -> dict:
-        """What the training set depends on (the MGP cache key): data settings, and the files behind a real set."""
+        """What the training set depends on (the MGP cache key): data settings, and the files behind a real set (an
+        image rewritten in place gives a new key)."""
         d = self.cfg.data
         keys = (
             ("name", "classes", "n_max", "rho", "seed", "image_size", "mean", "std")
@@ -408,8 +409,8 @@ class LTDataModule(pl.LightningDataModule):
         digest = hashlib.sha1(np.ascontiguousarray(train.labels).tobytes())
         if train.images is not None:
             digest.update(np.ascontiguousarray(train.images).tobytes())
-        else:
-            digest.update("\n".join(map(str, train.paths)).encode())
+        else:  # each file's path, size and modification time (hashing ImageNet-LT's bytes would take minutes a run)
+            digest.update("\n".join(f"{p}\0{s.st_size}\0{s.st_mtime_ns}" for p in train.paths for s in [Path(p).stat()]).encode())
         return {**{k: (list(d[k]) if k in ("mean", "std") else d[k]) for k in keys}, "train": digest.hexdigest()[:12]}
 
     def mgp_dataset(self) -> ImageSet:

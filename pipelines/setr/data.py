@@ -510,8 +510,9 @@ def check_data(d: DictConfig) -> None:
 def check_labels(cfg: DictConfig) -> None:
     """Every label file of a real dataset decoded and checked (values in the class range, size equal to its image's)
     before a run opens: otherwise a bad file stops the run mid-epoch, or only at the test split after training. The
-    scan is remembered under a hash of the file list (paths, sizes, modification times), so a changed file is read
-    again and an unchanged set only once (CamVid-half: 701 labels)."""
+    scan is remembered under a hash of the file list (images' and labels' paths, sizes, modification times), so a
+    changed file is read again and an unchanged set only once (CamVid-half: 701 labels). Whole-image evaluation
+    batches need one image size per split: mixed sizes with data.eval_batch_size > 1 are refused here too."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -520,17 +521,30 @@ def check_labels(cfg: DictConfig) -> None:
         return
     files = REAL[d.name][0](d.root)
     pairs = [(split, image, label) for split, f in files.items() for image, label in f.pairs]
-    stats = [(str(label), s.st_size, s.st_mtime_ns) for _, _, label in pairs for s in [label.stat()]]
+    stats = [(str(path), s.st_size, s.st_mtime_ns) for _, image, label in pairs for path in (image, label) for s in [path.stat()]]
     marker = cache_file(cfg, "setr", "labels-checked", {"data": d.name, "files": stats})
     if marker.is_file():
-        return
-    bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
-    for split, image_path, label_path in bar:
-        label = files[split].map_label(read_label(label_path), label_path)
-        with Image.open(image_path) as image:
-            if (image.height, image.width) != tuple(label.shape):
-                raise ConfigError(f"image {image_path} is {(image.height, image.width)} but its label {label_path} is {tuple(label.shape)}")
-    save_atomic({"files": len(pairs)}, marker)
+        sizes = torch.load(marker, weights_only=True)["eval_sizes"]
+    else:
+        sizes: dict[str, list] = {}
+        bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
+        for split, image_path, label_path in bar:
+            label = files[split].map_label(read_label(label_path), label_path)
+            with Image.open(image_path) as image:
+                if (image.height, image.width) != tuple(label.shape):
+                    raise ConfigError(
+                        f"image {image_path} is {(image.height, image.width)} but its label {label_path} is {tuple(label.shape)}"
+                    )
+            if split != "train" and list(label.shape) not in sizes.setdefault(split, []):
+                sizes[split].append(list(label.shape))
+        save_atomic({"files": len(pairs), "eval_sizes": sizes}, marker)
+    for split, shapes in sizes.items():
+        if d.eval_batch_size > 1 and len(shapes) > 1:
+            shown = ", ".join(f"{h}×{w}" for h, w in sorted(shapes)[:3]) + (", …" if len(shapes) > 3 else "")
+            raise ConfigError(
+                f"{d.name}'s {split} images differ in size ({shown}): whole images are evaluated in batches of one size; "
+                f"set data.eval_batch_size=1 (got {d.eval_batch_size})"
+            )
 
 
 class SegDataModule(pl.LightningDataModule):

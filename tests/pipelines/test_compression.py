@@ -285,6 +285,10 @@ def test_bad_input_is_one_line(home, tmp_path):
         ("prune.sparsity", 1.0, "config key 'prune.sparsity' must be in [0, 1), got 1.0"),
         ("prune.sparsity", -0.1, "config key 'prune.sparsity' must be in [0, 1), got -0.1"),
         ("prune.channels", 1.5, "config key 'prune.channels' must be in [0, 1), got 1.5"),
+        # a later review: a torch error inside a FAILED run, or a NAS reward that favours slower models
+        ("model.kwargs.channels", [0, 0, 0, 0], "config key 'model.kwargs.channels' must be >= 1, got 0 (in [0, 0, 0, 0])"),
+        ("kd.student.kwargs.layers", [1, 0, 1, 1], "config key 'kd.student.kwargs.layers' must be >= 1, got 0 (in [1, 0, 1, 1])"),
+        ("nas.alpha", 5, "config key 'nas.alpha' must be <= 0, got 5"),
     ):
         with pytest.raises(ConfigError) as err:
             compose("compression", {key: value})

@@ -4,6 +4,7 @@ smoke run of train / reproduce / bench."""
 
 import math
 import pickle
+import os
 import re
 
 import numpy as np
@@ -305,6 +306,13 @@ def test_split_list_datasets_read_their_lists_over_an_image_root(tmp_path, name,
     assert data.class_counts.tolist() == [2, 2, 1]
     x, y = next(iter(data.val_dataloader()))
     assert x.shape == (3, 3, 16, 16) and y.tolist() == [0, 1, 2]
+    key = data.identity()
+    rewritten = images / f"train/n00/{files[0][:5]}_0.jpg"  # the same path and label, other pixels (a corrected image)
+    Image.new("RGB", (20, 12), (0, 200, 0)).save(rewritten)
+    os.utime(rewritten, ns=(rewritten.stat().st_atime_ns, rewritten.stat().st_mtime_ns + 1))  # (a coarse file clock)
+    again = LTDataModule(cfg)
+    again.setup()
+    assert again.identity() != key  # stage 1 is built again, not reused (was keyed on the paths and labels only)
     (lists / files[0]).write_text("train/n00/missing.jpg 0\n")
     with pytest.raises(ConfigError, match=re.escape(f"{files[0]}:1 names a missing image")) as err:
         load_split_lists(name, lists, images)

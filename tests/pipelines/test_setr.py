@@ -292,6 +292,25 @@ def test_camvid_loader_segnet_layout_and_bad_labels(tmp_path):
         load_camvid(tmp_path / "nope")
 
 
+def test_mixed_image_sizes_need_eval_batches_of_one_and_a_replaced_image_is_scanned_again(tmp_path):
+    """(a review: ADE20K-like sizes stopped the run at its first validation with torch.stack's error; an image
+    replaced by one of another size passed the remembered scan, which keyed on the label files only)"""
+    for split in ("train", "val", "test"):
+        for i, (h, w) in enumerate([(12, 16), (14, 18) if split == "val" else (12, 16)]):
+            _png(tmp_path / split / f"{i}.png", _rgb(h, w))
+            _png(tmp_path / f"{split}annot" / f"{i}.png", np.full((h, w), 3))
+        (tmp_path / f"{split}.txt").write_text("".join(f"{split}/{i}.png {split}annot/{i}.png\n" for i in range(2)))
+    values = {"preset": "smoke", "data.name": "camvid", "data.root": str(tmp_path), "paths.cache_dir": str(tmp_path / "c")}
+    message = r"^camvid's val images differ in size \(12×16, 14×18\): .*; set data.eval_batch_size=1 \(got 2\)$"
+    for _ in range(2):  # the first scan, then the remembered one
+        with pytest.raises(ConfigError, match=message):
+            check_labels(compose("setr", values))
+    check_labels(compose("setr", {**values, "data.eval_batch_size": 1}))
+    _png(tmp_path / "test" / "1.png", _rgb(10, 16))  # same name, another size: its label no longer fits
+    with pytest.raises(ConfigError, match=r"test/1.png is \(10, 16\) but its label .*testannot/1.png is \(12, 16\)$"):
+        check_labels(compose("setr", {**values, "data.eval_batch_size": 1}))
+
+
 def test_ade20k_loader_reduces_the_zero_label(tmp_path):
     root = tmp_path / "ADEChallengeData2016"
     for folder in ("training", "validation"):
