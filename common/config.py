@@ -324,15 +324,22 @@ def _yaml_text(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_applies(pipeline: str, configs: list[DictConfig], values: dict[str, Any], path: str | Path | None = None) -> None:
+def check_applies(
+    pipeline: str, configs: list[DictConfig], values: dict[str, Any], path: str | Path | None = None, command: str | None = None
+) -> None:
     """A key given on the command line where it has no effect: the pipeline file's ``applies`` table names, per key
     (or ``prefix.``), the settings it needs (``{loss.tau: {loss.name: [bal_ce, bal_bce]}}``). Refused when no run of
-    the command (a sweep's points, a grid's children) meets them; it used to be ignored without a word."""
+    the command (a sweep's points, a grid's children) meets them; it used to be ignored without a word. The bench and
+    reproduce sections are their grids' settings: given to ``train`` they are refused too."""
     pipeline_cfg = pipeline_file(pipeline, path)
     applies = pipeline_cfg.get("applies") or {}
     shortcuts = pipeline_cfg.get("shortcuts") or {}
     for given in values:
         key = shortcuts.get(given, given)
+        section = key.split(".")[0]
+        if command == "train" and section in ("bench", "reproduce"):
+            named = key if key == given else f"{given} ({key})"
+            raise ConfigError(f"{named} has no effect on `lightyard train`: `lightyard {section} {pipeline}` reads it; leave it out")
         for rule, needs in applies.items():
             # the key itself, a key under a prefix rule (``lowrank.``), or a whole section given at once (``lowrank={…}``)
             if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")) or key in needs:

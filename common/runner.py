@@ -620,6 +620,7 @@ def train(pipeline_name: str, overrides: list[str]) -> list[RunResult]:
         configs,
         {k: v for p in points for k, v in p.items() if k not in ("resume", "preset")},
         registry.get(pipeline_name).config,
+        command="train",
     )
     print(f"sweep: {len(points)} runs", flush=True) if 1 < len(points) and not early else None
     if len(configs) == 1:

@@ -122,6 +122,13 @@ def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
         "lightyard: error: loss.tau has no effect here: it applies when loss.name is bal_ce/bal_bce (loss.name=ce); leave it out"
     )
     vocab = cli("train", "vocab_kd", "dual.enabled=false", "loss.kd_weight=2")
+    from common.runner import train
+
+    with pytest.raises(ConfigError, match=r"^bench.beam has no effect on `lightyard train`: `lightyard bench stg_kd` reads it; leave"):
+        train("stg_kd", ["bench.beam=500"])  # a grid's own settings (was: FINISHED, the key ignored)
+    with pytest.raises(ConfigError, match=re.escape("root (reproduce.root) has no effect on `lightyard train`: `lightyard reproduce")):
+        check_applies("hog_gcn", [compose("hog_gcn")], {"root": "/data"}, command="train")
+    check_applies("hog_gcn", [compose("hog_gcn")], {"root": "/data"}, command="reproduce")
     livt = [compose("livt", {"mgp.enabled": False})]
     check_applies("livt", livt, {"mgp.enabled": False})  # a prefix rule's own setting always applies
     with pytest.raises(ConfigError, match=r"^mgp.epochs has no effect here: it applies when mgp.enabled is true \(mgp.enabled=false\)"):
