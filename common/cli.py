@@ -137,6 +137,7 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
         keys = [k for k in data.tags.get("lightyard.key_metrics", "").split(",") if k]
         keys = keys or sorted(k for k in data.metrics if not k.startswith("memory/") and k != "duration_s")[:3]
         end = info.end_time or time.time() * 1000
+        worked = data.metrics.get("duration_s") if info.status != "RUNNING" else None  # a resumed run's segments, summed
         rows.append(
             {
                 "run_id": info.run_id,
@@ -144,7 +145,7 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
                 "run_name": info.run_name if len(info.run_name or "") <= 60 else info.run_name[:59] + "…",  # one table row a line
                 "status": info.status,
                 "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
-                "duration_s": round((end - info.start_time) / 1000, 1),
+                "duration_s": round(worked if worked is not None else (end - info.start_time) / 1000, 1),
                 "metrics": ", ".join(f"{k}={data.metrics[k]:.4g}" for k in keys if k in data.metrics),
             }
         )

@@ -41,6 +41,8 @@ from common.tracking import (
 class RunInterrupted(Exception):
     """Raised after a run was stopped by a signal and marked KILLED."""
 
+    NO_CHECKPOINT = "this pipeline keeps no checkpoint"
+
     def __init__(self, signum: int | str, message: str | None = None):
         if message is None:  # a library re-raising it as type(err)(text) (OmegaConf does): keep it an interruption
             signum, message = (_RECEIVED[-1] if _RECEIVED else signal.SIGTERM), str(signum)
@@ -50,7 +52,7 @@ class RunInterrupted(Exception):
         self.pipeline = ""
         self.command = "train"
         self.resumable = True
-        self.why_not = "this pipeline keeps no checkpoint"  # said when not resumable
+        self.why_not = self.NO_CHECKPOINT  # said when not resumable
 
 
 @dataclass
@@ -108,19 +110,19 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
         raise ConfigError(_NOT_A_RUN.format(target=target, uri=tracking_uri(cfg))) from None
     owner, kind = run.data.tags.get("lightyard.pipeline"), run.data.tags.get("lightyard.kind")
     command = kind if kind in ("reproduce", "bench") else "train"  # the command that continues it, named at once
+    if not owner:
+        raise ConfigError(f"run {target} is not a lightyard run")
     if owner != cfg.pipeline:
-        raise ConfigError(
-            f"run {target} is a run of {owner or 'another tool'}, not of {cfg.pipeline}; "
-            f"resume it with: lightyard {command} {owner} resume={target}"
-            if owner
-            else f"run {target} is not a lightyard run"
-        )
+        if run.info.status == "FINISHED":
+            then = "it is FINISHED: nothing to resume"
+        elif command == "train" and owner in {p.name for p in registry.all_pipelines()} and _non_gradient(owner):
+            then = f"and {owner} keeps no checkpoint: rerun it (lightyard train {owner})"
+        else:
+            then = f"resume it with: lightyard {command} {owner} resume={target}"
+        raise ConfigError(f"run {target} is a run of {owner}, not of {cfg.pipeline}; {then}")
     if command != "train":
         raise ConfigError(f"run {target} is the parent of a {kind}; resume it with: lightyard {kind} {cfg.pipeline} resume={target}")
-    module = registry.get(cfg.pipeline).load("module")
-    from common.experiment import NonGradientExperiment
-
-    non_gradient = isinstance(module, type) and issubclass(module, NonGradientExperiment)
+    non_gradient = _non_gradient(cfg.pipeline)
     if run.info.status == "FINISHED":
         raise ConfigError(
             f"run {target} is FINISHED; nothing to resume ("
@@ -481,7 +483,10 @@ def run_one(
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    start = time.time()
+    # a resumed run: its stopped segments' time (duration_s is the run's working time, summed) and metrics (a fit
+    # resumed after its last epoch validates no more: val/* and best/* stay the stored ones)
+    before = tracker.client.get_run(reopen).data.metrics if reopen and tracker is not None else {}
+    start = time.time() - before.get("duration_s", 0.0)
     heartbeat = monitor = None
     if tracker is not None:
         OPEN_RUNS.append(tracker)  # notice() records there
@@ -513,8 +518,9 @@ def run_one(
                     tracker.log_metrics(metrics)
             else:  # Lightning has logged its metrics per step/epoch already
                 metrics = _fit_lightning(cfg, prepared, tracker, run_dir, ckpt_path)
+                metrics = {**{k: before[k] for k in cfg.logger.key_metrics if k in before}, **metrics}
     except RunInterrupted as stop:
-        _end_killed(stop, cfg, tracker, run_dir, start)
+        _end_killed(stop, cfg, tracker, run_dir, start, non_gradient)
         raise
     except SystemExit as err:
         if not isinstance(err.__context__, KeyboardInterrupt):
@@ -522,11 +528,11 @@ def run_one(
             raise
         # Lightning turns a Ctrl+C during fit into exit(1) after ignoring further SIGINTs
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise _end_killed(RunInterrupted(signal.SIGINT, "stopped by Ctrl+C"), cfg, tracker, run_dir, start) from None
+        raise _end_killed(RunInterrupted(signal.SIGINT, "stopped by Ctrl+C"), cfg, tracker, run_dir, start, non_gradient) from None
     except BaseException as err:
         if _RECEIVED and not isinstance(err, RunInterrupted):  # our SIGTERM, wrapped by a library on its way up
             stop = RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
-            raise _end_killed(stop, cfg, tracker, run_dir, start) from None
+            raise _end_killed(stop, cfg, tracker, run_dir, start, non_gradient) from None
         _fail(tracker, err)
         raise
     finally:
@@ -542,11 +548,20 @@ def run_one(
     return RunResult(tracker.run_id if tracker else "", "FINISHED", metrics, cfg)
 
 
-def _end_killed(stop: RunInterrupted, cfg: DictConfig, tracker, run_dir: Path, start: float) -> RunInterrupted:
+def _non_gradient(pipeline: str) -> bool:
+    from common.experiment import NonGradientExperiment
+
+    module = registry.get(pipeline).load("module")
+    return isinstance(module, type) and issubclass(module, NonGradientExperiment)
+
+
+def _end_killed(stop: RunInterrupted, cfg: DictConfig, tracker, run_dir: Path, start: float, non_gradient: bool) -> RunInterrupted:
     """The run ends KILLED, whichever way the stop arrived (our handler, Lightning's Ctrl+C exit, a wrapped SIGTERM);
     its hint offers resume= only where a checkpoint exists (a stop in data setup or stage-1 pretraining has none)."""
     stop.pipeline = cfg.pipeline
-    if stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):
+    if non_gradient:  # (a stop wrapped by a library arrives as a new, resumable-looking one)
+        stop.resumable, stop.why_not = False, RunInterrupted.NO_CHECKPOINT
+    elif stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):
         stop.resumable, stop.why_not = False, "it was stopped before its first checkpoint"
     if tracker is not None:
         stop.run_id = tracker.run_id

@@ -1,12 +1,14 @@
 """Kill with SIGTERM mid-epoch, resume, and compare with an uninterrupted run; crashes end FAILED."""
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from common.cli import run_rows
 from common.config import ConfigError
 from common.runner import train
 from common.tracking import tracking_uri
@@ -36,10 +38,16 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
     assert last_line.endswith(f"continue with: lightyard train toy resume={run.info.run_id})")
     assert (home / "outputs" / "toy" / run.info.run_id / "checkpoints" / "interrupted.ckpt").is_file()
 
+    client.log_metric(run.info.run_id, "duration_s", 1000.0)  # as if the first segment had worked 1000 s
+    started = time.time()
     resumed = cli("train", "toy", f"resume={run.info.run_id}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"  # the resumed training logged into the same run
+    # duration_s sums the segments (it was the last one's); `runs` shows it, not the time between start and end
+    assert 1000 < run.data.metrics["duration_s"] < 1000 + time.time() - started
+    (row,) = [r for r in run_rows(tracking_uri(compose("toy"))) if r["run_id"] == run.info.run_id]
+    assert row["duration_s"] == round(run.data.metrics["duration_s"], 1)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss_step")]
     assert max(steps) > 10  # metrics after the resume point landed in that run
 
@@ -139,8 +147,13 @@ def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
         out = cli("train", "toy", f"resume={given}")
         assert out.returncode == 2 and f"run {done.run_id} is FINISHED; nothing to resume" in out.stderr
     out = cli("train", "hog_gcn", f"resume={done.run_id}")
-    assert out.returncode == 2 and "is a run of toy, not of hog_gcn" in out.stderr
+    # (its hint once named `lightyard train toy resume=…`, refused in turn: a FINISHED run has nothing to resume)
+    assert out.returncode == 2 and f"run {done.run_id} is a run of toy, not of hog_gcn; it is FINISHED: nothing to resume" in out.stderr
     assert "Traceback" not in out.stderr
+    (simulated,) = train("iiot_sic_aloha", ["preset=smoke"])
+    MlflowClient(tracking_uri=tracking_uri(compose("toy"))).set_terminated(simulated.run_id, "KILLED")
+    with pytest.raises(ConfigError, match=r"is a run of iiot_sic_aloha, not of toy; and iiot_sic_aloha keeps no checkpoint: rerun it"):
+        train("toy", [f"resume={simulated.run_id}"])
     # another pipeline's reproduce parent: the hint names the command that continues it (train's was refused in turn)
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     parent = client.create_run(

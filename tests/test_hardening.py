@@ -232,6 +232,25 @@ def test_a_run_stopped_before_its_first_checkpoint_says_rerun_not_resume(home, m
     assert run.info.status == "KILLED" and "duration_s" in run.data.metrics
 
 
+def test_a_stopped_non_gradient_run_always_says_it_keeps_no_checkpoint(home, monkeypatch, capsys):
+    """(a review: input_iba and compression stopped in their first stage said "stopped before its first checkpoint",
+    as if a later stop could be resumed: the SIGTERM came back wrapped by a library and was judged by its .ckpt)"""
+    import signal
+
+    import common.runner
+    from common.cli import main
+    from pipelines.iiot_sic_aloha.module import SicAlohaExperiment
+
+    def wrapped_stop(self, tracker):
+        common.runner._RECEIVED.append(signal.SIGTERM)  # our handler saw it; a library raised its own error instead
+        raise RuntimeError("a worker was interrupted")
+
+    monkeypatch.setattr(SicAlohaExperiment, "run", wrapped_stop)
+    assert main(["train", "iiot_sic_aloha", "preset=smoke"]) == 143
+    err = capsys.readouterr().err
+    assert "marked KILLED; this pipeline keeps no checkpoint: rerun it)" in err and "first checkpoint" not in err
+
+
 def test_the_data_is_set_up_before_the_run_opens(home, monkeypatch, capsys):
     """An error in the data's content is one line with no FAILED run behind it (it was found in Lightning's setup,
     inside the run); a stop there leaves no run; a notice said there is kept on the run once it opens."""
