@@ -66,6 +66,8 @@ def test_bad_grid_values_fail_before_any_run(home):
         ConfigError, match=r"needs data.root=<folder> \(this reproduce sets data.root from reproduce.root: give root=<…>\)$"
     ):
         run_experiment("reproduce", "setr", ["preset=camvid"])
+    with pytest.raises(ConfigError, match=r"give root=<…>, or experiment=generated\)$"):  # the same command's other grid
+        run_experiment("reproduce", "compression", ["preset=smoke"])
     assert (
         not (home / "mlflow").exists()
         or not _client().search_experiments()
