@@ -60,10 +60,17 @@ class Child:
         return point_label(self.point)
 
 
+_GENERIC = {"name", "enabled", "method", "mode", "type"}  # last parts that say nothing alone (livt: "enabled=False name=ce")
+
+
 def point_label(point: dict[str, Any]) -> str:
-    """``data.name=texas model.name=gcn`` → ``data.name=texas model.name=gcn``; unambiguous last parts alone (``split=3``)."""
+    """``data.name=texas model.name=gcn`` → ``data.name=texas model.name=gcn``; unambiguous last parts alone (``split=3``)
+    unless generic (``mgp.enabled=False loss.name=ce``)."""
     last = [k.split(".")[-1] for k in point]
-    return " ".join(f"{short if last.count(short) == 1 else key}={value}" for key, short, value in zip(point, last, point.values()))
+    return " ".join(
+        f"{short if last.count(short) == 1 and short not in _GENERIC else key}={value}"
+        for key, short, value in zip(point, last, point.values())
+    )
 
 
 @dataclass

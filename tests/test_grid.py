@@ -330,3 +330,12 @@ def test_report_builder_matches_hand_computed_mean_and_std():
     ]
     (row,) = build_table(sel, {"rows": "m", "metrics": ["test"], "digits": 1, "select": {"axis": "lr", "by": "val"}})
     assert row == {"m": "a", "test": "0.7 ± 0.1", "chosen lr": "0.3"}
+
+
+def test_a_grid_points_label_shortens_only_keys_that_stay_clear():
+    from common.grid import point_label
+
+    assert (
+        point_label({"data.rho": 10, "mgp.enabled": False, "loss.name": "ce", "seed": 0}) == "rho=10 mgp.enabled=False loss.name=ce seed=0"
+    )
+    assert point_label({"data.split": 3, "model.name": "gcn", "data.name": "texas"}) == "split=3 model.name=gcn data.name=texas"
