@@ -137,7 +137,7 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
         keys = [k for k in data.tags.get("lightyard.key_metrics", "").split(",") if k]
         keys = keys or sorted(k for k in data.metrics if not k.startswith("memory/") and k != "duration_s")[:3]
         end = info.end_time or time.time() * 1000
-        worked = data.metrics.get("duration_s") if info.status != "RUNNING" else None  # a resumed run's segments, summed
+        worked = data.metrics.get("duration_s") if info.status == "FINISHED" else None  # a resumed run's segments, summed
         rows.append(
             {
                 "run_id": info.run_id,

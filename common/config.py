@@ -339,11 +339,14 @@ def check_applies(
         section = key.split(".")[0]
         if command == "train" and section in ("bench", "reproduce"):
             named = key if key == given else f"{given} ({key})"
-            raise ConfigError(f"{named} has no effect on `lightyard train`: `lightyard {section} {pipeline}` reads it; leave it out")
+            # `root=` on train most likely meant the training data's folder
+            meant = f" (a train run reads data.{given}=<…>)" if given in (configs[0].get("data") or {}) else ""
+            raise ConfigError(f"{named} has no effect on `lightyard train`: `lightyard {section} {pipeline}` reads it; leave it out{meant}")
         for rule, needs in applies.items():
             # the key itself, a key under a prefix rule (``lowrank.``), or a whole section given at once (``lowrank={…}``)
-            if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")) or key in needs:
-                continue  # (a setting the rule depends on always applies: mgp.enabled under mgp.)
+            given_keys = {key} if not isinstance(values[given], (dict, DictConfig)) else {f"{key}.{k}" for k in values[given]}
+            if not (key == rule or (rule.endswith(".") and key.startswith(rule)) or rule.startswith(key + ".")) or given_keys <= set(needs):
+                continue  # (a setting the rule depends on always applies: mgp.enabled under mgp., or mgp={enabled: false})
             if not any(all(_applies(OmegaConf.select(c, k), allowed) for k, allowed in needs.items()) for c in configs):
                 listed = {
                     k for k, allowed in needs.items() if isinstance(OmegaConf.select(configs[0], k), ListConfig) and None not in allowed

@@ -350,7 +350,7 @@ def check_images(paths) -> None:
                     image.verify()
                 elif image.format == "JPEG" and not _ends_jpeg(path):
                     verifying = True
-                    image.draft(image.mode, (image.width // 8, image.height // 8))
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
                     image.load()
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as err:
             if verifying:
@@ -361,10 +361,15 @@ def check_images(paths) -> None:
 
 def _ends_jpeg(path) -> bool:
     """The end-of-image marker in the file's last 4 KiB (entropy-coded data never holds it: 0xFF there is followed by
-    0x00 or a restart marker, so a truncated file does not)."""
+    0x00 or a restart marker, so a truncated file does not). A file small enough for that window to reach its header
+    (an EXIF thumbnail ends in the same marker) is read whole: the marker must follow the last start of scan."""
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 4096))
+        size = f.seek(0, os.SEEK_END)
+        if size <= 72 * 1024:  # a header segment is at most 64 KiB
+            f.seek(0)
+            data = f.read()
+            return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
+        f.seek(size - 4096)
         return b"\xff\xd9" in f.read()
 
 

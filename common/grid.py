@@ -198,12 +198,16 @@ def _unset_source(pipeline: str, kind: str, experiment: str, message: str) -> st
         path = registry.get(pipeline).config
         experiments = pipeline_file(pipeline, path).experiments
         raw = OmegaConf.select(experiments, f"{experiment}.set", throw_on_resolution_failure=False)
-        # the same command's other experiments (compression's default reproduce reads CIFAR-10; `generated` reads none)
-        others = "|".join(n for n, e in experiments.items() if n != experiment and e.get("command") == kind)
         for key, value in flatten(OmegaConf.to_container(raw, resolve=False) if raw is not None else {}).items():
             source = re.fullmatch(r"\$\{([\w.]+)\}", str(value))
             if source and re.search(rf"(?<![\w.]){re.escape(key)}=<", message):  # (the advice, "needs data.root=<folder>")
-                instead = f", or experiment={others}" if others else ""
+                # the same command's experiments that do not read that folder (compression's default reads CIFAR-10)
+                others = "|".join(
+                    n
+                    for n, e in experiments.items()
+                    if n != experiment and e.get("command") == kind and value not in str(OmegaConf.to_yaml(e.get("set") or {}))
+                )
+                instead = f", or {shortcut_for(pipeline, 'experiment', path)}={others}" if others else ""
                 return f" (this {kind} sets {key} from {source[1]}: give {shortcut_for(pipeline, source[1], path)}=<…>{instead})"
     except Exception:  # (a hint must not replace the error it adds to)
         return ""

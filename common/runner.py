@@ -119,6 +119,11 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
             then = f"and {owner} keeps no checkpoint: rerun it (lightyard train {owner})"
         else:
             then = f"resume it with: lightyard {command} {owner} resume={target}"
+            if command == "train" and owner in {p.name for p in registry.all_pipelines()}:
+                try:  # its own pipeline's checks (a checkpoint, not RUNNING): the hint must not be refused in turn
+                    _find_resume(compose(owner), target, {})
+                except ConfigError as err:
+                    then = f"nor can {owner} resume it: {err}"
         raise ConfigError(f"run {target} is a run of {owner}, not of {cfg.pipeline}; {then}")
     if command != "train":
         raise ConfigError(f"run {target} is the parent of a {kind}; resume it with: lightyard {kind} {cfg.pipeline} resume={target}")
@@ -524,7 +529,7 @@ def run_one(
         raise
     except SystemExit as err:
         if not isinstance(err.__context__, KeyboardInterrupt):
-            _fail(tracker, err)
+            _fail(tracker, err, start)
             raise
         # Lightning turns a Ctrl+C during fit into exit(1) after ignoring further SIGINTs
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -533,7 +538,7 @@ def run_one(
         if _RECEIVED and not isinstance(err, RunInterrupted):  # our SIGTERM, wrapped by a library on its way up
             stop = RunInterrupted(_RECEIVED[-1], f"stopped by signal {_RECEIVED[-1]}")
             raise _end_killed(stop, cfg, tracker, run_dir, start, non_gradient) from None
-        _fail(tracker, err)
+        _fail(tracker, err, start)
         raise
     finally:
         if heartbeat is not None:
@@ -570,8 +575,9 @@ def _end_killed(stop: RunInterrupted, cfg: DictConfig, tracker, run_dir: Path, s
     return stop
 
 
-def _fail(tracker: Tracker | None, err: BaseException) -> None:
+def _fail(tracker: Tracker | None, err: BaseException, start: float) -> None:
     if tracker is not None:
+        tracker.log_metrics({"duration_s": time.time() - start})  # (a FAILED run can be resumed from last.ckpt)
         tracker.log_text(traceback.format_exc(), "traceback.txt")
         tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
         if not hasattr(err, "lightyard_run_id"):

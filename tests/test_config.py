@@ -126,11 +126,15 @@ def test_a_key_with_no_effect_is_refused_unless_a_run_of_the_command_uses_it():
 
     with pytest.raises(ConfigError, match=r"^bench.beam has no effect on `lightyard train`: `lightyard bench stg_kd` reads it; leave"):
         train("stg_kd", ["bench.beam=500"])  # a grid's own settings (was: FINISHED, the key ignored)
-    with pytest.raises(ConfigError, match=re.escape("root (reproduce.root) has no effect on `lightyard train`: `lightyard reproduce")):
+    with pytest.raises(
+        ConfigError, match=re.escape("root (reproduce.root) has no effect on `lightyard train`: `lightyard reproduce")
+    ) as err:
         check_applies("hog_gcn", [compose("hog_gcn")], {"root": "/data"}, command="train")
+    assert str(err.value).endswith("leave it out (a train run reads data.root=<…>)")
     check_applies("hog_gcn", [compose("hog_gcn")], {"root": "/data"}, command="reproduce")
     livt = [compose("livt", {"mgp.enabled": False})]
     check_applies("livt", livt, {"mgp.enabled": False})  # a prefix rule's own setting always applies
+    check_applies("livt", livt, {"mgp": {"enabled": False}})  # also as a section
     with pytest.raises(ConfigError, match=r"^mgp.epochs has no effect here: it applies when mgp.enabled is true \(mgp.enabled=false\)"):
         check_applies("livt", livt, {"mgp.epochs": 5})
     assert "it applies when dual.enabled is true (dual.enabled=false)" in vocab.stderr

@@ -101,6 +101,7 @@ def test_crash_ends_failed_with_the_error_logged(home):
     assert run.info.status == "FAILED"
     assert "toy crash" in run.data.tags["error"]
     assert "traceback.txt" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert run.data.metrics["duration_s"] > 0  # a FAILED segment counts in a resumed run's time
 
 
 def test_a_diverged_loss_or_no_training_batch_ends_failed_not_finished(home):
@@ -154,6 +155,12 @@ def test_resume_of_a_finished_run_or_another_pipelines_run_is_refused(home):
     MlflowClient(tracking_uri=tracking_uri(compose("toy"))).set_terminated(simulated.run_id, "KILLED")
     with pytest.raises(ConfigError, match=r"is a run of iiot_sic_aloha, not of toy; and iiot_sic_aloha keeps no checkpoint: rerun it"):
         train("toy", [f"resume={simulated.run_id}"])
+    # a stopped gradient run of another pipeline with no checkpoint: its own pipeline's refusal, not a resume= hint
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    bare = client.create_run(client.get_run(done.run_id).info.experiment_id, tags={"lightyard.pipeline": "hog_gcn"}).info.run_id
+    client.set_terminated(bare, "KILLED")
+    with pytest.raises(ConfigError, match=rf"^run {bare} is a run of hog_gcn, not of toy; nor can hog_gcn resume it: "):
+        train("toy", [f"resume={bare}"])
     # another pipeline's reproduce parent: the hint names the command that continues it (train's was refused in turn)
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     parent = client.create_run(

@@ -68,6 +68,11 @@ def test_bad_grid_values_fail_before_any_run(home):
         run_experiment("reproduce", "setr", ["preset=camvid"])
     with pytest.raises(ConfigError, match=r"give root=<…>, or experiment=generated\)$"):  # the same command's other grid
         run_experiment("reproduce", "compression", ["preset=smoke"])
+    # not english_text_long, which reads the same folder; named by the pipeline's shortcut where it has one
+    with pytest.raises(ConfigError, match=r"give root=<…>, or experiment=generated\)$"):
+        run_experiment("reproduce", "vocab_kd", ["preset=smoke", "experiment=english_text"])
+    with pytest.raises(ConfigError, match=r"give root=<…>, or data=generated\)$"):
+        run_experiment("reproduce", "hog_gcn", ["data=real"])
     assert (
         not (home / "mlflow").exists()
         or not _client().search_experiments()

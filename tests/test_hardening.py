@@ -387,7 +387,12 @@ def test_a_truncated_image_is_named_before_training_or_at_its_decode(tmp_path):
         with pytest.raises(ConfigError, match=message.format(ext=ext)):
             check_images([tmp_path / "ok.png", tmp_path / "ok.jpg", tmp_path / f"cut.{ext}"])
     (tmp_path / "tail.jpg").write_bytes((tmp_path / "ok.jpg").read_bytes() + b"\0" * 5000)  # data after the end: decodes
-    check_images([tmp_path / "tail.jpg"])
+    Image.fromarray(pixels[:5, :6]).save(tmp_path / "tiny.jpg")  # under 8 pixels: its 1/8-scale decode was 0 wide
+    (tmp_path / "tiny_tail.jpg").write_bytes((tmp_path / "tiny.jpg").read_bytes() + b"\0" * 5000)
+    check_images([tmp_path / "tail.jpg", tmp_path / "tiny_tail.jpg"])
+    (tmp_path / "tiny_cut.jpg").write_bytes((tmp_path / "tiny.jpg").read_bytes()[:-40])
+    with pytest.raises(ConfigError, match=message.format(ext="jpg")):
+        check_images([tmp_path / "tiny_cut.jpg"])
     assert load_image(tmp_path / "ok.jpg").size == (32, 32)
     with pytest.raises(ConfigError, match=message.format(ext="jpg") + "replace the file$"):  # others: when decoded
         load_image(tmp_path / "cut.jpg")
