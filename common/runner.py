@@ -575,9 +575,10 @@ def _end_killed(stop: RunInterrupted, cfg: DictConfig, tracker, run_dir: Path, s
     return stop
 
 
-def _fail(tracker: Tracker | None, err: BaseException, start: float) -> None:
+def _fail(tracker: Tracker | None, err: BaseException, start: float | None = None) -> None:
     if tracker is not None:
-        tracker.log_metrics({"duration_s": time.time() - start})  # (a FAILED run can be resumed from last.ckpt)
+        if start is not None:  # a run's (a FAILED run can be resumed from last.ckpt); a grid's parent has none
+            tracker.log_metrics({"duration_s": time.time() - start})
         tracker.log_text(traceback.format_exc(), "traceback.txt")
         tracker.end("FAILED", error=f"{type(err).__name__}: {err}")
         if not hasattr(err, "lightyard_run_id"):
