@@ -113,13 +113,14 @@ def _find_resume(cfg: DictConfig, target: str, values: dict[str, Any]) -> tuple[
     if not owner:
         raise ConfigError(f"run {target} is not a lightyard run")
     if owner != cfg.pipeline:
+        known = owner in {p.name for p in registry.all_pipelines()}
         if run.info.status == "FINISHED":
             then = "it is FINISHED: nothing to resume"
-        elif command == "train" and owner in {p.name for p in registry.all_pipelines()} and _non_gradient(owner):
+        elif command == "train" and known and _non_gradient(owner):
             then = f"and {owner} keeps no checkpoint: rerun it (lightyard train {owner})"
         else:
             then = f"resume it with: lightyard {command} {owner} resume={target}"
-            if command == "train" and owner in {p.name for p in registry.all_pipelines()}:
+            if command == "train" and known:
                 try:  # its own pipeline's checks (a checkpoint, not RUNNING): the hint must not be refused in turn
                     _find_resume(compose(owner), target, {})
                 except ConfigError as err:
