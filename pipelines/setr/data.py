@@ -526,7 +526,7 @@ def check_labels(cfg: DictConfig) -> None:
     if marker.is_file():
         sizes = torch.load(marker, weights_only=True)["eval_sizes"]
     else:
-        sizes: dict[str, list] = {}
+        seen: dict[str, set] = {}
         bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
         for split, image_path, label_path in bar:
             label = files[split].map_label(read_label(label_path), label_path)
@@ -535,12 +535,13 @@ def check_labels(cfg: DictConfig) -> None:
                     raise ConfigError(
                         f"image {image_path} is {(image.height, image.width)} but its label {label_path} is {tuple(label.shape)}"
                     )
-            if split != "train" and list(label.shape) not in sizes.setdefault(split, []):
-                sizes[split].append(list(label.shape))
+            if split != "train":
+                seen.setdefault(split, set()).add(tuple(label.shape))
+        sizes = {split: sorted(shapes) for split, shapes in seen.items()}
         save_atomic({"files": len(pairs), "eval_sizes": sizes}, marker)
     for split, shapes in sizes.items():
         if d.eval_batch_size > 1 and len(shapes) > 1:
-            shown = ", ".join(f"{h}×{w}" for h, w in sorted(shapes)[:3]) + (", …" if len(shapes) > 3 else "")
+            shown = ", ".join(f"{h}×{w}" for h, w in shapes[:3]) + (", …" if len(shapes) > 3 else "")
             raise ConfigError(
                 f"{d.name}'s {split} images differ in size ({shown}): whole images are evaluated in batches of one size; "
                 f"set data.eval_batch_size=1 (got {d.eval_batch_size})"
