@@ -136,8 +136,6 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
         info, data = run.info, run.data
         keys = [k for k in data.tags.get("lightyard.key_metrics", "").split(",") if k]
         keys = keys or sorted(k for k in data.metrics if not k.startswith("memory/") and k != "duration_s")[:3]
-        end = info.end_time or time.time() * 1000
-        worked = data.metrics.get("duration_s") if info.status == "FINISHED" else None  # a resumed run's segments, summed
         rows.append(
             {
                 "run_id": info.run_id,
@@ -145,11 +143,20 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
                 "run_name": info.run_name if len(info.run_name or "") <= 60 else info.run_name[:59] + "…",  # one table row a line
                 "status": info.status,
                 "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
-                "duration_s": round(worked if worked is not None else (end - info.start_time) / 1000, 1),
+                "duration_s": round(_worked_s(info, data, time.time()), 1),
                 "metrics": ", ".join(f"{k}={data.metrics[k]:.4g}" for k in keys if k in data.metrics),
             }
         )
     return rows
+
+
+def _worked_s(info, data, now: float) -> float:
+    """A run's working time: its segments summed (``duration_s``, logged at each segment's end and by its heartbeat)
+    and, while it runs, the time since its last beat; the time between a stop and its resume is left out."""
+    worked, beat = data.metrics.get("duration_s"), data.tags.get("lightyard.heartbeat", "")
+    if info.status == "RUNNING":
+        return worked + now - int(beat) if worked is not None and beat.isdigit() else now - info.start_time / 1000
+    return worked if worked is not None else ((info.end_time or now * 1000) - info.start_time) / 1000
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

@@ -498,7 +498,7 @@ def run_one(
         OPEN_RUNS.append(tracker)  # notice() records there
     try:
         with stop_on_signals():
-            heartbeat = Heartbeat(tracker) if tracker is not None else None  # (a thread: it can fail to start)
+            heartbeat = Heartbeat(tracker, start=start) if tracker is not None else None  # (a thread: it can fail to start)
             if tracker is not None:
                 (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
                 tracker.set_tags({"lightyard.run_dir": run_dir, "lightyard.key_metrics": ",".join(cfg.logger.key_metrics)})

@@ -270,6 +270,15 @@ class Tracker:
             self.client.log_batch(self.run_id, params=params[start : start + 100])
         self.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
 
+    def beat(self, start: float | None = None) -> None:
+        """The heartbeat tag, and the run's working time by its clock ``start`` (one write: ``runs`` adds the time since
+        the beat to it)."""
+        from mlflow.entities import Metric, RunTag
+
+        now = time.time()
+        worked = [Metric("duration_s", now - start, int(now * 1000), 0)] if start is not None else []
+        self.client.log_batch(self.run_id, metrics=worked, tags=[RunTag("lightyard.heartbeat", str(int(now)))])
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value))
@@ -465,17 +474,19 @@ def liveness_tags() -> dict[str, str]:
 
 
 class Heartbeat:
-    """Refreshes the run's ``lightyard.heartbeat`` tag every ``HEARTBEAT_S`` from a daemon thread."""
+    """Refreshes the run's ``lightyard.heartbeat`` tag every ``HEARTBEAT_S`` from a daemon thread, and its
+    ``duration_s`` from the run's clock ``start`` where given: a SIGKILLed segment's time still counts when the run
+    is resumed (to the last beat)."""
 
-    def __init__(self, tracker: Tracker, every: float = HEARTBEAT_S):
+    def __init__(self, tracker: Tracker, every: float = HEARTBEAT_S, start: float | None = None):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(Tracker(tracker.uri, tracker.run_id), every), daemon=True)
+        self._thread = threading.Thread(target=self._beat, args=(Tracker(tracker.uri, tracker.run_id), every, start), daemon=True)
         self._thread.start()
 
-    def _beat(self, tracker: Tracker, every: float) -> None:
+    def _beat(self, tracker: Tracker, every: float, start: float | None) -> None:
         while not self._stop.wait(every):
             try:
-                tracker.set_tags({"lightyard.heartbeat": int(time.time())})
+                tracker.beat(start)
             except Exception:  # a lost store must not kill the run; the next beat tries again
                 continue
 

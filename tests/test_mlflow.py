@@ -1,9 +1,11 @@
 """End-to-end logging against a real `mlflow server` on 127.0.0.1."""
 
+import time
+
 import pytest
 from mlflow.tracking import MlflowClient
 
-from common.runner import train
+from common.runner import compose, train
 
 
 def test_run_params_metrics_and_artifacts_read_back(mlflow_server, home, monkeypatch):
@@ -159,6 +161,27 @@ def test_a_resume_with_a_new_length_says_so_on_the_run(home):
     assert run.data.params["trainer.max_epochs"] == "3" and run.data.tags["lightyard.resumed_with.trainer.max_epochs"] == "3 → 5"
     assert [k for k in run.data.tags if k.startswith("lightyard.resumed_with.")] == ["lightyard.resumed_with.trainer.max_epochs"]
     tracker.end("FINISHED")
+
+
+def test_the_heartbeat_keeps_the_runs_working_time_for_a_sigkilled_segment(home):
+    """(a review: a SIGKILLed segment logged no duration_s, so a resumed run's summed time left it out)"""
+    from common.cli import run_rows
+    from common.tracking import Heartbeat, Tracker, tracking_uri
+
+    tracker = Tracker.start(compose("toy"), "beating")
+    beat = Heartbeat(tracker, every=0.05, start=time.time() - 100)  # the run's clock: 100 s worked before this segment
+    deadline = time.time() + 30
+    while "duration_s" not in tracker.client.get_run(tracker.run_id).data.metrics and time.time() < deadline:
+        time.sleep(0.05)
+    beat.stop()
+    run = tracker.client.get_run(tracker.run_id)
+    assert 100 < run.data.metrics["duration_s"] < 100 + 31 and "lightyard.heartbeat" in run.data.tags
+    # while it runs, `runs` shows the summed time and the time since the beat (was: since the run's first start, the
+    # time between a stop and its resume included)
+    (row,) = [r for r in run_rows(tracking_uri(compose("toy"))) if r["run_id"] == tracker.run_id]
+    since_beat = time.time() - int(run.data.tags["lightyard.heartbeat"])
+    assert run.data.metrics["duration_s"] + since_beat - 0.2 <= row["duration_s"] <= run.data.metrics["duration_s"] + since_beat + 2
+    tracker.end("KILLED")
 
 
 @pytest.mark.slow  # 20-25 s: SQLite's 5 s busy timeout, met by several of MLflow's queries in turn
