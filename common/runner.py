@@ -347,7 +347,9 @@ def _fit_lightning(cfg: DictConfig, prepared: _Prepared, tracker: Tracker | None
         tracker.set_tags({"lightyard.world_size": trainer.world_size, "lightyard.strategy": type(trainer.strategy).__name__})
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if shutdown.received is not None:
-        raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; checkpoint: {shutdown.checkpoint_path}")
+        # (a signal after the last step's hook: the fit ran to its end, which its last checkpoint holds)
+        where = f"checkpoint: {shutdown.checkpoint_path}" if shutdown.checkpoint_path else "after the fit's last training step"
+        raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; {where}")
     if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0:  # Lightning skips the fit with a notice
         raise ConfigError(
             "the training set gives no batch (a batch size larger than the training set with drop_last, or a limit of 0 "

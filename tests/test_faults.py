@@ -58,6 +58,20 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(home):
         assert torch.equal(resumed_ckpt["state_dict"][name], value), name
 
 
+def test_a_stop_after_the_last_step_resumes_to_the_stored_key_metrics(home):
+    """A signal after the last step's hooks: the fit ran to its end and the run is KILLED (said "checkpoint: None");
+    its resume trains and validates nothing, and keeps the stored key metrics (its fit has none)."""
+    env = {"LIGHTYARD_HOME": str(home)}
+    killed = lightyard("train", "toy", "trainer.max_epochs=3", "kill_at_step=24", env=env)  # 3 epochs of 8 batches
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert "lightyard: stopped by signal 15; after the fit's last training step (MLflow run marked KILLED" in killed.stderr
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    (run,) = client.search_runs([client.get_experiment_by_name("lightyard/toy").experiment_id])
+    (resumed,) = train("toy", [f"resume={run.info.run_id}"])
+    assert resumed.status == "FINISHED" and resumed.metrics["val_acc"] == run.data.metrics["val_acc"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [7, 15, 23]  # none validated again
+
+
 def test_a_resume_that_would_end_before_its_checkpoint_is_one_line(tmp_path):
     """(a review's fuzz: Lightning refused after the run had reopened, marked it FAILED, and the lowered value, saved
     with the run, refused every later resume too)"""
