@@ -324,9 +324,9 @@ def _demo_in_children(names: list[str], overrides: list[str], workers: int, logs
                 name = queue.pop(0)
                 sys.stdout.flush()
                 sys.stderr.flush()
-                proc = context.Process(
-                    target=_demo_child, args=(["train", name, *_demo_overrides(name, overrides)], str(logs / f"{name}.log"))
-                )
+                # one torch thread each (unless given): children side by side on as many cores
+                argv = ["train", name, *_demo_overrides(name, overrides), *([] if _given(overrides, "threads") else ["threads=1"])]
+                proc = context.Process(target=_demo_child, args=(argv, str(logs / f"{name}.log")))
                 proc.start()
                 running[name] = (proc, time.time())
             if preloading:
@@ -405,7 +405,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         rows = _demo_in_process(names, list(args.overrides))
     else:
         longest_first = sorted(names, key=lambda name: -get(name).demo_seconds)  # the last to start ends soon after
-        print(f"{len(names)} pipelines, {workers} at a time (each with one CPU thread): {', '.join(longest_first)}", flush=True)
+        one = "" if _given(args.overrides, "threads") else " (each with one torch thread)"
+        print(f"{len(names)} pipelines, {workers} at a time{one}: {', '.join(longest_first)}", flush=True)
         logs = Path(lightyard_home()) / "outputs" / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S")
         rows = sorted(_demo_in_children(longest_first, list(args.overrides), workers, logs), key=lambda row: row["pipeline"])
     print()

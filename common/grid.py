@@ -16,7 +16,8 @@ A pipeline declares its experiments in ``conf/<pipeline>.yaml`` as data::
 
 Each grid point is an ordinary run of :func:`common.runner.run_one` (config checks, seeds, device,
 signals, provenance tags, memory profiler) under one MLflow parent run. A failed child is FAILED with
-its error and the grid goes on; the parent then ends FAILED with the count. ``resume=<parent id>`` runs
+its error and the grid goes on (unless its first ``STOP_AFTER`` children, run one at a time, fail alike: the rest
+are not started); the parent then ends FAILED with the count. ``resume=<parent id>`` runs
 only the points without a FINISHED child (KILLED Lightning children continue from their checkpoint).
 Children run one after another (``launcher.workers=N``: N processes at once), or through submitit
 (``launcher.name=slurm``: one SLURM job per child; ``submitit_local``: the same path on this machine).

@@ -11,9 +11,10 @@ build is the experiment's ``report`` section in config (saved with the parent ru
           rows: model.name             # one axis or a list of axes: a row per value (grid order)
           columns: data.name           # optional: one column per value of this axis (then one metric) ...
           metric: test_acc
-          metrics: [test_acc, seconds] # ... or, without columns, one column per metric ({metric, label, scale, digits})
+          metrics: [test_acc, seconds] # ... or, without columns, one column per metric ({metric, label, scale, digits, std})
           scale: 100                   # shown value = metric × scale
           digits: 2
+          std: false                   # means only (per table, or per metric: a size that no seed changes)
           best: max                    # bold the best mean per column (max | min)
           select: {axis: optim.lr, by: val_acc, mode: max}   # per cell, keep the children of the axis value
                                        # with the best mean of `by` (model selection on validation)
@@ -143,6 +144,7 @@ def _metric_specs(spec: Mapping) -> list[dict]:
         item.setdefault("label", item["metric"])
         item.setdefault("scale", spec.get("scale", 1))
         item.setdefault("digits", spec.get("digits"))
+        item.setdefault("std", spec.get("std", True))
         out.append(item)
     if not out:
         raise ConfigError(f"report table '{spec.get('name')}' names no metric (metric: or metrics:)")
@@ -164,7 +166,6 @@ def build_table(children: list[dict], spec: Mapping, parents: int = 0) -> list[d
     metrics = _metric_specs(spec)
     if col_axis and len(metrics) != 1:
         raise ConfigError(f"report table '{spec.get('name')}': with columns: give one metric")
-    show_std = spec.get("std", True)
     children = [c for c in children if _matches(c, spec.get("where") or {})]
 
     def key_of(child: dict, axes: list[str]) -> tuple:
@@ -195,7 +196,7 @@ def build_table(children: list[dict], spec: Mapping, parents: int = 0) -> list[d
             group = _select(group, spec.get("select"))
             mean, std, n = mean_std([c[m["metric"]] * m["scale"] for c in group if m["metric"] in c])
             row[header] = (
-                _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], show_std, _nans(group, m["metric"]))
+                _range_cell(group, m, parents) if parents else _cell(mean, std, n, m["digits"], m["std"], _nans(group, m["metric"]))
             )
             mean_row[header] = mean
             counts.append(n)

@@ -300,6 +300,13 @@ def test_a_nan_seed_is_named_in_its_cell_not_silently_left_out_of_the_mean():
     assert rows == [{"m": "a", "acc": "0.60 (1 NaN)"}, {"m": "b", "acc": "– (1 NaN)"}]
 
 
+def test_std_false_on_one_metric_shows_its_mean_alone():
+    """(a review: vocab_kd's per-metric `std: false` was read by nothing: sizes no seed changes showed "± 0.00")"""
+    children = [{"m": "a", "seed": s, "acc": 0.5 + s / 10, "mb": 2.0, "_index": s} for s in range(2)]
+    rows = build_table(children, {"rows": "m", "digits": 2, "metrics": ["acc", {"metric": "mb", "std": False}]})
+    assert rows == [{"m": "a", "acc": "0.55 ± 0.07", "mb": "2.00"}]
+
+
 def test_report_builder_matches_hand_computed_mean_and_std():
     children = [
         {"model.name": "gcn", "data.name": "texas", "seed": 0, "acc": 0.5, "_index": 0},

@@ -160,11 +160,16 @@ def test_ui_refuses_a_bad_or_busy_port_with_one_line(home):
 def test_demo_exits_non_zero_when_a_pipeline_fails_and_lists_only_its_runs(home):
     env = {"LIGHTYARD_HOME": str(home)}
     cli("train", "toy", "trainer.max_epochs=1", "run_name=earlier")  # not the demo's
-    out = lightyard("demo", "crash_at_step=1", "--pipelines", "toy", env=env)
+    out = lightyard("demo", "crash_at_step=1", "--workers", "2", "--pipelines", "toy", env=env)
     assert out.returncode == 1
     assert "| toy      | FAILED: RuntimeError: toy crash" in out.stdout
     assert "earlier" not in out.stdout
     assert "console: " in out.stdout and list((home / "outputs" / "demo").glob("*/toy.log"))  # each pipeline's console kept
+    # children side by side get one torch thread each (a pipeline without a demo preset ran on torch's default)
+    assert "1 pipelines, 2 at a time (each with one torch thread): toy" in out.stdout
+    client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted((r.info.run_name, r.data.params["threads"]) for r in runs) == [("earlier", "0"), ("toy-quick", "1")]
 
 
 def test_demo_with_a_bad_override_is_one_line_from_its_children(home, capsys):

@@ -501,11 +501,6 @@ class Explainer:
         prior = gan_prior(self.hook, x, stage1, gens, s.gan or GanSettings())
         return input_iba(self.model, x, y, prior, gens, s.input_beta, s.input_steps, s.input_lr, s.copies, s.smooth_sigma, s.alpha_init)
 
-    def prior_mask(self, x, y, ids) -> torch.Tensor:
-        """Stages 1–2 alone: the GAN's prior mask M_G (B, H, W), for the panels."""
-        gens = image_generators(ids, self.seed, x.device)
-        return gan_prior(self.hook, x, self._feature(x, y, gens), gens, self.s.gan or GanSettings())[:, 0]
-
 
 # -- evaluation (batched over images) ---------------------------------------------------------------------------------
 

@@ -162,10 +162,6 @@ class MaskedAutoencoder(nn.Module):
         pred = self.decode(latent, ids_restore)
         return mgp_loss(pred, images, mask, self.patch, self.norm_pix), pred, mask
 
-    def encoder_state(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights for fine-tuning (its final ``norm`` and head are not used there, as MAE)."""
-        return {k: v.detach().cpu().clone() for k, v in self.encoder.state_dict().items() if not k.startswith(("norm.", "head."))}
-
 
 def reconstruction_images(model: MaskedAutoencoder, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masked input, reconstruction with the visible patches pasted in, target) for a figure; with ``norm_pix`` the

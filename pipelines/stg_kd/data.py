@@ -523,10 +523,3 @@ class VideoCaptionDataModule(pl.LightningDataModule):
     def identity(self) -> dict:
         d = self.cfg.data
         return {"name": d.name, "root": str(d.root), "videos": {s: len(self.splits[s]["ids"]) for s in SPLITS}}
-
-
-def describe(splits: dict) -> str:
-    n = {s: len(splits[s]["ids"]) for s in SPLITS}
-    refs = sum(len(c) for c in splits["train"]["captions"])
-    per = splits["train"]["obj_mask"].float().sum(-1).mean()
-    return f"{n['train']}/{n['val']}/{n['test']} videos, {refs} training captions, {float(per):.2f} detections per frame"
