@@ -406,7 +406,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         longest_first = sorted(names, key=lambda name: -get(name).demo_seconds)  # the last to start ends soon after
         one = "" if _given(args.overrides, "threads") else " (each with one torch thread)"
-        print(f"{len(names)} pipelines, {workers} at a time{one}: {', '.join(longest_first)}", flush=True)
+        print(f"{len(names)} pipeline{'s' * (len(names) != 1)}, {workers} at a time{one}: {', '.join(longest_first)}", flush=True)
         logs = Path(lightyard_home()) / "outputs" / "demo" / datetime.now().strftime("%Y%m%d-%H%M%S")
         rows = sorted(_demo_in_children(longest_first, list(args.overrides), workers, logs), key=lambda row: row["pipeline"])
     print()

@@ -166,7 +166,7 @@ def test_demo_exits_non_zero_when_a_pipeline_fails_and_lists_only_its_runs(home)
     assert "earlier" not in out.stdout
     assert "console: " in out.stdout and list((home / "outputs" / "demo").glob("*/toy.log"))  # each pipeline's console kept
     # children side by side get one torch thread each (a pipeline without a demo preset ran on torch's default)
-    assert "1 pipelines, 2 at a time (each with one torch thread): toy" in out.stdout
+    assert "1 pipeline, 2 at a time (each with one torch thread): toy" in out.stdout
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted((r.info.run_name, r.data.params["threads"]) for r in runs) == [("earlier", "0"), ("toy-quick", "1")]
