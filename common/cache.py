@@ -12,6 +12,8 @@ import torch
 from omegaconf import DictConfig
 
 from common import rng
+from common.config import ConfigError
+from common.tracking import notice
 
 
 def cache_file(cfg: DictConfig, pipeline: str, stem: str, key: Any) -> Path:
@@ -34,11 +36,35 @@ def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> An
     from later ones by 4e-4: stage 1's augmentations had drawn from ``random``). Under DDP rank 0 builds and the others
     wait at a barrier. Read with weights_only=True: only tensors and plain containers."""
     path = Path(path)
-    if not path.is_file() and (strategy is None or strategy.global_rank == 0):
+    lead = strategy is None or strategy.global_rank == 0
+    if strategy is None and (found := read_cached(path, what)) is not None:
+        return found
+    if lead and not path.is_file():
         with rng.forked():
             result = build()
         save_atomic(result, path)
         print(f"{what} cached at {path}", flush=True)
     if strategy is not None:
         strategy.barrier(f"cache-{path.stem}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # under DDP every rank reads the file: rebuilding it here would race them
+        raise ConfigError(f"{what} cache {path} is unreadable ({_reason(err)}); delete it and rerun (it is built again)") from None
+
+
+def read_cached(path: Path, what: str) -> Any | None:
+    """The cache file at ``path``, or None when there is none or it is unreadable: damaged from outside (writes are
+    atomic), it is said, deleted and built again, instead of failing every run after."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        notice(f"{what} cache {path} is unreadable ({_reason(err)}): building it again")
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _reason(err: Exception) -> str:
+    """torch's error, its first sentence (the rest advises weights_only=False: unsafe for a file of unknown origin)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split()).split('. ')[0][:100]}"

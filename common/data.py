@@ -410,6 +410,32 @@ def load_weights(path: str | Path, what: str) -> Any:
         raise ConfigError(f"{what} {path} does not load as PyTorch weights ({type(err).__name__}: {reason})") from None
 
 
+def check_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> Path:
+    """A local weights file, before any run: a .safetensors file or torch.save's format."""
+    file = Path(path).expanduser()
+    if file.suffix == ".safetensors" and not file.is_file():
+        raise ConfigError(f"{what} {file} does not exist (a .safetensors file or a torch state dict)")
+    return file if file.suffix == ".safetensors" else require_weights_file(file, what)
+
+
+def load_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+    """Local weights (safetensors, or a state dict saved by torch, read with weights_only=True; a Lightning or training
+    checkpoint's ``state_dict`` / ``model`` entry), errors in one line."""
+    file = check_state_dict_file(path, what)
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(file))
+        except Exception as err:
+            raise ConfigError(f"{what} {file} is not a readable .safetensors file ({' '.join(str(err).split())[:120]})") from None
+    state = load_weights(file, what)
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{what} {file} holds a {type(state).__name__} that is not a state dict (parameter names → tensors)")
+    return state
+
+
 NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # a truncated .npz is a BadZipFile
 
 

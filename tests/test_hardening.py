@@ -320,6 +320,25 @@ def test_an_unreachable_server_from_the_config_names_the_config_key(home, monkey
         tracking_uri(compose("toy", {"logger.tracking_uri": "http://127.0.0.1:1"}))
 
 
+def test_a_damaged_cache_file_is_built_again_or_named_in_one_line(tmp_path, capsys):
+    """(a review: a cache file damaged from outside failed every later run with torch's error, which names no file and
+    advises loading it unsafely)"""
+    from types import SimpleNamespace
+
+    from common.cache import cached
+
+    path = tmp_path / "classifier-0123456789ab.pt"
+    path.write_text("garbage")
+    assert cached(path, lambda: {"w": torch.ones(2)}, "classifier")["w"].tolist() == [1.0, 1.0]
+    err = capsys.readouterr().err
+    assert f"notice: classifier cache {path} is unreadable (UnpicklingError: Weights only load failed): building it again" in err
+    assert cached(path, lambda: 1 / 0, "classifier")["w"].tolist() == [1.0, 1.0]  # read back, not built again
+    path.write_bytes(path.read_bytes()[:40])  # truncated, under DDP: every rank reads it, none rebuilds
+    rank = SimpleNamespace(global_rank=1, barrier=lambda name: None)
+    with pytest.raises(ConfigError, match=f"^classifier cache {re.escape(str(path))} is unreadable .*; delete it and rerun"):
+        cached(path, lambda: 1 / 0, "classifier", rank)
+
+
 def test_a_checkpoint_that_is_not_one_is_refused_before_loading(tmp_path):
     from common.data import load_weights, require_weights_file
 

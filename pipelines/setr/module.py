@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
-from common.data import load_weights, require_weights_file
+from common.data import check_state_dict_file, load_state_dict_file
 from pipelines.setr.data import SegDataModule, check_data, check_labels, class_names
 from pipelines.setr.model import (
     IGNORE_INDEX,
@@ -67,32 +67,12 @@ def build_model(cfg: DictConfig, classes: int) -> SETR:
     return model
 
 
-def check_checkpoint(path: str) -> Path:
-    """model.checkpoint's file, before any run: a .safetensors file or torch.save's format."""
-    file = Path(path).expanduser()
-    if file.suffix == ".safetensors" and not file.is_file():
-        raise ConfigError(f"model.checkpoint {file} does not exist (a .safetensors file or a torch state dict of the timm ViT)")
-    return file if file.suffix == ".safetensors" else require_weights_file(file, "model.checkpoint")
-
-
 def load_encoder_weights(model: SETR, path: str) -> None:
     """Local ViT weights (safetensors or a torch state dict, read with weights_only=True); the position embedding is
     interpolated to the model's grid (bilinear, as the official pos_embed_interp)."""
     from pipelines.setr.model import interpolate_pos_embed
 
-    file = check_checkpoint(path)
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(file))
-        except Exception as err:
-            raise ConfigError(f"model.checkpoint {file} is not a readable .safetensors file ({' '.join(str(err).split())[:120]})") from None
-    else:
-        state = load_weights(file, "model.checkpoint")
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.checkpoint {file} holds a {type(state).__name__}, not a state dict of the timm ViT")
+    file, state = Path(path).expanduser(), load_state_dict_file(path)
     vit = model.encoder.vit
     if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
         prefix = model.encoder.prefix
@@ -184,7 +164,7 @@ class SETRModule(pl.LightningModule):
             with torch.device("meta"):
                 create_vit(cfg.model.name, OmegaConf.to_container(cfg.bench.model_kwargs), key="bench.model_kwargs")
         if cfg.model.checkpoint:
-            check_checkpoint(cfg.model.checkpoint)
+            check_state_dict_file(cfg.model.checkpoint)
         check_labels(cfg)  # last: it decodes every label file (once per file set)
 
     def __init__(self, cfg: DictConfig):

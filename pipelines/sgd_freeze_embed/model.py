@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.data import load_state_dict_file
 from common.freezing import freeze, matches, trainable_parameters
 from common.models import create_timm_model
 from common.tracking import pyplot
@@ -110,17 +111,8 @@ def build_classifier(
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Local weights: safetensors, or a state dict saved by torch (read with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"model.checkpoint {path} does not exist (a .safetensors file or a torch state dict)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state.get("model", state))
-    return {k.removeprefix("backbone."): v for k, v in state.items()}
+    """model.checkpoint's weights (common.data.load_state_dict_file), a whole classifier's without its prefix."""
+    return {k.removeprefix("backbone."): v for k, v in load_state_dict_file(path).items()}
 
 
 # -- optimizers -----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from common.config import ConfigError
-from common.data import image_counts
+from common.data import check_state_dict_file, image_counts
 from common.models import check_timm_name
 from pipelines.sgd_freeze_embed.data import (
     CIFAR_LAYOUT,
@@ -69,6 +69,8 @@ class FineTuneModule(pl.LightningModule):
         check_optimizer(cfg.optim)
         check_data(cfg.data)
         check_timm_name(cfg.model.name)
+        if cfg.model.checkpoint:
+            check_state_dict_file(cfg.model.checkpoint)
         if cfg.bench.model is not None:  # a memory-bench point (the grid sets bench.model)
             from pipelines.sgd_freeze_embed.experiments import check_memory_bench
 

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-from common.cache import cache_file, cached, save_atomic
+from common.cache import cache_file, cached, read_cached, save_atomic
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
 from pipelines.vocab_kd.data import Passage, TextDataModule, check_data
@@ -295,8 +295,8 @@ class VocabKDModule(pl.LightningModule):
         frozen = not (self.cfg.dual.enabled and self.cfg.dual.train_teacher)
         key = f"{head_cache_path(self.cfg, data).stem}-{len(fit)}-{self.cfg.data.eval_batch_size}-{self.cfg.data.seed}"
         path = Path(self.cfg.paths.cache_dir) / "vocab_kd" / f"teacher-eval-{key}.pt"
-        if frozen and path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
+        if frozen and (found := read_cached(path, "teacher evaluation")) is not None:
+            return found
         total, count = 0.0, 0
         size = self.cfg.data.eval_batch_size
         for batch_idx, start in enumerate(range(0, len(test), size)):

@@ -343,6 +343,13 @@ def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
     OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "missing.pt"))
     with pytest.raises(ConfigError, match="does not exist"):
         build_classifier(cfg, 2)
+    # a damaged file, before any run (was torch's unpickling error, advising an unsafe load, in a FAILED run)
+    (tmp_path / "garbage.pt").write_text("garbage")
+    for name in ("garbage.pt", "missing.pt"):
+        with pytest.raises(
+            ConfigError, match=f"^model.checkpoint {re.escape(str(tmp_path / name))} (is not a PyTorch file|does not exist)"
+        ):
+            FineTuneModule.check_config(with_values(cfg, {"model.checkpoint": str(tmp_path / name)}))
 
 
 def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
@@ -387,7 +394,8 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
         with pytest.raises(ConfigError, match=r"pretrain.n_images=7 exceeds the 6 training images"):
             FineTuneModule.check_config(cfg)
         FineTuneModule.check_config(with_values(cfg, {"pretrain.n_images": 6}))
-        FineTuneModule.check_config(with_values(cfg, {"model.checkpoint": "w.pt"}))  # no stage 1: not asked
+        torch.save({}, tmp_path / "w.pt")
+        FineTuneModule.check_config(with_values(cfg, {"model.checkpoint": str(tmp_path / "w.pt")}))  # no stage 1: not asked
     assert cifar_colour_cue(tmp_path, 4, 4, 0, cache, size=48)["train"].images.shape == (4, 3, 48, 48)  # data.image_size
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg, or their zips"):
         cifar_colour_cue(tmp_path / "nope", 4, 4, 0, cache)
