@@ -640,7 +640,9 @@ def _stop_on_sigterm():
 
 def _interrupted(stop) -> int:
     """A run stopped by a signal (marked KILLED where it had opened): one line, with how to continue it."""
-    if not stop.run_id and not stop.resumable:  # stopped before its run opened
+    if stop.rank > 0:  # another process of a DDP run (under torchrun or fabric run): rank 0's line names the run
+        print(f"lightyard: {stop} (rank 0 reports the run and how to continue it)", file=sys.stderr)
+    elif not stop.run_id and not stop.resumable:  # stopped before its run opened
         print(f"lightyard: {stop} ({stop.why_not}: rerun it)", file=sys.stderr)
     elif not stop.resumable:
         print(f"lightyard: {stop} (MLflow run {stop.run_id} marked KILLED; {stop.why_not}: rerun it)", file=sys.stderr)

@@ -53,6 +53,7 @@ class RunInterrupted(Exception):
         self.command = "train"
         self.resumable = True
         self.why_not = self.NO_CHECKPOINT  # said when not resumable
+        self.rank = 0  # a DDP process's global rank: only rank 0 holds the run
 
 
 @dataclass
@@ -349,6 +350,7 @@ def _fit_lightning(cfg: DictConfig, prepared: _Prepared, tracker: Tracker | None
     if shutdown.received is not None:
         # (a signal after the last step's hook: the fit ran to its end, which its last checkpoint holds)
         where = f"checkpoint: {shutdown.checkpoint_path}" if shutdown.checkpoint_path else "after the fit's last training step"
+        where = where if trainer.is_global_zero else f"rank {trainer.global_rank}"  # (rank 0's path is the run's)
         raise RunInterrupted(shutdown.received, f"stopped by signal {shutdown.received}; {where}")
     if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0:  # Lightning skips the fit with a notice
         raise ConfigError(
@@ -566,7 +568,7 @@ def _non_gradient(pipeline: str) -> bool:
 def _end_killed(stop: RunInterrupted, cfg: DictConfig, tracker, run_dir: Path, start: float, non_gradient: bool) -> RunInterrupted:
     """The run ends KILLED, whichever way the stop arrived (our handler, Lightning's Ctrl+C exit, a wrapped SIGTERM);
     its hint offers resume= only where a checkpoint exists (a stop in data setup or stage-1 pretraining has none)."""
-    stop.pipeline = cfg.pipeline
+    stop.pipeline, stop.rank = cfg.pipeline, global_rank()
     if non_gradient:  # (a stop wrapped by a library arrives as a new, resumable-looking one)
         stop.resumable, stop.why_not = False, RunInterrupted.NO_CHECKPOINT
     elif stop.resumable and not any((run_dir / "checkpoints").glob("*.ckpt")):

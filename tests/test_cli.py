@@ -56,6 +56,19 @@ def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     assert run.info.status == "FINISHED"
     assert run.data.tags["lightyard.world_size"] == "2" and run.data.tags["lightyard.strategy"] == "DDPStrategy"
     assert result.stdout.count("### Runs") == 1  # rank 1 prints nothing
+    # a stop: rank 0's line names the run and its resume; rank 1's said "checkpoint: <its own unused folder> (… rerun it)"
+    stopped = subprocess.run(
+        [str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy", "kill_at_step=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)},
+    )
+    lines = [line for line in stopped.stderr.splitlines() if line.startswith("lightyard: ")]
+    assert len(lines) == 2 and "lightyard: stopped by signal 15; rank 1 (rank 0 reports the run and how to continue it)" in lines, lines
+    (killed,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.info.status == "KILLED"]
+    assert f"(MLflow run marked KILLED; continue with: lightyard train toy resume={killed.info.run_id})" in stopped.stderr
 
 
 def test_the_quick_exit_still_waits_for_threads_runs_exit_handlers_and_keeps_the_status():
