@@ -28,7 +28,7 @@ def test_runs_on_an_empty_store(home):
     assert result.returncode == 0 and "(no rows)" in result.stdout
 
 
-@pytest.mark.slow  # 22 s of a 10-minute suite; DDP itself stays in the suite (test_callbacks: two gloo processes)
+@pytest.mark.slow  # 28 s (two launches); DDP itself stays in the suite (test_callbacks: two gloo processes)
 def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     """`fabric run --devices=2 common/cli.py train toy`: two processes, one DDP group of world size 2, one MLflow run."""
     import subprocess
@@ -41,15 +41,18 @@ def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     from common.tracking import tracking_uri
     from tests.conftest import ROOT
 
-    fabric = Path(sys.executable).with_name("fabric")
-    result = subprocess.run(
-        [str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy", "trainer.max_epochs=1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)},
-    )
+    def fabric_run(*overrides: str) -> subprocess.CompletedProcess:
+        fabric = Path(sys.executable).with_name("fabric")
+        return subprocess.run(
+            [str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy", *overrides],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)},
+        )
+
+    result = fabric_run("trainer.max_epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(tracking_uri=tracking_uri(compose("toy")))
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -57,14 +60,7 @@ def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     assert run.data.tags["lightyard.world_size"] == "2" and run.data.tags["lightyard.strategy"] == "DDPStrategy"
     assert result.stdout.count("### Runs") == 1  # rank 1 prints nothing
     # a stop: rank 0's line names the run and its resume; rank 1's said "checkpoint: <its own unused folder> (… rerun it)"
-    stopped = subprocess.run(
-        [str(fabric), "run", "--accelerator=cpu", "--strategy=ddp", "--devices=2", "common/cli.py", "train", "toy", "kill_at_step=3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**__import__("os").environ, "LIGHTYARD_HOME": str(home)},
-    )
+    stopped = fabric_run("kill_at_step=3")
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("lightyard: ")]
     assert len(lines) == 2 and "lightyard: stopped by signal 15; rank 1 (rank 0 reports the run and how to continue it)" in lines, lines
     (killed,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.info.status == "KILLED"]
