@@ -489,9 +489,9 @@ def run_one(
                 tags = {**({"lightyard.resumed_from": ckpt_path} if ckpt_path else {}), **(tags or {})}
                 tracker = Tracker.start(cfg, cfg.run_name or f"{cfg.pipeline}-{cfg.preset}", tags=tags, parent=parent)
         run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / tracker.run_id
-    else:  # DDP ranks > 0 under torchrun/srun: rank 0's checkpoint folder is broadcast by Lightning
-        run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"
-    run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:  # DDP ranks > 0 under torchrun/srun: rank 0's checkpoint folder is broadcast by Lightning; nothing is written
+        run_dir = Path(cfg.paths.output_dir).resolve() / cfg.pipeline / "rank_nonzero"  # (a name, never made)
 
     # a resumed run: its stopped segments' time (duration_s is the run's working time, summed) and metrics (a fit
     # resumed after its last epoch validates no more: val/* and best/* stay the stored ones)

@@ -59,6 +59,7 @@ def test_fabric_run_launches_one_ddp_group_from_its_own_options(home):
     assert run.info.status == "FINISHED"
     assert run.data.tags["lightyard.world_size"] == "2" and run.data.tags["lightyard.strategy"] == "DDPStrategy"
     assert result.stdout.count("### Runs") == 1  # rank 1 prints nothing
+    assert [p.name for p in (home / "outputs" / "toy").iterdir()] == [run.info.run_id]  # nor leaves an empty folder
     # a stop: rank 0's line names the run and its resume; rank 1's said "checkpoint: <its own unused folder> (… rerun it)"
     stopped = fabric_run("kill_at_step=3")
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("lightyard: ")]
