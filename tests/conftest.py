@@ -107,16 +107,42 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["lightyard", *args], code, out.getvalue(), err.getvalue())
 
 
-def zip_splits(tree: Path, dest: Path, pattern: str = "*.png") -> Path:
-    """``dest/{train,test}.zip`` holding ``tree/<split>/...`` as the CIFAR zips do (paths start with the split)."""
+def zip_splits(tree: Path, dest: Path, pattern: str = "*.png", folders: bool = False) -> Path:
+    """``dest/{train,test}.zip`` holding ``tree/<split>/...`` as the CIFAR zips do (paths start with the split);
+    ``folders``: with their folder entries too (``train/``, ``train/cat/``), as ../shared/data/cifar10_jpg's zips hold."""
     import zipfile
 
     dest.mkdir()
     for split in ("train", "test"):
         with zipfile.ZipFile(dest / f"{split}.zip", "w") as archive:
+            if folders:
+                for path in [tree / split, *sorted(p for p in (tree / split).rglob("*") if p.is_dir())]:
+                    archive.write(path, str(path.relative_to(tree)))
             for path in sorted((tree / split).rglob(pattern)):
                 archive.write(path, str(path.relative_to(tree)))
     return dest
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def cifar10_jpg(tmp: Path, per_class: tuple[int, int] = (6, 2), classes: tuple[str, ...] = CIFAR10_CLASSES) -> Path:
+    """A tiny copy of ../shared/data/cifar10_jpg under ``tmp``: ``{train,test}.zip``, each ``<split>/<class>/NNNN.jpg``
+    with its folder entries; 32-pixel JPEGs at quality 75, ``per_class`` (train, test) images of each class, a class a
+    colour of its own plus noise. Returns the folder of the zips (the tree they were made from is ``tmp/cifar10_tree``)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tree = tmp / "cifar10_tree"
+    for split, n in zip(("train", "test"), per_class):
+        for c, name in enumerate(classes):
+            (tree / split / name).mkdir(parents=True)
+            colour = np.array([25 * c, 230 - 20 * c, 60 + 15 * c])
+            for i in range(n):
+                pixels = np.clip(colour + rng.integers(-30, 31, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tree / split / name / f"{i:04d}.jpg", quality=75)
+    return zip_splits(tree, tmp / "cifar10_jpg", "*.jpg", folders=True)
 
 
 def assert_no_run(pipeline: str) -> None:

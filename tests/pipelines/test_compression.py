@@ -48,7 +48,7 @@ from pipelines.compression.model import (
     update_masks,
 )
 from pipelines.compression.module import CompressionExperiment, check_technique
-from tests.conftest import cli, zip_splits
+from tests.conftest import cifar10_jpg, cli, zip_splits
 
 
 class Tiny(nn.Module):
@@ -366,6 +366,27 @@ def test_reproduce_smoke_tabulates_each_technique(home):
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.report.splitlines() if line.startswith("|")]
     (row,) = [r for r in rows if r[0] == "prune_structured"]
     assert row[1] == f"{100 * children['prune_structured']['top1']:.2f}"
+    assert "Pareto front (top-1 vs p50_ms)" in result.report
+
+
+def test_reproduce_smoke_of_the_cifar10_experiment_on_jpeg_zips(home, tmp_path):
+    """The default reproduce (experiment=cifar10) on a tiny copy of ../shared/data/cifar10_jpg; its loader:
+    test_generated_task_and_cifar_batches_and_imagefolder_zips."""
+    root = cifar10_jpg(tmp_path, per_class=(6, 2))
+    overrides = [f"root={root}", "data.train_size=0", "data.test_size=0", "finetune.epochs=0.5"]  # the set's 10000 / 2000 / 5
+    result = run_experiment("reproduce", "compression", ["preset=smoke", "experiment=cifar10", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 2, 2), result.report
+    children = {c["compress.technique"]: c for c in _children(result)}
+    assert set(children) == {"baseline", "prune_structured"}
+    client = MlflowClient(tracking_uri=tracking_uri(compose("compression")))
+    for child in children.values():  # each read the fixture, not the generated task
+        params = client.get_run(child["_run_id"]).data.params
+        assert (params["data.name"], params["data.root"]) == ("cifar10", str(root))
+        assert 0 <= child["top1"] <= 1 and math.isfinite(child["p50_ms"])
+    assert children["prune_structured"]["params"] < 0.5 * children["baseline"]["params"]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.report.splitlines() if line.startswith("|")]
+    (row,) = [r for r in rows if r[0] == "baseline"]
+    assert row[1] == f"{100 * children['baseline']['top1']:.2f}" and row[-1] == "1"
     assert "Pareto front (top-1 vs p50_ms)" in result.report
 
 

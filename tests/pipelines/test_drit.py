@@ -44,6 +44,7 @@ from pipelines.drit.model import (
     train_iteration,
 )
 from pipelines.drit.module import DRITModule, build_net
+from tests.conftest import cifar10_jpg
 
 
 def _cfg(**values):
@@ -383,6 +384,28 @@ def test_reproduce_and_bench_smoke(home):
     (child,) = _children(bench)
     assert child["lightning_over_loop"] == pytest.approx(child["lightning_it_per_s"] / child["loop_it_per_s"])
     assert np.isfinite(child["lightning_it_per_s"]) and child["torch_threads"] == 1
+
+
+def test_reproduce_smoke_of_the_cifar_cat_dog_experiment_on_jpeg_zips(home, tmp_path):
+    """experiment=cifar_cat_dog on a tiny copy of ../shared/data/cifar10_jpg; its loader: test_cifar_cat_dog_from_zips."""
+    root = cifar10_jpg(tmp_path, per_class=(8, 4))  # 8 cats and 8 dogs to train on (2 batches), 4 of each to test
+    overrides = [f"cifar_root={root}", "metrics.classifier.epochs=1", "trainer.max_epochs=1"]  # the set's 20 and 4
+    result = run_experiment("reproduce", "drit", ["preset=smoke", "experiment=cifar_cat_dog", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
+    children = _children(result)
+    methods = sorted((c["loss.mode_seeking"], c["model.content_discriminator"]) for c in children)
+    assert methods == [(0.0, False), (0.0, True), (1.0, False), (1.0, True)]
+    client = MlflowClient(tracking_uri=tracking_uri(compose("drit")))
+    for child in children:  # each translated the fixture's cats and dogs, not the generated domains
+        params = client.get_run(child["_run_id"]).data.params
+        assert (params["data.name"], params["data.root"]) == ("cifar_cat_dog", str(root))
+        assert all(math.isfinite(child[f"test/{m}"]) for m in ("diversity", "fid", "kid", "domain_acc"))
+        assert "test/layout_iou" not in child  # real photos have no known layout to keep
+    assert len(list((home / "cache" / "drit").glob("classifier-*.pt"))) == 1  # one domain classifier for the four children
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.report.splitlines() if line.startswith("|")]
+    (row,) = [r for r in rows if r[:2] == ["DRIT++", "on"]]
+    child = next(c for c in children if c["loss.mode_seeking"] == 1.0 and c["model.content_discriminator"])
+    assert row[2] == f"{child['test/diversity']:.3f}" and row[-1] == "1"
 
 
 @pytest.mark.slow  # ~30 s (the kill, the resume and the reference run); tests/test_faults.py checks the keyed items in the suite

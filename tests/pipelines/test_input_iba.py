@@ -17,7 +17,7 @@ from common.grid import run_experiment
 from common.report import children_rows
 from common.runner import compose, train
 from common.tracking import tracking_uri
-from tests.conftest import assert_no_run, cli, zip_splits
+from tests.conftest import assert_no_run, cifar10_jpg, cli, zip_splits
 from pipelines.input_iba.data import SHAPES, box_mask, generate, load_cifar10, load_task, read_voc_boxes, shape_mask
 from pipelines.input_iba.model import (
     METHODS,
@@ -421,6 +421,27 @@ def test_reproduce_smoke_tabulates_methods_and_logs_the_panel(home):
     assert "figures/heatmaps.png on the parent run" in result.report
     client = MlflowClient(tracking_uri=tracking_uri(compose("input_iba")))
     assert "figures/heatmaps.png" in {a.path for a in client.list_artifacts(result.run_id, "figures")}
+
+
+def test_reproduce_smoke_of_the_cifar10_experiment_on_jpeg_zips(home, tmp_path):
+    """experiment=cifar10 on a tiny copy of ../shared/data/cifar10_jpg; its loader: test_cifar_imagefolder_and_its_zips_read_the_same."""
+    root = cifar10_jpg(tmp_path, per_class=(6, 2))  # 60 training images: 44 for the classifier, smoke's 16 for μ_R, σ_R
+    overrides = [f"cifar_root={root}", "data.train_size=44", "data.test_size=20", "classifier.epochs=1"]  # the set's 10000 / 1000 / 3
+    result = run_experiment("reproduce", "input_iba", ["preset=smoke", "experiment=cifar10", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 2, 2), result.report
+    children = _children(result)
+    assert sorted(c["attribution.method"] for c in children) == ["input_iba", "saliency"]
+    client = MlflowClient(tracking_uri=tracking_uri(compose("input_iba")))
+    for child in children:  # each explained the fixture's images, not the generated task's
+        params = client.get_run(child["_run_id"]).data.params
+        assert (params["data.name"], params["data.root"]) == ("cifar10", str(root))
+        assert all(math.isfinite(child[m]) for m in ("insertion", "deletion", "sensitivity_n", "classifier/test_acc"))
+        assert "ehr" not in child  # CIFAR has no evidence masks: no localisation metric
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.report.splitlines() if line.startswith("|")]
+    (row,) = [r for r in rows if r[0] == "Saliency"]  # the cifar10 experiment's one table: five metrics and the count
+    child = next(c for c in children if c["attribution.method"] == "saliency")
+    assert len(row) == 7 and row[1] == f"{child['insertion']:.3f}" and row[-1] == "1"
+    assert "EHR ↑" not in result.report and "figures/heatmaps.png on the parent run" in result.report
 
 
 def test_bench_smoke_times_every_method_and_compares_batched_with_one_by_one(home):

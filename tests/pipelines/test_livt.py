@@ -32,7 +32,7 @@ from pipelines.livt.model import (
     warmup_cosine,
 )
 from pipelines.livt.module import mgp_cache_path, shot_groups
-from tests.conftest import cli, zip_splits
+from tests.conftest import cifar10_jpg, cli, zip_splits
 
 
 def _sigmoid(v: float) -> float:
@@ -452,6 +452,29 @@ def test_reproduce_smoke_runs_the_five_methods_and_tabulates_them(home):
     child = next(c for c in _children(result) if c["mgp.enabled"] and c["loss.name"] == "bal_bce")
     assert row[3] == f"{100 * child['test/acc']:.1f}" and row[-1] == "1"
     assert ["paper 10 / MGP / Bal-BCE", "–", "–", "91.3"] == [r for r in rows if r[0].startswith("paper 10 / MGP / Bal-BCE")][0][:4]
+
+
+def test_reproduce_smoke_of_the_cifar10_lt_experiment_on_jpeg_zips(home, tmp_path):
+    """experiment=cifar10_lt on a tiny copy of ../shared/data/cifar10_jpg; its loader: test_cifar_imagefolder_and_its_zips_read_the_same."""
+    root = cifar10_jpg(tmp_path, per_class=(10, 2))  # ρ = 10 from 10 a class: 10, 7, 5, 4, 3, 2, 2, 1, 1, 1 training images
+    # the set's CIFAR-scale batches, epochs and shot thresholds cut to the fixture's
+    overrides = [f"cifar_root={root}", "data.n_max=10", "data.batch_size=16", "data.eval_batch_size=64", "mgp.epochs=1", "mgp.batch_size=32",
+                 "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "metrics.many_above=4", "metrics.few_below=2"]  # fmt: skip
+    result = run_experiment("reproduce", "livt", ["preset=smoke", "experiment=cifar10_lt", *overrides])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 5, 5), result.report
+    children = _children(result)
+    methods = sorted((c["mgp.enabled"], c["loss.name"]) for c in children)
+    assert methods == sorted([(False, "ce"), (False, "bal_bce"), (True, "ce"), (True, "bal_bce"), (True, "bal_ce")])
+    client = MlflowClient(tracking_uri=tracking_uri(compose("livt")))
+    for child in children:  # each trained on the fixture's long tail, not on the generated classes
+        params = client.get_run(child["_run_id"]).data.params
+        assert (params["data.name"], params["data.root"]) == ("cifar10_lt", str(root))
+        assert all(0 <= child[f"test/{m}"] <= 1 for m in ("acc", "many", "medium", "few"))  # (NaN fails too)
+    assert len(list((home / "cache" / "livt").glob("mgp-*.pt"))) == 1  # one stage 1 shared by the MGP children
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.report.splitlines() if line.startswith("|")]
+    (row,) = [r for r in rows if r[:3] == ["10", "scratch", "CE"]]
+    child = next(c for c in children if not c["mgp.enabled"] and c["loss.name"] == "ce")
+    assert row[3] == f"{100 * child['test/acc']:.1f}" and row[6] == f"{100 * child['test/few']:.1f}" and row[-1] == "1"
 
 
 def test_bench_smoke_measures_both_ratios_in_one_run(home):

@@ -391,20 +391,51 @@ def test_a_trained_teacher_takes_its_own_learning_rate(home):
     assert result.metrics["test/teacher_ppl"] == pytest.approx(frozen.metrics["test/teacher_ppl"], rel=1e-3)
 
 
-@pytest.mark.slow  # ~30 s; the text folder's reader: test_text_folder_reads_the_english_text_layout
-def test_english_text_experiment_smoke_on_a_text_folder_fixture(home, tiny_teacher, tmp_path):
+def _english_text(root: Path) -> Path:
+    """A tiny ../shared/data/english_text: two collections (the labels) of two books each, 600 words a book."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     words = {"gutenberg": ["whale", "sea", "ship", "captain", "the", "a"], "inaugural": ["nation", "people", "union", "the", "a"]}
     for folder, vocab in words.items():
-        (tmp_path / "text" / folder).mkdir(parents=True)
+        (root / folder).mkdir(parents=True)
         for author in ("one", "two"):
-            (tmp_path / "text" / folder / f"{author}-book.txt").write_text(" ".join(rng.choice(vocab, 600)) + ".")
-    overrides = ["preset=smoke", f"teacher.path={tiny_teacher}", f"root={tmp_path / 'text'}", "trainer.max_steps=4", "teacher.head.steps=4",
-                 "data.per_label=30", "metrics.fit_passages=20"]  # fmt: skip
+            (root / folder / f"{author}-book.txt").write_text(" ".join(rng.choice(vocab, 600)) + ".")
+    return root
+
+
+def _english_text_overrides(teacher: Path, root: Path) -> list[str]:
+    """The smoke preset, and the text experiments' steps, passages and fit passages cut to a few."""
+    return ["preset=smoke", f"teacher.path={teacher}", f"root={root}", "trainer.max_steps=4", "teacher.head.steps=4",
+            "data.per_label=30", "metrics.fit_passages=20"]  # fmt: skip
+
+
+@pytest.mark.slow  # ~30 s; the text folder's reader: test_text_folder_reads_the_english_text_layout
+def test_english_text_experiment_smoke_on_a_text_folder_fixture(home, tiny_teacher, tmp_path):
+    overrides = _english_text_overrides(tiny_teacher, _english_text(tmp_path / "text"))
     result = run_experiment("reproduce", "vocab_kd", ["experiment=english_text", *overrides])
     assert (result.status, result.finished, result.total) == ("FINISHED", 4, 4), result.report
     children = _children(result)
     assert all(c["test/student_ppl"] > 1 and c["test/teacher_ppl"] > 1 for c in children)
     assert sorted((c["dual.enabled"], c["proj.enabled"]) for c in children) == [(False, False), (False, True), (True, False), (True, True)]
+
+
+def test_english_text_long_experiment_smoke_on_a_text_folder_fixture(home, tiny_teacher, tmp_path):
+    """experiment=english_text_long: its grid's two points (the 48-wide student alone, and with dual training and
+    shared projections) on the text folder fixture."""
+    root = _english_text(tmp_path / "text")
+    result = run_experiment("reproduce", "vocab_kd", ["experiment=english_text_long", *_english_text_overrides(tiny_teacher, root)])
+    assert (result.status, result.finished, result.total) == ("FINISHED", 2, 2), result.report
+    children = _children(result)
+    assert sorted((c["student.hidden"], c["dual.enabled"], c["proj.enabled"]) for c in children) == [(48, False, False), (48, True, True)]
+    client = MlflowClient(tracking_uri=tracking_uri(compose("vocab_kd")))
+    for child in children:  # each read the fixture's two collections, not the generated books
+        params = client.get_run(child["_run_id"]).data.params
+        assert (params["data.name"], params["data.root"]) == ("text_folder", str(root))
+        assert child["test/student_ppl"] > 1 and child["test/teacher_ppl"] > 1 and math.isfinite(child["test/embed_cosine"])
+        assert 0 <= child["test/student_probe_acc"] <= 1
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in result.report.splitlines() if line.startswith("|")]
+    assert sorted(r[:3] for r in rows if r[0] == "48") == [["48", "off", "off"], ["48", "on", "on"]]
+    (row,) = [r for r in rows if r[:3] == ["48", "on", "on"]]
+    child = next(c for c in children if c["dual.enabled"])
+    assert row[3] == f"{child['size/student_mb_fp32']:.2f}" and row[-1] == "1"
