@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import uuid
@@ -24,10 +25,17 @@ def cache_file(cfg: DictConfig, pipeline: str, stem: str, key: Any) -> Path:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary file and a rename: a reader never sees half a file, a killed writer leaves none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{uuid.uuid4().hex}")  # not torch.randint: the run's RNG stays untouched
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        tmp.replace(path)
+    except BaseException as err:  # nothing half-written is left, whatever stopped it
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a folder where the file goes, a read-only folder, a full disk
+            raise ConfigError(f"cannot write {path} ({err.strerror or err}); remove what is there or make its folder writable") from None
+        raise
 
 
 def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> Any:
@@ -60,11 +68,16 @@ def read_cached(path: Path, what: str) -> Any | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        notice(f"{what} cache {path} is unreadable ({_reason(err)}): building it again")
+        reason = _reason(err)
+    try:
         path.unlink(missing_ok=True)
-        return None
+    except OSError as err:
+        raise ConfigError(f"{what} cache {path} is unreadable ({reason}) and cannot be removed ({err.strerror}); delete it") from None
+    notice(f"{what} cache {path} is unreadable ({reason}): building it again")
+    return None
 
 
 def _reason(err: Exception) -> str:
     """torch's error, its first sentence (the rest advises weights_only=False: unsafe for a file of unknown origin)."""
-    return f"{type(err).__name__}: {' '.join(str(err).split()).split('. ')[0][:100]}"
+    text = " ".join(str(err).split()).split(". ")[0][:100]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -125,6 +125,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
+    from common.tracking import stale_reason
+
     client = MlflowClient(tracking_uri=uri)
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     if not experiment_ids:
@@ -143,19 +145,22 @@ def run_rows(uri: str, pipeline: str | None = None, limit: int = 20) -> list[dic
                 "run_name": info.run_name if len(info.run_name or "") <= 60 else info.run_name[:59] + "…",  # one table row a line
                 "status": info.status,
                 "started": datetime.fromtimestamp(info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
-                "duration_s": round(_worked_s(info, data, time.time()), 1),
+                "duration_s": round(_worked_s(info, data, time.time(), stale_reason(run) is None), 1),
                 "metrics": ", ".join(f"{k}={data.metrics[k]:.4g}" for k in keys if k in data.metrics),
             }
         )
     return rows
 
 
-def _worked_s(info, data, now: float) -> float:
+def _worked_s(info, data, now: float, alive: bool) -> float:
     """A run's working time: its segments summed (``duration_s``, logged at each segment's end and by its heartbeat)
-    and, while it runs, the time since its last beat; the time between a stop and its resume is left out."""
+    and, while it runs, the time since its last beat; the time between a stop and its resume is left out. A RUNNING
+    run whose process is gone (``not alive``) stays at its last beat. A grid parent logs no duration_s: start to end."""
     worked, beat = data.metrics.get("duration_s"), data.tags.get("lightyard.heartbeat", "")
-    if info.status == "RUNNING":
+    if info.status == "RUNNING" and alive:
         return worked + now - int(beat) if worked is not None and beat.isdigit() else now - info.start_time / 1000
+    if info.status == "RUNNING" and worked is None and beat.isdigit():  # dead before its first beat's time was logged
+        return int(beat) - info.start_time / 1000
     return worked if worked is not None else ((info.end_time or now * 1000) - info.start_time) / 1000
 
 

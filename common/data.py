@@ -389,20 +389,30 @@ def load_image(path: str | Path):
         return image
 
 
-def require_weights_file(path: str | Path, what: str) -> Path:
-    """A file in torch.save's format (a zip archive), checked before anything runs: torch's own error for anything
-    else is a page that ends by advising ``weights_only=False``, which would run code from the file."""
+# torch.save's format before PyTorch 1.6 (``_use_new_zipfile_serialization=False``): a pickle of this magic number first
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def require_weights_file(path: str | Path, what: str, legacy: bool = False) -> Path:
+    """A file in torch.save's format (a zip archive; with ``legacy``, also the pre-1.6 format, which
+    ``torch.load(weights_only=True)`` reads too), checked before anything runs: torch's own error for anything else is
+    a page that ends by advising ``weights_only=False``, which would run code from the file."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"{what} {path} {'is a folder, not a file' if path.is_dir() else 'does not exist'}")
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{what} {path} is not a PyTorch file (torch.save's zip format): empty, truncated or something else")
-    return path
+    if zipfile.is_zipfile(path):
+        return path
+    if legacy:
+        with open(path, "rb") as f:
+            if f.read(len(LEGACY_TORCH_MAGIC)) == LEGACY_TORCH_MAGIC:
+                return path
+    kind = "torch.save's format" if legacy else "torch.save's zip format"
+    raise ConfigError(f"{what} {path} is not a PyTorch file ({kind}): empty, truncated or something else")
 
 
-def load_weights(path: str | Path, what: str) -> Any:
+def load_weights(path: str | Path, what: str, legacy: bool = False) -> Any:
     """``torch.load(weights_only=True)`` of a checked file; tensors and plain containers only, errors in one line."""
-    path = require_weights_file(path, what)
+    path = require_weights_file(path, what, legacy)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a zip that is not a checkpoint, or one holding objects weights_only refuses
@@ -414,13 +424,14 @@ def check_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> P
     """A local weights file, before any run: a .safetensors file or torch.save's format."""
     file = Path(path).expanduser()
     if file.suffix == ".safetensors" and not file.is_file():
-        raise ConfigError(f"{what} {file} does not exist (a .safetensors file or a torch state dict)")
-    return file if file.suffix == ".safetensors" else require_weights_file(file, what)
+        where = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise ConfigError(f"{what} {file} {where} (a .safetensors file or a torch state dict)")
+    return file if file.suffix == ".safetensors" else require_weights_file(file, what, legacy=True)
 
 
 def load_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> dict[str, torch.Tensor]:
-    """Local weights (safetensors, or a state dict saved by torch, read with weights_only=True; a Lightning or training
-    checkpoint's ``state_dict`` / ``model`` entry), errors in one line."""
+    """Local weights (safetensors, or a state dict saved by torch, read with weights_only=True, or a file's
+    ``state_dict`` / ``model`` entry holding one, named as the network the pipeline builds), errors in one line."""
     file = check_state_dict_file(path, what)
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -429,7 +440,7 @@ def load_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> di
             return load_file(str(file))
         except Exception as err:
             raise ConfigError(f"{what} {file} is not a readable .safetensors file ({' '.join(str(err).split())[:120]})") from None
-    state = load_weights(file, what)
+    state = load_weights(file, what, legacy=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{what} {file} holds a {type(state).__name__} that is not a state dict (parameter names → tensors)")

@@ -320,7 +320,7 @@ def test_an_unreachable_server_from_the_config_names_the_config_key(home, monkey
         tracking_uri(compose("toy", {"logger.tracking_uri": "http://127.0.0.1:1"}))
 
 
-def test_a_damaged_cache_file_is_built_again_or_named_in_one_line(tmp_path, capsys):
+def test_a_damaged_cache_file_is_built_again_or_named_in_one_line(tmp_path, capsys, monkeypatch):
     """(a review: a cache file damaged from outside failed every later run with torch's error, which names no file and
     advises loading it unsafely)"""
     from types import SimpleNamespace
@@ -337,6 +337,22 @@ def test_a_damaged_cache_file_is_built_again_or_named_in_one_line(tmp_path, caps
     rank = SimpleNamespace(global_rank=1, barrier=lambda name: None)
     with pytest.raises(ConfigError, match=f"^classifier cache {re.escape(str(path))} is unreadable .*; delete it and rerun"):
         cached(path, lambda: 1 / 0, "classifier", rank)
+    # (a second review) a folder that will not let it go: one line, not "building it again" and a PermissionError
+    path.write_text("")
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "unlink", refuse)
+        with pytest.raises(ConfigError, match=r"is unreadable \(EOFError\) and cannot be removed \(Operation not permitted\); delete it$"):
+            cached(path, lambda: 1 / 0, "classifier")
+    # a folder where the file goes: one line, and no temporary file left beside it
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(ConfigError, match=f"^cannot write {re.escape(str(path))} \\(Is a directory\\); remove what is there"):
+        cached(path, lambda: {"w": torch.ones(2)}, "classifier")
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 def test_a_checkpoint_that_is_not_one_is_refused_before_loading(tmp_path):

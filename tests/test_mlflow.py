@@ -165,7 +165,7 @@ def test_a_resume_with_a_new_length_says_so_on_the_run(home):
 
 def test_the_heartbeat_keeps_the_runs_working_time_for_a_sigkilled_segment(home):
     """(a review: a SIGKILLed segment logged no duration_s, so a resumed run's summed time left it out)"""
-    from common.cli import run_rows
+    from common.cli import _worked_s, run_rows
     from common.tracking import Heartbeat, Tracker, tracking_uri
 
     tracker = Tracker.start(compose("toy"), "beating")
@@ -181,6 +181,8 @@ def test_the_heartbeat_keeps_the_runs_working_time_for_a_sigkilled_segment(home)
     (row,) = [r for r in run_rows(tracking_uri(compose("toy"))) if r["run_id"] == tracker.run_id]
     since_beat = time.time() - int(run.data.tags["lightyard.heartbeat"])
     assert run.data.metrics["duration_s"] + since_beat - 0.2 <= row["duration_s"] <= run.data.metrics["duration_s"] + since_beat + 2
+    # a RUNNING run whose process is gone stays at its last beat (a review: it grew until `runs --stale`)
+    assert _worked_s(run.info, run.data, time.time() + 1000, alive=False) == run.data.metrics["duration_s"]
     tracker.end("KILLED")
 
 

@@ -431,7 +431,7 @@ def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_pa
     (tmp_path / "plain.pt").write_bytes(pickle.dumps({"a": 1}))
     torch.save({"conv.weight": torch.zeros(2)}, tmp_path / "other.pt")
     for name, message in (
-        ("plain.pt", "is not a PyTorch file (torch.save's zip format)"),
+        ("plain.pt", "is not a PyTorch file (torch.save's format)"),
         ("missing.pt", "does not exist"),
         ("missing.safetensors", "does not exist"),
     ):

@@ -332,7 +332,8 @@ def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
     state = {k: v.contiguous() for k, v in source.backbone.state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in state.items()}}, tmp_path / "w.ckpt")
-    for name in ("w.safetensors", "w.ckpt"):
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6's format (a review)
+    for name in ("w.safetensors", "w.ckpt", "legacy.pt"):
         OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / name))
         loaded, _ = build_classifier(cfg, 2)
         assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in state.items())
