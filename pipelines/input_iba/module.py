@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import load_weights, require_weights_file
+from common.data import check_state_dict_file, load_state_dict_file
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.models import create_timm_model
@@ -123,11 +123,7 @@ def classifier_stage(cfg: DictConfig, task: Task, device: torch.device) -> tuple
     per-epoch training loss (empty for a checkpoint)."""
     model = build_classifier(cfg, len(task.classes))
     if cfg.model.checkpoint:
-        path = Path(cfg.model.checkpoint)
-        state = load_weights(path, "model.checkpoint")
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ConfigError(f"model.checkpoint {path} holds no state dict (name → tensor); save model.state_dict()")
+        path, state = Path(cfg.model.checkpoint), load_state_dict_file(cfg.model.checkpoint)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing:
             raise ConfigError(f"model.checkpoint {path} does not fit {cfg.model.name}: missing {', '.join(missing[:5])}")
@@ -296,7 +292,7 @@ class InputIBAExperiment(NonGradientExperiment):
         methods_of(cfg)
         check_model(cfg)
         if cfg.model.checkpoint:  # its format (it is loaded once the run opens)
-            require_weights_file(cfg.model.checkpoint, "model.checkpoint")
+            check_state_dict_file(cfg.model.checkpoint)
 
     task: Task | None = None
 
