@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,14 +39,16 @@ def save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
-def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> Any:
-    """The artifact at ``path``, built first when missing. ``build`` runs under forked RNGs (torch, numpy, random), so a
-    run's own random draws do not depend on whether the cache existed (livt's first run, which built stage 1, differed
-    from later ones by 4e-4: stage 1's augmentations had drawn from ``random``). Under DDP rank 0 builds and the others
-    wait at a barrier. Read with weights_only=True: only tensors and plain containers."""
-    path = Path(path)
+def cached(path: Path, build: Callable[[], Any], what: str, strategy=None, use: Callable[[Any], Any] | None = None) -> Any:
+    """The artifact at ``path``, built first when missing, passed through ``use`` (what the caller makes of it: weights
+    loaded into its model); a file that ``use`` cannot take (written by another version of the code, or from outside)
+    is said, deleted and built again. ``build`` runs under forked RNGs (torch, numpy, random), so a run's own random
+    draws do not depend on whether the cache existed (livt's first run, which built stage 1, differed from later ones
+    by 4e-4: stage 1's augmentations had drawn from ``random``). Under DDP rank 0 builds and the others wait at a
+    barrier. Read with weights_only=True: only tensors and plain containers."""
+    path, use = Path(path), use or (lambda found: found)
     lead = strategy is None or strategy.global_rank == 0
-    if strategy is None and (found := read_cached(path, what)) is not None:
+    if strategy is None and (found := read_cached(path, what, use)) is not MISSING:
         return found
     if lead and not path.is_file():
         with rng.forked():
@@ -55,26 +58,57 @@ def cached(path: Path, build: Callable[[], Any], what: str, strategy=None) -> An
     if strategy is not None:
         strategy.barrier(f"cache-{path.stem}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        found = _load(path)
     except Exception as err:  # under DDP every rank reads the file: rebuilding it here would race them
         raise ConfigError(f"{what} cache {path} is unreadable ({_reason(err)}); delete it and rerun (it is built again)") from None
-
-
-def read_cached(path: Path, what: str) -> Any | None:
-    """The cache file at ``path``, or None when there is none or it is unreadable: damaged from outside (writes are
-    atomic), it is said, deleted and built again, instead of failing every run after."""
-    if not path.is_file():
-        return None
+    if strategy is None:
+        return use(found)  # just built: an error here is the code's, with its traceback
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return use(found)
+    except USE_ERRORS as err:
+        raise ConfigError(f"{what} cache {path} {_unfit(err)}; delete it and rerun (it is built again)") from None
+
+
+MISSING = object()  # read_cached's "nothing usable" (None may be what ``use`` returns)
+USE_ERRORS = (ConfigError, KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
+
+
+def read_cached(path: Path, what: str, use: Callable[[Any], Any] | None = None) -> Any:
+    """``use`` of the cache file at ``path`` (the file itself without it), or ``MISSING`` when there is none or it is
+    unreadable or unusable: damaged from outside (writes are atomic) or written by other code, it is said, deleted and
+    built again, instead of failing every run after."""
+    if not path.is_file():
+        return MISSING
+    try:
+        found = _load(path)
     except Exception as err:
-        reason = _reason(err)
+        return _drop(path, what, f"is unreadable ({_reason(err)})")
+    try:
+        return use(found) if use else found
+    except USE_ERRORS as err:
+        return _drop(path, what, _unfit(err))
+
+
+def _drop(path: Path, what: str, why: str) -> Any:
     try:
         path.unlink(missing_ok=True)
     except OSError as err:
-        raise ConfigError(f"{what} cache {path} is unreadable ({reason}) and cannot be removed ({err.strerror}); delete it") from None
-    notice(f"{what} cache {path} is unreadable ({reason}): building it again")
-    return None
+        raise ConfigError(f"{what} cache {path} {why} and cannot be removed ({err.strerror}); delete it") from None
+    notice(f"{what} cache {path} {why}: building it again")
+    return MISSING
+
+
+def _load(path: Path) -> Any:
+    """torch.load after the zip's own CRC check: torch's reader skips it, so zeroed or flipped bytes loaded silently."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if (bad := archive.testzip()) is not None:
+                raise ValueError(f"record {bad} fails its CRC check")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _unfit(err: Exception) -> str:
+    return f"does not hold what this version builds ({_reason(err)})"
 
 
 def _reason(err: Exception) -> str:

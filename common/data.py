@@ -447,6 +447,38 @@ def load_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> di
     return state
 
 
+def fit_state_dict(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = (), load: bool = True
+) -> dict[str, torch.Tensor]:
+    """``state`` loaded into ``module``, or one line saying why it does not fit: names (a whole model's or a Lightning
+    checkpoint's, whose names carry a prefix such as ``model.`` or ``model.encoder.vit.``, have it removed), then shapes,
+    which torch reports as a page per tensor. Names starting with one of ``optional`` (a classifier head) may be missing
+    on either side. Returns the state as loaded; ``load=False`` only checks (a meta-device module, before any run)."""
+    own = module.state_dict()
+    if own and not own.keys() & state.keys():  # the prefix whose removal fits the most names
+        prefixes = {k[: i + 1] for k in state for i, c in enumerate(k) if c == "."}
+        fits = [(len({k.removeprefix(p) for k in state if k.startswith(p)} & own.keys()), p) for p in prefixes]
+        count, prefix = max(fits, default=(0, ""))
+        if count:
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(optional)}
+    missing = sorted(k for k in own.keys() - state.keys() if not k.startswith(optional))
+    unexpected = sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        names = lambda keys: ", ".join(keys[:2]) + (", …" if len(keys) > 2 else "")  # noqa: E731
+        parts = [f"{len(missing)} of its {len(own)} tensors missing ({names(missing)})"] if missing else []
+        parts += [f"{len(unexpected)} it does not have ({names(unexpected)})"] if unexpected else []
+        raise ConfigError(f"{what} does not fit {type(module).__name__}: {'; '.join(parts)}")
+    shapes = [f"{k} is {tuple(v.shape)}, not {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if shapes:
+        raise ConfigError(
+            f"{what} does not fit {type(module).__name__}: {len(shapes)} tensor{'s' if len(shapes) > 1 else ''} of other shapes ({'; '.join(shapes[:2])})"
+        )
+    if load:
+        module.load_state_dict(state, strict=False)
+    return state
+
+
 NUMPY_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)  # a truncated .npz is a BadZipFile
 
 

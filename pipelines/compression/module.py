@@ -181,10 +181,12 @@ def baseline_stage(cfg: DictConfig, task: Task, device: torch.device) -> nn.Modu
         )
         return {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "loss": torch.tensor(history)}
 
-    result = cached(baseline_cache_path(cfg, task), build, "baseline")
-    model = build_model(cfg.model, len(task.classes))
-    model.load_state_dict(result["state"])
-    return model.to(device).eval()
+    def use(result: dict) -> nn.Module:  # a file that does not fit is built again (common.cache)
+        model = build_model(cfg.model, len(task.classes))
+        model.load_state_dict(result["state"])
+        return model
+
+    return cached(baseline_cache_path(cfg, task), build, "baseline", use=use).to(device).eval()
 
 
 # -- the variants ---------------------------------------------------------------------------------------------------------------
@@ -352,9 +354,12 @@ def nas_search(ctx: Context) -> dict:
 
 
 def t_nas(ctx: Context) -> Variant:
-    search = cached(nas_cache_path(ctx.cfg, ctx.task), lambda: nas_search(ctx), "NAS search")
-    b = search["best"]
-    arch = Arch(float(b["width"]), tuple(int(v) for v in b["depths"]), tuple(int(v) for v in b["kernels"]))
+
+    def use(search: dict) -> tuple[dict, Arch]:  # a file that does not fit is built again (common.cache)
+        b = search["best"]
+        return b, Arch(float(b["width"]), tuple(int(v) for v in b["depths"]), tuple(int(v) for v in b["kernels"]))
+
+    b, arch = cached(nas_cache_path(ctx.cfg, ctx.task), lambda: nas_search(ctx), "NAS search", use=use)
     torch.manual_seed(ctx.seed)
     model = build_arch(arch, len(ctx.task.classes)).to(ctx.device)
     fit(model, ctx.task, ctx.cfg, ctx.cfg.finetune, ctx.cfg.nas.epochs, ctx.device, ctx.seed, desc=f"NAS winner {arch.label()}")

@@ -88,8 +88,9 @@ def crop_center(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, top : top + size]
 
 
-def classifier_stage(cfg: DictConfig, data: UnpairedDataModule, channels: int, strategy=None) -> dict:
-    """Cached by the data's identity and every classifier setting (not the run's seed or the GAN's settings)."""
+def classifier_stage(cfg: DictConfig, data: UnpairedDataModule, channels: int, strategy=None) -> tuple[DomainClassifier, float]:
+    """The frozen domain classifier and its test accuracy; cached by the data's identity and every classifier setting
+    (not the run's seed or the GAN's settings)."""
     key = {"data": data.identity(), "crop": cfg.data.crop_size, "classifier": OmegaConf.to_container(cfg.metrics.classifier, resolve=True)}
     path = cache_file(cfg, "drit", "classifier", key)
 
@@ -97,7 +98,12 @@ def classifier_stage(cfg: DictConfig, data: UnpairedDataModule, channels: int, s
         with torch.inference_mode(False), torch.enable_grad():  # the test loop runs under inference mode
             return train_classifier(cfg, data, channels)
 
-    return cached(path, build, "domain classifier", strategy)
+    def use(stage: dict) -> tuple[DomainClassifier, float]:  # a file that does not fit is built again (common.cache)
+        classifier = DomainClassifier(channels, cfg.metrics.classifier.width)
+        classifier.load_state_dict(stage["state"])
+        return classifier.eval().requires_grad_(False), float(stage["test_acc"])
+
+    return cached(path, build, "domain classifier", strategy, use)
 
 
 # -- the module ------------------------------------------------------------------------------------------------------
@@ -238,11 +244,7 @@ class DRITModule(pl.LightningModule):
 
         data = self.trainer.datamodule
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
-        stage = classifier_stage(self.cfg, data, self.channels, strategy)
-        classifier = DomainClassifier(self.channels, self.cfg.metrics.classifier.width)
-        classifier.load_state_dict(stage["state"])
-        classifier.eval().requires_grad_(False)
-        self.classifier_acc = float(stage["test_acc"])
+        classifier, self.classifier_acc = classifier_stage(self.cfg, data, self.channels, strategy)
         self.classifier = classifier.to(self.device)  # registered after the weights were saved: not in checkpoints
         n_test = len(data.dataset("test"))
         subset = min(int(self.cfg.metrics.kid_subset), n_test)

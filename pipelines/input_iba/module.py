@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import check_state_dict_file, load_state_dict_file
+from common.data import check_state_dict_file, fit_state_dict, load_state_dict_file
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.models import create_timm_model
@@ -123,15 +123,15 @@ def classifier_stage(cfg: DictConfig, task: Task, device: torch.device) -> tuple
     per-epoch training loss (empty for a checkpoint)."""
     model = build_classifier(cfg, len(task.classes))
     if cfg.model.checkpoint:
-        path, state = Path(cfg.model.checkpoint), load_state_dict_file(cfg.model.checkpoint)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise ConfigError(f"model.checkpoint {path} does not fit {cfg.model.name}: missing {', '.join(missing[:5])}")
+        fit_state_dict(model, load_state_dict_file(cfg.model.checkpoint), f"model.checkpoint {cfg.model.checkpoint}")
         history = torch.zeros(0)
     else:
-        result = cached(classifier_cache_path(cfg, task), lambda: train_classifier(cfg, task, device), "classifier")
-        model.load_state_dict(result["state"])
-        history = result["loss"]
+
+        def use(result: dict) -> torch.Tensor:  # a file that does not fit is built again (common.cache)
+            model.load_state_dict(result["state"])
+            return result["loss"].reshape(-1)
+
+        history = cached(classifier_cache_path(cfg, task), lambda: train_classifier(cfg, task, device), "classifier", use=use)
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -291,14 +291,22 @@ class InputIBAExperiment(NonGradientExperiment):
         check_data(cfg.data)
         methods_of(cfg)
         check_model(cfg)
-        if cfg.model.checkpoint:  # its format (it is loaded once the run opens)
+        if cfg.model.checkpoint:  # its format (its names and shapes: prepare, once the classes are known)
             check_state_dict_file(cfg.model.checkpoint)
 
     task: Task | None = None
 
     def prepare(self) -> None:
-        if self.task is None:
-            self.task = load_task(self.cfg)  # (decodes and checks every image and annotation; draws nothing)
+        if self.task is not None:
+            return
+        task = load_task(self.cfg)  # (decodes and checks every image and annotation; draws nothing)
+        if self.cfg.model.checkpoint:  # names and shapes (the head's: the data's classes), before the run opens
+            with torch.device("meta"):
+                model = build_classifier(self.cfg, len(task.classes))
+            fit_state_dict(
+                model, load_state_dict_file(self.cfg.model.checkpoint), f"model.checkpoint {self.cfg.model.checkpoint}", load=False
+            )
+        self.task = task
 
     def run(self, tracker: Tracker | None) -> dict[str, float]:
         cfg = self.cfg

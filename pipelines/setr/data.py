@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from common.cache import cache_file, read_cached, save_atomic
+from common.cache import MISSING, cache_file, read_cached, save_atomic
 from common.config import ConfigError
 from common.data import (
     check_full_batch,
@@ -523,10 +523,10 @@ def check_labels(cfg: DictConfig) -> None:
     pairs = [(split, image, label) for split, f in files.items() for image, label in f.pairs]
     stats = [(str(path), s.st_size, s.st_mtime_ns) for _, image, label in pairs for path in (image, label) for s in [path.stat()]]
     marker = cache_file(cfg, "setr", "labels-checked", {"data": d.name, "files": stats})
-    checked = read_cached(marker, "label check")
-    if checked is not None:
-        sizes = checked["eval_sizes"]
-    else:
+    sizes = read_cached(
+        marker, "label check", lambda found: {str(k): [(int(h), int(w)) for h, w in v] for k, v in found["eval_sizes"].items()}
+    )
+    if sizes is MISSING:
         seen: dict[str, set] = {}
         bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
         for split, image_path, label_path in bar:

@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
-from common.data import check_state_dict_file, load_state_dict_file
+from common.data import fit_state_dict, load_state_dict_file
 from pipelines.setr.data import SegDataModule, check_data, check_labels, class_names
 from pipelines.setr.model import (
     IGNORE_INDEX,
@@ -67,24 +67,21 @@ def build_model(cfg: DictConfig, classes: int) -> SETR:
     return model
 
 
-def load_encoder_weights(model: SETR, path: str) -> None:
-    """Local ViT weights (safetensors or a torch state dict, read with weights_only=True); the position embedding is
-    interpolated to the model's grid (bilinear, as the official pos_embed_interp)."""
+def load_encoder_weights(model: SETR, path: str, load: bool = True) -> None:
+    """Local ViT weights (safetensors or a torch state dict, read with weights_only=True; a whole SETR's or a Lightning
+    checkpoint's too); the position embedding is interpolated to the model's grid (bilinear, as the official
+    pos_embed_interp). ``load=False``: checked only, on the meta-device model of check_config."""
     from pipelines.setr.model import interpolate_pos_embed
 
     file, state = Path(path).expanduser(), load_state_dict_file(path)
-    vit = model.encoder.vit
-    if "pos_embed" in state and state["pos_embed"].shape != vit.pos_embed.shape:
-        prefix = model.encoder.prefix
-        old = int(math.isqrt(state["pos_embed"].shape[1] - prefix))
-        state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], prefix, (old, old), tuple(vit.patch_embed.grid_size))
-    state = {k: v for k, v in state.items() if not k.startswith("head")}
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    if [k for k in missing if not k.startswith("head")] or unexpected:
-        raise ConfigError(
-            f"weights {file} do not fit {model.encoder.vit.__class__.__name__}: {len(missing)} missing (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-        )
+    vit, prefix = model.encoder.vit, model.encoder.prefix
+    key = next((k for k in state if k == "pos_embed" or k.endswith(".pos_embed")), None)
+    pos = state[key] if key else None
+    if pos is not None and pos.dim() == 3 and pos.shape != vit.pos_embed.shape and pos.shape[2] == vit.pos_embed.shape[2]:
+        old = math.isqrt(max(pos.shape[1] - prefix, 0))
+        if old * old == pos.shape[1] - prefix > 0:  # (any other shape is the shape check's one line)
+            state[key] = interpolate_pos_embed(pos, prefix, (old, old), tuple(vit.patch_embed.grid_size))
+    fit_state_dict(vit, state, f"model.checkpoint {file}", optional=("head",), load=load)
 
 
 def overlay_figure(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...], title: str):
@@ -163,8 +160,8 @@ class SETRModule(pl.LightningModule):
             check_decoder(cfg.bench.decoder, "bench.decoders entry")
             with torch.device("meta"):
                 create_vit(cfg.model.name, OmegaConf.to_container(cfg.bench.model_kwargs), key="bench.model_kwargs")
-        if cfg.model.checkpoint:
-            check_state_dict_file(cfg.model.checkpoint)
+        if cfg.model.checkpoint:  # names and shapes, on the meta-device model
+            load_encoder_weights(model, cfg.model.checkpoint, load=False)
         check_labels(cfg)  # last: it decodes every label file (once per file set)
 
     def __init__(self, cfg: DictConfig):

@@ -3,7 +3,6 @@ the paper, the learning-rate-0 gradient diagnostic, and stage-1 pretraining for 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -12,7 +11,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import load_state_dict_file
+from common.data import fit_state_dict, load_state_dict_file
 from common.freezing import freeze, matches, trainable_parameters
 from common.models import create_timm_model
 from common.tracking import pyplot
@@ -87,6 +86,10 @@ def layer_groups(model: Classifier) -> list[tuple[str, list[tuple[str, nn.Parame
     return list(groups.items())
 
 
+CLASSIFIER_HEAD = ("head.weight", "head.bias", "head.fc.")  # a timm classifier's, which the backbone (num_classes=0) lacks;
+# not all of "head.": ConvNeXt's head.norm is the backbone's final norm
+
+
 def build_classifier(
     cfg: DictConfig, classes: int, backbone_state: dict | None = None, input_scale: float = 1.0
 ) -> tuple[Classifier, list[str]]:
@@ -95,24 +98,15 @@ def build_classifier(
     check_optimizer(cfg.optim)
     m = cfg.model
     backbone = create_backbone(m)
-    if m.checkpoint:
-        backbone_state = load_weights(m.checkpoint)
-    if backbone_state is not None:
-        missing, unexpected = backbone.load_state_dict(backbone_state, strict=False)
-        if [k for k in missing if not k.startswith("head")] or unexpected:
-            raise ConfigError(
-                f"weights do not fit {m.name}: {len(missing)} missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-            )
+    if m.checkpoint:  # a backbone's, a whole classifier's or a Lightning checkpoint's weights (prefixes removed)
+        fit_state_dict(backbone, load_state_dict_file(m.checkpoint), f"model.checkpoint {m.checkpoint}", optional=CLASSIFIER_HEAD)
+    elif backbone_state is not None:
+        fit_state_dict(backbone, backbone_state, "stage 1's weights", optional=CLASSIFIER_HEAD)
     cfg_norm = backbone.pretrained_cfg if m.normalization == "timm" else {}
     mean, std = cfg_norm.get("mean", (0.5, 0.5, 0.5)), [v * input_scale for v in cfg_norm.get("std", (0.5, 0.5, 0.5))]
     model = Classifier(backbone, classes, mean, std)
     frozen = freeze(model, embedding_patterns(m, family(backbone, m.family))) if cfg.optim.name.endswith("_freeze_embed") else []
     return model, frozen
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """model.checkpoint's weights (common.data.load_state_dict_file), a whole classifier's without its prefix."""
-    return {k.removeprefix("backbone."): v for k, v in load_state_dict_file(path).items()}
 
 
 # -- optimizers -----------------------------------------------------------------------------------
@@ -227,7 +221,13 @@ def pretrained_backbone(cfg: DictConfig, source_name: str, make_source, source_f
     if source_files:  # only for real sources: a generated source's cache keeps its key
         key["files"] = source_files
     path = cache_file(cfg, "sgd_freeze_embed", "pretrained", key)
-    return rescale_patch_input(cached(path, lambda: _pretrain(cfg, source_name, make_source), "stage 1"), p.embed_scale)
+
+    def use(state: dict) -> dict:  # weights that do not fit the backbone are built again (common.cache)
+        with torch.device("meta"):
+            fit_state_dict(create_backbone(cfg.model), state, "stage 1's weights", CLASSIFIER_HEAD, load=False)
+        return state
+
+    return rescale_patch_input(cached(path, lambda: _pretrain(cfg, source_name, make_source), "stage 1", use=use), p.embed_scale)
 
 
 def _pretrain(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch.Tensor]:

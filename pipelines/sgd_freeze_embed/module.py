@@ -9,8 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-from common.config import ConfigError
-from common.data import check_state_dict_file, image_counts
+from common.config import ConfigError, with_values
+from common.data import fit_state_dict, image_counts, load_state_dict_file
 from common.models import check_timm_name
 from pipelines.sgd_freeze_embed.data import (
     CIFAR_LAYOUT,
@@ -24,6 +24,7 @@ from pipelines.sgd_freeze_embed.data import (
     source_domain,
 )
 from pipelines.sgd_freeze_embed.model import (
+    CLASSIFIER_HEAD,
     Classifier,
     build_classifier,
     check_optimizer,
@@ -69,8 +70,16 @@ class FineTuneModule(pl.LightningModule):
         check_optimizer(cfg.optim)
         check_data(cfg.data)
         check_timm_name(cfg.model.name)
-        if cfg.model.checkpoint:
-            check_state_dict_file(cfg.model.checkpoint)
+        if cfg.model.checkpoint:  # names and shapes, on a meta-device backbone
+            with torch.device("meta"):
+                backbone = create_backbone(with_values(cfg, {"model.pretrained": False}).model)
+            fit_state_dict(
+                backbone,
+                load_state_dict_file(cfg.model.checkpoint),
+                f"model.checkpoint {cfg.model.checkpoint}",
+                CLASSIFIER_HEAD,
+                load=False,
+            )
         if cfg.bench.model is not None:  # a memory-bench point (the grid sets bench.model)
             from pipelines.sgd_freeze_embed.experiments import check_memory_bench
 

@@ -252,16 +252,19 @@ def generated_videos(cfg: DictConfig) -> dict[str, dict]:
         k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k not in ("batch_size", "eval_batch_size", "num_workers")
     }
     path = cache_file(cfg, "stg_kd", "feature-cnn", {"data": settings, "seed": seed})
-    result = cached(path, lambda: train_feature_cnn(clips["train"], d), "feature CNN")
-    cnn = FeatureCNN(d.feature_width, len(COLOURS) * len(SHAPES))
-    cnn.load_state_dict(result["state"])
-    cnn.eval()
+
+    def use(result: dict) -> tuple[FeatureCNN, float]:  # a file that does not fit is built again (common.cache)
+        cnn = FeatureCNN(d.feature_width, len(COLOURS) * len(SHAPES))
+        cnn.load_state_dict(result["state"])
+        return cnn.eval(), float(result["crop_accuracy"])
+
+    cnn, crop_accuracy = cached(path, lambda: train_feature_cnn(clips["train"], d), "feature CNN", use=use)
     out = {}
     for i, split in enumerate(SPLITS):
         feats = clip_features(clips[split], cnn, d, seed * 3 + i)
         out[split] = {**feats, "captions": clips[split]["captions"], "ids": [f"{split}{k}" for k in range(sizes[split])],
                       "kinds": clips[split]["kinds"]}  # fmt: skip
-    out["train"]["crop_accuracy"] = float(result["crop_accuracy"])
+    out["train"]["crop_accuracy"] = crop_accuracy
     out["test"]["frames"] = torch.from_numpy(clips["test"]["video"][: int(d.preview)])  # for the captioned-clip figure
     return out
 

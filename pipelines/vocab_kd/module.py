@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
-from common.cache import cache_file, cached, read_cached, save_atomic
+from common.cache import MISSING, cache_file, cached, read_cached, save_atomic
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
 from pipelines.vocab_kd.data import Passage, TextDataModule, check_data
@@ -86,9 +86,14 @@ def teacher_head(cfg: DictConfig, data: TextDataModule, teacher, checkpoint_head
     if checkpoint_head is not None:
         head.load_state_dict(checkpoint_head, strict=False)
         return head, None
-    result = cached(head_cache_path(cfg, data), lambda: train_mlm_head(cfg, data, teacher, head, device), "teacher MLM head")
-    head.load_state_dict(result["state"], strict=False)
-    return head, result["loss"]
+
+    def use(result: dict) -> torch.Tensor:  # a file that does not fit is built again (common.cache)
+        missing, unexpected = head.load_state_dict(result["state"], strict=False)  # (the decoder is the teacher's embedding)
+        if unexpected or [k for k in missing if not k.endswith("decoder.weight")]:
+            raise KeyError(f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
+        return result["loss"].reshape(-1)
+
+    return head, cached(head_cache_path(cfg, data), lambda: train_mlm_head(cfg, data, teacher, head, device), "teacher MLM head", use=use)
 
 
 # -- downstream ------------------------------------------------------------------------------------------------------
@@ -295,7 +300,13 @@ class VocabKDModule(pl.LightningModule):
         frozen = not (self.cfg.dual.enabled and self.cfg.dual.train_teacher)
         key = f"{head_cache_path(self.cfg, data).stem}-{len(fit)}-{self.cfg.data.eval_batch_size}-{self.cfg.data.seed}"
         path = Path(self.cfg.paths.cache_dir) / "vocab_kd" / f"teacher-eval-{key}.pt"
-        if frozen and (found := read_cached(path, "teacher evaluation")) is not None:
+
+        def use(found: dict) -> dict:  # another version's file, or another passage count: built again (common.cache)
+            if found["fit"].shape[0] != len(fit) or found["test"].shape[0] != len(test) or found["loss"].numel() != 1:
+                raise ValueError(f"{found['fit'].shape[0]} and {found['test'].shape[0]} embeddings for {len(fit)} and {len(test)} passages")
+            return found
+
+        if frozen and (found := read_cached(path, "teacher evaluation", use)) is not MISSING:
             return found
         total, count = 0.0, 0
         size = self.cfg.data.eval_batch_size

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from torch import nn
 
-from common.config import ConfigError
+from common.config import ConfigError, with_values
 from common.grid import run_experiment
 from common.report import children_rows
 from common.runner import compose, train
@@ -38,7 +38,7 @@ from pipelines.input_iba.model import (
     sensitivity_n,
     spatial,
 )
-from pipelines.input_iba.module import InputIBAExperiment, check_model, classifier_cache_path
+from pipelines.input_iba.module import InputIBAExperiment, build_classifier, check_model, classifier_cache_path, classifier_stage
 
 
 # -- the information terms ------------------------------------------------------------------------------------------
@@ -369,6 +369,27 @@ def test_bad_input_is_one_line(tmp_path):
     (tmp_path / "weights.pt").write_text("not weights")
     with pytest.raises(ConfigError, match=r"model.checkpoint .*weights.pt is not a PyTorch file"):  # (was a FAILED run)
         InputIBAExperiment.check_config(compose("input_iba", {"model.checkpoint": str(tmp_path / "weights.pt")}))
+
+
+def test_model_checkpoint_fits_by_name_and_shape_before_the_run_opens(home, tmp_path):
+    """A Lightning checkpoint of the classifier (names under ``model.``) is explained; weights for another class count
+    are one line before any run opens (was torch's page of size mismatches in a FAILED run)."""
+    cfg = compose("input_iba", {"preset": "smoke"})
+    experiment = InputIBAExperiment(cfg)
+    experiment.prepare()
+    classes = len(experiment.task.classes)
+    source = build_classifier(cfg, classes)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "run.ckpt")
+    model, history = classifier_stage(
+        with_values(cfg, {"model.checkpoint": str(tmp_path / "run.ckpt")}), experiment.task, torch.device("cpu")
+    )
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items()) and len(history) == 0
+    torch.save(build_classifier(cfg, classes + 3).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(
+        ConfigError, match=rf"^model.checkpoint .*other.pt does not fit ResNet: 2 tensors of other shapes \(fc.weight is \({classes + 3}, "
+    ):
+        train("input_iba", ["preset=smoke", f"model.checkpoint={tmp_path / 'other.pt'}"])
+    assert_no_run("input_iba")
 
 
 def test_bad_layer_is_one_line(home):

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from common.config import ConfigError
+from common.config import ConfigError, with_values
 from common.grid import run_experiment
 from common.report import children_rows
 from common.runner import compose, train
@@ -437,8 +437,20 @@ def test_model_checkpoint_loads_local_vit_weights_and_refuses_other_files(tmp_pa
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):
             SETRModule.check_config(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / name)}))
-    with pytest.raises(ConfigError, match=r"other.pt do not fit VisionTransformer: \d+ missing"):
-        build_model(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / "other.pt")}), 19)
+    with pytest.raises(ConfigError, match=r"other.pt does not fit VisionTransformer: \d+ of its \d+ tensors missing"):
+        SETRModule.check_config(compose("setr", {"preset": "smoke", "model.checkpoint": str(tmp_path / "other.pt")}))
+    # a Lightning checkpoint of a whole SETRModule (names under model.encoder.vit.) loads; other widths are one line
+    setr = compose("setr", {"preset": "smoke"})
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, tmp_path / "run.ckpt")
+    loaded = build_model(with_values(setr, {"model.checkpoint": str(tmp_path / "run.ckpt")}), 19)
+    assert torch.equal(loaded.encoder.vit.blocks[0].attn.qkv.weight, source.encoder.vit.blocks[0].attn.qkv.weight)
+    wide = build_model(compose("setr", {"preset": "smoke", "model.kwargs.embed_dim": 48, "model.kwargs.num_heads": 3}), 19)
+    torch.save(wide.encoder.vit.state_dict(), tmp_path / "wide.pt")
+    with pytest.raises(
+        ConfigError,
+        match=r"^model.checkpoint .*wide.pt does not fit VisionTransformer: \d+ tensors of other shapes \(cls_token is \(1, 1, 48\), not \(1, 1, \d+\)",
+    ):
+        SETRModule.check_config(with_values(setr, {"model.checkpoint": str(tmp_path / "wide.pt")}))
 
 
 @pytest.mark.slow  # 12-26 s; stg_kd's (a monitored checkpoint) and the toy's stay in the suite

@@ -29,6 +29,7 @@ from pipelines.sgd_freeze_embed.data import (
 from pipelines.sgd_freeze_embed.model import (
     OPTIMIZERS,
     build_classifier,
+    create_backbone,
     embedding_patterns,
     family,
     gradient_diagnostic,
@@ -339,8 +340,18 @@ def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
         assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in state.items())
     torch.save({"not_a_layer.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "bad.pt"))
-    with pytest.raises(ConfigError, match="weights do not fit"):
+    with pytest.raises(ConfigError, match=r"bad.pt does not fit VisionTransformer: \d+ of its \d+ tensors missing"):
         build_classifier(cfg, 2)
+    # a whole classifier's weights (timm's head left out) load; a backbone of another width is one line before any run
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "lightning.ckpt")
+    OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "lightning.ckpt"))
+    loaded, _ = build_classifier(cfg, 2)
+    assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in state.items())
+    torch.save({k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if k == "cls_token" else v for k, v in state.items()}, tmp_path / "wide.pt")
+    with pytest.raises(
+        ConfigError, match=r"^model.checkpoint .*wide.pt does not fit VisionTransformer: 1 tensor of other shapes \(cls_token is"
+    ):
+        FineTuneModule.check_config(with_values(cfg, {"model.checkpoint": str(tmp_path / "wide.pt")}))
     OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "missing.pt"))
     with pytest.raises(ConfigError, match="does not exist"):
         build_classifier(cfg, 2)
@@ -395,7 +406,7 @@ def test_cifar_colour_cue_reads_an_imagefolder_of_jpgs(tmp_path):
         with pytest.raises(ConfigError, match=r"pretrain.n_images=7 exceeds the 6 training images"):
             FineTuneModule.check_config(cfg)
         FineTuneModule.check_config(with_values(cfg, {"pretrain.n_images": 6}))
-        torch.save({}, tmp_path / "w.pt")
+        torch.save(create_backbone(cfg.model).state_dict(), tmp_path / "w.pt")
         FineTuneModule.check_config(with_values(cfg, {"model.checkpoint": str(tmp_path / "w.pt")}))  # no stage 1: not asked
     assert cifar_colour_cue(tmp_path, 4, 4, 0, cache, size=48)["train"].images.shape == (4, 3, 48, 48)  # data.image_size
     with pytest.raises(ConfigError, match=r"<root>/\{train,test\}/<class>/\*.jpg, or their zips"):
@@ -416,7 +427,7 @@ def test_cifar_stage_one_is_keyed_by_the_files(tmp_path, monkeypatch):
         for cls in ("airplane", "cat"):
             _png(tmp_path / "c" / split / cls / "0000.jpg", (90, 90, 90), size=(32, 32))
     keys = []
-    monkeypatch.setattr(model, "cached", lambda path, build, what, strategy=None: keys.append(path.name) or {})
+    monkeypatch.setattr(model, "cached", lambda path, build, what, strategy=None, use=None: keys.append(path.name) or {})
     monkeypatch.setattr(model, "rescale_patch_input", lambda weights, scale: weights)
     cfg = compose("sgd_freeze_embed", {"preset": "smoke", "data.name": "cifar10_cue", "data.root": str(tmp_path / "c")})
     backbone_weights(cfg)
