@@ -113,5 +113,6 @@ def _unfit(err: Exception) -> str:
 
 def _reason(err: Exception) -> str:
     """torch's error, its first sentence (the rest advises weights_only=False: unsafe for a file of unknown origin)."""
-    text = " ".join(str(err).split()).split(". ")[0][:100]
+    text = " ".join(str(err).split()).split(". ")[0]
+    text = text if len(text) <= 100 else text[:100].rsplit(" ", 1)[0] + " …"  # whole words
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
