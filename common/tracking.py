@@ -513,13 +513,16 @@ def stale_reason(run: Any, now: float | None = None) -> str | None:
 
 
 def mark_stale(client: Any, runs: Iterable[Any]) -> list[tuple[Any, str]]:
-    """Mark each stale RUNNING run KILLED with the reason as its error; return (run, reason) pairs."""
+    """Mark each stale RUNNING run KILLED with the reason as its error, ending at its last beat (at its start when it
+    never beat: its time is what is known of it, not the days until someone looked); return (run, reason) pairs."""
     marked = []
     for run in runs:
         reason = stale_reason(run)
         if reason:
+            beat = run.data.tags.get("lightyard.heartbeat", "")
+            end_ms = max(int(beat) * 1000, run.info.start_time) if beat.isdigit() else run.info.start_time
             client.set_tag(run.info.run_id, "error", f"stale: {reason}; marked KILLED")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            client.set_terminated(run.info.run_id, status="KILLED", end_time=end_ms)
             marked.append((run, reason))
     return marked
 

@@ -153,6 +153,10 @@ def test_sigkill_leaves_stale_runs_that_runs_stale_and_resume_find(home):
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert client.get_run(parent.info.run_id).info.status == "KILLED"
     assert "stale: process" in client.get_run(parent.info.run_id).data.tags["error"]
+    for run in runs:  # ended at its last beat, or at its start when it never beat: not when it was marked
+        beat = run.data.tags.get("lightyard.heartbeat", "")
+        expected = max(int(beat) * 1000, run.info.start_time) if beat else run.info.start_time
+        assert client.get_run(run.info.run_id).info.end_time == expected
     resumed = cli("reproduce", "toy", f"resume={parent.info.run_id[:8]}", "launcher.workers=1")  # a prefix will do
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "4 of 4 child runs to run" in resumed.stdout  # the killed child had no checkpoint yet: it reruns
