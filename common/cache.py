@@ -39,16 +39,17 @@ def save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
-def cached(path: Path, build: Callable[[], Any], what: str, strategy=None, use: Callable[[Any], Any] | None = None) -> Any:
-    """The artifact at ``path``, built first when missing, passed through ``use`` (what the caller makes of it: weights
-    loaded into its model); a file that ``use`` cannot take (written by another version of the code, or from outside)
-    is said, deleted and built again. ``build`` runs under forked RNGs (torch, numpy, random), so a run's own random
-    draws do not depend on whether the cache existed (livt's first run, which built stage 1, differed from later ones
-    by 4e-4: stage 1's augmentations had drawn from ``random``). Under DDP rank 0 builds and the others wait at a
-    barrier. Read with weights_only=True: only tensors and plain containers."""
-    path, use = Path(path), use or (lambda found: found)
+def cached(path: Path, build: Callable[[], Any], what: str, strategy=None, check: Callable[[Any], Any] | None = None) -> Any:
+    """The artifact at ``path``, built first when missing. ``check`` (names, shapes, entries: e.g. fit_state_dict with
+    load=False on a meta-device model) raises for a file that this version did not build, which is then said, deleted
+    and built again; it runs under forked RNGs, so a rebuild does not move the run's random draws, and on a file just
+    built its error is the code's, with its traceback. ``build`` runs under forked RNGs too (torch, numpy, random), so
+    a run's own random draws do not depend on whether the cache existed (livt's first run, which built stage 1,
+    differed from later ones by 4e-4: stage 1's augmentations had drawn from ``random``). Under DDP rank 0 builds and
+    the others wait at a barrier. Read with weights_only=True: only tensors and plain containers."""
+    path = Path(path)
     lead = strategy is None or strategy.global_rank == 0
-    if strategy is None and (found := read_cached(path, what, use)) is not MISSING:
+    if strategy is None and (found := read_cached(path, what, check)) is not MISSING:
         return found
     if lead and not path.is_file():
         with rng.forked():
@@ -61,32 +62,39 @@ def cached(path: Path, build: Callable[[], Any], what: str, strategy=None, use: 
         found = _load(path)
     except Exception as err:  # under DDP every rank reads the file: rebuilding it here would race them
         raise ConfigError(f"{what} cache {path} is unreadable ({_reason(err)}); delete it and rerun (it is built again)") from None
-    if strategy is None:
-        return use(found)  # just built: an error here is the code's, with its traceback
-    try:
-        return use(found)
-    except USE_ERRORS as err:
-        raise ConfigError(f"{what} cache {path} {_unfit(err)}; delete it and rerun (it is built again)") from None
+    if check is not None and strategy is None:
+        with rng.forked():
+            check(found)  # just built: an error here is the code's, with its traceback
+    elif check is not None:
+        try:
+            with rng.forked():
+                check(found)
+        except CHECK_ERRORS as err:
+            raise ConfigError(f"{what} cache {path} {_unfit(err)}; delete it and rerun (it is built again)") from None
+    return found
 
 
-MISSING = object()  # read_cached's "nothing usable" (None may be what ``use`` returns)
-USE_ERRORS = (ConfigError, KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)
+MISSING = object()  # read_cached's "nothing usable"
+CHECK_ERRORS = (ConfigError, KeyError, IndexError, TypeError, ValueError, AttributeError)  # a missing entry, a wrong type
 
 
-def read_cached(path: Path, what: str, use: Callable[[Any], Any] | None = None) -> Any:
-    """``use`` of the cache file at ``path`` (the file itself without it), or ``MISSING`` when there is none or it is
-    unreadable or unusable: damaged from outside (writes are atomic) or written by other code, it is said, deleted and
-    built again, instead of failing every run after."""
+def read_cached(path: Path, what: str, check: Callable[[Any], Any] | None = None) -> Any:
+    """The cache file at ``path``, or ``MISSING`` when there is none, it is unreadable (damaged from outside: writes
+    are atomic) or ``check`` refuses it (written by other code): it is then said, deleted and built again, instead of
+    failing every run after. ``check`` runs under forked RNGs."""
     if not path.is_file():
         return MISSING
     try:
         found = _load(path)
     except Exception as err:
         return _drop(path, what, f"is unreadable ({_reason(err)})")
-    try:
-        return use(found) if use else found
-    except USE_ERRORS as err:
-        return _drop(path, what, _unfit(err))
+    if check is not None:
+        try:
+            with rng.forked():
+                check(found)
+        except CHECK_ERRORS as err:
+            return _drop(path, what, _unfit(err))
+    return found
 
 
 def _drop(path: Path, what: str, why: str) -> Any:

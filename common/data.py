@@ -442,27 +442,42 @@ def load_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> di
             raise ConfigError(f"{what} {file} is not a readable .safetensors file ({' '.join(str(err).split())[:120]})") from None
     state = load_weights(file, what, legacy=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ConfigError(f"{what} {file} holds a {type(state).__name__} that is not a state dict (parameter names → tensors)")
     return state
+
+
+def unprefixed(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``state`` with the name prefix removed that makes it fit ``module`` (a whole model's or a Lightning checkpoint's
+    names: ``model.``, ``model.encoder.vit.``); as given when names already match or no prefix helps. Two prefixes that
+    fit equally (a model and its EMA or teacher copy) are one line: which one is meant is not ours to guess."""
+    own = module.state_dict().keys()
+    if not own or own & state.keys():
+        return state
+    prefixes = {k[: i + 1] for k in state for i, c in enumerate(k) if c == "."}
+    fits = sorted(((len({k.removeprefix(p) for k in state if k.startswith(p)} & own), p) for p in prefixes), reverse=True)
+    if not fits or not fits[0][0]:
+        return state
+    best = [p for count, p in fits if count == fits[0][0]]
+    if len(best) > 1:
+        raise ConfigError(
+            f"{what} holds {len(best)} sets of weights that fit {type(module).__name__} ({', '.join(sorted(best)[:4])}); "
+            "save the one to load on its own"
+        )
+    return {k.removeprefix(best[0]): v for k, v in state.items() if k.startswith(best[0])}
 
 
 def fit_state_dict(
     module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, optional: tuple[str, ...] = (), load: bool = True
 ) -> dict[str, torch.Tensor]:
-    """``state`` loaded into ``module``, or one line saying why it does not fit: names (a whole model's or a Lightning
-    checkpoint's, whose names carry a prefix such as ``model.`` or ``model.encoder.vit.``, have it removed), then shapes,
-    which torch reports as a page per tensor. Names starting with one of ``optional`` (a classifier head) may be missing
-    on either side. Returns the state as loaded; ``load=False`` only checks (a meta-device module, before any run)."""
+    """``state`` loaded into ``module``, or one line saying why it does not fit: names (after :func:`unprefixed`), then
+    shapes, which torch reports as a page per tensor. Names starting with one of ``optional`` (a classifier head) may be
+    missing on either side; BatchNorm's ``num_batches_tracked`` may be missing (older files lack it; torch fills it).
+    Returns the state as loaded; ``load=False`` only checks (a meta-device module, before any run or rebuild)."""
     own = module.state_dict()
-    if own and not own.keys() & state.keys():  # the prefix whose removal fits the most names
-        prefixes = {k[: i + 1] for k in state for i, c in enumerate(k) if c == "."}
-        fits = [(len({k.removeprefix(p) for k in state if k.startswith(p)} & own.keys()), p) for p in prefixes]
-        count, prefix = max(fits, default=(0, ""))
-        if count:
-            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    state = unprefixed(module, state, what)
     state = {k: v for k, v in state.items() if k in own or not k.startswith(optional)}
-    missing = sorted(k for k in own.keys() - state.keys() if not k.startswith(optional))
+    missing = sorted(k for k in own.keys() - state.keys() if not k.startswith(optional) and not k.endswith(".num_batches_tracked"))
     unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
         names = lambda keys: ", ".join(keys[:2]) + (", …" if len(keys) > 2 else "")  # noqa: E731
@@ -471,8 +486,9 @@ def fit_state_dict(
         raise ConfigError(f"{what} does not fit {type(module).__name__}: {'; '.join(parts)}")
     shapes = [f"{k} is {tuple(v.shape)}, not {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if shapes:
+        plural = "s" if len(shapes) > 1 else ""
         raise ConfigError(
-            f"{what} does not fit {type(module).__name__}: {len(shapes)} tensor{'s' if len(shapes) > 1 else ''} of other shapes ({'; '.join(shapes[:2])})"
+            f"{what} does not fit {type(module).__name__}: {len(shapes)} tensor{plural} of other shapes ({'; '.join(shapes[:2])})"
         )
     if load:
         module.load_state_dict(state, strict=False)

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.data import fit_state_dict
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.memory import MB, read_peak_rss, reset_peak_rss, run_isolated
@@ -181,12 +182,14 @@ def baseline_stage(cfg: DictConfig, task: Task, device: torch.device) -> nn.Modu
         )
         return {"state": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "loss": torch.tensor(history)}
 
-    def use(result: dict) -> nn.Module:  # a file that does not fit is built again (common.cache)
-        model = build_model(cfg.model, len(task.classes))
-        model.load_state_dict(result["state"])
-        return model
+    def check(result: dict) -> None:  # a file this version did not build is built again (common.cache)
+        with torch.device("meta"):
+            fit_state_dict(build_model(cfg.model, len(task.classes)), result["state"], "baseline", load=False)
 
-    return cached(baseline_cache_path(cfg, task), build, "baseline", use=use).to(device).eval()
+    result = cached(baseline_cache_path(cfg, task), build, "baseline", check=check)
+    model = build_model(cfg.model, len(task.classes))
+    model.load_state_dict(result["state"])
+    return model.to(device).eval()
 
 
 # -- the variants ---------------------------------------------------------------------------------------------------------------
@@ -353,13 +356,15 @@ def nas_search(ctx: Context) -> dict:
     return {"best": best, "candidates": rows}
 
 
+def winner(search: dict) -> tuple[dict, Arch]:
+    """The search's best row and its architecture (a cache file without them is built again: common.cache)."""
+    b = search["best"]
+    return b, Arch(float(b["width"]), tuple(int(v) for v in b["depths"]), tuple(int(v) for v in b["kernels"]))
+
+
 def t_nas(ctx: Context) -> Variant:
-
-    def use(search: dict) -> tuple[dict, Arch]:  # a file that does not fit is built again (common.cache)
-        b = search["best"]
-        return b, Arch(float(b["width"]), tuple(int(v) for v in b["depths"]), tuple(int(v) for v in b["kernels"]))
-
-    b, arch = cached(nas_cache_path(ctx.cfg, ctx.task), lambda: nas_search(ctx), "NAS search", use=use)
+    search = cached(nas_cache_path(ctx.cfg, ctx.task), lambda: nas_search(ctx), "NAS search", check=lambda found: winner(found))
+    b, arch = winner(search)
     torch.manual_seed(ctx.seed)
     model = build_arch(arch, len(ctx.task.classes)).to(ctx.device)
     fit(model, ctx.task, ctx.cfg, ctx.cfg.finetune, ctx.cfg.nas.epochs, ctx.device, ctx.seed, desc=f"NAS winner {arch.label()}")

@@ -18,6 +18,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.data import fit_state_dict
 from common.hardware import check_manual_step
 from common.tracking import notice, pyplot
 from pipelines.drit.data import UnpairedDataModule, check_data, layout_iou, layout_mask, to_unit
@@ -88,9 +89,8 @@ def crop_center(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, top : top + size]
 
 
-def classifier_stage(cfg: DictConfig, data: UnpairedDataModule, channels: int, strategy=None) -> tuple[DomainClassifier, float]:
-    """The frozen domain classifier and its test accuracy; cached by the data's identity and every classifier setting
-    (not the run's seed or the GAN's settings)."""
+def classifier_stage(cfg: DictConfig, data: UnpairedDataModule, channels: int, strategy=None) -> dict:
+    """Cached by the data's identity and every classifier setting (not the run's seed or the GAN's settings)."""
     key = {"data": data.identity(), "crop": cfg.data.crop_size, "classifier": OmegaConf.to_container(cfg.metrics.classifier, resolve=True)}
     path = cache_file(cfg, "drit", "classifier", key)
 
@@ -98,12 +98,12 @@ def classifier_stage(cfg: DictConfig, data: UnpairedDataModule, channels: int, s
         with torch.inference_mode(False), torch.enable_grad():  # the test loop runs under inference mode
             return train_classifier(cfg, data, channels)
 
-    def use(stage: dict) -> tuple[DomainClassifier, float]:  # a file that does not fit is built again (common.cache)
-        classifier = DomainClassifier(channels, cfg.metrics.classifier.width)
-        classifier.load_state_dict(stage["state"])
-        return classifier.eval().requires_grad_(False), float(stage["test_acc"])
+    def check(stage: dict) -> None:  # a file this version did not build is built again (common.cache)
+        with torch.device("meta"):
+            fit_state_dict(DomainClassifier(channels, cfg.metrics.classifier.width), stage["state"], "domain classifier", load=False)
+        float(stage["test_acc"])
 
-    return cached(path, build, "domain classifier", strategy, use)
+    return cached(path, build, "domain classifier", strategy, check)
 
 
 # -- the module ------------------------------------------------------------------------------------------------------
@@ -244,7 +244,11 @@ class DRITModule(pl.LightningModule):
 
         data = self.trainer.datamodule
         strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
-        classifier, self.classifier_acc = classifier_stage(self.cfg, data, self.channels, strategy)
+        stage = classifier_stage(self.cfg, data, self.channels, strategy)
+        classifier = DomainClassifier(self.channels, self.cfg.metrics.classifier.width)
+        classifier.load_state_dict(stage["state"])
+        classifier.eval().requires_grad_(False)
+        self.classifier_acc = float(stage["test_acc"])
         self.classifier = classifier.to(self.device)  # registered after the weights were saved: not in checkpoints
         n_test = len(data.dataset("test"))
         subset = min(int(self.cfg.metrics.kid_subset), n_test)

@@ -127,11 +127,14 @@ def classifier_stage(cfg: DictConfig, task: Task, device: torch.device) -> tuple
         history = torch.zeros(0)
     else:
 
-        def use(result: dict) -> torch.Tensor:  # a file that does not fit is built again (common.cache)
-            model.load_state_dict(result["state"])
-            return result["loss"].reshape(-1)
+        def check(result: dict) -> None:  # a file this version did not build is built again (common.cache)
+            with torch.device("meta"):
+                fit_state_dict(build_classifier(cfg, len(task.classes)), result["state"], "classifier", load=False)
+            result["loss"].reshape(-1)
 
-        history = cached(classifier_cache_path(cfg, task), lambda: train_classifier(cfg, task, device), "classifier", use=use)
+        result = cached(classifier_cache_path(cfg, task), lambda: train_classifier(cfg, task, device), "classifier", check=check)
+        model.load_state_dict(result["state"])
+        history = result["loss"]
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

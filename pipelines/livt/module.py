@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
+from common.data import fit_state_dict
 from common.hardware import check_finite_length, total_steps
 from common.models import check_timm_name
 from common.tracking import pyplot
@@ -107,10 +108,15 @@ def pretrain_mgp(cfg: DictConfig, data: LTDataModule, device: torch.device) -> d
     return {"state": {k: v.detach().cpu() for k, v in mae.state_dict().items()}, "loss": torch.tensor(history)}
 
 
-def mgp_stage(cfg: DictConfig, data: LTDataModule, device: torch.device, strategy=None, use=None):
-    """The cached stage 1 (computed on rank 0 under DDP, the others wait at a barrier, then every rank reads it),
-    passed through ``use`` (common.cache.cached)."""
-    return cached(mgp_cache_path(cfg, data), lambda: pretrain_mgp(cfg, data, device), "stage 1 (MGP)", strategy, use)
+def mgp_stage(cfg: DictConfig, data: LTDataModule, device: torch.device, strategy=None) -> dict:
+    """The cached stage 1 (computed on rank 0 under DDP, the others wait at a barrier, then every rank reads it)."""
+
+    def check(mgp: dict) -> None:  # a file this version did not build is built again (common.cache)
+        with torch.device("meta"):
+            fit_state_dict(build_mae(cfg), mgp["state"], "stage 1 (MGP)", load=False)
+        mgp["loss"].reshape(-1)
+
+    return cached(mgp_cache_path(cfg, data), lambda: pretrain_mgp(cfg, data, device), "stage 1 (MGP)", strategy, check)
 
 
 def encoder_weights(mae_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,19 +257,14 @@ class LiVTModule(pl.LightningModule):
         counts = data.class_counts
         self.register_buffer("class_counts", counts)
         self.class_names = data.class_names
-        c = len(counts)
         self.mgp = None
+        encoder = None
         if self.cfg.mgp.enabled:
             strategy = self.trainer.strategy if self.trainer.world_size > 1 else None
-
-            def use(mgp: dict) -> tuple[dict, torch.nn.Module]:  # a stage 1 that does not fit is built again (common.cache)
-                return {"state": mgp["state"], "loss": mgp["loss"].reshape(-1)}, finetune_vit(
-                    self.cfg.model, c, self.cfg.optim.drop_path, encoder_weights(mgp["state"])
-                )
-
-            self.mgp, self.model = mgp_stage(self.cfg, data, self.trainer.strategy.root_device, strategy, use)
-        else:
-            self.model = finetune_vit(self.cfg.model, c, self.cfg.optim.drop_path)
+            self.mgp = mgp_stage(self.cfg, data, self.trainer.strategy.root_device, strategy)
+            encoder = encoder_weights(self.mgp["state"])
+        c = len(counts)
+        self.model = finetune_vit(self.cfg.model, c, self.cfg.optim.drop_path, encoder)
         self.loss = make_loss(self.cfg.loss.name, counts, self.cfg.loss.tau)
         a = self.cfg.augment
         self.mixup = None

@@ -523,10 +523,11 @@ def check_labels(cfg: DictConfig) -> None:
     pairs = [(split, image, label) for split, f in files.items() for image, label in f.pairs]
     stats = [(str(path), s.st_size, s.st_mtime_ns) for _, image, label in pairs for path in (image, label) for s in [path.stat()]]
     marker = cache_file(cfg, "setr", "labels-checked", {"data": d.name, "files": stats})
-    sizes = read_cached(
-        marker, "label check", lambda found: {str(k): [(int(h), int(w)) for h, w in v] for k, v in found["eval_sizes"].items()}
-    )
-    if sizes is MISSING:
+    eval_sizes = lambda found: {str(k): [(int(h), int(w)) for h, w in v] for k, v in found["eval_sizes"].items()}  # noqa: E731
+    checked = read_cached(marker, "label check", eval_sizes)
+    if checked is not MISSING:
+        sizes = eval_sizes(checked)
+    else:
         seen: dict[str, set] = {}
         bar = tqdm(pairs, desc=f"checking {d.name}'s label files (once)", unit="file", disable=not cfg.trainer.enable_progress_bar)
         for split, image_path, label_path in bar:

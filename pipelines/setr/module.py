@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from common.config import ConfigError
 from common.hardware import check_finite_length, total_steps
-from common.data import fit_state_dict, load_state_dict_file
+from common.data import fit_state_dict, load_state_dict_file, unprefixed
 from pipelines.setr.data import SegDataModule, check_data, check_labels, class_names
 from pipelines.setr.model import (
     IGNORE_INDEX,
@@ -73,15 +73,15 @@ def load_encoder_weights(model: SETR, path: str, load: bool = True) -> None:
     pos_embed_interp). ``load=False``: checked only, on the meta-device model of check_config."""
     from pipelines.setr.model import interpolate_pos_embed
 
-    file, state = Path(path).expanduser(), load_state_dict_file(path)
-    vit, prefix = model.encoder.vit, model.encoder.prefix
-    key = next((k for k in state if k == "pos_embed" or k.endswith(".pos_embed")), None)
-    pos = state[key] if key else None
+    file, vit, prefix = Path(path).expanduser(), model.encoder.vit, model.encoder.prefix
+    what = f"model.checkpoint {file}"
+    state = unprefixed(vit, load_state_dict_file(path), what)
+    pos = state.get("pos_embed")
     if pos is not None and pos.dim() == 3 and pos.shape != vit.pos_embed.shape and pos.shape[2] == vit.pos_embed.shape[2]:
         old = math.isqrt(max(pos.shape[1] - prefix, 0))
         if old * old == pos.shape[1] - prefix > 0:  # (any other shape is the shape check's one line)
-            state[key] = interpolate_pos_embed(pos, prefix, (old, old), tuple(vit.patch_embed.grid_size))
-    fit_state_dict(vit, state, f"model.checkpoint {file}", optional=("head",), load=load)
+            state["pos_embed"] = interpolate_pos_embed(pos, prefix, (old, old), tuple(vit.patch_embed.grid_size))
+    fit_state_dict(vit, state, what, optional=("head.",), load=load)
 
 
 def overlay_figure(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...], title: str):

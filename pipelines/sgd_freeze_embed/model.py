@@ -86,8 +86,12 @@ def layer_groups(model: Classifier) -> list[tuple[str, list[tuple[str, nn.Parame
     return list(groups.items())
 
 
-CLASSIFIER_HEAD = ("head.weight", "head.bias", "head.fc.")  # a timm classifier's, which the backbone (num_classes=0) lacks;
-# not all of "head.": ConvNeXt's head.norm is the backbone's final norm
+def classifier_names(backbone: nn.Module) -> tuple[str, ...]:
+    """The name prefixes of a timm model's classifier (its pretrained_cfg's ``classifier``: head, head.fc, fc,
+    classifier, or a distilled pair), which the backbone (num_classes=0) lacks: a whole classifier's weights load
+    without them. Not all of ``head.``: ConvNeXt's head.norm is the backbone's final norm."""
+    names = getattr(backbone, "pretrained_cfg", {}).get("classifier") or "head"
+    return tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))
 
 
 def build_classifier(
@@ -99,9 +103,9 @@ def build_classifier(
     m = cfg.model
     backbone = create_backbone(m)
     if m.checkpoint:  # a backbone's, a whole classifier's or a Lightning checkpoint's weights (prefixes removed)
-        fit_state_dict(backbone, load_state_dict_file(m.checkpoint), f"model.checkpoint {m.checkpoint}", optional=CLASSIFIER_HEAD)
+        fit_state_dict(backbone, load_state_dict_file(m.checkpoint), f"model.checkpoint {m.checkpoint}", classifier_names(backbone))
     elif backbone_state is not None:
-        fit_state_dict(backbone, backbone_state, "stage 1's weights", optional=CLASSIFIER_HEAD)
+        fit_state_dict(backbone, backbone_state, "stage 1", classifier_names(backbone))
     cfg_norm = backbone.pretrained_cfg if m.normalization == "timm" else {}
     mean, std = cfg_norm.get("mean", (0.5, 0.5, 0.5)), [v * input_scale for v in cfg_norm.get("std", (0.5, 0.5, 0.5))]
     model = Classifier(backbone, classes, mean, std)
@@ -222,12 +226,12 @@ def pretrained_backbone(cfg: DictConfig, source_name: str, make_source, source_f
         key["files"] = source_files
     path = cache_file(cfg, "sgd_freeze_embed", "pretrained", key)
 
-    def use(state: dict) -> dict:  # weights that do not fit the backbone are built again (common.cache)
+    def check(state: dict) -> None:  # weights that do not fit the backbone are built again (common.cache)
         with torch.device("meta"):
-            fit_state_dict(create_backbone(cfg.model), state, "stage 1's weights", CLASSIFIER_HEAD, load=False)
-        return state
+            backbone = create_backbone(cfg.model)
+        fit_state_dict(backbone, state, "stage 1", classifier_names(backbone), load=False)
 
-    return rescale_patch_input(cached(path, lambda: _pretrain(cfg, source_name, make_source), "stage 1", use=use), p.embed_scale)
+    return rescale_patch_input(cached(path, lambda: _pretrain(cfg, source_name, make_source), "stage 1", check=check), p.embed_scale)
 
 
 def _pretrain(cfg: DictConfig, source_name: str, make_source) -> dict[str, torch.Tensor]:

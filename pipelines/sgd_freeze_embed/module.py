@@ -24,10 +24,10 @@ from pipelines.sgd_freeze_embed.data import (
     source_domain,
 )
 from pipelines.sgd_freeze_embed.model import (
-    CLASSIFIER_HEAD,
     Classifier,
     build_classifier,
     check_optimizer,
+    classifier_names,
     create_backbone,
     diagnostic_figure,
     embedding_patterns,
@@ -77,7 +77,7 @@ class FineTuneModule(pl.LightningModule):
                 backbone,
                 load_state_dict_file(cfg.model.checkpoint),
                 f"model.checkpoint {cfg.model.checkpoint}",
-                CLASSIFIER_HEAD,
+                classifier_names(backbone),
                 load=False,
             )
         if cfg.bench.model is not None:  # a memory-bench point (the grid sets bench.model)

@@ -33,6 +33,7 @@ from common.data import (
     NUMPY_READ_ERRORS,
     check_root_is_read,
     eval_loader,
+    fit_state_dict,
     load_numpy,
     numpy_error,
     read_text,
@@ -253,18 +254,21 @@ def generated_videos(cfg: DictConfig) -> dict[str, dict]:
     }
     path = cache_file(cfg, "stg_kd", "feature-cnn", {"data": settings, "seed": seed})
 
-    def use(result: dict) -> tuple[FeatureCNN, float]:  # a file that does not fit is built again (common.cache)
-        cnn = FeatureCNN(d.feature_width, len(COLOURS) * len(SHAPES))
-        cnn.load_state_dict(result["state"])
-        return cnn.eval(), float(result["crop_accuracy"])
+    def check(result: dict) -> None:  # a file this version did not build is built again (common.cache)
+        with torch.device("meta"):
+            fit_state_dict(FeatureCNN(d.feature_width, len(COLOURS) * len(SHAPES)), result["state"], "feature CNN", load=False)
+        float(result["crop_accuracy"])
 
-    cnn, crop_accuracy = cached(path, lambda: train_feature_cnn(clips["train"], d), "feature CNN", use=use)
+    result = cached(path, lambda: train_feature_cnn(clips["train"], d), "feature CNN", check=check)
+    cnn = FeatureCNN(d.feature_width, len(COLOURS) * len(SHAPES))
+    cnn.load_state_dict(result["state"])
+    cnn.eval()
     out = {}
     for i, split in enumerate(SPLITS):
         feats = clip_features(clips[split], cnn, d, seed * 3 + i)
         out[split] = {**feats, "captions": clips[split]["captions"], "ids": [f"{split}{k}" for k in range(sizes[split])],
                       "kinds": clips[split]["kinds"]}  # fmt: skip
-    out["train"]["crop_accuracy"] = crop_accuracy
+    out["train"]["crop_accuracy"] = float(result["crop_accuracy"])
     out["test"]["frames"] = torch.from_numpy(clips["test"]["video"][: int(d.preview)])  # for the captioned-clip figure
     return out
 

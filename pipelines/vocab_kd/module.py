@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from common.cache import MISSING, cache_file, cached, read_cached, save_atomic
 from common.config import ConfigError
+from common.data import fit_state_dict
 from common.hardware import check_finite_length, total_steps
 from pipelines.vocab_kd.data import Passage, TextDataModule, check_data
 from pipelines.vocab_kd.model import (
@@ -86,14 +87,15 @@ def teacher_head(cfg: DictConfig, data: TextDataModule, teacher, checkpoint_head
     if checkpoint_head is not None:
         head.load_state_dict(checkpoint_head, strict=False)
         return head, None
+    tied = tuple(k for k in head.state_dict() if k.endswith("decoder.weight"))  # the teacher's embedding: not cached
 
-    def use(result: dict) -> torch.Tensor:  # a file that does not fit is built again (common.cache)
-        missing, unexpected = head.load_state_dict(result["state"], strict=False)  # (the decoder is the teacher's embedding)
-        if unexpected or [k for k in missing if not k.endswith("decoder.weight")]:
-            raise KeyError(f"{len(missing)} missing, {len(unexpected)} unexpected tensors")
-        return result["loss"].reshape(-1)
+    def check(result: dict) -> None:  # a file this version did not build is built again (common.cache)
+        fit_state_dict(head, result["state"], "teacher MLM head", optional=tied, load=False)
+        result["loss"].reshape(-1)
 
-    return head, cached(head_cache_path(cfg, data), lambda: train_mlm_head(cfg, data, teacher, head, device), "teacher MLM head", use=use)
+    result = cached(head_cache_path(cfg, data), lambda: train_mlm_head(cfg, data, teacher, head, device), "teacher MLM head", check=check)
+    head.load_state_dict(result["state"], strict=False)
+    return head, result["loss"]
 
 
 # -- downstream ------------------------------------------------------------------------------------------------------
@@ -301,12 +303,14 @@ class VocabKDModule(pl.LightningModule):
         key = f"{head_cache_path(self.cfg, data).stem}-{len(fit)}-{self.cfg.data.eval_batch_size}-{self.cfg.data.seed}"
         path = Path(self.cfg.paths.cache_dir) / "vocab_kd" / f"teacher-eval-{key}.pt"
 
-        def use(found: dict) -> dict:  # another version's file, or another passage count: built again (common.cache)
-            if found["fit"].shape[0] != len(fit) or found["test"].shape[0] != len(test) or found["loss"].numel() != 1:
-                raise ValueError(f"{found['fit'].shape[0]} and {found['test'].shape[0]} embeddings for {len(fit)} and {len(test)} passages")
-            return found
+        def check(found: dict) -> None:  # another version's file, or other passages: built again (common.cache)
+            width = self.teacher.config.hidden_size
+            if found["fit"].shape != (len(fit), width) or found["test"].shape != (len(test), width) or found["loss"].numel() != 1:
+                raise ValueError(
+                    f"embeddings {tuple(found['fit'].shape)} and {tuple(found['test'].shape)} for {len(fit)} and {len(test)} passages"
+                )
 
-        if frozen and (found := read_cached(path, "teacher evaluation", use)) is not MISSING:
+        if frozen and (found := read_cached(path, "teacher evaluation", check)) is not MISSING:
             return found
         total, count = 0.0, 0
         size = self.cfg.data.eval_batch_size

@@ -347,6 +347,14 @@ def test_local_checkpoint_safetensors_or_state_dict(tmp_path):
     OmegaConf.update(cfg, "model.checkpoint", str(tmp_path / "lightning.ckpt"))
     loaded, _ = build_classifier(cfg, 2)
     assert all(torch.equal(loaded.backbone.state_dict()[k], v) for k, v in state.items())
+    # a whole timm classifier whose head is not named head (ResNet's fc; a review: refused) loads without it
+    from common.models import create_timm_model
+
+    resnet = create_timm_model("resnet10t", num_classes=5)
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pt")
+    other = with_values(cfg, {"model.name": "resnet10t", "model.kwargs": {}, "model.checkpoint": str(tmp_path / "resnet.pt")})
+    loaded, _ = build_classifier(other, 2)
+    assert all(torch.equal(v, resnet.state_dict()[k]) for k, v in loaded.backbone.state_dict().items())
     torch.save({k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if k == "cls_token" else v for k, v in state.items()}, tmp_path / "wide.pt")
     with pytest.raises(
         ConfigError, match=r"^model.checkpoint .*wide.pt does not fit VisionTransformer: 1 tensor of other shapes \(cls_token is"
@@ -427,7 +435,7 @@ def test_cifar_stage_one_is_keyed_by_the_files(tmp_path, monkeypatch):
         for cls in ("airplane", "cat"):
             _png(tmp_path / "c" / split / cls / "0000.jpg", (90, 90, 90), size=(32, 32))
     keys = []
-    monkeypatch.setattr(model, "cached", lambda path, build, what, strategy=None, use=None: keys.append(path.name) or {})
+    monkeypatch.setattr(model, "cached", lambda path, build, what, strategy=None, check=None: keys.append(path.name) or {})
     monkeypatch.setattr(model, "rescale_patch_input", lambda weights, scale: weights)
     cfg = compose("sgd_freeze_embed", {"preset": "smoke", "data.name": "cifar10_cue", "data.root": str(tmp_path / "c")})
     backbone_weights(cfg)
