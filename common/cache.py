@@ -75,7 +75,7 @@ def cached(path: Path, build: Callable[[], Any], what: str, strategy=None, check
 
 
 MISSING = object()  # read_cached's "nothing usable"
-CHECK_ERRORS = (ConfigError, KeyError, IndexError, TypeError, ValueError, AttributeError)  # a missing entry, a wrong type
+CHECK_ERRORS = (ConfigError, KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError)  # an entry missing or odd
 
 
 def read_cached(path: Path, what: str, check: Callable[[Any], Any] | None = None) -> Any:
@@ -116,11 +116,11 @@ def _load(path: Path) -> Any:
 
 
 def _unfit(err: Exception) -> str:
-    return f"does not hold what this version builds ({_reason(err)})"
+    return f"does not hold what this version builds ({_reason(err, 200)})"  # (room for the tensor's name)
 
 
-def _reason(err: Exception) -> str:
+def _reason(err: Exception, limit: int = 100) -> str:
     """torch's error, its first sentence (the rest advises weights_only=False: unsafe for a file of unknown origin)."""
     text = " ".join(str(err).split()).split(". ")[0]
-    text = text if len(text) <= 100 else text[:100].rsplit(" ", 1)[0] + " …"  # whole words
+    text = text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"  # whole words
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
