@@ -363,7 +363,7 @@ def winner(search: dict) -> tuple[dict, Arch]:
 
 
 def t_nas(ctx: Context) -> Variant:
-    search = cached(nas_cache_path(ctx.cfg, ctx.task), lambda: nas_search(ctx), "NAS search", check=lambda found: winner(found))
+    search = cached(nas_cache_path(ctx.cfg, ctx.task), lambda: nas_search(ctx), "NAS search", check=winner)
     b, arch = winner(search)
     torch.manual_seed(ctx.seed)
     model = build_arch(arch, len(ctx.task.classes)).to(ctx.device)
