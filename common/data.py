@@ -410,11 +410,12 @@ def require_weights_file(path: str | Path, what: str, legacy: bool = False) -> P
     raise ConfigError(f"{what} {path} is not a PyTorch file ({kind}): empty, truncated or something else")
 
 
-def load_weights(path: str | Path, what: str, legacy: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` of a checked file; tensors and plain containers only, errors in one line."""
+def load_weights(path: str | Path, what: str, legacy: bool = False, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of a checked file; tensors and plain containers only, errors in one line.
+    ``mmap``: a zip's tensors are mapped, read only where used (a check of names and shapes reads none)."""
     path = require_weights_file(path, what, legacy)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # a zip that is not a checkpoint, or one holding objects weights_only refuses
         reason = " ".join(str(err).split())[:160]
         raise ConfigError(f"{what} {path} does not load as PyTorch weights ({type(err).__name__}: {reason})") from None
@@ -429,18 +430,24 @@ def check_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> P
     return file if file.suffix == ".safetensors" else require_weights_file(file, what, legacy=True)
 
 
-def load_state_dict_file(path: str | Path, what: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, what: str = "model.checkpoint", lazy: bool = False) -> dict[str, torch.Tensor]:
     """Local weights (safetensors, or a state dict saved by torch, read with weights_only=True, or a file's
-    ``state_dict`` / ``model`` entry holding one, named as the network the pipeline builds), errors in one line."""
+    ``state_dict`` / ``model`` entry holding one, named as the network the pipeline builds), errors in one line.
+    ``lazy``: for a check of names and shapes before the run, which then reads the file once (tensors mapped, or
+    meta tensors of a .safetensors header's shapes)."""
     file = check_state_dict_file(path, what)
     if file.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(file))
+            if not lazy:
+                return load_file(str(file))
+            with safe_open(str(file), framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         except Exception as err:
             raise ConfigError(f"{what} {file} is not a readable .safetensors file ({' '.join(str(err).split())[:120]})") from None
-    state = load_weights(file, what, legacy=True)
+    state = load_weights(file, what, legacy=True, mmap=lazy)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ConfigError(f"{what} {file} holds a {type(state).__name__} that is not a state dict (parameter names → tensors)")
@@ -465,6 +472,13 @@ def unprefixed(module: torch.nn.Module, state: dict[str, torch.Tensor], what: st
             "save the one to load on its own"
         )
     return {k.removeprefix(best[0]): v for k, v in state.items() if k.startswith(best[0])}
+
+
+def fit_checkpoint(module: torch.nn.Module, path: str | Path, optional: tuple[str, ...] = (), load: bool = True) -> None:
+    """``model.checkpoint``'s weights into ``module`` (:func:`fit_state_dict`); ``load=False`` checks names and shapes
+    before a run without reading the tensors."""
+    what = f"model.checkpoint {Path(path).expanduser()}"
+    fit_state_dict(module, load_state_dict_file(path, lazy=not load), what, optional, load)
 
 
 def fit_state_dict(

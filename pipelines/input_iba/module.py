@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import check_state_dict_file, fit_state_dict, load_state_dict_file
+from common.data import check_state_dict_file, fit_checkpoint, fit_state_dict
 from common.experiment import NonGradientExperiment
 from common.hardware import resolve_accelerator
 from common.models import create_timm_model
@@ -123,7 +123,7 @@ def classifier_stage(cfg: DictConfig, task: Task, device: torch.device) -> tuple
     per-epoch training loss (empty for a checkpoint)."""
     model = build_classifier(cfg, len(task.classes))
     if cfg.model.checkpoint:
-        fit_state_dict(model, load_state_dict_file(cfg.model.checkpoint), f"model.checkpoint {cfg.model.checkpoint}")
+        fit_checkpoint(model, cfg.model.checkpoint)
         history = torch.zeros(0)
     else:
 
@@ -306,9 +306,7 @@ class InputIBAExperiment(NonGradientExperiment):
         if self.cfg.model.checkpoint:  # names and shapes (the head's: the data's classes), before the run opens
             with torch.device("meta"):
                 model = build_classifier(self.cfg, len(task.classes))
-            fit_state_dict(
-                model, load_state_dict_file(self.cfg.model.checkpoint), f"model.checkpoint {self.cfg.model.checkpoint}", load=False
-            )
+            fit_checkpoint(model, self.cfg.model.checkpoint, load=False)
         self.task = task
 
     def run(self, tracker: Tracker | None) -> dict[str, float]:

@@ -75,7 +75,7 @@ def load_encoder_weights(model: SETR, path: str, load: bool = True) -> None:
 
     file, vit, prefix = Path(path).expanduser(), model.encoder.vit, model.encoder.prefix
     what = f"model.checkpoint {file}"
-    state = unprefixed(vit, load_state_dict_file(path), what)
+    state = unprefixed(vit, load_state_dict_file(path, lazy=not load), what)
     pos = state.get("pos_embed")
     if pos is not None and pos.dim() == 3 and pos.shape != vit.pos_embed.shape and pos.shape[2] == vit.pos_embed.shape[2]:
         old = math.isqrt(max(pos.shape[1] - prefix, 0))

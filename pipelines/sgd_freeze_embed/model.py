@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from common.cache import cache_file, cached
 from common.config import ConfigError
-from common.data import fit_state_dict, load_state_dict_file
+from common.data import fit_checkpoint, fit_state_dict
 from common.freezing import freeze, matches, trainable_parameters
 from common.models import create_timm_model
 from common.tracking import pyplot
@@ -103,7 +103,7 @@ def build_classifier(
     m = cfg.model
     backbone = create_backbone(m)
     if m.checkpoint:  # a backbone's, a whole classifier's or a Lightning checkpoint's weights (prefixes removed)
-        fit_state_dict(backbone, load_state_dict_file(m.checkpoint), f"model.checkpoint {m.checkpoint}", classifier_names(backbone))
+        fit_checkpoint(backbone, m.checkpoint, classifier_names(backbone))
     elif backbone_state is not None:
         fit_state_dict(backbone, backbone_state, "stage 1", classifier_names(backbone))
     cfg_norm = backbone.pretrained_cfg if m.normalization == "timm" else {}

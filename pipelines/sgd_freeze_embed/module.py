@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from common.config import ConfigError, with_values
-from common.data import fit_state_dict, image_counts, load_state_dict_file
+from common.data import fit_checkpoint, image_counts
 from common.models import check_timm_name
 from pipelines.sgd_freeze_embed.data import (
     CIFAR_LAYOUT,
@@ -73,13 +73,7 @@ class FineTuneModule(pl.LightningModule):
         if cfg.model.checkpoint:  # names and shapes, on a meta-device backbone
             with torch.device("meta"):
                 backbone = create_backbone(with_values(cfg, {"model.pretrained": False}).model)
-            fit_state_dict(
-                backbone,
-                load_state_dict_file(cfg.model.checkpoint),
-                f"model.checkpoint {cfg.model.checkpoint}",
-                classifier_names(backbone),
-                load=False,
-            )
+            fit_checkpoint(backbone, cfg.model.checkpoint, classifier_names(backbone), load=False)
         if cfg.bench.model is not None:  # a memory-bench point (the grid sets bench.model)
             from pipelines.sgd_freeze_embed.experiments import check_memory_bench
 
